@@ -1,0 +1,424 @@
+//! The decision engine: one call in, one [`Decision`] out.
+//!
+//! [`Engine::decide`] runs the steps of DESIGN section 1 that need no token
+//! and no store, in this order; the first failing step decides:
+//!
+//! 1. task active ............ `task_not_active`
+//! 2. registry ............... `tool_unknown`
+//! 3. ACL .................... `tool_not_granted` (allowlist ∩ task grant, ∪ live elevations)
+//! 4. workflow state ......... `state_violation` (with `auto_advance` to a `next` state)
+//! 5. budgets ................ `limit_exceeded`
+//! 6. argument bounds, schema  `args_invalid`
+//! 7. Cedar forbid policies .. `policy_forbid`
+//!
+//! Any inconsistency (a task whose agent or state is not configured, a
+//! policy evaluation error) is `internal_error`: a denial.
+//!
+//! The steps before (token, task binding) and after (anomaly rules, per-hop
+//! credentials, forwarding, audit) belong to the service around the engine.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use cedar_policy::{Context, RestrictedExpression};
+use portcullis_config::{Access, Risk};
+use serde_json::Value;
+
+use crate::args::{self, Shape};
+use crate::policy::{PolicyIndex, Verdict};
+use crate::{Clock, Decision, Reason, Task, TaskStatus, Timestamp, Transition};
+
+/// A registered tool.
+#[derive(Debug)]
+pub struct ToolDef {
+    /// Gateway name.
+    pub name: String,
+    /// Upstream that serves it.
+    pub upstream: String,
+    /// Its name at the upstream.
+    pub upstream_tool: String,
+    /// Risk level.
+    pub risk: Risk,
+    /// Access kind.
+    pub access: Access,
+    /// The argument schema (as configured, or `{"type": "object"}`).
+    pub args_schema: Value,
+    pub(crate) validator: jsonschema::Validator,
+    pub(crate) shape: Shape,
+}
+
+/// One state of a workflow.
+#[derive(Debug)]
+pub(crate) struct StateDef {
+    pub name: String,
+    pub tools: HashSet<usize>,
+    pub next: Vec<usize>,
+    pub reverify: bool,
+    pub is_final: bool,
+}
+
+/// The workflow of one agent type.
+#[derive(Debug)]
+pub(crate) struct Workflow {
+    pub name: String,
+    pub initial: usize,
+    pub states: Vec<StateDef>,
+    pub by_name: HashMap<String, usize>,
+    pub auto_advance: bool,
+}
+
+impl Workflow {
+    fn state(&self, name: &str) -> Option<(usize, &StateDef)> {
+        let i = *self.by_name.get(name)?;
+        Some((i, self.states.get(i)?))
+    }
+
+    fn transition(&self, from: &StateDef, to: usize) -> Option<Transition> {
+        let to = self.states.get(to)?;
+        Some(Transition {
+            from: from.name.clone(),
+            to: to.name.clone(),
+            reverify: to.reverify,
+            is_final: to.is_final,
+        })
+    }
+}
+
+/// A configured agent.
+#[derive(Debug)]
+pub(crate) struct AgentDef {
+    pub agent_type: usize,
+    pub acl: HashSet<usize>,
+    pub max_calls: Option<u64>,
+    pub per_tool: HashMap<usize, u64>,
+}
+
+/// Why a task could not be started or moved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {detail}")]
+pub struct Denial {
+    /// The reason code.
+    pub reason: Reason,
+    /// A human explanation.
+    pub detail: String,
+}
+
+impl Denial {
+    fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// The decision engine, built once from a configuration and shared by every
+/// call. Immutable: reload means building a new one.
+pub struct Engine {
+    pub(crate) tools: Vec<ToolDef>,
+    pub(crate) tool_index: HashMap<String, usize>,
+    pub(crate) workflows: Vec<Workflow>,
+    pub(crate) workflow_index: HashMap<String, usize>,
+    pub(crate) agents: HashMap<String, AgentDef>,
+    pub(crate) policies: PolicyIndex,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) slice_policies: bool,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("tools", &self.tools.len())
+            .field("workflows", &self.workflows.len())
+            .field("agents", &self.agents.len())
+            .field("policies", &self.policies.len())
+            .field("slice_policies", &self.slice_policies)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Evaluates every Cedar policy for every call instead of the tool's
+    /// slice. Decisions are identical; only slower. For benchmarks that
+    /// measure what the per-tool index saves.
+    #[must_use]
+    pub fn without_policy_index(mut self) -> Self {
+        self.slice_policies = false;
+        self
+    }
+
+    /// The time now, from the engine's clock.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    /// A registered tool by gateway name.
+    pub fn tool(&self, name: &str) -> Option<&ToolDef> {
+        self.tool_index.get(name).and_then(|&i| self.tools.get(i))
+    }
+
+    /// Every registered tool, in configuration order.
+    pub fn tools(&self) -> impl Iterator<Item = &ToolDef> {
+        self.tools.iter()
+    }
+
+    /// The number of user Cedar policies loaded.
+    pub fn policy_count(&self) -> usize {
+        self.policies.len()
+    }
+
+    /// The allowlist of `agent_id`, in registry order; `None` for an unknown agent.
+    pub fn allowlist(&self, agent_id: &str) -> Option<Vec<&str>> {
+        let agent = self.agents.get(agent_id)?;
+        Some(
+            self.tools
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| agent.acl.contains(i))
+                .map(|(_, t)| t.name.as_str())
+                .collect(),
+        )
+    }
+
+    /// The tools callable in `state` of agent type `agent_type`.
+    pub fn state_tools(&self, agent_type: &str, state: &str) -> Option<Vec<&str>> {
+        let wf = self.workflows.get(*self.workflow_index.get(agent_type)?)?;
+        let (_, st) = wf.state(state)?;
+        let mut names: Vec<&str> = st
+            .tools
+            .iter()
+            .filter_map(|&i| self.tools.get(i).map(|t| t.name.as_str()))
+            .collect();
+        names.sort_unstable();
+        Some(names)
+    }
+
+    /// Starts a task for `agent_id` in its workflow's initial state.
+    ///
+    /// `tools` narrows the task to a subset of the allowlist (least
+    /// privilege per task); `None` grants the whole allowlist. A tool outside
+    /// the allowlist is `tool_not_granted`, an unknown one `tool_unknown`.
+    pub fn start_task(
+        &self,
+        task_id: &str,
+        agent_id: &str,
+        goal: &str,
+        tools: Option<&[String]>,
+    ) -> Result<Task, Denial> {
+        let agent = self
+            .agents
+            .get(agent_id)
+            .ok_or_else(|| Denial::new(Reason::ToolNotGranted, "unknown agent"))?;
+        let wf = self
+            .workflows
+            .get(agent.agent_type)
+            .ok_or_else(|| Denial::new(Reason::InternalError, "agent type missing"))?;
+        let initial = wf
+            .states
+            .get(wf.initial)
+            .ok_or_else(|| Denial::new(Reason::InternalError, "initial state missing"))?;
+        let granted: BTreeSet<String> = match tools {
+            None => agent
+                .acl
+                .iter()
+                .filter_map(|&i| self.tools.get(i).map(|t| t.name.clone()))
+                .collect(),
+            Some(requested) => {
+                let mut set = BTreeSet::new();
+                for name in requested {
+                    let Some(&i) = self.tool_index.get(name) else {
+                        return Err(Denial::new(Reason::ToolUnknown, format!("unknown tool {name:?}")));
+                    };
+                    if !agent.acl.contains(&i) {
+                        return Err(Denial::new(
+                            Reason::ToolNotGranted,
+                            format!("{name} is not on the allowlist of {agent_id}"),
+                        ));
+                    }
+                    set.insert(name.clone());
+                }
+                set
+            }
+        };
+        Ok(Task {
+            id: task_id.to_owned(),
+            agent_id: agent_id.to_owned(),
+            agent_type: wf.name.clone(),
+            goal: goal.to_owned(),
+            state: initial.name.clone(),
+            status: TaskStatus::Active,
+            tools: granted,
+            grants: Vec::new(),
+            calls: 0,
+            tool_calls: Default::default(),
+            version: 0,
+            started_at: self.clock.now(),
+        })
+    }
+
+    /// Checks an explicit move of `task` to state `to`: it must be one of
+    /// the current state's `next` states.
+    pub fn transition(&self, task: &Task, to: &str) -> Result<Transition, Denial> {
+        if task.status != TaskStatus::Active {
+            return Err(Denial::new(Reason::TaskNotActive, format!("task is {}", task.status.as_str())));
+        }
+        let (_, wf) = self.workflow_of(task).map_err(|d| Denial::new(d.0, d.1))?;
+        let (_, from) = wf
+            .state(&task.state)
+            .ok_or_else(|| Denial::new(Reason::InternalError, "task is in an unknown state"))?;
+        from.next
+            .iter()
+            .copied()
+            .find(|&i| wf.states.get(i).is_some_and(|s| s.name == to))
+            .and_then(|i| wf.transition(from, i))
+            .ok_or_else(|| {
+                Denial::new(
+                    Reason::StateViolation,
+                    format!("no transition from {} to {to:?}", from.name),
+                )
+            })
+    }
+
+    fn workflow_of(&self, task: &Task) -> Result<(&AgentDef, &Workflow), (Reason, &'static str)> {
+        let agent = self
+            .agents
+            .get(&task.agent_id)
+            .ok_or((Reason::InternalError, "the task's agent is not configured"))?;
+        let wf = self
+            .workflows
+            .get(agent.agent_type)
+            .filter(|wf| wf.name == task.agent_type)
+            .ok_or((Reason::InternalError, "the task's agent type does not match the configuration"))?;
+        Ok((agent, wf))
+    }
+
+    /// Decides a call of `tool` with `args` in `task`. Pure: the task is not
+    /// changed; apply an allowed decision with [`Task::apply`].
+    pub fn decide(&self, task: &Task, tool: &str, args: &Value) -> Decision {
+        // 1. Task active.
+        if task.status != TaskStatus::Active {
+            return Decision::deny(tool, Reason::TaskNotActive, format!("task is {}", task.status.as_str()));
+        }
+        let (agent, wf) = match self.workflow_of(task) {
+            Ok(found) => found,
+            Err((reason, detail)) => return Decision::deny(tool, reason, detail),
+        };
+
+        // 2. Registry.
+        let Some((tool_i, def)) = self
+            .tool_index
+            .get(tool)
+            .and_then(|&i| self.tools.get(i).map(|d| (i, d)))
+        else {
+            return Decision::deny(tool, Reason::ToolUnknown, "no such tool");
+        };
+
+        // 3. ACL: the task's grant (a subset of the allowlist) or a live elevation.
+        let now = self.clock.now();
+        let granted = (agent.acl.contains(&tool_i) && task.tools.contains(tool))
+            || task.grants.iter().any(|g| g.tool == tool && g.expires_at > now);
+        if !granted {
+            return Decision::deny(tool, Reason::ToolNotGranted, "tool is not granted to this task");
+        }
+
+        // 4. Workflow state.
+        let Some((_, state)) = wf.state(&task.state) else {
+            return Decision::deny(tool, Reason::InternalError, "task is in an unknown state");
+        };
+        let transition = if state.tools.contains(&tool_i) {
+            None
+        } else {
+            let next = wf
+                .auto_advance
+                .then(|| {
+                    state
+                        .next
+                        .iter()
+                        .copied()
+                        .find(|&n| wf.states.get(n).is_some_and(|s| s.tools.contains(&tool_i)))
+                })
+                .flatten();
+            match next.and_then(|n| wf.transition(state, n)) {
+                Some(t) => Some(t),
+                None => {
+                    return Decision::deny(
+                        tool,
+                        Reason::StateViolation,
+                        format!("not allowed in state {}", state.name),
+                    );
+                }
+            }
+        };
+
+        // 5. Budgets.
+        if agent.max_calls.is_some_and(|max| task.calls >= max) {
+            return Decision::deny(tool, Reason::LimitExceeded, "calls per task spent");
+        }
+        if agent.per_tool.get(&tool_i).is_some_and(|&max| task.calls_of(tool) >= max) {
+            return Decision::deny(tool, Reason::LimitExceeded, "calls of this tool per task spent");
+        }
+
+        // 6. Arguments: bounds, then the schema.
+        if let Err(why) = args::check_bounds(args) {
+            return Decision::deny(tool, Reason::ArgsInvalid, format!("arguments too large: {why}"));
+        }
+        if !args.is_object() {
+            return Decision::deny(tool, Reason::ArgsInvalid, "arguments must be a JSON object");
+        }
+        if let Err(err) = def.validator.validate(args) {
+            let keyword = err.kind().keyword().to_owned();
+            let at = err.instance_path().to_string();
+            return Decision::deny(
+                tool,
+                Reason::ArgsInvalid,
+                format!("{}: fails the schema's {keyword:?} rule", args::display_pointer(&at)),
+            );
+        }
+
+        // 7. Cedar.
+        let whole = !self.slice_policies;
+        if self.policies.applies(tool_i, whole) {
+            let state_name = transition.as_ref().map_or(state.name.as_str(), |t| t.to.as_str());
+            let context = match self.context(task, tool, def, args, state_name) {
+                Ok(c) => c,
+                Err(denial) => return denial,
+            };
+            match self.policies.evaluate(tool_i, &task.agent_id, context, whole) {
+                Verdict::Allow => {}
+                Verdict::Forbid(ids) => {
+                    let detail = format!("forbidden by {}", ids.join(", "));
+                    return Decision::deny(tool, Reason::PolicyForbid, detail).with_policies(ids);
+                }
+                Verdict::Error(ids, why) => {
+                    return Decision::deny(tool, Reason::InternalError, format!("policy evaluation failed: {why}"))
+                        .with_policies(ids);
+                }
+            }
+        }
+
+        Decision::allow(tool, transition)
+    }
+
+    fn context(&self, task: &Task, tool: &str, def: &ToolDef, args: &Value, state: &str) -> Result<Context, Decision> {
+        let mut pointer = String::new();
+        let args = def
+            .shape
+            .to_cedar(args, &mut pointer)
+            .map_err(|why| Decision::deny(tool, Reason::ArgsInvalid, why))?;
+        let long = |n: u64| RestrictedExpression::new_long(i64::try_from(n).unwrap_or(i64::MAX));
+        let task_record = RestrictedExpression::new_record([
+            ("id".to_owned(), RestrictedExpression::new_string(task.id.clone())),
+            ("state".to_owned(), RestrictedExpression::new_string(state.to_owned())),
+            ("goal".to_owned(), RestrictedExpression::new_string(task.goal.clone())),
+            ("calls".to_owned(), long(task.calls)),
+            ("tool_calls".to_owned(), long(task.calls_of(tool))),
+        ])
+        .map_err(|e| Decision::deny(tool, Reason::InternalError, e.to_string()))?;
+        Context::from_pairs([
+            ("args".to_owned(), args),
+            ("task".to_owned(), task_record),
+            ("agent_type".to_owned(), RestrictedExpression::new_string(task.agent_type.clone())),
+        ])
+        .map_err(|e| Decision::deny(tool, Reason::InternalError, format!("policy context: {e}")))
+    }
+}

@@ -1,0 +1,492 @@
+//! Cedar policies: schema generation from the registry, loading and
+//! validation of the user's forbid rules, and the per-tool index.
+//!
+//! # The Cedar model
+//!
+//! - principal `Agent::"<agent id>"` with attribute `type` (its agent type);
+//! - action `Action::"call"`;
+//! - resource `Tool::"<tool name>"` with attributes `risk`, `access`, `upstream`;
+//! - context `{ args, task: { id, state, goal, calls, tool_calls }, agent_type }`.
+//!
+//! `context.args` is typed per tool from the tool's argument schema (see
+//! [`crate::args`]). Cedar has one context type per action, so the gateway
+//! generates one schema per tool and validates each policy against the
+//! schema of every tool it can apply to: a policy whose scope names
+//! `resource == Tool::"t"` only against `t`'s, an unscoped one against all.
+//! `context.task.state` is the state the call runs in (after an
+//! auto-advance); `context.task.calls` and `tool_calls` count the allowed
+//! calls of the task before this one, all tools and this tool.
+//!
+//! # Decisions
+//!
+//! Calls that pass the registry, ACL and state checks carry an implicit base
+//! `permit`; user policies must be `forbid` rules. A forbid that matches
+//! denies with `policy_forbid` and names its `@id`. A policy whose
+//! evaluation fails denies with `internal_error`: Cedar would skip it, which
+//! for a forbid is a fail-open.
+//!
+//! # Index
+//!
+//! Each tool gets its own `PolicySet`: the policies whose scope names it plus
+//! the unscoped ones. A decision evaluates only that slice, so its cost does
+//! not grow with the policies of other tools. A tool with no applicable
+//! policy skips Cedar altogether.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::str::FromStr;
+
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Effect, Entities, Entity, EntityId,
+    EntityTypeName, EntityUid, Policy, PolicyId, PolicySet, Request, ResourceConstraint,
+    RestrictedExpression, Schema, ValidationMode, Validator,
+};
+use miette::Diagnostic;
+use portcullis_config::{Finding, KeyPath, LoadedConfig, Reporter};
+use serde_json::{Value, json};
+
+use crate::args::Shape;
+
+/// The id of the implicit base permit in every slice.
+const BASE_PERMIT_ID: &str = "portcullis:base-permit";
+
+/// What the registry tells the policy layer about one tool.
+#[derive(Debug)]
+pub(crate) struct ToolFacts<'a> {
+    pub name: &'a str,
+    pub upstream: &'a str,
+    pub risk: &'a str,
+    pub access: &'a str,
+    pub shape: &'a Shape,
+}
+
+/// The outcome of evaluating a tool's policies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// No forbid matched.
+    Allow,
+    /// These forbids matched.
+    Forbid(Vec<String>),
+    /// Evaluation failed (policy ids involved, and a description).
+    Error(Vec<String>, String),
+}
+
+/// The loaded, validated and indexed policies.
+#[derive(Debug)]
+pub(crate) struct PolicyIndex {
+    /// Every user policy plus the base permit: the unsliced set.
+    whole: PolicySet,
+    /// Per tool (registry order): its slice plus the base permit, or `None`
+    /// when no user policy applies to it.
+    slices: Vec<Option<PolicySet>>,
+    entities: Entities,
+    action: EntityUid,
+    agents: HashMap<String, EntityUid>,
+    tools: Vec<EntityUid>,
+    authorizer: Authorizer,
+    count: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    All,
+    Tool(usize),
+}
+
+struct Loaded {
+    policy: Policy,
+    id: String,
+    file: std::path::PathBuf,
+    line: Option<usize>,
+    /// Index of its file in `LoadedConfig::policies`.
+    file_index: usize,
+    target: Target,
+}
+
+fn uid(type_name: &str, id: &str) -> Option<EntityUid> {
+    let type_name = EntityTypeName::from_str(type_name).ok()?;
+    Some(EntityUid::from_type_name_and_id(type_name, EntityId::new(id)))
+}
+
+/// The Cedar schema (JSON syntax) for calls of a tool whose arguments have
+/// `shape`.
+pub(crate) fn schema_json(shape: &Shape) -> Value {
+    let string = json!({ "type": "String" });
+    let long = json!({ "type": "Long" });
+    json!({
+        "": {
+            "entityTypes": {
+                "Agent": { "shape": { "type": "Record", "attributes": { "type": string } } },
+                "Tool": { "shape": { "type": "Record", "attributes": {
+                    "risk": string, "access": string, "upstream": string
+                } } }
+            },
+            "actions": {
+                "call": { "appliesTo": {
+                    "principalTypes": ["Agent"],
+                    "resourceTypes": ["Tool"],
+                    "context": { "type": "Record", "attributes": {
+                        "args": shape.to_cedar_schema(),
+                        "task": { "type": "Record", "attributes": {
+                            "id": string, "state": string, "goal": string,
+                            "calls": long, "tool_calls": long
+                        } },
+                        "agent_type": string
+                    } }
+                } }
+            }
+        }
+    })
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()
+        .iter()
+        .take(offset)
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The first source offset a Cedar diagnostic points at.
+fn diagnostic_offset(diag: &dyn Diagnostic) -> Option<usize> {
+    diag.labels()
+        .and_then(|mut labels| labels.next())
+        .map(|label| label.offset())
+}
+
+fn one_line(text: impl std::fmt::Display) -> String {
+    text.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+impl PolicyIndex {
+    /// Loads, checks and indexes the policy files of `loaded`. Every problem
+    /// goes to `report`; `None` when there was any.
+    pub(crate) fn build(
+        loaded: &LoadedConfig,
+        tools: &[ToolFacts<'_>],
+        agents: &[(&str, &str)],
+        report: &mut Reporter<'_>,
+    ) -> Option<Self> {
+        let before = report.is_empty();
+        let by_name: HashMap<&str, usize> =
+            tools.iter().enumerate().map(|(i, t)| (t.name, i)).collect();
+        let policies = Self::parse_files(loaded, &by_name, report);
+        Self::validate(loaded, &policies, tools, report);
+        if !before || !report.is_empty() {
+            return None;
+        }
+        let fail = |report: &mut Reporter<'_>, what: String| {
+            report.at(&KeyPath::root().key("policies"), what);
+        };
+
+        let base = match Policy::parse(
+            Some(PolicyId::new(BASE_PERMIT_ID)),
+            "permit(principal, action, resource);",
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                fail(report, format!("internal error building the base permit: {e}"));
+                return None;
+            }
+        };
+        let mut whole = PolicySet::new();
+        let mut per_tool: Vec<Vec<Policy>> = vec![Vec::new(); tools.len()];
+        let mut universal = Vec::new();
+        for p in &policies {
+            if let Err(e) = whole.add(p.policy.clone()) {
+                fail(report, format!("policy {}: {e}", p.id));
+                return None;
+            }
+            match p.target {
+                Target::All => universal.push(p.policy.clone()),
+                Target::Tool(i) => {
+                    if let Some(v) = per_tool.get_mut(i) {
+                        v.push(p.policy.clone());
+                    }
+                }
+            }
+        }
+        let mut slices = Vec::with_capacity(tools.len());
+        for own in per_tool {
+            if own.is_empty() && universal.is_empty() {
+                slices.push(None);
+                continue;
+            }
+            let mut set = PolicySet::new();
+            for p in own.into_iter().chain(universal.iter().cloned()).chain([base.clone()]) {
+                if let Err(e) = set.add(p) {
+                    fail(report, format!("internal error indexing policies: {e}"));
+                    return None;
+                }
+            }
+            slices.push(Some(set));
+        }
+        if let Err(e) = whole.add(base) {
+            fail(report, format!("internal error building the base permit: {e}"));
+            return None;
+        }
+
+        let entities = match Self::entities(tools, agents) {
+            Ok(e) => e,
+            Err(e) => {
+                fail(report, format!("internal error building policy entities: {e}"));
+                return None;
+            }
+        };
+        let action = uid("Action", "call")?;
+        Some(Self {
+            whole,
+            slices,
+            entities: entities.0,
+            action,
+            agents: entities.1,
+            tools: entities.2,
+            authorizer: Authorizer::new(),
+            count: policies.len(),
+        })
+    }
+
+    fn parse_files(
+        loaded: &LoadedConfig,
+        by_name: &HashMap<&str, usize>,
+        report: &mut Reporter<'_>,
+    ) -> Vec<Loaded> {
+        let mut out: Vec<Loaded> = Vec::new();
+        let mut seen: HashMap<String, (std::path::PathBuf, Option<usize>)> = HashMap::new();
+        for (file_index, file) in loaded.policies.iter().enumerate() {
+            let set = match PolicySet::from_str(&file.text) {
+                Ok(set) => set,
+                Err(errors) => {
+                    for err in errors.iter() {
+                        let line = diagnostic_offset(err).map(|o| line_of(&file.text, o));
+                        report.push(Finding::new(&file.path, line, "", format!("syntax error: {}", one_line(err))));
+                    }
+                    continue;
+                }
+            };
+            if let Some(t) = set.templates().next() {
+                let line = file.text.find(&t.to_string()).map(|o| line_of(&file.text, o));
+                report.push(Finding::new(&file.path, line, "", "policy templates are not supported"));
+            }
+            let mut in_file: Vec<(usize, Policy)> = set
+                .policies()
+                .map(|p| {
+                    let offset = file.text.find(&p.to_string()).unwrap_or(0);
+                    (offset, p.clone())
+                })
+                .collect();
+            in_file.sort_by_key(|(offset, _)| *offset);
+            for (offset, policy) in in_file {
+                let line = Some(line_of(&file.text, offset));
+                let id = match policy.annotation("id") {
+                    Some(id) => id.to_owned(),
+                    None => format!("{}:{}", file_label(&file.path), line.unwrap_or(0)),
+                };
+                let here = |msg: String| Finding::new(&file.path, line, format!("policy {id:?}"), msg);
+                if id == BASE_PERMIT_ID {
+                    report.push(here("this id is reserved".to_owned()));
+                    continue;
+                }
+                if let Some((other_file, other_line)) = seen.get(&id) {
+                    report.push(here(format!(
+                        "duplicate policy id (also at {}:{})",
+                        other_file.display(),
+                        other_line.unwrap_or(0)
+                    )));
+                    continue;
+                }
+                seen.insert(id.clone(), (file.path.clone(), line));
+                if policy.effect() != Effect::Forbid {
+                    report.push(here(
+                        "only forbid policies are allowed: calls that pass the registry, ACL and state checks are permitted implicitly".to_owned(),
+                    ));
+                    continue;
+                }
+                let target = match policy.resource_constraint() {
+                    ResourceConstraint::Any | ResourceConstraint::Is(_) => Target::All,
+                    ResourceConstraint::Eq(r)
+                    | ResourceConstraint::In(r)
+                    | ResourceConstraint::IsIn(_, r) => {
+                        let tool = (r.type_name().basename() == "Tool")
+                            .then(|| by_name.get(r.id().unescaped()).copied())
+                            .flatten();
+                        match tool {
+                            Some(i) => Target::Tool(i),
+                            None => {
+                                report.push(here(format!("resource {r} is not a tool of the registry")));
+                                continue;
+                            }
+                        }
+                    }
+                };
+                out.push(Loaded {
+                    policy: policy.new_id(PolicyId::new(&id)),
+                    id,
+                    file: file.path.clone(),
+                    line,
+                    file_index,
+                    target,
+                });
+            }
+        }
+        out
+    }
+
+    /// Validates every policy against the schema of every tool it applies to.
+    fn validate(loaded: &LoadedConfig, policies: &[Loaded], tools: &[ToolFacts<'_>], report: &mut Reporter<'_>) {
+        let mut reported: HashSet<(String, String)> = HashSet::new();
+        // Tools with the same argument shape share one schema and one
+        // validation of the unscoped policies.
+        let mut shapes: BTreeMap<String, (Vec<usize>, Schema)> = BTreeMap::new();
+        for (i, tool) in tools.iter().enumerate() {
+            let json = schema_json(tool.shape);
+            let key = json.to_string();
+            if let Some((members, _)) = shapes.get_mut(&key) {
+                members.push(i);
+                continue;
+            }
+            match Schema::from_json_value(json) {
+                Ok(schema) => {
+                    shapes.insert(key, (vec![i], schema));
+                }
+                Err(e) => report.at(
+                    &KeyPath::root().key("tools").index(i).key("args_schema"),
+                    format!("cannot derive a Cedar schema: {}", one_line(e)),
+                ),
+            }
+        }
+        let by_id: HashMap<&str, &Loaded> = policies.iter().map(|p| (p.id.as_str(), p)).collect();
+        for (members, schema) in shapes.values() {
+            let mut set = PolicySet::new();
+            for p in policies {
+                let applies = match p.target {
+                    Target::All => true,
+                    Target::Tool(t) => members.contains(&t),
+                };
+                if applies && set.add(p.policy.clone()).is_err() {
+                    continue;
+                }
+            }
+            let validator = Validator::new(schema.clone());
+            let result = validator.validate(&set, ValidationMode::Strict);
+            for err in result.validation_errors() {
+                let id = err.policy_id().to_string();
+                let message = one_line(err);
+                if !reported.insert((id.clone(), message.clone())) {
+                    continue;
+                }
+                let Some(p) = by_id.get(id.as_str()) else { continue };
+                let text = loaded.policies.get(p.file_index).map(|f| f.text.as_str());
+                let line = diagnostic_offset(err)
+                    .zip(text)
+                    .map(|(o, text)| line_of(text, o))
+                    .or(p.line);
+                let tool_names: Vec<&str> = members.iter().filter_map(|&m| tools.get(m).map(|t| t.name)).collect();
+                let for_tools = if tool_names.len() == 1 {
+                    format!("tool {}", tool_names.join(""))
+                } else {
+                    format!("tools {}", tool_names.join(", "))
+                };
+                report.push(Finding::new(
+                    &p.file,
+                    line,
+                    format!("policy {id:?}"),
+                    format!("does not validate against the schema of {for_tools}: {message}"),
+                ));
+            }
+        }
+    }
+
+    fn entities(
+        tools: &[ToolFacts<'_>],
+        agents: &[(&str, &str)],
+    ) -> Result<(Entities, HashMap<String, EntityUid>, Vec<EntityUid>), String> {
+        let mut list = Vec::with_capacity(tools.len() + agents.len());
+        let mut agent_uids = HashMap::new();
+        let mut tool_uids = Vec::with_capacity(tools.len());
+        for (id, agent_type) in agents {
+            let u = uid("Agent", id).ok_or("bad agent uid")?;
+            let attrs = HashMap::from([("type".to_owned(), RestrictedExpression::new_string((*agent_type).to_owned()))]);
+            list.push(Entity::new(u.clone(), attrs, HashSet::new()).map_err(|e| e.to_string())?);
+            agent_uids.insert((*id).to_owned(), u);
+        }
+        for tool in tools {
+            let u = uid("Tool", tool.name).ok_or("bad tool uid")?;
+            let attrs = HashMap::from([
+                ("risk".to_owned(), RestrictedExpression::new_string(tool.risk.to_owned())),
+                ("access".to_owned(), RestrictedExpression::new_string(tool.access.to_owned())),
+                ("upstream".to_owned(), RestrictedExpression::new_string(tool.upstream.to_owned())),
+            ]);
+            list.push(Entity::new(u.clone(), attrs, HashSet::new()).map_err(|e| e.to_string())?);
+            tool_uids.push(u);
+        }
+        let entities = Entities::from_entities(list, None).map_err(|e| e.to_string())?;
+        Ok((entities, agent_uids, tool_uids))
+    }
+
+    /// Number of user policies.
+    pub(crate) fn len(&self) -> usize {
+        self.count
+    }
+
+    /// True when some user policy applies to tool `tool` (or, with `whole`,
+    /// when there are any policies at all).
+    pub(crate) fn applies(&self, tool: usize, whole: bool) -> bool {
+        if whole {
+            self.count > 0
+        } else {
+            self.slices.get(tool).is_some_and(Option::is_some)
+        }
+    }
+
+    /// Evaluates the policies for a call of tool `tool` by `agent`.
+    pub(crate) fn evaluate(&self, tool: usize, agent: &str, context: Context, whole: bool) -> Verdict {
+        let set = if whole {
+            Some(&self.whole)
+        } else {
+            self.slices.get(tool).and_then(Option::as_ref)
+        };
+        let Some(set) = set else {
+            return Verdict::Allow;
+        };
+        let (Some(principal), Some(resource)) = (self.agents.get(agent), self.tools.get(tool)) else {
+            return Verdict::Error(Vec::new(), "agent or tool missing from the policy entities".to_owned());
+        };
+        let request = match Request::new(principal.clone(), self.action.clone(), resource.clone(), context, None) {
+            Ok(r) => r,
+            Err(e) => return Verdict::Error(Vec::new(), one_line(e)),
+        };
+        let response = self.authorizer.is_authorized(&request, set, &self.entities);
+        let diagnostics = response.diagnostics();
+        let errors: Vec<_> = diagnostics.errors().collect();
+        if !errors.is_empty() {
+            let ids = errors
+                .iter()
+                .map(|e| match e {
+                    cedar_policy::AuthorizationError::PolicyEvaluationError(e) => e.policy_id().to_string(),
+                })
+                .collect();
+            let detail = errors.iter().map(|e| one_line(e)).collect::<Vec<_>>().join("; ");
+            return Verdict::Error(ids, detail);
+        }
+        match response.decision() {
+            CedarDecision::Allow => Verdict::Allow,
+            CedarDecision::Deny => {
+                let mut ids: Vec<String> = diagnostics
+                    .reason()
+                    .map(ToString::to_string)
+                    .filter(|id| id != BASE_PERMIT_ID)
+                    .collect();
+                ids.sort();
+                Verdict::Forbid(ids)
+            }
+        }
+    }
+}
+
+fn file_label(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
