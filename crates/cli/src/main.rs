@@ -1,1 +1,146 @@
-fn main() {}
+//! The `portcullis` command. Thin: parse flags, call the library, print.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use portcullis::LoadedConfig;
+use portcullis::scenario::{self, StepOutcome};
+
+#[derive(Debug, Parser)]
+#[command(name = "portcullis", version, about = "A zero-trust gateway between AI agents and the tools they call")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a configuration and its policies; exit 1 with one line per finding.
+    Check {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a scenario file against a configuration and print every decision.
+    Scenarios {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The scenario file (default: scenarios.toml beside the configuration).
+        #[arg(long)]
+        scenarios: Option<PathBuf>,
+    },
+    /// Show the ingestion example's decisions through the embedded engine.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Scenarios { config, scenarios } => {
+            let scenarios = scenarios.unwrap_or_else(|| config.with_file_name("scenarios.toml"));
+            run_scenarios(&config, &scenarios)
+        }
+        Command::Demo => demo(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("portcullis: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(config: &Path) -> anyhow::Result<ExitCode> {
+    let findings = match LoadedConfig::load(config) {
+        Ok(loaded) => {
+            let findings = portcullis_core::check(&loaded);
+            if findings.is_empty() {
+                let c = &loaded.config;
+                println!(
+                    "{}: ok ({} upstreams, {} tools, {} agent types, {} agents, {} policy files)",
+                    config.display(),
+                    c.upstreams.len(),
+                    c.tools.len(),
+                    c.agent_types.len(),
+                    c.agents.len(),
+                    loaded.policies.len()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            findings
+        }
+        Err(findings) => findings.0,
+    };
+    for finding in &findings {
+        println!("{finding}");
+    }
+    Ok(ExitCode::FAILURE)
+}
+
+fn run_scenarios(config: &Path, scenarios: &Path) -> anyhow::Result<ExitCode> {
+    let outcomes = scenario::run_files(config, scenarios)?;
+    Ok(print_outcomes(&outcomes))
+}
+
+fn print_outcomes(outcomes: &[StepOutcome]) -> ExitCode {
+    let mut current = "";
+    let mut failed = 0usize;
+    for o in outcomes {
+        if o.scenario != current {
+            println!("\n== {}", o.scenario);
+            current = &o.scenario;
+        }
+        let verdict = match o.decision.reason {
+            None => "ALLOW".to_owned(),
+            Some(reason) => format!("DENY  {reason}"),
+        };
+        let mut line = format!("  {:>2}. {:<22} {:<24} state={}", o.step, o.action, verdict, o.state);
+        if let Some(t) = &o.decision.transition {
+            line.push_str(&format!("  ({} -> {}{})", t.from, t.to, if t.reverify { ", reverify" } else { "" }));
+        }
+        if !o.decision.policy_ids.is_empty() {
+            line.push_str(&format!("  policies={}", o.decision.policy_ids.join(",")));
+        }
+        println!("{line}");
+        if o.decision.reason.is_some() && !o.decision.detail.is_empty() {
+            println!("      {}", o.decision.detail);
+        }
+        for m in &o.mismatches {
+            failed += 1;
+            println!("      MISMATCH: {m}");
+        }
+    }
+    println!("\n{} steps, {} mismatches", outcomes.len(), failed);
+    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+/// The ingestion example, compiled in so the demo runs from anywhere.
+const DEMO_FILES: [(&str, &str); 3] = [
+    ("portcullis.toml", include_str!("../../../examples/ingestion/portcullis.toml")),
+    ("policies/ingestion.cedar", include_str!("../../../examples/ingestion/policies/ingestion.cedar")),
+    ("scenarios.toml", include_str!("../../../examples/ingestion/scenarios.toml")),
+];
+
+fn demo() -> anyhow::Result<ExitCode> {
+    let dir = std::env::temp_dir().join(format!("portcullis-demo-{}", std::process::id()));
+    let result = (|| {
+        for (name, text) in DEMO_FILES {
+            let path = dir.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            }
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+        println!("Portcullis demo: the ingestion agent (connect -> validate -> transform -> write)");
+        println!("through the embedded decision engine. Each line is one call or transition.");
+        run_scenarios(&dir.join("portcullis.toml"), &dir.join("scenarios.toml"))
+    })();
+    // Best effort: the folder holds only copies of the example.
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}

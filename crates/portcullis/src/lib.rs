@@ -1,1 +1,174 @@
-//! placeholder
+//! Portcullis as an embedded library.
+//!
+//! An agent runtime written in Rust links this crate and asks for a decision
+//! before every tool call, in-process, with no sidecar and no network hop:
+//!
+//! ```
+//! use portcullis::Portcullis;
+//! use serde_json::json;
+//!
+//! # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/ingestion/portcullis.toml");
+//! // Load and check a configuration, build the engine.
+//! let gate = Portcullis::load(dir)?;
+//!
+//! // Start a task for an agent: it begins in its workflow's initial state.
+//! let task = gate.start_task("ingest-bot", "nightly load", None)?;
+//! assert_eq!(task.state, "connect");
+//!
+//! // Ask before each call; an allowed decision is applied to the task
+//! // (counters, and the auto-advance to the next workflow state).
+//! let d = gate.decide(&task.id, "warehouse.connect", &json!({ "database": "analytics" }));
+//! assert!(d.is_allowed());
+//! let d = gate.decide(&task.id, "warehouse.query", &json!({ "sql": "select * from users" }));
+//! assert_eq!(d.reason.map(|r| r.as_str()), Some("policy_forbid"));
+//! assert_eq!(d.policy_ids, ["no-sql-wildcards"]);
+//!
+//! // Explicit transitions are checked against the workflow's edges.
+//! let t = gate.transition(&task.id, "validate")?;
+//! assert_eq!((t.from.as_str(), t.to.as_str()), ("connect", "validate"));
+//!
+//! // Completing the task ends it: later calls are denied.
+//! gate.complete(&task.id)?;
+//! let d = gate.decide(&task.id, "warehouse.query", &json!({ "sql": "select 1" }));
+//! assert_eq!(d.reason.map(|r| r.as_str()), Some("task_not_active"));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Tasks are kept in memory here. The `portcullis serve` shape keeps them in
+//! a persistent ledger instead.
+
+pub mod scenario;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+pub use portcullis_config as config;
+pub use portcullis_config::{Finding, Findings, LoadedConfig};
+pub use portcullis_core::{
+    Clock, Decision, Denial, Engine, Outcome, Reason, Task, TaskStatus, Timestamp, Transition,
+};
+use serde_json::Value;
+
+/// The wall clock, for production use of the engine.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Timestamp(millis)
+    }
+}
+
+/// Why a gateway could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration has problems, one finding per line.
+    #[error("{0}")]
+    Config(#[from] Findings),
+}
+
+/// An engine and the tasks it is deciding for, in memory.
+#[derive(Debug)]
+pub struct Portcullis {
+    engine: Engine,
+    tasks: Mutex<HashMap<String, Task>>,
+    next_id: AtomicU64,
+}
+
+impl Portcullis {
+    /// Loads the configuration at `path`, checks it, and builds the engine
+    /// on the wall clock.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, Error> {
+        let loaded = LoadedConfig::load(path.as_ref())?;
+        Self::from_loaded(&loaded, Arc::new(SystemClock))
+    }
+
+    /// Builds the engine for an already loaded configuration.
+    pub fn from_loaded(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Self, Error> {
+        let engine = portcullis_core::build(loaded, clock)?;
+        Ok(Self::new(engine))
+    }
+
+    /// Wraps an engine.
+    pub fn new(engine: Engine) -> Self {
+        Self {
+            engine,
+            tasks: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn tasks(&self) -> MutexGuard<'_, HashMap<String, Task>> {
+        // A panic while holding the lock cannot leave a task half-updated:
+        // every update replaces whole fields after the decision is made.
+        self.tasks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts a task for `agent_id`; `tools` narrows it to part of the
+    /// agent's allowlist.
+    pub fn start_task(&self, agent_id: &str, goal: &str, tools: Option<&[String]>) -> Result<Task, Denial> {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = format!("task-{}-{n}", self.engine.now().as_millis());
+        let task = self.engine.start_task(&id, agent_id, goal, tools)?;
+        self.tasks().insert(id, task.clone());
+        Ok(task)
+    }
+
+    /// Decides a call and, when it is allowed, applies it to the task. An
+    /// unknown task id is `task_not_active`.
+    pub fn decide(&self, task_id: &str, tool: &str, args: &Value) -> Decision {
+        let mut tasks = self.tasks();
+        let Some(task) = tasks.get_mut(task_id) else {
+            return Decision::deny(tool, Reason::TaskNotActive, "no such task");
+        };
+        let decision = self.engine.decide(task, tool, args);
+        task.apply(&decision);
+        decision
+    }
+
+    /// Moves a task to state `to`, if its workflow has that edge.
+    pub fn transition(&self, task_id: &str, to: &str) -> Result<Transition, Denial> {
+        let mut tasks = self.tasks();
+        let task = tasks.get_mut(task_id).ok_or_else(no_such_task)?;
+        let transition = self.engine.transition(task, to)?;
+        task.apply_transition(&transition);
+        Ok(transition)
+    }
+
+    /// Ends a task; every later call is `task_not_active`.
+    pub fn complete(&self, task_id: &str) -> Result<Task, Denial> {
+        let mut tasks = self.tasks();
+        let task = tasks.get_mut(task_id).ok_or_else(no_such_task)?;
+        if task.status != TaskStatus::Active {
+            return Err(Denial {
+                reason: Reason::TaskNotActive,
+                detail: format!("task is {}", task.status.as_str()),
+            });
+        }
+        task.status = TaskStatus::Completed;
+        task.version = task.version.saturating_add(1);
+        Ok(task.clone())
+    }
+
+    /// A snapshot of a task.
+    pub fn task(&self, task_id: &str) -> Option<Task> {
+        self.tasks().get(task_id).cloned()
+    }
+}
+
+fn no_such_task() -> Denial {
+    Denial {
+        reason: Reason::TaskNotActive,
+        detail: "no such task".to_owned(),
+    }
+}
