@@ -9,7 +9,11 @@ use portcullis::LoadedConfig;
 use portcullis::scenario::{self, StepOutcome};
 
 #[derive(Debug, Parser)]
-#[command(name = "portcullis", version, about = "A zero-trust gateway between AI agents and the tools they call")]
+#[command(
+    name = "portcullis",
+    version,
+    about = "A zero-trust gateway between AI agents and the tools they call"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -99,9 +103,17 @@ fn print_outcomes(outcomes: &[StepOutcome]) -> ExitCode {
             None => "ALLOW".to_owned(),
             Some(reason) => format!("DENY  {reason}"),
         };
-        let mut line = format!("  {:>2}. {:<22} {:<24} state={}", o.step, o.action, verdict, o.state);
+        let mut line = format!(
+            "  {:>2}. {:<22} {:<24} state={}",
+            o.step, o.action, verdict, o.state
+        );
         if let Some(t) = &o.decision.transition {
-            line.push_str(&format!("  ({} -> {}{})", t.from, t.to, if t.reverify { ", reverify" } else { "" }));
+            line.push_str(&format!(
+                "  ({} -> {}{})",
+                t.from,
+                t.to,
+                if t.reverify { ", reverify" } else { "" }
+            ));
         }
         if !o.decision.policy_ids.is_empty() {
             line.push_str(&format!("  policies={}", o.decision.policy_ids.join(",")));
@@ -116,14 +128,27 @@ fn print_outcomes(outcomes: &[StepOutcome]) -> ExitCode {
         }
     }
     println!("\n{} steps, {} mismatches", outcomes.len(), failed);
-    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 /// The ingestion example, compiled in so the demo runs from anywhere.
 const DEMO_FILES: [(&str, &str); 3] = [
-    ("portcullis.toml", include_str!("../../../examples/ingestion/portcullis.toml")),
-    ("policies/ingestion.cedar", include_str!("../../../examples/ingestion/policies/ingestion.cedar")),
-    ("scenarios.toml", include_str!("../../../examples/ingestion/scenarios.toml")),
+    (
+        "portcullis.toml",
+        include_str!("../../../examples/ingestion/portcullis.toml"),
+    ),
+    (
+        "policies/ingestion.cedar",
+        include_str!("../../../examples/ingestion/policies/ingestion.cedar"),
+    ),
+    (
+        "scenarios.toml",
+        include_str!("../../../examples/ingestion/scenarios.toml"),
+    ),
 ];
 
 fn demo() -> anyhow::Result<ExitCode> {
@@ -132,11 +157,14 @@ fn demo() -> anyhow::Result<ExitCode> {
         for (name, text) in DEMO_FILES {
             let path = dir.join(name);
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
             }
             std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         }
-        println!("Portcullis demo: the ingestion agent (connect -> validate -> transform -> write)");
+        println!(
+            "Portcullis demo: the ingestion agent (connect -> validate -> transform -> write)"
+        );
         println!("through the embedded decision engine. Each line is one call or transition.");
         run_scenarios(&dir.join("portcullis.toml"), &dir.join("scenarios.toml"))
     })();

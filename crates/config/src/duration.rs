@@ -140,10 +140,21 @@ mod tests {
     #[test]
     fn rejects_malformed() {
         for bad in [
-            "", "10", "m", "10 m", "-5s", "1.5h", "10x", "10mm", "99999999999999999999s",
+            "",
+            "10",
+            "m",
+            "10 m",
+            "-5s",
+            "1.5h",
+            "10x",
+            "10mm",
+            "99999999999999999999s",
             "18446744073709551615d",
         ] {
-            assert!(bad.parse::<Duration>().is_err(), "{bad:?} should be rejected");
+            assert!(
+                bad.parse::<Duration>().is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 

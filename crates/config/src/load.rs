@@ -100,9 +100,8 @@ impl LoadedConfig {
                 Ok(paths) => {
                     for path in paths {
                         if self.policies.len() >= MAX_POLICY_FILES {
-                            findings.push(here(format!(
-                                "more than {MAX_POLICY_FILES} policy files"
-                            )));
+                            findings
+                                .push(here(format!("more than {MAX_POLICY_FILES} policy files")));
                             return Err(Findings(findings));
                         }
                         match read_bounded(&path) {
@@ -169,7 +168,8 @@ fn expand(pattern: &Path) -> Result<Vec<PathBuf>, String> {
     if dir.to_str().is_some_and(|d| d.contains(['*', '?'])) {
         return Err("a wildcard may only stand in the file name".to_owned());
     }
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
     let mut paths: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
@@ -208,7 +208,8 @@ fn wildcard(pattern: &str, text: &str) -> bool {
             },
         }
     }
-    p.get(pi..).is_some_and(|rest| rest.iter().all(|&c| c == '*'))
+    p.get(pi..)
+        .is_some_and(|rest| rest.iter().all(|&c| c == '*'))
 }
 
 #[cfg(test)]
@@ -242,7 +243,10 @@ mod tests {
             .err()
             .map(|f| f.to_string())
             .unwrap_or_default();
-        assert!(err.starts_with("x.toml:8 agents[0].colour: unknown field `colour`"), "{err}");
+        assert!(
+            err.starts_with("x.toml:8 agents[0].colour: unknown field `colour`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -278,12 +282,7 @@ mod tests {
         assert!(std::fs::write(&cfg, "[policies]\ncedar = [\"policies/*.cedar\"]\n").is_ok());
         let loaded = LoadedConfig::load(&cfg);
         let names: Vec<String> = loaded
-            .map(|l| {
-                l.policies
-                    .iter()
-                    .map(|p| p.text.clone())
-                    .collect()
-            })
+            .map(|l| l.policies.iter().map(|p| p.text.clone()).collect())
             .unwrap_or_default();
         assert_eq!(names, ["// a", "// b"]);
     }
@@ -294,7 +293,10 @@ mod tests {
         let Some(dir) = dir else { return };
         let cfg = dir.path().join("c.toml");
         assert!(std::fs::write(&cfg, "[policies]\ncedar = [\"nope/*.cedar\"]\n").is_ok());
-        let err = LoadedConfig::load(&cfg).err().map(|f| f.to_string()).unwrap_or_default();
+        let err = LoadedConfig::load(&cfg)
+            .err()
+            .map(|f| f.to_string())
+            .unwrap_or_default();
         assert!(err.contains(":2 policies.cedar[0]: "), "{err}");
     }
 }

@@ -190,9 +190,9 @@ impl SourceMap {
                     .iter()
                     .find(|(k, _, _)| k == key)
                     .map(|(_, span, child)| (span.clone(), child)),
-                (Node::Array(items), Segment::Index(i)) => items
-                    .get(*i)
-                    .map(|(span, child)| (span.clone(), child)),
+                (Node::Array(items), Segment::Index(i)) => {
+                    items.get(*i).map(|(span, child)| (span.clone(), child))
+                }
                 _ => None,
             };
             match next {
@@ -245,8 +245,14 @@ mod tests {
         let p = KeyPath::root().key("agents").index(0).key("tools").index(1);
         assert_eq!(map.line(&p), Some(7));
         assert_eq!(p.to_string(), "agents[0].tools[1]");
-        assert_eq!(map.line(&KeyPath::root().key("agents").index(1).key("id")), Some(10));
-        assert_eq!(map.line(&KeyPath::root().key("server").key("listen")), Some(2));
+        assert_eq!(
+            map.line(&KeyPath::root().key("agents").index(1).key("id")),
+            Some(10)
+        );
+        assert_eq!(
+            map.line(&KeyPath::root().key("server").key("listen")),
+            Some(2)
+        );
     }
 
     #[test]

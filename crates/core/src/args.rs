@@ -151,7 +151,9 @@ impl Shape {
             Self::String => serde_json::json!({ "type": "String" }),
             Self::Long => serde_json::json!({ "type": "Long" }),
             Self::Bool => serde_json::json!({ "type": "Boolean" }),
-            Self::Set(item) => serde_json::json!({ "type": "Set", "element": item.to_cedar_schema() }),
+            Self::Set(item) => {
+                serde_json::json!({ "type": "Set", "element": item.to_cedar_schema() })
+            }
             Self::Record(fields) => {
                 let attributes: Map<String, Value> = fields
                     .iter()
@@ -170,8 +172,13 @@ impl Shape {
 
     /// Converts `value`, already validated against the schema this shape
     /// came from, into a Cedar value. Undeclared properties are dropped.
-    pub fn to_cedar(&self, value: &Value, pointer: &mut String) -> Result<RestrictedExpression, String> {
-        let mismatch = |pointer: &str, what: &str| format!("{}: expected {what}", display_pointer(pointer));
+    pub fn to_cedar(
+        &self,
+        value: &Value,
+        pointer: &mut String,
+    ) -> Result<RestrictedExpression, String> {
+        let mismatch =
+            |pointer: &str, what: &str| format!("{}: expected {what}", display_pointer(pointer));
         match (self, value) {
             (Self::String, Value::String(s)) => Ok(RestrictedExpression::new_string(s.clone())),
             (Self::Bool, Value::Bool(b)) => Ok(RestrictedExpression::new_bool(*b)),
@@ -204,7 +211,10 @@ impl Shape {
                         out.push((field.name.clone(), field.shape.to_cedar(v, pointer)?));
                         pointer.truncate(len);
                     } else if field.required {
-                        return Err(format!("{}: required property missing", display_pointer(pointer)));
+                        return Err(format!(
+                            "{}: required property missing",
+                            display_pointer(pointer)
+                        ));
                     }
                 }
                 RestrictedExpression::new_record(out).map_err(|e| e.to_string())
@@ -233,7 +243,10 @@ fn exact_i64(n: &serde_json::Number) -> Option<i64> {
     // -2^63 is exact in f64; 2^63 is the first value out of range.
     const LIMIT: f64 = 9_223_372_036_854_775_808.0;
     (f.fract() == 0.0 && (-LIMIT..LIMIT).contains(&f)).then(|| {
-        #[expect(clippy::cast_possible_truncation, reason = "range and integrality checked just above")]
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "range and integrality checked just above"
+        )]
         let i = f as i64;
         i
     })
@@ -272,12 +285,23 @@ mod tests {
             },
             "required": ["sql"]
         });
-        let Shape::Record(fields) = Shape::of_args(&schema) else { panic!("not a record") };
-        let mut names: Vec<(&str, bool)> = fields.iter().map(|f| (f.name.as_str(), f.required)).collect();
+        let Shape::Record(fields) = Shape::of_args(&schema) else {
+            panic!("not a record")
+        };
+        let mut names: Vec<(&str, bool)> = fields
+            .iter()
+            .map(|f| (f.name.as_str(), f.required))
+            .collect();
         names.sort_unstable();
         assert_eq!(
             names,
-            [("limit", false), ("mode", false), ("opts", false), ("sql", true), ("tags", false)]
+            [
+                ("limit", false),
+                ("mode", false),
+                ("opts", false),
+                ("sql", true),
+                ("tags", false)
+            ]
         );
     }
 
@@ -288,8 +312,13 @@ mod tests {
         }));
         let mut p = String::new();
         assert!(shape.to_cedar(&json!({ "limit": 5.0 }), &mut p).is_ok());
-        let err = shape.to_cedar(&json!({ "limit": u64::MAX }), &mut p).unwrap_err();
+        let err = shape
+            .to_cedar(&json!({ "limit": u64::MAX }), &mut p)
+            .unwrap_err();
         assert!(err.starts_with("/limit: integer outside"), "{err}");
-        assert!(!err.contains(&u64::MAX.to_string()), "detail must not echo the value");
+        assert!(
+            !err.contains(&u64::MAX.to_string()),
+            "detail must not echo the value"
+        );
     }
 }

@@ -17,7 +17,8 @@ use crate::engine::{AgentDef, Engine, StateDef, ToolDef, Workflow};
 use crate::policy::{PolicyIndex, ToolFacts};
 
 /// Shortest and longest accepted `tokens.access_ttl` (DESIGN section 5).
-pub const ACCESS_TTL_RANGE: (Duration, Duration) = (Duration::from_secs(60), Duration::from_secs(900));
+pub const ACCESS_TTL_RANGE: (Duration, Duration) =
+    (Duration::from_secs(60), Duration::from_secs(900));
 
 /// Every static finding of a loaded configuration; empty when it is clean.
 pub fn check(loaded: &LoadedConfig) -> Vec<Finding> {
@@ -56,11 +57,18 @@ fn check_name(report: &mut Reporter<'_>, at: &KeyPath, name: &str) {
 }
 
 /// Reports the second and later uses of each name.
-fn check_duplicates<'a>(report: &mut Reporter<'_>, what: &str, names: impl Iterator<Item = (KeyPath, &'a str)>) {
+fn check_duplicates<'a>(
+    report: &mut Reporter<'_>,
+    what: &str,
+    names: impl Iterator<Item = (KeyPath, &'a str)>,
+) {
     let mut seen: HashMap<&str, KeyPath> = HashMap::new();
     for (at, name) in names {
         if let Some(first) = seen.get(name) {
-            report.at(&at, format!("duplicate {what} {name:?} (first defined at {first})"));
+            report.at(
+                &at,
+                format!("duplicate {what} {name:?} (first defined at {first})"),
+            );
         } else {
             seen.insert(name, at);
         }
@@ -76,12 +84,24 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
     check_sections(loaded, r);
 
     // Upstreams.
-    check_duplicates(r, "upstream", cfg.upstreams.iter().enumerate().map(|(i, u)| (root().key("upstreams").index(i).key("name"), u.name.as_str())));
+    check_duplicates(
+        r,
+        "upstream",
+        cfg.upstreams.iter().enumerate().map(|(i, u)| {
+            (
+                root().key("upstreams").index(i).key("name"),
+                u.name.as_str(),
+            )
+        }),
+    );
     for (i, up) in cfg.upstreams.iter().enumerate() {
         let at = root().key("upstreams").index(i);
         check_name(r, &at.key("name"), &up.name);
         if up.name.contains('.') {
-            r.at(&at.key("name"), format!("upstream name {:?} must not contain '.'", up.name));
+            r.at(
+                &at.key("name"),
+                format!("upstream name {:?} must not contain '.'", up.name),
+            );
         }
         match up.transport {
             Transport::Stdio => {
@@ -106,21 +126,35 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
         let cred = at.key("credential");
         match &up.credential {
             Credential::Static { header, env, file } => {
-                if header.is_empty() || !header.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-                    r.at(&cred.key("header"), format!("{header:?} is not a valid header name"));
+                if header.is_empty()
+                    || !header
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                {
+                    r.at(
+                        &cred.key("header"),
+                        format!("{header:?} is not a valid header name"),
+                    );
                 }
                 if env.is_some() == file.is_some() {
-                    r.at(&cred, "a static credential needs exactly one of env or file");
+                    r.at(
+                        &cred,
+                        "a static credential needs exactly one of env or file",
+                    );
                 }
             }
             Credential::PostgresRole { grants, ttl, url } => {
                 if grants.is_empty() {
-                    r.at(&cred.key("grants"), "a postgres-role credential needs at least one grant");
+                    r.at(
+                        &cred.key("grants"),
+                        "a postgres-role credential needs at least one grant",
+                    );
                 }
                 if ttl.is_some_and(|t| t.as_millis() == 0) {
                     r.at(&cred.key("ttl"), "must be longer than zero");
                 }
-                let pg_store = cfg.store.url.starts_with("postgres://") || cfg.store.url.starts_with("postgresql://");
+                let pg_store = cfg.store.url.starts_with("postgres://")
+                    || cfg.store.url.starts_with("postgresql://");
                 if url.is_none() && !pg_store {
                     r.at(&cred, "needs a url when the store is not PostgreSQL");
                 }
@@ -131,14 +165,24 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
     let upstreams: HashSet<&str> = cfg.upstreams.iter().map(|u| u.name.as_str()).collect();
 
     // Tools.
-    check_duplicates(r, "tool", cfg.tools.iter().enumerate().map(|(i, t)| (root().key("tools").index(i).key("name"), t.name.as_str())));
+    check_duplicates(
+        r,
+        "tool",
+        cfg.tools
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (root().key("tools").index(i).key("name"), t.name.as_str())),
+    );
     let mut tools = Vec::with_capacity(cfg.tools.len());
     let mut tool_index = HashMap::new();
     for (i, tool) in cfg.tools.iter().enumerate() {
         let at = root().key("tools").index(i);
         check_name(r, &at.key("name"), &tool.name);
         if !upstreams.contains(tool.upstream.as_str()) {
-            r.at(&at.key("upstream"), format!("unknown upstream {:?}", tool.upstream));
+            r.at(
+                &at.key("upstream"),
+                format!("unknown upstream {:?}", tool.upstream),
+            );
         }
         let upstream_tool = match &tool.upstream_tool {
             Some(name) => {
@@ -150,13 +194,19 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
                 _ => {
                     r.at(
                         &at.key("name"),
-                        format!("{:?} must be \"{}.<tool>\" unless upstream_tool is given", tool.name, tool.upstream),
+                        format!(
+                            "{:?} must be \"{}.<tool>\" unless upstream_tool is given",
+                            tool.name, tool.upstream
+                        ),
                     );
                     String::new()
                 }
             },
         };
-        let schema = tool.args_schema.clone().unwrap_or_else(|| serde_json::json!({ "type": "object" }));
+        let schema = tool
+            .args_schema
+            .clone()
+            .unwrap_or_else(|| serde_json::json!({ "type": "object" }));
         let schema_at = at.key("args_schema");
         if schema.get("type").and_then(Value::as_str) != Some("object") {
             r.at(&schema_at, "must be an object schema (type = \"object\")");
@@ -184,10 +234,20 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
             validator,
         });
     }
-    let known_tool = |name: &str| tool_index.contains_key(name) || cfg.tools.iter().any(|t| t.name == name);
+    let known_tool =
+        |name: &str| tool_index.contains_key(name) || cfg.tools.iter().any(|t| t.name == name);
 
     // Agent types and their workflows.
-    check_duplicates(r, "agent type", cfg.agent_types.iter().enumerate().map(|(i, t)| (root().key("agent_types").index(i).key("name"), t.name.as_str())));
+    check_duplicates(
+        r,
+        "agent type",
+        cfg.agent_types.iter().enumerate().map(|(i, t)| {
+            (
+                root().key("agent_types").index(i).key("name"),
+                t.name.as_str(),
+            )
+        }),
+    );
     let mut workflows = Vec::with_capacity(cfg.agent_types.len());
     let mut workflow_index = HashMap::new();
     for (i, ty) in cfg.agent_types.iter().enumerate() {
@@ -200,17 +260,30 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
     }
 
     // Agents.
-    check_duplicates(r, "agent", cfg.agents.iter().enumerate().map(|(i, a)| (root().key("agents").index(i).key("id"), a.id.as_str())));
+    check_duplicates(
+        r,
+        "agent",
+        cfg.agents
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (root().key("agents").index(i).key("id"), a.id.as_str())),
+    );
     let mut agents = HashMap::new();
     for (i, agent) in cfg.agents.iter().enumerate() {
         let at = root().key("agents").index(i);
         check_name(r, &at.key("id"), &agent.id);
         let wf = workflow_index.get(&agent.agent_type).copied();
         if wf.is_none() && !cfg.agent_types.iter().any(|t| t.name == agent.agent_type) {
-            r.at(&at.key("type"), format!("unknown agent type {:?}", agent.agent_type));
+            r.at(
+                &at.key("type"),
+                format!("unknown agent type {:?}", agent.agent_type),
+            );
         }
         match (&agent.bootstrap_sha256, &agent.oidc) {
-            (Some(h), None) if !is_sha256_hex(h) => r.at(&at.key("bootstrap_sha256"), "must be 64 hex digits (a SHA-256)"),
+            (Some(h), None) if !is_sha256_hex(h) => r.at(
+                &at.key("bootstrap_sha256"),
+                "must be 64 hex digits (a SHA-256)",
+            ),
             (Some(_), None) | (None, Some(_)) => {}
             _ => r.at(&at, "needs exactly one of bootstrap_sha256 or oidc"),
         }
@@ -228,7 +301,13 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
                         .and_then(|w| workflows.get(w))
                         .is_none_or(|w: &Workflow| w.states.iter().any(|s| s.tools.contains(&t)));
                     if !in_some_state {
-                        r.at(&tat, format!("tool {name:?} is allowed in no state of agent type {:?}", agent.agent_type));
+                        r.at(
+                            &tat,
+                            format!(
+                                "tool {name:?} is allowed in no state of agent type {:?}",
+                                agent.agent_type
+                            ),
+                        );
                     }
                 }
                 None if known_tool(name) => {}
@@ -236,7 +315,10 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
             }
         }
         if agent.limits.max_calls_per_task == Some(0) {
-            r.at(&at.key("limits").key("max_calls_per_task"), "0 allows no call at all");
+            r.at(
+                &at.key("limits").key("max_calls_per_task"),
+                "0 allows no call at all",
+            );
         }
         let mut per_tool = HashMap::new();
         for (name, &max) in &agent.limits.per_tool {
@@ -245,7 +327,10 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
                 Some(t) if acl.contains(t) => {
                     per_tool.insert(*t, max);
                 }
-                Some(_) => r.at(&lat, format!("tool {name:?} is not on this agent's allowlist")),
+                Some(_) => r.at(
+                    &lat,
+                    format!("tool {name:?} is not on this agent's allowlist"),
+                ),
                 None if known_tool(name) => {}
                 None => r.at(&lat, format!("unknown tool {name:?}")),
             }
@@ -253,7 +338,12 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
         if let Some(agent_type) = wf {
             agents.insert(
                 agent.id.clone(),
-                AgentDef { agent_type, acl, max_calls: agent.limits.max_calls_per_task, per_tool },
+                AgentDef {
+                    agent_type,
+                    acl,
+                    max_calls: agent.limits.max_calls_per_task,
+                    per_tool,
+                },
             );
         }
     }
@@ -269,7 +359,11 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
             shape: &t.shape,
         })
         .collect();
-    let agent_facts: Vec<(&str, &str)> = cfg.agents.iter().map(|a| (a.id.as_str(), a.agent_type.as_str())).collect();
+    let agent_facts: Vec<(&str, &str)> = cfg
+        .agents
+        .iter()
+        .map(|a| (a.id.as_str(), a.agent_type.as_str()))
+        .collect();
     let policies = PolicyIndex::build(loaded, &facts, &agent_facts, r);
 
     let findings = report.into_findings();
@@ -296,10 +390,25 @@ fn build_workflow(
     known_tool: &dyn Fn(&str) -> bool,
 ) -> Option<Workflow> {
     let before = r.is_empty();
-    check_duplicates(r, "state", ty.states.iter().enumerate().map(|(j, s)| (at.key("states").index(j).key("name"), s.name.as_str())));
-    let by_name: HashMap<String, usize> = ty.states.iter().enumerate().map(|(j, s)| (s.name.clone(), j)).collect();
+    check_duplicates(
+        r,
+        "state",
+        ty.states
+            .iter()
+            .enumerate()
+            .map(|(j, s)| (at.key("states").index(j).key("name"), s.name.as_str())),
+    );
+    let by_name: HashMap<String, usize> = ty
+        .states
+        .iter()
+        .enumerate()
+        .map(|(j, s)| (s.name.clone(), j))
+        .collect();
     let Some(&initial) = by_name.get(&ty.initial) else {
-        r.at(&at.key("initial"), format!("unknown state {:?}", ty.initial));
+        r.at(
+            &at.key("initial"),
+            format!("unknown state {:?}", ty.initial),
+        );
         return None;
     };
     let mut states = Vec::with_capacity(ty.states.len());
@@ -326,14 +435,25 @@ fn build_workflow(
         if st.is_final && !st.next.is_empty() {
             r.at(&sat.key("next"), "a final state has no next states");
         }
-        states.push(StateDef { name: st.name.clone(), tools, next, reverify: st.reverify, is_final: st.is_final });
+        states.push(StateDef {
+            name: st.name.clone(),
+            tools,
+            next,
+            reverify: st.reverify,
+            is_final: st.is_final,
+        });
     }
     if !states.iter().any(|s| s.is_final) {
-        r.at(&at.key("states"), "no final state: a task of this type can never finish");
+        r.at(
+            &at.key("states"),
+            "no final state: a task of this type can never finish",
+        );
     }
 
     // Reachability from the initial state.
-    let reachable = reach(states.len(), [initial], |i| states.get(i).map(|s| s.next.clone()).unwrap_or_default());
+    let reachable = reach(states.len(), [initial], |i| {
+        states.get(i).map(|s| s.next.clone()).unwrap_or_default()
+    });
     // Reverse reachability from the final states.
     let mut preds: Vec<Vec<usize>> = vec![Vec::new(); states.len()];
     for (i, s) in states.iter().enumerate() {
@@ -343,14 +463,31 @@ fn build_workflow(
             }
         }
     }
-    let finals: Vec<usize> = states.iter().enumerate().filter(|(_, s)| s.is_final).map(|(i, _)| i).collect();
-    let can_finish = reach(states.len(), finals, |i| preds.get(i).cloned().unwrap_or_default());
+    let finals: Vec<usize> = states
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.is_final)
+        .map(|(i, _)| i)
+        .collect();
+    let can_finish = reach(states.len(), finals, |i| {
+        preds.get(i).cloned().unwrap_or_default()
+    });
     for (j, s) in states.iter().enumerate() {
         let sat = at.key("states").index(j).key("name");
         if !reachable.get(j).copied().unwrap_or(false) {
-            r.at(&sat, format!("state {:?} is unreachable from the initial state {:?}", s.name, ty.initial));
-        } else if !can_finish.get(j).copied().unwrap_or(false) && states.iter().any(|s| s.is_final) {
-            r.at(&sat, format!("state {:?} has no way to a final state", s.name));
+            r.at(
+                &sat,
+                format!(
+                    "state {:?} is unreachable from the initial state {:?}",
+                    s.name, ty.initial
+                ),
+            );
+        } else if !can_finish.get(j).copied().unwrap_or(false) && states.iter().any(|s| s.is_final)
+        {
+            r.at(
+                &sat,
+                format!("state {:?} has no way to a final state", s.name),
+            );
         }
     }
     (before && r.is_empty()).then_some(Workflow {
@@ -363,24 +500,28 @@ fn build_workflow(
 }
 
 /// Breadth-first reachability over `n` nodes.
-fn reach(n: usize, starts: impl IntoIterator<Item = usize>, edges: impl Fn(usize) -> Vec<usize>) -> Vec<bool> {
+fn reach(
+    n: usize,
+    starts: impl IntoIterator<Item = usize>,
+    edges: impl Fn(usize) -> Vec<usize>,
+) -> Vec<bool> {
     let mut seen = vec![false; n];
     let mut queue: VecDeque<usize> = VecDeque::new();
     for s in starts {
-        if let Some(slot) = seen.get_mut(s) {
-            if !*slot {
-                *slot = true;
-                queue.push_back(s);
-            }
+        if let Some(slot) = seen.get_mut(s)
+            && !*slot
+        {
+            *slot = true;
+            queue.push_back(s);
         }
     }
     while let Some(i) = queue.pop_front() {
         for j in edges(i) {
-            if let Some(slot) = seen.get_mut(j) {
-                if !*slot {
-                    *slot = true;
-                    queue.push_back(j);
-                }
+            if let Some(slot) = seen.get_mut(j)
+                && !*slot
+            {
+                *slot = true;
+                queue.push_back(j);
             }
         }
     }
@@ -392,32 +533,56 @@ fn check_sections(loaded: &LoadedConfig, r: &mut Reporter<'_>) {
     let cfg = &loaded.config;
     let server = root().key("server");
     if cfg.server.listen.parse::<std::net::SocketAddr>().is_err() {
-        r.at(&server.key("listen"), format!("{:?} is not a socket address (host:port)", cfg.server.listen));
+        r.at(
+            &server.key("listen"),
+            format!(
+                "{:?} is not a socket address (host:port)",
+                cfg.server.listen
+            ),
+        );
     }
     let issuer = &cfg.server.issuer;
     if !(issuer.starts_with("http://") || issuer.starts_with("https://")) || issuer.ends_with('/') {
-        r.at(&server.key("issuer"), format!("{issuer:?} must be an http(s) URL without a trailing slash"));
+        r.at(
+            &server.key("issuer"),
+            format!("{issuer:?} must be an http(s) URL without a trailing slash"),
+        );
     }
     if !(1024..=64 * 1024 * 1024).contains(&cfg.server.max_body_bytes) {
-        r.at(&server.key("max_body_bytes"), "must lie between 1024 and 67108864");
+        r.at(
+            &server.key("max_body_bytes"),
+            "must lie between 1024 and 67108864",
+        );
     }
     let url = &cfg.store.url;
     let path_ok = url.strip_prefix("sqlite://").is_some_and(|p| !p.is_empty());
     if !path_ok && !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
-        r.at(&root().key("store").key("url"), "must be sqlite://PATH or postgres://…");
+        r.at(
+            &root().key("store").key("url"),
+            "must be sqlite://PATH or postgres://…",
+        );
     }
 
     let tokens = root().key("tokens");
     let t = &cfg.tokens;
     let (lo, hi) = ACCESS_TTL_RANGE;
     if t.access_ttl < lo || t.access_ttl > hi {
-        r.at(&tokens.key("access_ttl"), format!("{} is outside {lo}..{hi}", t.access_ttl));
+        r.at(
+            &tokens.key("access_ttl"),
+            format!("{} is outside {lo}..{hi}", t.access_ttl),
+        );
     }
     if t.refresh_idle_ttl < lo {
-        r.at(&tokens.key("refresh_idle_ttl"), format!("{} is shorter than {lo}", t.refresh_idle_ttl));
+        r.at(
+            &tokens.key("refresh_idle_ttl"),
+            format!("{} is shorter than {lo}", t.refresh_idle_ttl),
+        );
     }
     if t.task_max_lifetime < t.access_ttl {
-        r.at(&tokens.key("task_max_lifetime"), format!("{} is shorter than access_ttl", t.task_max_lifetime));
+        r.at(
+            &tokens.key("task_max_lifetime"),
+            format!("{} is shorter than access_ttl", t.task_max_lifetime),
+        );
     }
     if t.task_max_lifetime > Duration::from_secs(30 * 86_400) {
         r.at(&tokens.key("task_max_lifetime"), "longer than 30 days");
@@ -429,7 +594,10 @@ fn check_sections(loaded: &LoadedConfig, r: &mut Reporter<'_>) {
     let audit = root().key("audit");
     let a = &cfg.audit;
     if !(0.0..=1.0).contains(&a.sample_low_risk) {
-        r.at(&audit.key("sample_low_risk"), "must lie between 0.0 and 1.0");
+        r.at(
+            &audit.key("sample_low_risk"),
+            "must lie between 0.0 and 1.0",
+        );
     }
     if a.retention_days == 0 {
         r.at(&audit.key("retention_days"), "must be at least 1");
@@ -437,14 +605,33 @@ fn check_sections(loaded: &LoadedConfig, r: &mut Reporter<'_>) {
     if a.hot_days > a.retention_days {
         r.at(&audit.key("hot_days"), "longer than retention_days");
     }
-    if let Some(hook) = &a.alert_webhook {
-        if !(hook.starts_with("http://") || hook.starts_with("https://")) {
-            r.at(&audit.key("alert_webhook"), format!("{hook:?} is not an http(s) URL"));
-        }
+    if let Some(hook) = &a.alert_webhook
+        && !(hook.starts_with("http://") || hook.starts_with("https://"))
+    {
+        r.at(
+            &audit.key("alert_webhook"),
+            format!("{hook:?} is not an http(s) URL"),
+        );
     }
 
-    check_duplicates(r, "admin", cfg.admins.iter().enumerate().map(|(i, a)| (root().key("admins").index(i).key("name"), a.name.as_str())));
-    check_duplicates(r, "admin token", cfg.admins.iter().enumerate().map(|(i, a)| (root().key("admins").index(i).key("token_sha256"), a.token_sha256.as_str())));
+    check_duplicates(
+        r,
+        "admin",
+        cfg.admins
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (root().key("admins").index(i).key("name"), a.name.as_str())),
+    );
+    check_duplicates(
+        r,
+        "admin token",
+        cfg.admins.iter().enumerate().map(|(i, a)| {
+            (
+                root().key("admins").index(i).key("token_sha256"),
+                a.token_sha256.as_str(),
+            )
+        }),
+    );
     for (i, admin) in cfg.admins.iter().enumerate() {
         let at = root().key("admins").index(i);
         check_name(r, &at.key("name"), &admin.name);
@@ -458,20 +645,25 @@ fn check_sections(loaded: &LoadedConfig, r: &mut Reporter<'_>) {
 
     let anomaly = root().key("anomaly");
     let an = &cfg.anomaly;
-    if let Some(rule) = &an.distinct_tools {
-        if rule.count == 0 || rule.seconds == 0 {
-            r.at(&anomaly.key("distinct_tools"), "count and seconds must be at least 1");
-        }
+    if an
+        .distinct_tools
+        .as_ref()
+        .is_some_and(|rule| rule.count == 0 || rule.seconds == 0)
+    {
+        r.at(
+            &anomaly.key("distinct_tools"),
+            "count and seconds must be at least 1",
+        );
     }
-    if let Some(rule) = &an.denials {
-        if rule.count == 0 {
-            r.at(&anomaly.key("denials"), "count must be at least 1");
-        }
+    if an.denials.as_ref().is_some_and(|rule| rule.count == 0) {
+        r.at(&anomaly.key("denials"), "count must be at least 1");
     }
-    if let Some(rule) = &an.rate {
-        if rule.calls == 0 || rule.seconds == 0 {
-            r.at(&anomaly.key("rate"), "calls and seconds must be at least 1");
-        }
+    if an
+        .rate
+        .as_ref()
+        .is_some_and(|rule| rule.calls == 0 || rule.seconds == 0)
+    {
+        r.at(&anomaly.key("rate"), "calls and seconds must be at least 1");
     }
 
     let elevation = root().key("elevation");
@@ -479,9 +671,12 @@ fn check_sections(loaded: &LoadedConfig, r: &mut Reporter<'_>) {
     if ttl < Duration::from_secs(60) || ttl > Duration::from_secs(86_400) {
         r.at(&elevation.key("ttl"), format!("{ttl} is outside 1m..1d"));
     }
-    if let Some(file) = &cfg.elevation.auto_approve {
-        if !loaded.resolve(file).is_file() {
-            r.at(&elevation.key("auto_approve"), format!("{file:?} is not a file"));
-        }
+    if let Some(file) = &cfg.elevation.auto_approve
+        && !loaded.resolve(file).is_file()
+    {
+        r.at(
+            &elevation.key("auto_approve"),
+            format!("{file:?} is not a file"),
+        );
     }
 }

@@ -227,7 +227,10 @@ impl Engine {
                 let mut set = BTreeSet::new();
                 for name in requested {
                     let Some(&i) = self.tool_index.get(name) else {
-                        return Err(Denial::new(Reason::ToolUnknown, format!("unknown tool {name:?}")));
+                        return Err(Denial::new(
+                            Reason::ToolUnknown,
+                            format!("unknown tool {name:?}"),
+                        ));
                     };
                     if !agent.acl.contains(&i) {
                         return Err(Denial::new(
@@ -260,7 +263,10 @@ impl Engine {
     /// the current state's `next` states.
     pub fn transition(&self, task: &Task, to: &str) -> Result<Transition, Denial> {
         if task.status != TaskStatus::Active {
-            return Err(Denial::new(Reason::TaskNotActive, format!("task is {}", task.status.as_str())));
+            return Err(Denial::new(
+                Reason::TaskNotActive,
+                format!("task is {}", task.status.as_str()),
+            ));
         }
         let (_, wf) = self.workflow_of(task).map_err(|d| Denial::new(d.0, d.1))?;
         let (_, from) = wf
@@ -288,7 +294,10 @@ impl Engine {
             .workflows
             .get(agent.agent_type)
             .filter(|wf| wf.name == task.agent_type)
-            .ok_or((Reason::InternalError, "the task's agent type does not match the configuration"))?;
+            .ok_or((
+                Reason::InternalError,
+                "the task's agent type does not match the configuration",
+            ))?;
         Ok((agent, wf))
     }
 
@@ -297,7 +306,11 @@ impl Engine {
     pub fn decide(&self, task: &Task, tool: &str, args: &Value) -> Decision {
         // 1. Task active.
         if task.status != TaskStatus::Active {
-            return Decision::deny(tool, Reason::TaskNotActive, format!("task is {}", task.status.as_str()));
+            return Decision::deny(
+                tool,
+                Reason::TaskNotActive,
+                format!("task is {}", task.status.as_str()),
+            );
         }
         let (agent, wf) = match self.workflow_of(task) {
             Ok(found) => found,
@@ -316,51 +329,69 @@ impl Engine {
         // 3. ACL: the task's grant (a subset of the allowlist) or a live elevation.
         let now = self.clock.now();
         let granted = (agent.acl.contains(&tool_i) && task.tools.contains(tool))
-            || task.grants.iter().any(|g| g.tool == tool && g.expires_at > now);
+            || task
+                .grants
+                .iter()
+                .any(|g| g.tool == tool && g.expires_at > now);
         if !granted {
-            return Decision::deny(tool, Reason::ToolNotGranted, "tool is not granted to this task");
+            return Decision::deny(
+                tool,
+                Reason::ToolNotGranted,
+                "tool is not granted to this task",
+            );
         }
 
         // 4. Workflow state.
         let Some((_, state)) = wf.state(&task.state) else {
             return Decision::deny(tool, Reason::InternalError, "task is in an unknown state");
         };
-        let transition = if state.tools.contains(&tool_i) {
-            None
-        } else {
-            let next = wf
-                .auto_advance
-                .then(|| {
-                    state
-                        .next
-                        .iter()
-                        .copied()
-                        .find(|&n| wf.states.get(n).is_some_and(|s| s.tools.contains(&tool_i)))
-                })
-                .flatten();
-            match next.and_then(|n| wf.transition(state, n)) {
-                Some(t) => Some(t),
-                None => {
-                    return Decision::deny(
-                        tool,
-                        Reason::StateViolation,
-                        format!("not allowed in state {}", state.name),
-                    );
+        let transition =
+            if state.tools.contains(&tool_i) {
+                None
+            } else {
+                let next =
+                    wf.auto_advance
+                        .then(|| {
+                            state.next.iter().copied().find(|&n| {
+                                wf.states.get(n).is_some_and(|s| s.tools.contains(&tool_i))
+                            })
+                        })
+                        .flatten();
+                match next.and_then(|n| wf.transition(state, n)) {
+                    Some(t) => Some(t),
+                    None => {
+                        return Decision::deny(
+                            tool,
+                            Reason::StateViolation,
+                            format!("not allowed in state {}", state.name),
+                        );
+                    }
                 }
-            }
-        };
+            };
 
         // 5. Budgets.
         if agent.max_calls.is_some_and(|max| task.calls >= max) {
             return Decision::deny(tool, Reason::LimitExceeded, "calls per task spent");
         }
-        if agent.per_tool.get(&tool_i).is_some_and(|&max| task.calls_of(tool) >= max) {
-            return Decision::deny(tool, Reason::LimitExceeded, "calls of this tool per task spent");
+        if agent
+            .per_tool
+            .get(&tool_i)
+            .is_some_and(|&max| task.calls_of(tool) >= max)
+        {
+            return Decision::deny(
+                tool,
+                Reason::LimitExceeded,
+                "calls of this tool per task spent",
+            );
         }
 
         // 6. Arguments: bounds, then the schema.
         if let Err(why) = args::check_bounds(args) {
-            return Decision::deny(tool, Reason::ArgsInvalid, format!("arguments too large: {why}"));
+            return Decision::deny(
+                tool,
+                Reason::ArgsInvalid,
+                format!("arguments too large: {why}"),
+            );
         }
         if !args.is_object() {
             return Decision::deny(tool, Reason::ArgsInvalid, "arguments must be a JSON object");
@@ -371,27 +402,39 @@ impl Engine {
             return Decision::deny(
                 tool,
                 Reason::ArgsInvalid,
-                format!("{}: fails the schema's {keyword:?} rule", args::display_pointer(&at)),
+                format!(
+                    "{}: fails the schema's {keyword:?} rule",
+                    args::display_pointer(&at)
+                ),
             );
         }
 
         // 7. Cedar.
         let whole = !self.slice_policies;
         if self.policies.applies(tool_i, whole) {
-            let state_name = transition.as_ref().map_or(state.name.as_str(), |t| t.to.as_str());
+            let state_name = transition
+                .as_ref()
+                .map_or(state.name.as_str(), |t| t.to.as_str());
             let context = match self.context(task, tool, def, args, state_name) {
                 Ok(c) => c,
-                Err(denial) => return denial,
+                Err(denial) => return *denial,
             };
-            match self.policies.evaluate(tool_i, &task.agent_id, context, whole) {
+            match self
+                .policies
+                .evaluate(tool_i, &task.agent_id, context, whole)
+            {
                 Verdict::Allow => {}
                 Verdict::Forbid(ids) => {
                     let detail = format!("forbidden by {}", ids.join(", "));
                     return Decision::deny(tool, Reason::PolicyForbid, detail).with_policies(ids);
                 }
                 Verdict::Error(ids, why) => {
-                    return Decision::deny(tool, Reason::InternalError, format!("policy evaluation failed: {why}"))
-                        .with_policies(ids);
+                    return Decision::deny(
+                        tool,
+                        Reason::InternalError,
+                        format!("policy evaluation failed: {why}"),
+                    )
+                    .with_policies(ids);
                 }
             }
         }
@@ -399,26 +442,51 @@ impl Engine {
         Decision::allow(tool, transition)
     }
 
-    fn context(&self, task: &Task, tool: &str, def: &ToolDef, args: &Value, state: &str) -> Result<Context, Decision> {
+    fn context(
+        &self,
+        task: &Task,
+        tool: &str,
+        def: &ToolDef,
+        args: &Value,
+        state: &str,
+    ) -> Result<Context, Box<Decision>> {
         let mut pointer = String::new();
         let args = def
             .shape
             .to_cedar(args, &mut pointer)
-            .map_err(|why| Decision::deny(tool, Reason::ArgsInvalid, why))?;
+            .map_err(|why| Box::new(Decision::deny(tool, Reason::ArgsInvalid, why)))?;
         let long = |n: u64| RestrictedExpression::new_long(i64::try_from(n).unwrap_or(i64::MAX));
         let task_record = RestrictedExpression::new_record([
-            ("id".to_owned(), RestrictedExpression::new_string(task.id.clone())),
-            ("state".to_owned(), RestrictedExpression::new_string(state.to_owned())),
-            ("goal".to_owned(), RestrictedExpression::new_string(task.goal.clone())),
+            (
+                "id".to_owned(),
+                RestrictedExpression::new_string(task.id.clone()),
+            ),
+            (
+                "state".to_owned(),
+                RestrictedExpression::new_string(state.to_owned()),
+            ),
+            (
+                "goal".to_owned(),
+                RestrictedExpression::new_string(task.goal.clone()),
+            ),
             ("calls".to_owned(), long(task.calls)),
             ("tool_calls".to_owned(), long(task.calls_of(tool))),
         ])
-        .map_err(|e| Decision::deny(tool, Reason::InternalError, e.to_string()))?;
+        .map_err(|e| Box::new(Decision::deny(tool, Reason::InternalError, e.to_string())))?;
         Context::from_pairs([
             ("args".to_owned(), args),
             ("task".to_owned(), task_record),
-            ("agent_type".to_owned(), RestrictedExpression::new_string(task.agent_type.clone())),
+            (
+                "agent_type".to_owned(),
+                RestrictedExpression::new_string(task.agent_type.clone()),
+            ),
         ])
-        .map_err(|e| Decision::deny(tool, Reason::InternalError, format!("policy context: {e}")))
+        .map_err(|e| {
+            Box::new(Decision::deny(
+                tool,
+                Reason::InternalError,
+                format!("policy context: {e}"),
+            ))
+        })
     }
 }

@@ -87,6 +87,9 @@ pub(crate) struct PolicyIndex {
     count: usize,
 }
 
+/// The Cedar entities, with the uids of agents (by id) and tools (by index).
+type PolicyEntities = (Entities, HashMap<String, EntityUid>, Vec<EntityUid>);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Target {
     All,
@@ -105,7 +108,10 @@ struct Loaded {
 
 fn uid(type_name: &str, id: &str) -> Option<EntityUid> {
     let type_name = EntityTypeName::from_str(type_name).ok()?;
-    Some(EntityUid::from_type_name_and_id(type_name, EntityId::new(id)))
+    Some(EntityUid::from_type_name_and_id(
+        type_name,
+        EntityId::new(id),
+    ))
 }
 
 /// The Cedar schema (JSON syntax) for calls of a tool whose arguments have
@@ -156,7 +162,10 @@ fn diagnostic_offset(diag: &dyn Diagnostic) -> Option<usize> {
 }
 
 fn one_line(text: impl std::fmt::Display) -> String {
-    text.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+    text.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl PolicyIndex {
@@ -186,7 +195,10 @@ impl PolicyIndex {
         ) {
             Ok(p) => p,
             Err(e) => {
-                fail(report, format!("internal error building the base permit: {e}"));
+                fail(
+                    report,
+                    format!("internal error building the base permit: {e}"),
+                );
                 return None;
             }
         };
@@ -214,7 +226,11 @@ impl PolicyIndex {
                 continue;
             }
             let mut set = PolicySet::new();
-            for p in own.into_iter().chain(universal.iter().cloned()).chain([base.clone()]) {
+            for p in own
+                .into_iter()
+                .chain(universal.iter().cloned())
+                .chain([base.clone()])
+            {
                 if let Err(e) = set.add(p) {
                     fail(report, format!("internal error indexing policies: {e}"));
                     return None;
@@ -223,14 +239,20 @@ impl PolicyIndex {
             slices.push(Some(set));
         }
         if let Err(e) = whole.add(base) {
-            fail(report, format!("internal error building the base permit: {e}"));
+            fail(
+                report,
+                format!("internal error building the base permit: {e}"),
+            );
             return None;
         }
 
         let entities = match Self::entities(tools, agents) {
             Ok(e) => e,
             Err(e) => {
-                fail(report, format!("internal error building policy entities: {e}"));
+                fail(
+                    report,
+                    format!("internal error building policy entities: {e}"),
+                );
                 return None;
             }
         };
@@ -260,14 +282,27 @@ impl PolicyIndex {
                 Err(errors) => {
                     for err in errors.iter() {
                         let line = diagnostic_offset(err).map(|o| line_of(&file.text, o));
-                        report.push(Finding::new(&file.path, line, "", format!("syntax error: {}", one_line(err))));
+                        report.push(Finding::new(
+                            &file.path,
+                            line,
+                            "",
+                            format!("syntax error: {}", one_line(err)),
+                        ));
                     }
                     continue;
                 }
             };
             if let Some(t) = set.templates().next() {
-                let line = file.text.find(&t.to_string()).map(|o| line_of(&file.text, o));
-                report.push(Finding::new(&file.path, line, "", "policy templates are not supported"));
+                let line = file
+                    .text
+                    .find(&t.to_string())
+                    .map(|o| line_of(&file.text, o));
+                report.push(Finding::new(
+                    &file.path,
+                    line,
+                    "",
+                    "policy templates are not supported",
+                ));
             }
             let mut in_file: Vec<(usize, Policy)> = set
                 .policies()
@@ -278,12 +313,14 @@ impl PolicyIndex {
                 .collect();
             in_file.sort_by_key(|(offset, _)| *offset);
             for (offset, policy) in in_file {
-                let line = Some(line_of(&file.text, offset));
+                let line_number = line_of(&file.text, offset);
+                let line = Some(line_number);
                 let id = match policy.annotation("id") {
                     Some(id) => id.to_owned(),
-                    None => format!("{}:{}", file_label(&file.path), line.unwrap_or(0)),
+                    None => format!("{}:{line_number}", file_label(&file.path)),
                 };
-                let here = |msg: String| Finding::new(&file.path, line, format!("policy {id:?}"), msg);
+                let here =
+                    |msg: String| Finding::new(&file.path, line, format!("policy {id:?}"), msg);
                 if id == BASE_PERMIT_ID {
                     report.push(here("this id is reserved".to_owned()));
                     continue;
@@ -314,7 +351,9 @@ impl PolicyIndex {
                         match tool {
                             Some(i) => Target::Tool(i),
                             None => {
-                                report.push(here(format!("resource {r} is not a tool of the registry")));
+                                report.push(here(format!(
+                                    "resource {r} is not a tool of the registry"
+                                )));
                                 continue;
                             }
                         }
@@ -334,7 +373,12 @@ impl PolicyIndex {
     }
 
     /// Validates every policy against the schema of every tool it applies to.
-    fn validate(loaded: &LoadedConfig, policies: &[Loaded], tools: &[ToolFacts<'_>], report: &mut Reporter<'_>) {
+    fn validate(
+        loaded: &LoadedConfig,
+        policies: &[Loaded],
+        tools: &[ToolFacts<'_>],
+        report: &mut Reporter<'_>,
+    ) {
         let mut reported: HashSet<(String, String)> = HashSet::new();
         // Tools with the same argument shape share one schema and one
         // validation of the unscoped policies.
@@ -376,13 +420,18 @@ impl PolicyIndex {
                 if !reported.insert((id.clone(), message.clone())) {
                     continue;
                 }
-                let Some(p) = by_id.get(id.as_str()) else { continue };
+                let Some(p) = by_id.get(id.as_str()) else {
+                    continue;
+                };
                 let text = loaded.policies.get(p.file_index).map(|f| f.text.as_str());
                 let line = diagnostic_offset(err)
                     .zip(text)
                     .map(|(o, text)| line_of(text, o))
                     .or(p.line);
-                let tool_names: Vec<&str> = members.iter().filter_map(|&m| tools.get(m).map(|t| t.name)).collect();
+                let tool_names: Vec<&str> = members
+                    .iter()
+                    .filter_map(|&m| tools.get(m).map(|t| t.name))
+                    .collect();
                 let for_tools = if tool_names.len() == 1 {
                     format!("tool {}", tool_names.join(""))
                 } else {
@@ -401,22 +450,34 @@ impl PolicyIndex {
     fn entities(
         tools: &[ToolFacts<'_>],
         agents: &[(&str, &str)],
-    ) -> Result<(Entities, HashMap<String, EntityUid>, Vec<EntityUid>), String> {
+    ) -> Result<PolicyEntities, String> {
         let mut list = Vec::with_capacity(tools.len() + agents.len());
         let mut agent_uids = HashMap::new();
         let mut tool_uids = Vec::with_capacity(tools.len());
         for (id, agent_type) in agents {
             let u = uid("Agent", id).ok_or("bad agent uid")?;
-            let attrs = HashMap::from([("type".to_owned(), RestrictedExpression::new_string((*agent_type).to_owned()))]);
+            let attrs = HashMap::from([(
+                "type".to_owned(),
+                RestrictedExpression::new_string((*agent_type).to_owned()),
+            )]);
             list.push(Entity::new(u.clone(), attrs, HashSet::new()).map_err(|e| e.to_string())?);
             agent_uids.insert((*id).to_owned(), u);
         }
         for tool in tools {
             let u = uid("Tool", tool.name).ok_or("bad tool uid")?;
             let attrs = HashMap::from([
-                ("risk".to_owned(), RestrictedExpression::new_string(tool.risk.to_owned())),
-                ("access".to_owned(), RestrictedExpression::new_string(tool.access.to_owned())),
-                ("upstream".to_owned(), RestrictedExpression::new_string(tool.upstream.to_owned())),
+                (
+                    "risk".to_owned(),
+                    RestrictedExpression::new_string(tool.risk.to_owned()),
+                ),
+                (
+                    "access".to_owned(),
+                    RestrictedExpression::new_string(tool.access.to_owned()),
+                ),
+                (
+                    "upstream".to_owned(),
+                    RestrictedExpression::new_string(tool.upstream.to_owned()),
+                ),
             ]);
             list.push(Entity::new(u.clone(), attrs, HashSet::new()).map_err(|e| e.to_string())?);
             tool_uids.push(u);
@@ -441,7 +502,13 @@ impl PolicyIndex {
     }
 
     /// Evaluates the policies for a call of tool `tool` by `agent`.
-    pub(crate) fn evaluate(&self, tool: usize, agent: &str, context: Context, whole: bool) -> Verdict {
+    pub(crate) fn evaluate(
+        &self,
+        tool: usize,
+        agent: &str,
+        context: Context,
+        whole: bool,
+    ) -> Verdict {
         let set = if whole {
             Some(&self.whole)
         } else {
@@ -450,10 +517,20 @@ impl PolicyIndex {
         let Some(set) = set else {
             return Verdict::Allow;
         };
-        let (Some(principal), Some(resource)) = (self.agents.get(agent), self.tools.get(tool)) else {
-            return Verdict::Error(Vec::new(), "agent or tool missing from the policy entities".to_owned());
+        let (Some(principal), Some(resource)) = (self.agents.get(agent), self.tools.get(tool))
+        else {
+            return Verdict::Error(
+                Vec::new(),
+                "agent or tool missing from the policy entities".to_owned(),
+            );
         };
-        let request = match Request::new(principal.clone(), self.action.clone(), resource.clone(), context, None) {
+        let request = match Request::new(
+            principal.clone(),
+            self.action.clone(),
+            resource.clone(),
+            context,
+            None,
+        ) {
             Ok(r) => r,
             Err(e) => return Verdict::Error(Vec::new(), one_line(e)),
         };
@@ -464,10 +541,12 @@ impl PolicyIndex {
             let ids = errors
                 .iter()
                 .map(|e| match e {
-                    cedar_policy::AuthorizationError::PolicyEvaluationError(e) => e.policy_id().to_string(),
+                    cedar_policy::AuthorizationError::PolicyEvaluationError(e) => {
+                        e.policy_id().to_string()
+                    }
                 })
                 .collect();
-            let detail = errors.iter().map(|e| one_line(e)).collect::<Vec<_>>().join("; ");
+            let detail = errors.iter().map(one_line).collect::<Vec<_>>().join("; ");
             return Verdict::Error(ids, detail);
         }
         match response.decision() {

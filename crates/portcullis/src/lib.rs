@@ -116,7 +116,12 @@ impl Portcullis {
 
     /// Starts a task for `agent_id`; `tools` narrows it to part of the
     /// agent's allowlist.
-    pub fn start_task(&self, agent_id: &str, goal: &str, tools: Option<&[String]>) -> Result<Task, Denial> {
+    pub fn start_task(
+        &self,
+        agent_id: &str,
+        goal: &str,
+        tools: Option<&[String]>,
+    ) -> Result<Task, Denial> {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let id = format!("task-{}-{n}", self.engine.now().as_millis());
         let task = self.engine.start_task(&id, agent_id, goal, tools)?;

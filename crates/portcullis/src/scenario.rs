@@ -117,7 +117,9 @@ pub fn run_files(config: &Path, scenarios: &Path) -> Result<Vec<StepOutcome>, Er
     let clock = Arc::new(ManualClock::new(Timestamp(1_767_225_600_000)));
     let engine = portcullis_core::build(&loaded, clock.clone())?;
     let file = ScenarioFile::load(scenarios).map_err(|msg| {
-        Error::Config(portcullis_config::Finding::new(PathBuf::from(scenarios), None, "", msg).into())
+        Error::Config(
+            portcullis_config::Finding::new(PathBuf::from(scenarios), None, "", msg).into(),
+        )
     })?;
     Ok(run(&engine, &clock, &file))
 }
@@ -127,7 +129,12 @@ pub fn run(engine: &Engine, clock: &ManualClock, file: &ScenarioFile) -> Vec<Ste
     let mut out = Vec::new();
     for (n, scenario) in file.scenario.iter().enumerate() {
         let task_id = format!("scenario-{}", n + 1);
-        let task = engine.start_task(&task_id, &scenario.agent, &scenario.goal, scenario.tools.as_deref());
+        let task = engine.start_task(
+            &task_id,
+            &scenario.agent,
+            &scenario.goal,
+            scenario.tools.as_deref(),
+        );
         let mut task: Task = match task {
             Ok(t) => t,
             Err(denial) => {
@@ -148,7 +155,10 @@ pub fn run(engine: &Engine, clock: &ManualClock, file: &ScenarioFile) -> Vec<Ste
             }
             let (action, decision) = match (&step.tool, &step.transition) {
                 (Some(tool), None) => {
-                    let args = step.args.clone().unwrap_or_else(|| Value::Object(Default::default()));
+                    let args = step
+                        .args
+                        .clone()
+                        .unwrap_or_else(|| Value::Object(Default::default()));
                     let d = engine.decide(&task, tool, &args);
                     task.apply(&d);
                     (tool.clone(), d)
@@ -164,7 +174,11 @@ pub fn run(engine: &Engine, clock: &ManualClock, file: &ScenarioFile) -> Vec<Ste
                     (format!("-> {to}"), d)
                 }
                 _ => {
-                    let d = Decision::deny("", Reason::InternalError, "a step needs exactly one of tool or transition");
+                    let d = Decision::deny(
+                        "",
+                        Reason::InternalError,
+                        "a step needs exactly one of tool or transition",
+                    );
                     ("(malformed step)".to_owned(), d)
                 }
             };
@@ -186,17 +200,23 @@ fn compare(step: &Step, decision: &Decision, task: &Task) -> Vec<String> {
     let mut problems = Vec::new();
     let got = decision.reason.map_or("allow", Reason::as_str);
     if got != step.expect {
-        problems.push(format!("expected {}, got {got} ({})", step.expect, decision.detail));
+        problems.push(format!(
+            "expected {}, got {got} ({})",
+            step.expect, decision.detail
+        ));
     }
-    if let Some(ids) = &step.policy_ids {
-        if ids != &decision.policy_ids {
-            problems.push(format!("expected policies {ids:?}, got {:?}", decision.policy_ids));
-        }
+    if let Some(ids) = &step.policy_ids
+        && ids != &decision.policy_ids
+    {
+        problems.push(format!(
+            "expected policies {ids:?}, got {:?}",
+            decision.policy_ids
+        ));
     }
-    if let Some(state) = &step.state {
-        if state != &task.state {
-            problems.push(format!("expected state {state}, got {}", task.state));
-        }
+    if let Some(state) = &step.state
+        && state != &task.state
+    {
+        problems.push(format!("expected state {state}, got {}", task.state));
     }
     if let Some(reverify) = step.reverify {
         let got = decision.transition.as_ref().is_some_and(|t| t.reverify);
