@@ -122,8 +122,16 @@ fn counters(task: &Task) -> (String, u64, BTreeMap<String, u64>) {
     (task.state.clone(), task.calls, task.tool_calls.clone())
 }
 
+/// `PROPTEST_CASES` when set (CI raises it), else `default`.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(256), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn engine_agrees_with_model(ops in prop::collection::vec(op(), 1..40)) {

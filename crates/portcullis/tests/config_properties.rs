@@ -59,8 +59,16 @@ fn mutate(text: &str, edits: &[(usize, u8)]) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// `PROPTEST_CASES` when set (CI raises it), else `default`.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(128), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn mutated_configs_never_panic(edits in prop::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
