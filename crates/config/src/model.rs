@@ -127,9 +127,14 @@ pub struct Tokens {
     /// Hard cap on a task's life; refresh never passes it.
     #[serde(default = "Tokens::default_task_max_lifetime")]
     pub task_max_lifetime: Duration,
-    /// The Ed25519 signing key file (resolved against the config's folder).
-    #[serde(default = "Tokens::default_signing_key")]
-    pub signing_key: String,
+    /// The Ed25519 signing key files (resolved against the config's folder):
+    /// one path, or a list. The newest key signs; older ones keep verifying
+    /// until every token they signed has expired.
+    #[serde(
+        default = "Tokens::default_signing_key",
+        deserialize_with = "one_or_many"
+    )]
+    pub signing_key: Vec<String>,
 }
 
 impl Tokens {
@@ -142,8 +147,8 @@ impl Tokens {
     const fn default_task_max_lifetime() -> Duration {
         Duration::from_secs(8 * 3600)
     }
-    fn default_signing_key() -> String {
-        "keys/signing.ed25519".to_owned()
+    fn default_signing_key() -> Vec<String> {
+        vec!["keys/signing.ed25519".to_owned()]
     }
 }
 
@@ -156,6 +161,31 @@ impl Default for Tokens {
             signing_key: Self::default_signing_key(),
         }
     }
+}
+
+/// A string, or a list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    struct Visitor;
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a path or a list of paths")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(vec![v.to_owned()])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(item) = seq.next_element::<String>()? {
+                out.push(item);
+            }
+            Ok(out)
+        }
+    }
+    deserializer.deserialize_any(Visitor)
 }
 
 /// `[audit]`

@@ -587,8 +587,11 @@ fn check_sections(loaded: &LoadedConfig, r: &mut Reporter<'_>) {
     if t.task_max_lifetime > Duration::from_secs(30 * 86_400) {
         r.at(&tokens.key("task_max_lifetime"), "longer than 30 days");
     }
-    if t.signing_key.is_empty() {
-        r.at(&tokens.key("signing_key"), "must name a key file");
+    if t.signing_key.is_empty() || t.signing_key.iter().any(String::is_empty) {
+        r.at(
+            &tokens.key("signing_key"),
+            "must name at least one key file",
+        );
     }
 
     let audit = root().key("audit");

@@ -301,90 +301,24 @@ impl Engine {
         Ok((agent, wf))
     }
 
+    /// Steps 1–5 of [`Engine::decide`] for `tool` in `task`, without
+    /// arguments: would this task be allowed to call this tool now? An
+    /// allowed answer carries the transition the call would make. Used
+    /// where no arguments exist yet, such as issuing a per-hop credential.
+    pub fn check_tool(&self, task: &Task, tool: &str) -> Decision {
+        match self.gate(task, tool) {
+            Ok(gate) => Decision::allow(tool, gate.transition),
+            Err(denial) => *denial,
+        }
+    }
+
     /// Decides a call of `tool` with `args` in `task`. Pure: the task is not
     /// changed; apply an allowed decision with [`Task::apply`].
     pub fn decide(&self, task: &Task, tool: &str, args: &Value) -> Decision {
-        // 1. Task active.
-        if task.status != TaskStatus::Active {
-            return Decision::deny(
-                tool,
-                Reason::TaskNotActive,
-                format!("task is {}", task.status.as_str()),
-            );
-        }
-        let (agent, wf) = match self.workflow_of(task) {
-            Ok(found) => found,
-            Err((reason, detail)) => return Decision::deny(tool, reason, detail),
+        let (tool_i, def, transition) = match self.gate(task, tool) {
+            Ok(gate) => (gate.tool_i, gate.def, gate.transition),
+            Err(denial) => return *denial,
         };
-
-        // 2. Registry.
-        let Some((tool_i, def)) = self
-            .tool_index
-            .get(tool)
-            .and_then(|&i| self.tools.get(i).map(|d| (i, d)))
-        else {
-            return Decision::deny(tool, Reason::ToolUnknown, "no such tool");
-        };
-
-        // 3. ACL: the task's grant (a subset of the allowlist) or a live elevation.
-        let now = self.clock.now();
-        let granted = (agent.acl.contains(&tool_i) && task.tools.contains(tool))
-            || task
-                .grants
-                .iter()
-                .any(|g| g.tool == tool && g.expires_at > now);
-        if !granted {
-            return Decision::deny(
-                tool,
-                Reason::ToolNotGranted,
-                "tool is not granted to this task",
-            );
-        }
-
-        // 4. Workflow state.
-        let Some((_, state)) = wf.state(&task.state) else {
-            return Decision::deny(tool, Reason::InternalError, "task is in an unknown state");
-        };
-        let transition =
-            if state.tools.contains(&tool_i) {
-                None
-            } else {
-                let next =
-                    wf.auto_advance
-                        .then(|| {
-                            state.next.iter().copied().find(|&n| {
-                                wf.states.get(n).is_some_and(|s| s.tools.contains(&tool_i))
-                            })
-                        })
-                        .flatten();
-                match next.and_then(|n| wf.transition(state, n)) {
-                    Some(t) => Some(t),
-                    None => {
-                        return Decision::deny(
-                            tool,
-                            Reason::StateViolation,
-                            format!("not allowed in state {}", state.name),
-                        );
-                    }
-                }
-            };
-
-        // 5. Budgets.
-        if agent.max_calls.is_some_and(|max| task.calls >= max) {
-            return Decision::deny(tool, Reason::LimitExceeded, "calls per task spent");
-        }
-        if agent
-            .per_tool
-            .get(&tool_i)
-            .is_some_and(|&max| task.calls_of(tool) >= max)
-        {
-            return Decision::deny(
-                tool,
-                Reason::LimitExceeded,
-                "calls of this tool per task spent",
-            );
-        }
-
         // 6. Arguments: bounds, then the schema.
         if let Err(why) = args::check_bounds(args) {
             return Decision::deny(
@@ -414,7 +348,7 @@ impl Engine {
         if self.policies.applies(tool_i, whole) {
             let state_name = transition
                 .as_ref()
-                .map_or(state.name.as_str(), |t| t.to.as_str());
+                .map_or(task.state.as_str(), |t| t.to.as_str());
             let context = match self.context(task, tool, def, args, state_name) {
                 Ok(c) => c,
                 Err(denial) => return *denial,
@@ -487,6 +421,104 @@ impl Engine {
                 Reason::InternalError,
                 format!("policy context: {e}"),
             ))
+        })
+    }
+}
+
+/// What steps 1–5 found for an allowed tool.
+struct Gate<'e> {
+    tool_i: usize,
+    def: &'e ToolDef,
+    transition: Option<Transition>,
+}
+
+impl Engine {
+    /// Steps 1–5: task active, registry, ACL, workflow state, budgets.
+    fn gate(&self, task: &Task, tool: &str) -> Result<Gate<'_>, Box<Decision>> {
+        let deny = |reason, detail: String| Err(Box::new(Decision::deny(tool, reason, detail)));
+        // 1. Task active.
+        if task.status != TaskStatus::Active {
+            return deny(
+                Reason::TaskNotActive,
+                format!("task is {}", task.status.as_str()),
+            );
+        }
+        let (agent, wf) = match self.workflow_of(task) {
+            Ok(found) => found,
+            Err((reason, detail)) => return deny(reason, detail.to_owned()),
+        };
+
+        // 2. Registry.
+        let Some((tool_i, def)) = self
+            .tool_index
+            .get(tool)
+            .and_then(|&i| self.tools.get(i).map(|d| (i, d)))
+        else {
+            return deny(Reason::ToolUnknown, "no such tool".to_owned());
+        };
+
+        // 3. ACL: the task's grant (a subset of the allowlist) or a live elevation.
+        let now = self.clock.now();
+        let granted = (agent.acl.contains(&tool_i) && task.tools.contains(tool))
+            || task
+                .grants
+                .iter()
+                .any(|g| g.tool == tool && g.expires_at > now);
+        if !granted {
+            return deny(
+                Reason::ToolNotGranted,
+                "tool is not granted to this task".to_owned(),
+            );
+        }
+
+        // 4. Workflow state, with auto-advance along a `next` edge.
+        let Some((_, state)) = wf.state(&task.state) else {
+            return deny(
+                Reason::InternalError,
+                "task is in an unknown state".to_owned(),
+            );
+        };
+        let transition =
+            if state.tools.contains(&tool_i) {
+                None
+            } else {
+                let next =
+                    wf.auto_advance
+                        .then(|| {
+                            state.next.iter().copied().find(|&n| {
+                                wf.states.get(n).is_some_and(|s| s.tools.contains(&tool_i))
+                            })
+                        })
+                        .flatten();
+                match next.and_then(|n| wf.transition(state, n)) {
+                    Some(t) => Some(t),
+                    None => {
+                        return deny(
+                            Reason::StateViolation,
+                            format!("not allowed in state {}", state.name),
+                        );
+                    }
+                }
+            };
+
+        // 5. Budgets.
+        if agent.max_calls.is_some_and(|max| task.calls >= max) {
+            return deny(Reason::LimitExceeded, "calls per task spent".to_owned());
+        }
+        if agent
+            .per_tool
+            .get(&tool_i)
+            .is_some_and(|&max| task.calls_of(tool) >= max)
+        {
+            return deny(
+                Reason::LimitExceeded,
+                "calls of this tool per task spent".to_owned(),
+            );
+        }
+        Ok(Gate {
+            tool_i,
+            def,
+            transition,
         })
     }
 }

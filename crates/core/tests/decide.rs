@@ -399,3 +399,23 @@ fn unsliced_policy_set_decides_the_same() {
         );
     }
 }
+
+#[test]
+fn check_tool_runs_steps_one_to_five_without_arguments() {
+    let (engine, _, _dir) = common::engine();
+    let task = started(&engine, "bot");
+    assert!(engine.check_tool(&task, "wh.read").is_allowed());
+    let d = engine.check_tool(&task, "wh.write");
+    assert_eq!(d.transition.map(|t| t.to), Some("b".to_owned()));
+    assert_eq!(
+        reason(&engine.check_tool(&task, "wh.admin")),
+        "tool_not_granted"
+    );
+    assert_eq!(reason(&engine.check_tool(&task, "wh.nope")), "tool_unknown");
+    let mut done = task.clone();
+    done.state = "end".to_owned();
+    assert_eq!(
+        reason(&engine.check_tool(&done, "wh.read")),
+        "state_violation"
+    );
+}
