@@ -1,5 +1,6 @@
 //! The `portcullis` command. Thin: parse flags, call the library, print.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -7,6 +8,13 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use portcullis::LoadedConfig;
 use portcullis::scenario::{self, StepOutcome};
+
+/// `println!` that ignores a closed stdout instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -65,7 +73,7 @@ fn check(config: &Path) -> anyhow::Result<ExitCode> {
             let findings = portcullis_core::check(&loaded);
             if findings.is_empty() {
                 let c = &loaded.config;
-                println!(
+                outln!(
                     "{}: ok ({} upstreams, {} tools, {} agent types, {} agents, {} policy files)",
                     config.display(),
                     c.upstreams.len(),
@@ -80,8 +88,12 @@ fn check(config: &Path) -> anyhow::Result<ExitCode> {
         }
         Err(findings) => findings.0,
     };
+    // A closed pipe (`check … | head`) is not an error worth a panic.
+    let mut out = std::io::stdout().lock();
     for finding in &findings {
-        println!("{finding}");
+        if writeln!(out, "{finding}").is_err() {
+            break;
+        }
     }
     Ok(ExitCode::FAILURE)
 }
@@ -96,7 +108,7 @@ fn print_outcomes(outcomes: &[StepOutcome]) -> ExitCode {
     let mut failed = 0usize;
     for o in outcomes {
         if o.scenario != current {
-            println!("\n== {}", o.scenario);
+            outln!("\n== {}", o.scenario);
             current = &o.scenario;
         }
         let verdict = match o.decision.reason {
@@ -118,16 +130,16 @@ fn print_outcomes(outcomes: &[StepOutcome]) -> ExitCode {
         if !o.decision.policy_ids.is_empty() {
             line.push_str(&format!("  policies={}", o.decision.policy_ids.join(",")));
         }
-        println!("{line}");
+        outln!("{line}");
         if o.decision.reason.is_some() && !o.decision.detail.is_empty() {
-            println!("      {}", o.decision.detail);
+            outln!("      {}", o.decision.detail);
         }
         for m in &o.mismatches {
             failed += 1;
-            println!("      MISMATCH: {m}");
+            outln!("      MISMATCH: {m}");
         }
     }
-    println!("\n{} steps, {} mismatches", outcomes.len(), failed);
+    outln!("\n{} steps, {} mismatches", outcomes.len(), failed);
     if failed == 0 {
         ExitCode::SUCCESS
     } else {
@@ -162,10 +174,8 @@ fn demo() -> anyhow::Result<ExitCode> {
             }
             std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         }
-        println!(
-            "Portcullis demo: the ingestion agent (connect -> validate -> transform -> write)"
-        );
-        println!("through the embedded decision engine. Each line is one call or transition.");
+        outln!("Portcullis demo: the ingestion agent (connect -> validate -> transform -> write)");
+        outln!("through the embedded decision engine. Each line is one call or transition.");
         run_scenarios(&dir.join("portcullis.toml"), &dir.join("scenarios.toml"))
     })();
     // Best effort: the folder holds only copies of the example.

@@ -69,10 +69,21 @@ impl FromStr for Duration {
         while !rest.is_empty() {
             let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
             if digits == 0 {
-                return Err(err("expected a number"));
+                return Err(err(match rest.bytes().next() {
+                    Some(b'-' | b'+') => "no sign allowed",
+                    Some(b) if b.is_ascii_whitespace() => "no spaces allowed",
+                    _ => "expected a number",
+                }));
             }
             let (number, tail) = rest.split_at(digits);
             let value: u64 = number.parse().map_err(|_| err("number too large"))?;
+            match tail.bytes().next() {
+                Some(b'.' | b',') => {
+                    return Err(err("no fractions: use a smaller unit (90m, not 1.5h)"));
+                }
+                Some(b) if b.is_ascii_whitespace() => return Err(err("no spaces allowed")),
+                _ => {}
+            }
             let unit_len = tail.bytes().take_while(u8::is_ascii_alphabetic).count();
             let (unit, tail) = tail.split_at(unit_len);
             let scale: u64 = match unit {

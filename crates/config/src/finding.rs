@@ -33,10 +33,26 @@ impl Finding {
         Self {
             file: file.as_ref().to_path_buf(),
             line,
-            path: path.to_string(),
-            message: message.into(),
+            path: clip(path.to_string()),
+            message: clip(message.into()),
         }
     }
+}
+
+/// Longest key path or message kept in a finding: a 4 MiB value must not
+/// become a 4 MiB line of output.
+const MAX_FINDING_TEXT: usize = 400;
+
+fn clip(mut text: String) -> String {
+    if text.len() > MAX_FINDING_TEXT {
+        let cut = (0..=MAX_FINDING_TEXT)
+            .rev()
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
 }
 
 impl fmt::Display for Finding {

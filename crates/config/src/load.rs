@@ -34,14 +34,18 @@ pub struct LoadedConfig {
     pub base_dir: PathBuf,
     /// The Cedar policy files, in `[policies] cedar` order, then by name.
     pub policies: Vec<PolicyFile>,
+    /// Problems met while reading the policy files. They do not stop the
+    /// load, so `check` can list them with every other finding; an engine
+    /// is never built while there are any.
+    pub policy_findings: Vec<Finding>,
 }
 
 impl LoadedConfig {
     /// Parses `text` as the configuration file `file` and reads the policy
     /// files it names, relative to `file`'s folder.
     ///
-    /// Errors: the first syntax or type error of the TOML, then every
-    /// problem with the policy files.
+    /// Errors: the first syntax or type error of the TOML. Problems with
+    /// the policy files are kept in [`LoadedConfig::policy_findings`].
     pub fn parse(text: &str, file: &Path) -> Result<Self, Findings> {
         let source = SourceMap::new(text).unwrap_or_else(SourceMap::empty);
         let config: Config = toml::from_str(text).map_err(|err| {
@@ -51,19 +55,18 @@ impl LoadedConfig {
             };
             Finding::new(file, line, path, first_line(err.message()))
         })?;
-        let base_dir = file
-            .parent()
-            .map(Path::to_path_buf)
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or_else(|| PathBuf::from("."));
+        // An empty base (a config in the working directory) keeps relative
+        // paths as the user wrote them: `policies/a.cedar`, not `./policies/a.cedar`.
+        let base_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut loaded = Self {
             config,
             file: file.to_path_buf(),
             source,
             base_dir,
             policies: Vec::new(),
+            policy_findings: Vec::new(),
         };
-        loaded.read_policies()?;
+        loaded.read_policies();
         Ok(loaded)
     }
 
@@ -88,8 +91,9 @@ impl LoadedConfig {
         self.source.line(path)
     }
 
-    fn read_policies(&mut self) -> Result<(), Findings> {
+    fn read_policies(&mut self) {
         let mut findings = Vec::new();
+        let mut seen: Vec<(PathBuf, usize)> = Vec::new();
         for (entry, pattern) in self.config.policies.cedar.iter().enumerate() {
             let key = KeyPath::root().key("policies").key("cedar").index(entry);
             let here = |msg: String| Finding::new(&self.file, self.source.line(&key), &key, msg);
@@ -99,13 +103,26 @@ impl LoadedConfig {
                 }
                 Ok(paths) => {
                     for path in paths {
+                        let canonical =
+                            std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+                        if let Some((_, first)) = seen.iter().find(|(c, _)| c == &canonical) {
+                            findings.push(here(format!(
+                                "{} is already loaded by policies.cedar[{first}]",
+                                path.display()
+                            )));
+                            continue;
+                        }
                         if self.policies.len() >= MAX_POLICY_FILES {
                             findings
                                 .push(here(format!("more than {MAX_POLICY_FILES} policy files")));
-                            return Err(Findings(findings));
+                            self.policy_findings = findings;
+                            return;
                         }
                         match read_bounded(&path) {
-                            Ok(text) => self.policies.push(PolicyFile { path, text, entry }),
+                            Ok(text) => {
+                                seen.push((canonical, entry));
+                                self.policies.push(PolicyFile { path, text, entry });
+                            }
                             Err(msg) => findings.push(Finding::new(&path, None, "", msg)),
                         }
                     }
@@ -113,11 +130,7 @@ impl LoadedConfig {
                 Err(msg) => findings.push(here(msg)),
             }
         }
-        if findings.is_empty() {
-            Ok(())
-        } else {
-            Err(Findings(findings))
-        }
+        self.policy_findings = findings;
     }
 }
 
@@ -161,20 +174,28 @@ fn expand(pattern: &Path) -> Result<Vec<PathBuf>, String> {
             Vec::new()
         });
     }
-    let dir = pattern
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    // Paths are built from the folder as written, so findings show
+    // `policies/a.cedar`; only the listing itself needs "." for an empty one.
+    let dir = pattern.parent().unwrap_or(Path::new(""));
     if dir.to_str().is_some_and(|d| d.contains(['*', '?'])) {
         return Err("a wildcard may only stand in the file name".to_owned());
     }
+    let listed = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     let entries =
-        std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        std::fs::read_dir(listed).map_err(|e| format!("cannot list {}: {e}", listed.display()))?;
     let mut paths: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .filter(|e| e.file_name().to_str().is_some_and(|n| wildcard(name, n)))
-        .map(|e| e.path())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .filter(|n| wildcard(name, n))
+                .map(|n| dir.join(n))
+        })
         .collect();
     paths.sort();
     Ok(paths)
@@ -294,8 +315,7 @@ mod tests {
         let cfg = dir.path().join("c.toml");
         assert!(std::fs::write(&cfg, "[policies]\ncedar = [\"nope/*.cedar\"]\n").is_ok());
         let err = LoadedConfig::load(&cfg)
-            .err()
-            .map(|f| f.to_string())
+            .map(|l| Findings(l.policy_findings).to_string())
             .unwrap_or_default();
         assert!(err.contains(":2 policies.cedar[0]: "), "{err}");
     }

@@ -299,37 +299,61 @@ pub enum Transport {
     Http,
 }
 
-/// The per-hop credential provider of an upstream.
+/// The per-hop credential provider of an upstream: `kind` and the keys
+/// that kind takes. Kept flat (not a tagged enum) so that a misplaced key is
+/// reported at its own line; which keys go with which kind is checked by
+/// `portcullis check`.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Credential {
+#[serde(deny_unknown_fields)]
+pub struct Credential {
+    /// The provider.
+    #[serde(default)]
+    pub kind: CredentialKind,
+    /// `static`: header name.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// `static`: environment variable holding the secret.
+    #[serde(default)]
+    pub env: Option<String>,
+    /// `static`: file holding the secret.
+    #[serde(default)]
+    pub file: Option<String>,
+    /// `postgres-role`: connection used to create roles; defaults to `store.url`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// `postgres-role`: grants, in SQL's own words.
+    #[serde(default)]
+    pub grants: Option<Vec<String>>,
+    /// `postgres-role`: role lifetime.
+    #[serde(default)]
+    pub ttl: Option<Duration>,
+}
+
+/// Which per-hop credential an upstream receives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CredentialKind {
     /// A short-lived JWT with `aud` = the upstream.
     #[default]
     Jwt,
     /// A secret read by the gateway and injected as a header.
-    Static {
-        /// Header name.
-        header: String,
-        /// Environment variable holding the secret.
-        #[serde(default)]
-        env: Option<String>,
-        /// File holding the secret.
-        #[serde(default)]
-        file: Option<String>,
-    },
+    Static,
     /// A PostgreSQL role created per task.
-    PostgresRole {
-        /// Connection used to create roles; defaults to `store.url`.
-        #[serde(default)]
-        url: Option<String>,
-        /// Grants, in SQL's own words.
-        grants: Vec<String>,
-        /// Role lifetime.
-        #[serde(default)]
-        ttl: Option<Duration>,
-    },
+    PostgresRole,
     /// No credential.
     None,
+}
+
+impl CredentialKind {
+    /// The configured spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Jwt => "jwt",
+            Self::Static => "static",
+            Self::PostgresRole => "postgres-role",
+            Self::None => "none",
+        }
+    }
 }
 
 /// `[[tools]]`

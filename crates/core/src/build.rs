@@ -7,7 +7,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use portcullis_config::{
-    Credential, Duration, Finding, Findings, KeyPath, LoadedConfig, Reporter, Transport,
+    Credential, CredentialKind, Duration, Finding, Findings, KeyPath, LoadedConfig, Reporter,
+    Transport,
 };
 use serde_json::Value;
 
@@ -81,6 +82,9 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
     let mut report = Reporter::new(&loaded.file, &loaded.source);
     let r = &mut report;
 
+    for finding in &loaded.policy_findings {
+        r.push(finding.clone());
+    }
     check_sections(loaded, r);
 
     // Upstreams.
@@ -123,44 +127,7 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
                 }
             }
         }
-        let cred = at.key("credential");
-        match &up.credential {
-            Credential::Static { header, env, file } => {
-                if header.is_empty()
-                    || !header
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                {
-                    r.at(
-                        &cred.key("header"),
-                        format!("{header:?} is not a valid header name"),
-                    );
-                }
-                if env.is_some() == file.is_some() {
-                    r.at(
-                        &cred,
-                        "a static credential needs exactly one of env or file",
-                    );
-                }
-            }
-            Credential::PostgresRole { grants, ttl, url } => {
-                if grants.is_empty() {
-                    r.at(
-                        &cred.key("grants"),
-                        "a postgres-role credential needs at least one grant",
-                    );
-                }
-                if ttl.is_some_and(|t| t.as_millis() == 0) {
-                    r.at(&cred.key("ttl"), "must be longer than zero");
-                }
-                let pg_store = cfg.store.url.starts_with("postgres://")
-                    || cfg.store.url.starts_with("postgresql://");
-                if url.is_none() && !pg_store {
-                    r.at(&cred, "needs a url when the store is not PostgreSQL");
-                }
-            }
-            Credential::Jwt | Credential::None => {}
-        }
+        check_credential(r, &at.key("credential"), &up.credential, &cfg.store.url);
     }
     let upstreams: HashSet<&str> = cfg.upstreams.iter().map(|u| u.name.as_str()).collect();
 
@@ -208,18 +175,23 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
             .clone()
             .unwrap_or_else(|| serde_json::json!({ "type": "object" }));
         let schema_at = at.key("args_schema");
-        if schema.get("type").and_then(Value::as_str) != Some("object") {
-            r.at(&schema_at, "must be an object schema (type = \"object\")");
-        }
-        if let Err(why) = crate::args::check_bounds(&schema) {
-            r.at(&schema_at, format!("schema too large: {why}"));
-            continue;
-        }
-        let validator = match jsonschema::validator_for(&schema) {
+        // A tool with a broken schema is still registered (rejecting every
+        // call), so that references to it are not reported as unknown too.
+        let compiled = if schema.get("type").and_then(Value::as_str) != Some("object") {
+            Err("must be an object schema (type = \"object\")".to_owned())
+        } else if let Err(why) = crate::args::check_bounds(&schema) {
+            Err(format!("schema too large: {why}"))
+        } else {
+            compile_schema(&schema)
+        };
+        let validator = match compiled {
             Ok(v) => v,
-            Err(e) => {
-                r.at(&schema_at, format!("invalid JSON Schema: {e}"));
-                continue;
+            Err(why) => {
+                r.at(&schema_at, why);
+                match jsonschema::validator_for(&serde_json::json!(false)) {
+                    Ok(v) => v,
+                    Err(_) => continue,
+                }
             }
         };
         tool_index.insert(tool.name.clone(), tools.len());
@@ -366,7 +338,15 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
         .collect();
     let policies = PolicyIndex::build(loaded, &facts, &agent_facts, r);
 
-    let findings = report.into_findings();
+    let mut findings = report.into_findings();
+    // Per file, in line order; the configuration file first.
+    findings.sort_by(|a, b| {
+        (a.file != loaded.file, &a.file, a.line.unwrap_or(0)).cmp(&(
+            b.file != loaded.file,
+            &b.file,
+            b.line.unwrap_or(0),
+        ))
+    });
     match policies {
         Some(policies) if findings.is_empty() => Ok(Engine {
             tools,
@@ -389,7 +369,6 @@ fn build_workflow(
     tool_index: &HashMap<String, usize>,
     known_tool: &dyn Fn(&str) -> bool,
 ) -> Option<Workflow> {
-    let before = r.is_empty();
     check_duplicates(
         r,
         "state",
@@ -398,19 +377,18 @@ fn build_workflow(
             .enumerate()
             .map(|(j, s)| (at.key("states").index(j).key("name"), s.name.as_str())),
     );
-    let by_name: HashMap<String, usize> = ty
-        .states
-        .iter()
-        .enumerate()
-        .map(|(j, s)| (s.name.clone(), j))
-        .collect();
-    let Some(&initial) = by_name.get(&ty.initial) else {
+    // The first definition of a name wins; later ones are reported above.
+    let mut by_name: HashMap<String, usize> = HashMap::new();
+    for (j, st) in ty.states.iter().enumerate() {
+        by_name.entry(st.name.clone()).or_insert(j);
+    }
+    let initial = by_name.get(&ty.initial).copied();
+    if initial.is_none() {
         r.at(
             &at.key("initial"),
             format!("unknown state {:?}", ty.initial),
         );
-        return None;
-    };
+    }
     let mut states = Vec::with_capacity(ty.states.len());
     for (j, st) in ty.states.iter().enumerate() {
         let sat = at.key("states").index(j);
@@ -450,7 +428,9 @@ fn build_workflow(
         );
     }
 
-    // Reachability from the initial state.
+    // Reachability from the initial state (everything counts as reachable
+    // when the initial state is unknown: that is reported already).
+    let initial = initial?;
     let reachable = reach(states.len(), [initial], |i| {
         states.get(i).map(|s| s.next.clone()).unwrap_or_default()
     });
@@ -474,6 +454,10 @@ fn build_workflow(
     });
     for (j, s) in states.iter().enumerate() {
         let sat = at.key("states").index(j).key("name");
+        if by_name.get(&s.name) != Some(&j) {
+            // A duplicate definition: already reported as such.
+            continue;
+        }
         if !reachable.get(j).copied().unwrap_or(false) {
             r.at(
                 &sat,
@@ -490,12 +474,103 @@ fn build_workflow(
             );
         }
     }
-    (before && r.is_empty()).then_some(Workflow {
+    // Built even when other findings exist, so later checks (tools allowed
+    // in no state) still run; no engine is made while any finding stands.
+    Some(Workflow {
         name: ty.name.clone(),
         initial,
         states,
         by_name,
         auto_advance: ty.auto_advance,
+    })
+}
+
+/// Checks that a credential has the keys its kind needs, and no others.
+fn check_credential(r: &mut Reporter<'_>, cred: &KeyPath, c: &Credential, store_url: &str) {
+    let kind = c.kind;
+    let allowed: &[&str] = match kind {
+        CredentialKind::Static => &["header", "env", "file"],
+        CredentialKind::PostgresRole => &["url", "grants", "ttl"],
+        CredentialKind::Jwt | CredentialKind::None => &[],
+    };
+    let present = [
+        ("header", c.header.is_some()),
+        ("env", c.env.is_some()),
+        ("file", c.file.is_some()),
+        ("url", c.url.is_some()),
+        ("grants", c.grants.is_some()),
+        ("ttl", c.ttl.is_some()),
+    ];
+    for (key, is_set) in present {
+        if is_set && !allowed.contains(&key) {
+            r.at(
+                &cred.key(key),
+                format!("not a key of a {} credential", kind.as_str()),
+            );
+        }
+    }
+    match kind {
+        CredentialKind::Static => {
+            match &c.header {
+                None => r.at(cred, "a static credential needs a header"),
+                Some(h)
+                    if h.is_empty()
+                        || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') =>
+                {
+                    r.at(
+                        &cred.key("header"),
+                        format!("{h:?} is not a valid header name"),
+                    );
+                }
+                Some(_) => {}
+            }
+            if c.env.is_some() == c.file.is_some() {
+                r.at(cred, "a static credential needs exactly one of env or file");
+            }
+        }
+        CredentialKind::PostgresRole => {
+            if c.grants.as_ref().is_none_or(Vec::is_empty) {
+                r.at(cred, "a postgres-role credential needs at least one grant");
+            }
+            if c.ttl.is_some_and(|t| t.as_millis() == 0) {
+                r.at(&cred.key("ttl"), "must be longer than zero");
+            }
+            let pg_store =
+                store_url.starts_with("postgres://") || store_url.starts_with("postgresql://");
+            if c.url.is_none() && !pg_store {
+                r.at(cred, "needs a url when the store is not PostgreSQL");
+            }
+        }
+        CredentialKind::Jwt | CredentialKind::None => {}
+    }
+}
+
+/// Compiles an argument schema, explaining failures in the user's terms.
+fn compile_schema(schema: &Value) -> Result<jsonschema::Validator, String> {
+    jsonschema::validator_for(schema).map_err(|e| {
+        if matches!(
+            e.kind(),
+            jsonschema::error::ValidationErrorKind::Referencing(_)
+        ) {
+            return "external $ref is not allowed: argument schemas must be self-contained"
+                .to_owned();
+        }
+        let at = e.instance_path().to_string();
+        let at = if at.is_empty() {
+            String::new()
+        } else {
+            format!(" at {at}")
+        };
+        let mut msg = e.to_string();
+        if msg.len() > 200 {
+            let cut = (0..=200)
+                .rev()
+                .find(|&i| msg.is_char_boundary(i))
+                .unwrap_or(0);
+            msg.truncate(cut);
+            msg.push('…');
+        }
+        format!("invalid JSON Schema{at}: {msg}")
     })
 }
 
@@ -576,6 +651,12 @@ fn check_sections(loaded: &LoadedConfig, r: &mut Reporter<'_>) {
         r.at(
             &tokens.key("refresh_idle_ttl"),
             format!("{} is shorter than {lo}", t.refresh_idle_ttl),
+        );
+    }
+    if t.refresh_idle_ttl > t.task_max_lifetime {
+        r.at(
+            &tokens.key("refresh_idle_ttl"),
+            format!("{} is longer than task_max_lifetime", t.refresh_idle_ttl),
         );
     }
     if t.task_max_lifetime < t.access_ttl {

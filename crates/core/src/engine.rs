@@ -193,6 +193,34 @@ impl Engine {
         Some(names)
     }
 
+    /// The tools of `state` and of every state reachable from it, in
+    /// registry order: what a token minted on entering `state` may call.
+    pub fn phase_tools(&self, agent_type: &str, state: &str) -> Option<Vec<&str>> {
+        let wf = self.workflows.get(*self.workflow_index.get(agent_type)?)?;
+        let (start, _) = wf.state(state)?;
+        let mut seen = vec![false; wf.states.len()];
+        let mut stack = vec![start];
+        let mut tools = HashSet::new();
+        while let Some(i) = stack.pop() {
+            match seen.get_mut(i) {
+                Some(s) if !*s => *s = true,
+                _ => continue,
+            }
+            if let Some(st) = wf.states.get(i) {
+                tools.extend(st.tools.iter().copied());
+                stack.extend(st.next.iter().copied());
+            }
+        }
+        Some(
+            self.tools
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| tools.contains(i))
+                .map(|(_, t)| t.name.as_str())
+                .collect(),
+        )
+    }
+
     /// Starts a task for `agent_id` in its workflow's initial state.
     ///
     /// `tools` narrows the task to a subset of the allowlist (least

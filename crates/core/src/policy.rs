@@ -38,8 +38,8 @@ use std::str::FromStr;
 
 use cedar_policy::{
     Authorizer, Context, Decision as CedarDecision, Effect, Entities, Entity, EntityId,
-    EntityTypeName, EntityUid, Policy, PolicyId, PolicySet, Request, ResourceConstraint,
-    RestrictedExpression, Schema, ValidationMode, Validator,
+    EntityTypeName, EntityUid, Policy, PolicyId, PolicySet, PrincipalConstraint, Request,
+    ResourceConstraint, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use miette::Diagnostic;
 use portcullis_config::{Finding, KeyPath, LoadedConfig, Reporter};
@@ -180,7 +180,8 @@ impl PolicyIndex {
         let before = report.is_empty();
         let by_name: HashMap<&str, usize> =
             tools.iter().enumerate().map(|(i, t)| (t.name, i)).collect();
-        let policies = Self::parse_files(loaded, &by_name, report);
+        let agent_ids: HashSet<&str> = agents.iter().map(|(id, _)| *id).collect();
+        let policies = Self::parse_files(loaded, &by_name, &agent_ids, report);
         Self::validate(loaded, &policies, tools, report);
         if !before || !report.is_empty() {
             return None;
@@ -272,11 +273,17 @@ impl PolicyIndex {
     fn parse_files(
         loaded: &LoadedConfig,
         by_name: &HashMap<&str, usize>,
+        agents: &HashSet<&str>,
         report: &mut Reporter<'_>,
     ) -> Vec<Loaded> {
         let mut out: Vec<Loaded> = Vec::new();
         let mut seen: HashMap<String, (std::path::PathBuf, Option<usize>)> = HashMap::new();
         for (file_index, file) in loaded.policies.iter().enumerate() {
+            if let Err((offset, why)) = check_complexity(&file.text) {
+                let line = Some(line_of(&file.text, offset));
+                report.push(Finding::new(&file.path, line, "", why));
+                continue;
+            }
             let set = match PolicySet::from_str(&file.text) {
                 Ok(set) => set,
                 Err(errors) => {
@@ -304,14 +311,35 @@ impl PolicyIndex {
                     "policy templates are not supported",
                 ));
             }
-            let mut in_file: Vec<(usize, Policy)> = set
+            // Cedar numbers the policies of a file `policy0`, `policy1`, …
+            // in source order, and keeps each one's exact text: find each
+            // text after the previous one, so identical policies get their
+            // own lines, in one linear pass.
+            let mut numbered: Vec<(u64, Policy)> = set
                 .policies()
                 .map(|p| {
-                    let offset = file.text.find(&p.to_string()).unwrap_or(0);
-                    (offset, p.clone())
+                    let n = p
+                        .id()
+                        .to_string()
+                        .trim_start_matches("policy")
+                        .parse()
+                        .unwrap_or(u64::MAX);
+                    (n, p.clone())
                 })
                 .collect();
-            in_file.sort_by_key(|(offset, _)| *offset);
+            numbered.sort_by_key(|(n, _)| *n);
+            let mut cursor = 0usize;
+            let mut in_file = Vec::with_capacity(numbered.len());
+            for (_, p) in numbered {
+                let text = p.to_string();
+                let offset = file
+                    .text
+                    .get(cursor..)
+                    .and_then(|rest| rest.find(&text))
+                    .map_or(cursor, |o| cursor + o);
+                cursor = offset.saturating_add(text.len()).min(file.text.len());
+                in_file.push((offset, p));
+            }
             for (offset, policy) in in_file {
                 let line_number = line_of(&file.text, offset);
                 let line = Some(line_number);
@@ -338,6 +366,19 @@ impl PolicyIndex {
                     report.push(here(
                         "only forbid policies are allowed: calls that pass the registry, ACL and state checks are permitted implicitly".to_owned(),
                     ));
+                    continue;
+                }
+                let principal = match policy.principal_constraint() {
+                    PrincipalConstraint::Eq(p)
+                    | PrincipalConstraint::In(p)
+                    | PrincipalConstraint::IsIn(_, p) => Some(p),
+                    PrincipalConstraint::Any | PrincipalConstraint::Is(_) => None,
+                };
+                if let Some(p) = principal
+                    && !(p.type_name().basename() == "Agent"
+                        && agents.contains(&p.id().unescaped()))
+                {
+                    report.push(here(format!("principal {p} is not a configured agent")));
                     continue;
                 }
                 let target = match policy.resource_constraint() {
@@ -562,6 +603,78 @@ impl PolicyIndex {
             }
         }
     }
+}
+
+/// Deepest bracket nesting accepted in a policy file.
+pub const MAX_POLICY_NESTING: usize = 32;
+/// Most tokens accepted in one policy (between two `;`).
+pub const MAX_POLICY_TOKENS: usize = 2_000;
+
+/// Rejects policy text whose parse would recurse too deeply.
+///
+/// Cedar's parser, validator and evaluator recurse over the expression
+/// tree, and a few KiB of `(((…` or `a && a && …` overflow the stack — a
+/// crash, or worse a validator that gives up silently. Real policies are
+/// a few dozen tokens; these bounds leave them room and keep every tree
+/// shallow. Strings and `//` comments are skipped.
+fn check_complexity(text: &str) -> Result<(), (usize, String)> {
+    let bytes = text.as_bytes();
+    let (mut depth, mut tokens, mut i) = (0usize, 0usize, 0usize);
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'"' => {
+                // A string literal is one token; skip to its closing quote.
+                i += 1;
+                while let Some(&c) = bytes.get(i) {
+                    match c {
+                        b'\\' => i += 2,
+                        b'"' => break,
+                        _ => i += 1,
+                    }
+                }
+                tokens += 1;
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'/') => {
+                while bytes.get(i).is_some_and(|&c| c != b'\n') {
+                    i += 1;
+                }
+            }
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                tokens += 1;
+                if depth > MAX_POLICY_NESTING {
+                    return Err((
+                        i,
+                        format!("brackets nested deeper than {MAX_POLICY_NESTING} levels"),
+                    ));
+                }
+            }
+            b')' | b']' | b'}' => {
+                depth = depth.saturating_sub(1);
+                tokens += 1;
+            }
+            b';' => tokens = 0,
+            _ if b.is_ascii_whitespace() => {}
+            _ if b.is_ascii_alphanumeric() || b == b'_' => {
+                while bytes
+                    .get(i + 1)
+                    .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_')
+                {
+                    i += 1;
+                }
+                tokens += 1;
+            }
+            _ => tokens += 1,
+        }
+        if tokens > MAX_POLICY_TOKENS {
+            return Err((
+                i,
+                format!("a policy longer than {MAX_POLICY_TOKENS} tokens"),
+            ));
+        }
+        i += 1;
+    }
+    Ok(())
 }
 
 fn file_label(path: &Path) -> String {

@@ -419,3 +419,20 @@ fn check_tool_runs_steps_one_to_five_without_arguments() {
         "state_violation"
     );
 }
+
+#[test]
+fn phase_tools_are_the_state_and_everything_after_it() {
+    let (engine, _, _dir) = common::engine();
+    assert_eq!(
+        engine.phase_tools("manual", "a").unwrap(),
+        ["wh.read", "wh.write"]
+    );
+    assert_eq!(engine.phase_tools("manual", "b").unwrap(), ["wh.write"]);
+    assert!(engine.phase_tools("manual", "end").unwrap().is_empty());
+    // etl's b can go back to a: everything stays reachable.
+    assert_eq!(
+        engine.phase_tools("etl", "b").unwrap(),
+        ["wh.read", "wh.write", "wh.check", "wh.admin"]
+    );
+    assert!(engine.phase_tools("etl", "nowhere").is_none());
+}
