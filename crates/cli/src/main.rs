@@ -46,6 +46,18 @@ enum Command {
     },
     /// Show the ingestion example's decisions through the embedded engine.
     Demo,
+    /// Run the gateway service.
+    Serve {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Write a new Ed25519 signing key (mode 0600) and print its kid.
+    Keygen {
+        /// Where to write it; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +69,13 @@ fn main() -> ExitCode {
             run_scenarios(&config, &scenarios)
         }
         Command::Demo => demo(),
+        Command::Serve { config } => serve(&config),
+        Command::Keygen { out } => portcullis_gateway::run::keygen(&out)
+            .map(|kid| {
+                outln!("{kid}");
+                ExitCode::SUCCESS
+            })
+            .map_err(Into::into),
     };
     match result {
         Ok(code) => code,
@@ -65,6 +84,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn serve(config: &Path) -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(portcullis_gateway::run::serve_config(config))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check(config: &Path) -> anyhow::Result<ExitCode> {

@@ -1,0 +1,146 @@
+//! Authentication: the first step of every request.
+//!
+//! Three kinds of caller, each with its own credential:
+//!
+//! - an **agent's task** presents an access token (`Authorization: Bearer`):
+//!   the signature is verified (cached until `exp`), then the ledger is asked
+//!   on every request whether the token is still live — revocation is never
+//!   cached;
+//! - an **orchestrator** starting a task presents the agent's bootstrap
+//!   secret, compared by SHA-256 in constant time against every agent;
+//! - an **admin** presents a token whose SHA-256 is configured, compared in
+//!   constant time against every admin, with roles checked after.
+
+use axum::http::HeaderMap;
+use axum::http::header::AUTHORIZATION;
+use portcullis_config::Role;
+use portcullis_core::Reason;
+use portcullis_store::TokenKind;
+use portcullis_token::{Claims, Expect};
+
+use crate::error::{ApiError, Kind};
+use crate::state::{AdminEntry, Gateway};
+
+/// The bearer credential of a request: `None` when there is no
+/// `Authorization` header; `token_invalid` when it is not `Bearer <token>`.
+pub(crate) fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::denied(
+            Reason::TokenInvalid,
+            "more than one Authorization header",
+        ));
+    }
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::denied(Reason::TokenInvalid, "Authorization header is not ASCII"))?;
+    let (scheme, token) = text.split_once(' ').ok_or_else(|| {
+        ApiError::denied(
+            Reason::TokenInvalid,
+            "expected Authorization: Bearer <token>",
+        )
+    })?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() || token.contains(' ') {
+        return Err(ApiError::denied(
+            Reason::TokenInvalid,
+            "expected Authorization: Bearer <token>",
+        ));
+    }
+    Ok(Some(token))
+}
+
+impl Gateway {
+    /// Verifies an access token of this gateway and checks the ledger that
+    /// it is live. Hop tokens (other audiences) are `wrong_audience`.
+    pub(crate) async fn authenticate_token(&self, token: &str) -> Result<Claims, ApiError> {
+        let now = self.now();
+        let expect = Expect {
+            issuer: &self.settings.issuer,
+            audience: &self.settings.issuer,
+            now: now.as_secs(),
+        };
+        let claims = self
+            .cache
+            .verify(&self.ring, token, &expect)
+            .map_err(|e| ApiError::denied(e.reason(), e.to_string()))?;
+        let record = self
+            .store
+            .token(&claims.jti)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        match record {
+            None => Err(ApiError::denied(
+                Reason::TokenRevoked,
+                "token is not in the ledger",
+            )),
+            Some(r) if r.revoked_at.is_some() => Err(ApiError::denied(
+                Reason::TokenRevoked,
+                format!("token revoked: {}", r.revoke_reason.unwrap_or_default()),
+            )),
+            Some(r) if r.kind != TokenKind::Access => Err(ApiError::denied(
+                Reason::TokenInvalid,
+                "not an access token",
+            )),
+            Some(_) => Ok(claims),
+        }
+    }
+
+    /// Authenticates the bearer access token of a request.
+    pub(crate) async fn authenticate(&self, headers: &HeaderMap) -> Result<Claims, ApiError> {
+        let token = bearer(headers)?
+            .ok_or_else(|| ApiError::denied(Reason::TokenMissing, "no bearer token"))?;
+        self.authenticate_token(token).await
+    }
+
+    /// The admin whose token the request carries, if any (constant time
+    /// over all admins).
+    pub(crate) fn admin_of(&self, headers: &HeaderMap) -> Result<Option<&AdminEntry>, ApiError> {
+        let Some(token) = bearer(headers)? else {
+            return Ok(None);
+        };
+        let mut found = None;
+        for admin in &self.admins {
+            if portcullis_token::matches_sha256(token.as_bytes(), &admin.token_sha256) {
+                found = Some(admin);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Requires an admin token with `role`.
+    pub(crate) fn require_admin(
+        &self,
+        headers: &HeaderMap,
+        role: Role,
+    ) -> Result<&AdminEntry, ApiError> {
+        match self.admin_of(headers)? {
+            Some(admin) if admin.roles.contains(&role) => Ok(admin),
+            Some(admin) => Err(ApiError::new(
+                Kind::Forbidden,
+                format!("admin {} lacks the {role:?} role", admin.name).to_lowercase(),
+            )),
+            None if bearer(headers)?.is_none() => {
+                Err(ApiError::denied(Reason::TokenMissing, "no bearer token"))
+            }
+            None => Err(ApiError::denied(Reason::TokenInvalid, "not an admin token")),
+        }
+    }
+
+    /// The agent whose bootstrap secret the request carries, if any
+    /// (constant time over all agents).
+    pub(crate) fn bootstrap_agent(&self, headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+        let Some(secret) = bearer(headers)? else {
+            return Ok(None);
+        };
+        let mut found = None;
+        for (agent, hash) in &self.bootstrap {
+            if portcullis_token::matches_sha256(secret.as_bytes(), hash) {
+                found = Some(agent.as_str());
+            }
+        }
+        Ok(found)
+    }
+}

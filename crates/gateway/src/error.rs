@@ -1,0 +1,166 @@
+//! The one error shape of the HTTP surface (DESIGN section 9):
+//! `{"error": <reason code>, "detail": …, "request_id": …}`.
+//!
+//! Status codes: token errors (`token_*`, `wrong_audience`) are 401 with
+//! `WWW-Authenticate: Bearer error="invalid_token"` (a missing token gets
+//! `Bearer` alone); every other denial is 403; malformed requests are 400
+//! (`error: "bad_request"`), oversized bodies 413 (`"payload_too_large"`),
+//! unknown routes 404 (`"not_found"`), and a failing store 503
+//! (`"internal_error"`): whatever goes wrong inside, the call is not made.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use portcullis_core::Reason;
+use serde_json::json;
+
+/// What kind of failure, beyond the reason codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A denial with a reason code.
+    Denied(Reason),
+    /// The request itself is malformed.
+    BadRequest,
+    /// The body is larger than `server.max_body_bytes`.
+    TooLarge,
+    /// No such route or resource.
+    NotFound,
+    /// The store or another dependency failed: fail closed.
+    Unavailable,
+    /// An authenticated admin lacks the role.
+    Forbidden,
+}
+
+/// An error answer.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    kind: Kind,
+    detail: String,
+    request_id: String,
+    policy_ids: Vec<String>,
+}
+
+impl ApiError {
+    /// A denial with `reason`.
+    pub fn denied(reason: Reason, detail: impl Into<String>) -> Self {
+        Self::new(Kind::Denied(reason), detail)
+    }
+
+    /// A malformed request.
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(Kind::BadRequest, detail)
+    }
+
+    /// A failing dependency; the detail is logged, not shown in full.
+    pub fn unavailable(detail: impl Into<String>) -> Self {
+        Self::new(Kind::Unavailable, detail)
+    }
+
+    /// An error of `kind`.
+    pub fn new(kind: Kind, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+            request_id: String::new(),
+            policy_ids: Vec::new(),
+        }
+    }
+
+    /// Names the policies that decided.
+    #[must_use]
+    pub fn with_policies(mut self, ids: Vec<String>) -> Self {
+        self.policy_ids = ids;
+        self
+    }
+
+    /// Tags the error with the request's id.
+    #[must_use]
+    pub fn with_request_id(mut self, id: &str) -> Self {
+        id.clone_into(&mut self.request_id);
+        self
+    }
+
+    /// The reason code, when this is a denial.
+    pub fn reason(&self) -> Option<Reason> {
+        match self.kind {
+            Kind::Denied(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// The policies named by a `policy_forbid` denial.
+    pub fn policy_ids(&self) -> &[String] {
+        &self.policy_ids
+    }
+
+    /// The human detail.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    fn code(&self) -> &'static str {
+        match self.kind {
+            Kind::Denied(r) => r.as_str(),
+            Kind::BadRequest => "bad_request",
+            Kind::TooLarge => "payload_too_large",
+            Kind::NotFound => "not_found",
+            Kind::Unavailable => "internal_error",
+            Kind::Forbidden => "forbidden",
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self.kind {
+            Kind::Denied(r) if r.is_token_error() => StatusCode::UNAUTHORIZED,
+            // Every other denial, internal_error and upstream_unavailable
+            // included, is a 403 (DESIGN section 9).
+            Kind::Denied(_) => StatusCode::FORBIDDEN,
+            Kind::BadRequest => StatusCode::BAD_REQUEST,
+            Kind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Kind::NotFound => StatusCode::NOT_FOUND,
+            Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Kind::Forbidden => StatusCode::FORBIDDEN,
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code(), self.detail)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut body = json!({
+            "error": self.code(),
+            "detail": self.detail,
+            "request_id": self.request_id,
+        });
+        if !self.policy_ids.is_empty() {
+            crate::tasks::put(&mut body, "policy_ids", json!(self.policy_ids));
+        }
+        let mut response = (status, axum::Json(body)).into_response();
+        if let Kind::Denied(reason) = self.kind
+            && reason.is_token_error()
+        {
+            let challenge = if reason == Reason::TokenMissing {
+                HeaderValue::from_static("Bearer")
+            } else {
+                HeaderValue::from_static("Bearer error=\"invalid_token\"")
+            };
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, challenge);
+        }
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+}

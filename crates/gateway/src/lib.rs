@@ -1,0 +1,36 @@
+//! The Portcullis service: `portcullis serve`.
+//!
+//! An axum application over the decision engine (`portcullis-core`), the
+//! token crate (`portcullis-token`) and the ledger (`portcullis-store`).
+//! Every request runs the steps of DESIGN section 1 in order, each a small
+//! unit that can be read top to bottom:
+//!
+//! | step | where |
+//! |---|---|
+//! | request id | [`server`] middleware |
+//! | authenticate (token, bootstrap secret, admin) | `auth` |
+//! | task binding, load, token scope | `pipeline` |
+//! | decision: ACL, state, budgets, args, Cedar | `portcullis_core::Engine` |
+//! | per-hop credential | `state` (`hop_credential`) and [`upstream`] |
+//! | write-ahead record (with the task update) | `pipeline` (`commit_allowed`) |
+//! | forward, record the outcome | `pipeline` (`forward`) |
+//!
+//! Request bodies are read strictly (`body`): bounded size, depth and time,
+//! no duplicate keys, no unknown fields. Errors have one shape (`error`).
+
+mod admin;
+mod auth;
+pub mod body;
+pub mod error;
+mod metrics;
+mod oauth;
+mod pipeline;
+pub mod run;
+pub mod server;
+mod state;
+mod tasks;
+pub mod upstream;
+
+pub use pipeline::UPSTREAM_TIMEOUT;
+pub use server::{router, serve};
+pub use state::{Gateway, SetupError};

@@ -1,0 +1,307 @@
+//! The call path after authentication, one step per function, in the order
+//! of DESIGN section 1:
+//!
+//! ```text
+//! bind (task_mismatch) → load task (task_not_active) → token scope (tool_not_granted)
+//! → engine: ACL, state, budgets, args, Cedar → per-hop credential
+//! → write-ahead record (committed with the task update, compare-and-swap)
+//! → forward → record the outcome
+//! ```
+//!
+//! The write-ahead record and the task update are one ledger transaction:
+//! a call is either recorded and counted, or neither. A lost race on the
+//! task's version re-runs the decision on the fresh task (bounded retries).
+
+use std::time::{Duration, Instant};
+
+use portcullis_core::{Decision, Reason, Task, TaskStatus, Timestamp};
+use portcullis_store::{EventKind, NewEvent, Op, StoreError, TaskRecord};
+use portcullis_token::Claims;
+use serde_json::Value;
+
+use crate::error::ApiError;
+use crate::state::{Gateway, internal};
+use crate::upstream::UpstreamCall;
+
+/// Most attempts at a compare-and-swap task update before giving up.
+const CAS_ATTEMPTS: usize = 8;
+/// Longest an upstream call may take.
+pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A call that passed every check and is recorded, ready to forward.
+#[derive(Debug)]
+pub(crate) struct Authorized {
+    pub task: Task,
+    pub decision: Decision,
+    /// A new access token, when the call entered a `reverify` state.
+    pub rotated: Option<(String, u64)>,
+    /// Where and with what to forward (only when forwarding).
+    pub forward: Option<(String, UpstreamCall)>,
+}
+
+/// Step: the token's task must be the task named in the request.
+pub(crate) fn bind(claims: &Claims, task_id: &str) -> Result<(), ApiError> {
+    if claims.task_id == task_id {
+        Ok(())
+    } else {
+        Err(ApiError::denied(
+            Reason::TaskMismatch,
+            "the token belongs to another task",
+        ))
+    }
+}
+
+impl Gateway {
+    /// Step: the task, which must exist and be within its lifetime.
+    pub(crate) async fn load_task(&self, task_id: &str) -> Result<TaskRecord, ApiError> {
+        let record = self
+            .store
+            .task(task_id)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?
+            .ok_or_else(|| ApiError::denied(Reason::TaskNotActive, "no such task"))?;
+        if record.task.status == TaskStatus::Active && self.now() >= record.deadline {
+            return Err(ApiError::denied(
+                Reason::TaskNotActive,
+                "task passed its maximum lifetime",
+            ));
+        }
+        Ok(record)
+    }
+
+    /// Decides a call, records it ahead of any forwarding, and applies it
+    /// to the task. With `forward`, also mints the per-hop credential.
+    pub(crate) async fn authorize(
+        &self,
+        claims: &Claims,
+        task_id: &str,
+        tool: &str,
+        args: &Value,
+        forward: bool,
+    ) -> Result<Authorized, ApiError> {
+        bind(claims, task_id)?;
+        for _ in 0..CAS_ATTEMPTS {
+            let record = self.load_task(task_id).await?;
+            let now = self.now();
+            let decision = self.decide(claims, &record.task, tool, args);
+            if !decision.is_allowed() {
+                self.metrics.decision(decision.reason);
+                let event = self.call_event(&record.task, &decision, args, now);
+                self.store
+                    .commit(vec![Op::Append(event)])
+                    .await
+                    .map_err(|e| ApiError::unavailable(e.to_string()))?;
+                let reason = decision.reason.unwrap_or(Reason::InternalError);
+                return Err(
+                    ApiError::denied(reason, decision.detail).with_policies(decision.policy_ids)
+                );
+            }
+            match self
+                .commit_allowed(claims, record, decision, args, forward, now)
+                .await
+            {
+                Ok(done) => {
+                    self.metrics.decision(None);
+                    return Ok(done);
+                }
+                Err(CommitError::Lost) => continue,
+                Err(CommitError::Api(e)) => return Err(e),
+            }
+        }
+        Err(ApiError::unavailable(
+            "task is changing too fast; try again",
+        ))
+    }
+
+    /// The engine's decision, after the token's own scope.
+    fn decide(&self, claims: &Claims, task: &Task, tool: &str, args: &Value) -> Decision {
+        let registered = self.engine.tool(tool).is_some();
+        let in_scope = claims.scope.split(' ').any(|t| t == tool);
+        let now = self.now();
+        let elevated = task
+            .grants
+            .iter()
+            .any(|g| g.tool == tool && g.expires_at > now);
+        if registered && !in_scope && !elevated {
+            return Decision::deny(
+                tool,
+                Reason::ToolNotGranted,
+                "tool is outside the token's scope",
+            );
+        }
+        self.engine.decide(task, tool, args)
+    }
+
+    async fn commit_allowed(
+        &self,
+        claims: &Claims,
+        record: TaskRecord,
+        decision: Decision,
+        args: &Value,
+        forward: bool,
+        now: Timestamp,
+    ) -> Result<Authorized, CommitError> {
+        let before = record.task.version;
+        let mut task = record.task.clone();
+        task.apply(&decision);
+        let mut ops = vec![
+            Op::UpdateTask {
+                record: TaskRecord {
+                    task: task.clone(),
+                    deadline: record.deadline,
+                },
+                expected_version: before,
+            },
+            Op::Append(self.call_event(&record.task, &decision, args, now)),
+        ];
+        if let Some(t) = &decision.transition {
+            ops.push(Op::Append(self.transition_event(&task, t, now)));
+        }
+        let rotated = match &decision.transition {
+            Some(t) if t.reverify => {
+                let (token, ttl, mint_ops) =
+                    self.rotate(claims, &task, record.deadline, now, &mut ops)?;
+                ops.extend(mint_ops);
+                Some((token, ttl))
+            }
+            _ => None,
+        };
+        let forward = if forward {
+            let def = self
+                .engine
+                .tool(&decision.tool)
+                .ok_or_else(|| CommitError::Api(internal("allowed tool is not registered")))?;
+            let entry = self
+                .upstreams
+                .get(&def.upstream)
+                .ok_or_else(|| CommitError::Api(internal("tool's upstream is not configured")))?;
+            let (credential, hop_ops) = self
+                .hop_credential(entry, &def.upstream, &task, &decision.tool, now)
+                .map_err(CommitError::Api)?;
+            ops.extend(hop_ops);
+            Some((
+                def.upstream.clone(),
+                UpstreamCall {
+                    tool: def.upstream_tool.clone(),
+                    arguments: args.clone(),
+                    task_id: task.id.clone(),
+                    credential,
+                },
+            ))
+        } else {
+            None
+        };
+        match self.store.commit(ops).await {
+            Ok(_) => Ok(Authorized {
+                task,
+                decision,
+                rotated,
+                forward,
+            }),
+            Err(StoreError::Conflict(_)) => Err(CommitError::Lost),
+            Err(e) => Err(CommitError::Api(ApiError::unavailable(e.to_string()))),
+        }
+    }
+
+    /// Revokes the presented token and mints one scoped to the new phase.
+    pub(crate) fn rotate(
+        &self,
+        claims: &Claims,
+        task: &Task,
+        deadline: Timestamp,
+        now: Timestamp,
+        ops: &mut Vec<Op>,
+    ) -> Result<(String, u64, Vec<Op>), CommitError> {
+        ops.push(Op::RevokeToken {
+            jti: claims.jti.clone(),
+            at: now,
+            reason: format!("rotated on entering {}", task.state),
+        });
+        let mut revoked = NewEvent::new(now, EventKind::TokenRevoked);
+        revoked.task_id = Some(task.id.clone());
+        revoked.agent_id = Some(task.agent_id.clone());
+        revoked.jti = Some(claims.jti.clone());
+        revoked.detail = Some(format!("rotated on entering {}", task.state));
+        ops.push(Op::Append(revoked));
+        let scope = self.phase_scope(task);
+        self.mint_access(task, &scope, deadline, now)
+            .map_err(CommitError::Api)
+    }
+
+    /// The audit event of a state change.
+    pub(crate) fn transition_event(
+        &self,
+        task: &Task,
+        t: &portcullis_core::Transition,
+        now: Timestamp,
+    ) -> NewEvent {
+        let mut event = NewEvent::new(now, EventKind::StateTransition);
+        event.task_id = Some(task.id.clone());
+        event.agent_id = Some(task.agent_id.clone());
+        event.state_from = Some(t.from.clone());
+        event.state_to = Some(t.to.clone());
+        if t.reverify {
+            event.detail = Some("reverify".to_owned());
+        }
+        event
+    }
+
+    /// Forwards an authorized call and records the outcome.
+    pub(crate) async fn forward(
+        &self,
+        tool: &str,
+        upstream: &str,
+        call: UpstreamCall,
+        task: &Task,
+    ) -> Result<Value, ApiError> {
+        let entry = self
+            .upstreams
+            .get(upstream)
+            .ok_or_else(|| internal("tool's upstream is not configured"))?;
+        let started = Instant::now();
+        let outcome = match tokio::time::timeout(UPSTREAM_TIMEOUT, entry.upstream.call(call)).await
+        {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {}s", UPSTREAM_TIMEOUT.as_secs())),
+        };
+        let latency = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let mut event = NewEvent::new(self.now(), EventKind::CallCompleted);
+        event.task_id = Some(task.id.clone());
+        event.agent_id = Some(task.agent_id.clone());
+        event.tool = Some(tool.to_owned());
+        event.latency_us = Some(latency);
+        match &outcome {
+            Ok(result) => {
+                event.decision = Some("allow".to_owned());
+                event.result_digest =
+                    Some(portcullis_token::sha256_hex(result.to_string().as_bytes()));
+            }
+            Err(why) => {
+                event.decision = Some("error".to_owned());
+                event.reason = Some(Reason::UpstreamUnavailable.as_str().to_owned());
+                event.detail = Some(why.clone());
+            }
+        }
+        self.store
+            .commit(vec![Op::Append(event)])
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        outcome.map_err(|why| ApiError::denied(Reason::UpstreamUnavailable, why))
+    }
+}
+
+/// Why committing an allowed call did not finish.
+#[derive(Debug)]
+pub(crate) enum CommitError {
+    /// Another request changed the task first: decide again.
+    Lost,
+    /// Anything else.
+    Api(ApiError),
+}
+
+impl From<ApiError> for CommitError {
+    fn from(e: ApiError) -> Self {
+        Self::Api(e)
+    }
+}

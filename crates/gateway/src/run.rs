@@ -1,0 +1,201 @@
+//! `portcullis serve` and `portcullis keygen`: everything between a
+//! configuration file and a listening gateway.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use portcullis::SystemClock;
+use portcullis_config::LoadedConfig;
+use portcullis_core::Clock;
+use portcullis_store::{EventKind, NewEvent, Op, SqliteStore, Store};
+use portcullis_token::{KeyRing, LEEWAY_SECS, SigningKey};
+
+use crate::state::Gateway;
+
+/// Why the gateway could not start. Every variant stops start-up: the
+/// gateway never runs on a half-loaded configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration has findings.
+    #[error("the configuration has problems:\n{0}")]
+    Config(#[from] portcullis_config::Findings),
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(String),
+    /// A signing key could not be read.
+    #[error("signing key {path}: {why}")]
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// What went wrong.
+        why: String,
+    },
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Opens the store named by `store.url`.
+pub fn open_store(loaded: &LoadedConfig) -> Result<Arc<dyn Store>, RunError> {
+    let url = &loaded.config.store.url;
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let path = loaded.resolve(path);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| RunError::Store(format!("{}: {e}", dir.display())))?;
+        }
+        let store = SqliteStore::open(&path)
+            .map_err(|e| RunError::Store(format!("{}: {e}", path.display())))?;
+        Ok(Arc::new(store))
+    } else {
+        Err(RunError::Store(format!(
+            "{} is not supported by this build (only sqlite:// is)",
+            url.split("://").next().unwrap_or("this scheme")
+        )))
+    }
+}
+
+/// Reads the configured signing keys into a ring. Older keys verify until
+/// every access token they could have signed has expired.
+pub fn load_keys(loaded: &LoadedConfig) -> Result<KeyRing, RunError> {
+    let mut keys = Vec::new();
+    for name in &loaded.config.tokens.signing_key {
+        let path = loaded.resolve(name);
+        let text =
+            zeroize::Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| RunError::Key {
+                path: path.clone(),
+                why: format!("{e} (create one with `portcullis keygen --out {name}`)"),
+            })?);
+        check_key_permissions(&path)?;
+        let key = SigningKey::from_file_text(&text).map_err(|e| RunError::Key {
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
+        keys.push(key);
+    }
+    let lifetime = loaded
+        .config
+        .tokens
+        .access_ttl
+        .as_secs()
+        .max(crate::upstream::HOP_TTL_SECS);
+    KeyRing::new(keys, lifetime).map_err(|e| RunError::Other(format!("signing keys: {e}")))
+}
+
+#[cfg(unix)]
+fn check_key_permissions(path: &Path) -> Result<(), RunError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| RunError::Key {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(RunError::Key {
+            path: path.to_path_buf(),
+            why: format!(
+                "readable by others (mode {:o}); run chmod 600",
+                mode & 0o777
+            ),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_key_permissions(_path: &Path) -> Result<(), RunError> {
+    Ok(())
+}
+
+/// Writes a new signing key to `out` with mode 0600 and returns its `kid`.
+/// Refuses to overwrite an existing file.
+pub fn keygen(out: &Path) -> Result<String, RunError> {
+    let now = SystemClock.now().as_secs();
+    let key = SigningKey::generate(now).map_err(|e| RunError::Other(e.to_string()))?;
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| RunError::Key {
+            path: out.to_path_buf(),
+            why: e.to_string(),
+        })?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options.open(out).map_err(|e| RunError::Key {
+        path: out.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    std::io::Write::write_all(&mut file, key.to_file_text().as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| RunError::Key {
+            path: out.to_path_buf(),
+            why: e.to_string(),
+        })?;
+    Ok(key.kid().to_owned())
+}
+
+/// Builds the gateway of the configuration at `config` (engine, store,
+/// keys), and records `config.loaded` in the ledger.
+pub async fn build(config: &Path) -> Result<(Arc<Gateway>, LoadedConfig), RunError> {
+    let loaded = LoadedConfig::load(config)?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let engine = portcullis_core::build(&loaded, clock.clone())?;
+    let store = open_store(&loaded)?;
+    let ring = load_keys(&loaded)?;
+    let gateway = Gateway::new(&loaded, engine, store.clone(), ring, clock.clone())
+        .map_err(|e| RunError::Other(e.to_string()))?;
+    let mut event = NewEvent::new(clock.now(), EventKind::ConfigLoaded);
+    event.detail = Some(format!(
+        "{} ({} tools, {} agents, {} policies, signing key {}, leeway {LEEWAY_SECS}s)",
+        config.display(),
+        loaded.config.tools.len(),
+        loaded.config.agents.len(),
+        gateway.engine().policy_count(),
+        gateway.ring.signing_kid(),
+    ));
+    store
+        .commit(vec![Op::Append(event)])
+        .await
+        .map_err(|e| RunError::Store(e.to_string()))?;
+    Ok((Arc::new(gateway), loaded))
+}
+
+/// Runs `portcullis serve --config F` until Ctrl-C or SIGTERM.
+pub async fn serve_config(config: &Path) -> Result<(), RunError> {
+    let (gateway, loaded) = build(config).await?;
+    let listen = &loaded.config.server.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| RunError::Other(format!("cannot listen on {listen}: {e}")))?;
+    tracing::info!(%listen, store = gateway.store().backend(), "portcullis serving");
+    crate::server::serve(listener, crate::server::router(gateway), shutdown_signal())
+        .await
+        .map_err(|e| RunError::Other(e.to_string()))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,162 @@
+//! The router, the request-id layer, and the HTTP server with its timeouts.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::error::{ApiError, Kind};
+use crate::state::Gateway;
+use crate::{admin, oauth, tasks};
+
+/// Longest a client may take to send its request headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections served at once; more wait in the accept queue.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// The id of one request: in every error body and the `x-request-id`
+/// response header.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestId {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<RequestId>()
+            .cloned()
+            .unwrap_or_else(|| RequestId(String::new())))
+    }
+}
+
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = portcullis_token::random_id("req_").unwrap_or_else(|_| "req_unavailable".to_owned());
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let mut response = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    response
+}
+
+async fn not_found(rid: RequestId) -> Response {
+    ApiError::new(Kind::NotFound, "no such endpoint")
+        .with_request_id(&rid.0)
+        .into_response()
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    match gw.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "store unreachable: not ready");
+            (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n").into_response()
+        }
+    }
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        gw.metrics.render(),
+    )
+        .into_response()
+}
+
+/// The whole HTTP surface of DESIGN section 9 (but `/mcp`).
+pub fn router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/v1/tasks", post(tasks::start))
+        .route("/v1/tasks/{task_id}", get(tasks::get))
+        .route("/v1/tasks/{task_id}/calls", post(tasks::call))
+        .route("/v1/tasks/{task_id}/authorize", post(tasks::authorize))
+        .route("/v1/tasks/{task_id}/transition", post(tasks::transition))
+        .route("/v1/tasks/{task_id}/complete", post(tasks::complete))
+        .route("/v1/tasks/{task_id}/halt", post(tasks::halt))
+        .route("/v1/tasks/{task_id}/resume", post(tasks::resume))
+        .route("/v1/audit", get(admin::audit))
+        .route("/oauth/token", post(oauth::token))
+        .route("/oauth/revoke", post(oauth::revoke))
+        .route("/oauth/introspect", post(oauth::introspect))
+        .route("/.well-known/jwks.json", get(oauth::jwks))
+        .route(
+            "/.well-known/oauth-authorization-server",
+            get(oauth::authorization_server),
+        )
+        .route(
+            "/.well-known/oauth-protected-resource",
+            get(oauth::protected_resource),
+        )
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(middleware::from_fn(request_id))
+        .with_state(gw)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves: HTTP/1.1 with a
+/// header-read timeout, at most [`MAX_CONNECTIONS`] connections at once.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return Ok(()),
+            },
+        };
+        let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(64 * 1024);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,453 @@
+//! The gateway's shared state, and the small operations every handler
+//! builds on: minting tokens with their ledger records, and turning a
+//! decision into audit events.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use portcullis_config::{CredentialKind, LoadedConfig, Role};
+use portcullis_core::{Clock, Decision, Engine, Task, Timestamp};
+use portcullis_store::{EventKind, NewEvent, Op, RefreshRecord, Store, TokenKind, TokenRecord};
+use portcullis_token::{Claims, KeyRing, VerifyCache};
+use serde_json::Value;
+use zeroize::Zeroizing;
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::upstream::{Disconnected, HopCredential, Upstream};
+
+/// Most verified tokens kept in the signature cache.
+const VERIFY_CACHE_CAPACITY: usize = 65_536;
+
+/// How an upstream is reached and what credential it gets.
+#[derive(Debug, Clone)]
+pub(crate) struct UpstreamEntry {
+    pub upstream: Arc<dyn Upstream>,
+    pub provider: Provider,
+}
+
+/// A per-hop credential provider, resolved at start-up.
+#[derive(Clone)]
+pub(crate) enum Provider {
+    Jwt,
+    Static {
+        header: String,
+        value: Zeroizing<String>,
+    },
+    None,
+    Unsupported(&'static str),
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Jwt => f.write_str("Jwt"),
+            Self::Static { header, .. } => write!(f, "Static({header})"),
+            Self::None => f.write_str("None"),
+            Self::Unsupported(k) => write!(f, "Unsupported({k})"),
+        }
+    }
+}
+
+/// A configured admin.
+#[derive(Debug, Clone)]
+pub(crate) struct AdminEntry {
+    pub name: String,
+    pub roles: Vec<Role>,
+    pub token_sha256: String,
+}
+
+/// Lifetimes, in milliseconds, and other settings read from the config.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub issuer: String,
+    pub max_body_bytes: usize,
+    pub access_ttl_ms: u64,
+    pub refresh_idle_ms: u64,
+    pub task_max_ms: u64,
+    pub redact: Vec<String>,
+}
+
+/// Everything a request handler needs. Shared behind an `Arc`.
+pub struct Gateway {
+    pub(crate) engine: Engine,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) ring: KeyRing,
+    pub(crate) cache: VerifyCache,
+    pub(crate) upstreams: HashMap<String, UpstreamEntry>,
+    pub(crate) admins: Vec<AdminEntry>,
+    pub(crate) bootstrap: Vec<(String, String)>,
+    pub(crate) settings: Settings,
+    pub(crate) metrics: Metrics,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("engine", &self.engine)
+            .field("store", &self.store.backend())
+            .field("upstreams", &self.upstreams.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the gateway could not be assembled.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SetupError(pub String);
+
+impl Gateway {
+    /// Assembles a gateway. Every configured upstream starts disconnected
+    /// (calls are `upstream_unavailable`) until a transport is attached with
+    /// [`Gateway::with_upstream`].
+    pub fn new(
+        loaded: &LoadedConfig,
+        engine: Engine,
+        store: Arc<dyn Store>,
+        ring: KeyRing,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, SetupError> {
+        let cfg = &loaded.config;
+        let mut upstreams = HashMap::new();
+        for up in &cfg.upstreams {
+            let c = &up.credential;
+            let provider = match c.kind {
+                CredentialKind::Jwt => Provider::Jwt,
+                CredentialKind::None => Provider::None,
+                CredentialKind::Static => {
+                    let header = c.header.clone().unwrap_or_default();
+                    let value = match (&c.env, &c.file) {
+                        (Some(var), None) => std::env::var(var).map_err(|_| {
+                            SetupError(format!(
+                                "upstream {}: environment variable {var} is not set",
+                                up.name
+                            ))
+                        })?,
+                        (None, Some(path)) => std::fs::read_to_string(loaded.resolve(path))
+                            .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
+                            .map_err(|e| {
+                                SetupError(format!("upstream {}: cannot read {path}: {e}", up.name))
+                            })?,
+                        _ => {
+                            return Err(SetupError(format!(
+                                "upstream {}: a static credential needs exactly one of env or file",
+                                up.name
+                            )));
+                        }
+                    };
+                    if value.is_empty() {
+                        return Err(SetupError(format!(
+                            "upstream {}: the static secret is empty",
+                            up.name
+                        )));
+                    }
+                    Provider::Static {
+                        header,
+                        value: Zeroizing::new(value),
+                    }
+                }
+                CredentialKind::PostgresRole => Provider::Unsupported("postgres-role"),
+            };
+            let upstream: Arc<dyn Upstream> = Arc::new(Disconnected {
+                why: format!("no transport for upstream {} in this build", up.name),
+            });
+            upstreams.insert(up.name.clone(), UpstreamEntry { upstream, provider });
+        }
+        let t = &cfg.tokens;
+        let settings = Settings {
+            issuer: cfg.server.issuer.clone(),
+            max_body_bytes: usize::try_from(cfg.server.max_body_bytes).unwrap_or(usize::MAX),
+            access_ttl_ms: t.access_ttl.as_millis(),
+            refresh_idle_ms: t.refresh_idle_ttl.as_millis(),
+            task_max_ms: t.task_max_lifetime.as_millis(),
+            redact: cfg.audit.redact.iter().map(|k| k.to_lowercase()).collect(),
+        };
+        Ok(Self {
+            engine,
+            clock,
+            store,
+            ring,
+            cache: VerifyCache::new(VERIFY_CACHE_CAPACITY),
+            upstreams,
+            admins: cfg
+                .admins
+                .iter()
+                .map(|a| AdminEntry {
+                    name: a.name.clone(),
+                    roles: a.roles.clone(),
+                    token_sha256: a.token_sha256.clone(),
+                })
+                .collect(),
+            bootstrap: cfg
+                .agents
+                .iter()
+                .filter_map(|a| a.bootstrap_sha256.clone().map(|h| (a.id.clone(), h)))
+                .collect(),
+            settings,
+            metrics: Metrics::default(),
+        })
+    }
+
+    /// Attaches the transport of upstream `name`.
+    pub fn with_upstream(
+        mut self,
+        name: &str,
+        upstream: Arc<dyn Upstream>,
+    ) -> Result<Self, SetupError> {
+        let entry = self
+            .upstreams
+            .get_mut(name)
+            .ok_or_else(|| SetupError(format!("no upstream {name:?} in the configuration")))?;
+        entry.upstream = upstream;
+        Ok(self)
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The ledger.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub(crate) fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    /// Mints an access token for `task`, scoped to `scope`, expiring at
+    /// the access TTL or the task's deadline, whichever is first. Returns
+    /// the token, its lifetime in seconds, and the ops that record it.
+    pub(crate) fn mint_access(
+        &self,
+        task: &Task,
+        scope: &[String],
+        deadline: Timestamp,
+        now: Timestamp,
+    ) -> Result<(String, u64, Vec<Op>), ApiError> {
+        let jti = portcullis_token::random_id("at_").map_err(internal)?;
+        let expires = Timestamp(
+            now.0
+                .saturating_add(self.settings.access_ttl_ms)
+                .min(deadline.0),
+        );
+        let claims = Claims {
+            iss: self.settings.issuer.clone(),
+            sub: task.agent_id.clone(),
+            aud: self.settings.issuer.clone(),
+            exp: expires.as_secs(),
+            iat: now.as_secs(),
+            nbf: now.as_secs(),
+            jti: jti.clone(),
+            client_id: task.agent_id.clone(),
+            task_id: task.id.clone(),
+            agent_type: task.agent_type.clone(),
+            scope: scope.join(" "),
+        };
+        let token = portcullis_token::mint(&self.ring, &claims).map_err(internal)?;
+        let record = TokenRecord {
+            jti: jti.clone(),
+            task_id: task.id.clone(),
+            agent_id: task.agent_id.clone(),
+            kind: TokenKind::Access,
+            issued_at: now,
+            expires_at: expires,
+            revoked_at: None,
+            revoke_reason: None,
+        };
+        let mut event = NewEvent::new(now, EventKind::TokenIssued);
+        event.task_id = Some(task.id.clone());
+        event.agent_id = Some(task.agent_id.clone());
+        event.jti = Some(jti);
+        event.detail = Some("access".to_owned());
+        let ttl = expires.as_secs().saturating_sub(now.as_secs());
+        Ok((token, ttl, vec![Op::InsertToken(record), Op::Append(event)]))
+    }
+
+    /// A new refresh token for `task` and the ops that record its hash.
+    pub(crate) fn mint_refresh(
+        &self,
+        task: &Task,
+        deadline: Timestamp,
+        now: Timestamp,
+    ) -> Result<(Zeroizing<String>, Vec<Op>), ApiError> {
+        let token = Zeroizing::new(portcullis_token::random_token("prt_").map_err(internal)?);
+        let record = RefreshRecord {
+            hash: portcullis_token::sha256_hex(token.as_bytes()),
+            task_id: task.id.clone(),
+            agent_id: task.agent_id.clone(),
+            issued_at: now,
+            idle_expires_at: Timestamp(
+                now.0
+                    .saturating_add(self.settings.refresh_idle_ms)
+                    .min(deadline.0),
+            ),
+            spent_at: None,
+        };
+        Ok((token, vec![Op::InsertRefresh(record)]))
+    }
+
+    /// The scope of a token minted for `task` in its current state: the
+    /// tools of this phase and later ones that the task was granted.
+    pub(crate) fn phase_scope(&self, task: &Task) -> Vec<String> {
+        self.engine
+            .phase_tools(&task.agent_type, &task.state)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t| task.tools.contains(*t))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Mints the per-hop credential of upstream `entry` for one call.
+    pub(crate) fn hop_credential(
+        &self,
+        entry: &UpstreamEntry,
+        upstream: &str,
+        task: &Task,
+        tool: &str,
+        now: Timestamp,
+    ) -> Result<(HopCredential, Vec<Op>), ApiError> {
+        match &entry.provider {
+            Provider::None => Ok((HopCredential::None, Vec::new())),
+            Provider::Static { header, value } => Ok((
+                HopCredential::Static {
+                    header: header.clone(),
+                    value: value.clone(),
+                },
+                Vec::new(),
+            )),
+            Provider::Unsupported(kind) => Err(ApiError::denied(
+                portcullis_core::Reason::UpstreamUnavailable,
+                format!("credential provider {kind} is not available"),
+            )),
+            Provider::Jwt => {
+                let (token, ops) = self.mint_hop(task, upstream, &[tool.to_owned()], now)?;
+                Ok((HopCredential::Jwt { token }, ops))
+            }
+        }
+    }
+
+    /// Mints a per-hop token: `aud` = the upstream, `scope` = the tools,
+    /// ≤ 60 s and never past the task's deadline.
+    pub(crate) fn mint_hop(
+        &self,
+        task: &Task,
+        upstream: &str,
+        tools: &[String],
+        now: Timestamp,
+    ) -> Result<(String, Vec<Op>), ApiError> {
+        let jti = portcullis_token::random_id("hop_").map_err(internal)?;
+        let expires = now.plus_millis(crate::upstream::HOP_TTL_SECS * 1000);
+        let claims = Claims {
+            iss: self.settings.issuer.clone(),
+            sub: task.agent_id.clone(),
+            aud: upstream.to_owned(),
+            exp: expires.as_secs(),
+            iat: now.as_secs(),
+            nbf: now.as_secs(),
+            jti: jti.clone(),
+            client_id: task.agent_id.clone(),
+            task_id: task.id.clone(),
+            agent_type: task.agent_type.clone(),
+            scope: tools.join(" "),
+        };
+        let token = portcullis_token::mint(&self.ring, &claims).map_err(internal)?;
+        let record = TokenRecord {
+            jti: jti.clone(),
+            task_id: task.id.clone(),
+            agent_id: task.agent_id.clone(),
+            kind: TokenKind::Hop,
+            issued_at: now,
+            expires_at: expires,
+            revoked_at: None,
+            revoke_reason: None,
+        };
+        let mut event = NewEvent::new(now, EventKind::TokenIssued);
+        event.task_id = Some(task.id.clone());
+        event.agent_id = Some(task.agent_id.clone());
+        event.jti = Some(jti);
+        event.detail = Some(format!("per-hop for {upstream}: {}", tools.join(" ")));
+        Ok((token, vec![Op::InsertToken(record), Op::Append(event)]))
+    }
+
+    /// The audit event of a decided call.
+    pub(crate) fn call_event(
+        &self,
+        task: &Task,
+        decision: &Decision,
+        args: &Value,
+        now: Timestamp,
+    ) -> NewEvent {
+        let kind = if decision.is_allowed() {
+            EventKind::CallAllowed
+        } else {
+            EventKind::CallDenied
+        };
+        let mut event = NewEvent::new(now, kind);
+        event.task_id = Some(task.id.clone());
+        event.agent_id = Some(task.agent_id.clone());
+        event.tool = Some(decision.tool.clone());
+        event.decision = Some(
+            if decision.is_allowed() {
+                "allow"
+            } else {
+                "deny"
+            }
+            .to_owned(),
+        );
+        event.reason = decision.reason.map(|r| r.as_str().to_owned());
+        event.policy_ids = decision.policy_ids.clone();
+        event.args = Some(redact(args, &self.settings.redact));
+        if let Some(t) = &decision.transition {
+            event.state_from = Some(t.from.clone());
+            event.state_to = Some(t.to.clone());
+        }
+        if !decision.is_allowed() && !decision.detail.is_empty() {
+            event.detail = Some(decision.detail.clone());
+        }
+        event
+    }
+}
+
+/// The hard end of a task: `task_max_lifetime` after it started.
+pub(crate) fn deadline_of(task: &Task, task_max_ms: u64) -> Timestamp {
+    task.started_at.plus_millis(task_max_ms)
+}
+
+/// `args` with every value under a key in `redact` (lowercase) replaced,
+/// at any depth, case-insensitively.
+pub(crate) fn redact(args: &Value, redact: &[String]) -> Value {
+    match args {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| {
+                    let hidden = redact.iter().any(|r| r == &k.to_lowercase());
+                    let v = if hidden {
+                        Value::String("[redacted]".to_owned())
+                    } else {
+                        redact_value(v, redact)
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        other => redact_value(other, redact),
+    }
+}
+
+fn redact_value(v: &Value, keys: &[String]) -> Value {
+    match v {
+        Value::Object(_) => redact(v, keys),
+        Value::Array(items) => Value::Array(items.iter().map(|i| redact_value(i, keys)).collect()),
+        other => other.clone(),
+    }
+}
+
+/// An internal failure: a denial with `internal_error`, never an allow.
+pub(crate) fn internal(err: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %err, "internal error");
+    ApiError::denied(portcullis_core::Reason::InternalError, "internal error")
+}

@@ -1,0 +1,574 @@
+//! `/v1/tasks…`: starting tasks, calls, decisions, transitions, and the end
+//! of a task.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use portcullis_config::Role;
+use portcullis_core::{Reason, TaskStatus};
+use portcullis_store::{EventKind, NewEvent, Op, StoreError, TaskRecord};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::ApiError;
+use crate::metrics::TokenEvent;
+use crate::pipeline::bind;
+use crate::server::RequestId;
+use crate::state::{Gateway, deadline_of, internal};
+
+/// Runs a handler body and tags its error with the request id.
+pub(crate) fn respond(rid: &RequestId, result: Result<Response, ApiError>) -> Response {
+    match result {
+        Ok(r) => r,
+        Err(e) => e.with_request_id(&rid.0).into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartTask {
+    agent_id: String,
+    #[serde(default)]
+    goal: String,
+    #[serde(default)]
+    tools: Option<Vec<String>>,
+}
+
+/// Longest accepted task goal, in bytes.
+const MAX_GOAL_BYTES: usize = 4096;
+
+/// `POST /v1/tasks` — the orchestrator, with the agent's bootstrap secret.
+pub(crate) async fn start(
+    State(gw): State<Arc<Gateway>>,
+    rid: RequestId,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let agent = gw
+            .bootstrap_agent(&headers)?
+            .ok_or_else(|| match crate::auth::bearer(&headers) {
+                Ok(None) => ApiError::denied(Reason::TokenMissing, "no bootstrap secret"),
+                _ => ApiError::denied(Reason::TokenInvalid, "unknown bootstrap secret"),
+            })?
+            .to_owned();
+        let req: StartTask = crate::body::read_json(body, gw.settings.max_body_bytes).await?;
+        if req.agent_id != agent {
+            return Err(ApiError::denied(
+                Reason::TokenInvalid,
+                "the bootstrap secret belongs to another agent",
+            ));
+        }
+        if req.goal.len() > MAX_GOAL_BYTES {
+            return Err(ApiError::bad_request(format!(
+                "goal longer than {MAX_GOAL_BYTES} bytes"
+            )));
+        }
+        let now = gw.now();
+        let task_id = portcullis_token::random_id("task_").map_err(internal)?;
+        let task = gw
+            .engine
+            .start_task(&task_id, &agent, &req.goal, req.tools.as_deref())
+            .map_err(|d| ApiError::denied(d.reason, d.detail))?;
+        let deadline = deadline_of(&task, gw.settings.task_max_ms);
+        let scope = gw.phase_scope(&task);
+        let (access, expires_in, mut ops) = gw.mint_access(&task, &scope, deadline, now)?;
+        let (refresh, refresh_ops) = gw.mint_refresh(&task, deadline, now)?;
+        let mut started = NewEvent::new(now, EventKind::TaskStarted);
+        started.task_id = Some(task.id.clone());
+        started.agent_id = Some(task.agent_id.clone());
+        started.state_to = Some(task.state.clone());
+        started.detail = Some(format!(
+            "tools: {}",
+            task.tools.iter().cloned().collect::<Vec<_>>().join(" ")
+        ));
+        let mut all = vec![
+            Op::InsertTask(TaskRecord {
+                task: task.clone(),
+                deadline,
+            }),
+            Op::Append(started),
+        ];
+        all.append(&mut ops);
+        all.extend(refresh_ops);
+        gw.store
+            .commit(all)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        gw.metrics.tokens(TokenEvent::Issued, 1);
+        let body = json!({
+            "task_id": task.id,
+            "access_token": access,
+            "refresh_token": refresh.as_str(),
+            "token_type": "Bearer",
+            "expires_in": expires_in,
+            "state": task.state,
+            "tools": task.tools,
+        });
+        Ok((StatusCode::CREATED, no_store(), Json(body)).into_response())
+    }
+    .await;
+    respond(&rid, result)
+}
+
+/// Sets `key` of a JSON object body.
+pub(crate) fn put(body: &mut Value, key: &str, value: Value) {
+    if let Some(map) = body.as_object_mut() {
+        map.insert(key.to_owned(), value);
+    }
+}
+
+/// Headers of every response that carries a token.
+fn no_store() -> [(axum::http::HeaderName, &'static str); 2] {
+    [
+        (axum::http::header::CACHE_CONTROL, "no-store"),
+        (axum::http::header::PRAGMA, "no-cache"),
+    ]
+}
+
+/// The task view of `GET /v1/tasks/{id}`.
+fn task_view(record: &TaskRecord) -> Value {
+    let t = &record.task;
+    json!({
+        "task_id": t.id,
+        "agent_id": t.agent_id,
+        "agent_type": t.agent_type,
+        "goal": t.goal,
+        "state": t.state,
+        "status": t.status.as_str(),
+        "tools": t.tools,
+        "calls": t.calls,
+        "tool_calls": t.tool_calls,
+        "version": t.version,
+        "started_at": t.started_at.as_millis(),
+        "deadline": record.deadline.as_millis(),
+    })
+}
+
+/// A task token bound to `task_id`, or an admin with `role`.
+async fn task_or_admin(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    task_id: &str,
+    role: Role,
+) -> Result<Caller, ApiError> {
+    if let Some(admin) = gw.admin_of(headers)? {
+        return if admin.roles.contains(&role) || admin.roles.contains(&Role::Admin) {
+            Ok(Caller::Admin(admin.name.clone()))
+        } else {
+            Err(ApiError::new(
+                crate::error::Kind::Forbidden,
+                "admin lacks the role",
+            ))
+        };
+    }
+    let claims = gw.authenticate(headers).await?;
+    bind(&claims, task_id)?;
+    Ok(Caller::Task(Box::new(claims)))
+}
+
+enum Caller {
+    Task(Box<portcullis_token::Claims>),
+    Admin(String),
+}
+
+/// `GET /v1/tasks/{id}` — the task's token, or an auditor.
+pub(crate) async fn get(
+    State(gw): State<Arc<Gateway>>,
+    rid: RequestId,
+    Path(task_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let result = async {
+        task_or_admin(&gw, &headers, &task_id, Role::Auditor).await?;
+        let record = gw.load_task(&task_id).await.map_err(|e| match e.reason() {
+            Some(Reason::TaskNotActive) => {
+                ApiError::new(crate::error::Kind::NotFound, "no such task")
+            }
+            _ => e,
+        })?;
+        Ok(Json(task_view(&record)).into_response())
+    }
+    .await;
+    respond(&rid, result)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallBody {
+    tool: String,
+    #[serde(default = "empty_object")]
+    arguments: Value,
+}
+
+fn empty_object() -> Value {
+    Value::Object(serde_json::Map::new())
+}
+
+/// `POST /v1/tasks/{id}/calls` — decide, record, forward, record.
+pub(crate) async fn call(
+    State(gw): State<Arc<Gateway>>,
+    rid: RequestId,
+    Path(task_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let claims = gw.authenticate(&headers).await?;
+        bind(&claims, &task_id)?;
+        let req: CallBody = crate::body::read_json(body, gw.settings.max_body_bytes).await?;
+        let authorized = gw
+            .authorize(&claims, &task_id, &req.tool, &req.arguments, true)
+            .await?;
+        let (upstream, call) = authorized
+            .forward
+            .ok_or_else(|| internal("nothing to forward"))?;
+        let result = gw
+            .forward(&req.tool, &upstream, call, &authorized.task)
+            .await?;
+        let mut body = json!({
+            "decision": "allow",
+            "result": result,
+            "state": authorized.task.state,
+        });
+        if let Some((token, ttl)) = authorized.rotated {
+            put(&mut body, "access_token", json!(token));
+            put(&mut body, "expires_in", json!(ttl));
+        }
+        Ok((no_store(), Json(body)).into_response())
+    }
+    .await;
+    respond(&rid, result)
+}
+
+/// `POST /v1/tasks/{id}/authorize` — decide and record; do not forward.
+pub(crate) async fn authorize(
+    State(gw): State<Arc<Gateway>>,
+    rid: RequestId,
+    Path(task_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let claims = gw.authenticate(&headers).await?;
+        bind(&claims, &task_id)?;
+        let req: CallBody = crate::body::read_json(body, gw.settings.max_body_bytes).await?;
+        match gw
+            .authorize(&claims, &task_id, &req.tool, &req.arguments, false)
+            .await
+        {
+            Ok(a) => {
+                let mut body = json!({
+                    "decision": "allow",
+                    "reason": null,
+                    "policy_ids": a.decision.policy_ids,
+                    "state": a.task.state,
+                });
+                if let Some((token, ttl)) = a.rotated {
+                    put(&mut body, "access_token", json!(token));
+                    put(&mut body, "expires_in", json!(ttl));
+                }
+                Ok((no_store(), Json(body)).into_response())
+            }
+            // A decided denial is an answer, not an error, in this mode;
+            // authentication and binding failures stay errors.
+            Err(e) if is_decision(&e) => Ok(Json(json!({
+                "decision": "deny",
+                "reason": e.reason().map(Reason::as_str),
+                "detail": e.detail(),
+                "policy_ids": e.policy_ids(),
+            }))
+            .into_response()),
+            Err(e) => Err(e),
+        }
+    }
+    .await;
+    respond(&rid, result)
+}
+
+fn is_decision(e: &ApiError) -> bool {
+    matches!(
+        e.reason(),
+        Some(
+            Reason::TaskNotActive
+                | Reason::ToolUnknown
+                | Reason::ToolNotGranted
+                | Reason::StateViolation
+                | Reason::LimitExceeded
+                | Reason::ArgsInvalid
+                | Reason::PolicyForbid
+        )
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransitionBody {
+    to: String,
+}
+
+/// `POST /v1/tasks/{id}/transition` — move along a workflow edge.
+pub(crate) async fn transition(
+    State(gw): State<Arc<Gateway>>,
+    rid: RequestId,
+    Path(task_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let claims = gw.authenticate(&headers).await?;
+        bind(&claims, &task_id)?;
+        let req: TransitionBody = crate::body::read_json(body, gw.settings.max_body_bytes).await?;
+        for _ in 0..8 {
+            let record = gw.load_task(&task_id).await?;
+            let now = gw.now();
+            let t = match gw.engine.transition(&record.task, &req.to) {
+                Ok(t) => t,
+                Err(denial) => {
+                    let mut event = NewEvent::new(now, EventKind::StateTransition);
+                    event.task_id = Some(task_id.clone());
+                    event.agent_id = Some(record.task.agent_id.clone());
+                    event.state_from = Some(record.task.state.clone());
+                    event.state_to = Some(req.to.chars().take(128).collect());
+                    event.decision = Some("deny".to_owned());
+                    event.reason = Some(denial.reason.as_str().to_owned());
+                    gw.store
+                        .commit(vec![Op::Append(event)])
+                        .await
+                        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+                    return Err(ApiError::denied(denial.reason, denial.detail));
+                }
+            };
+            let mut task = record.task.clone();
+            task.apply_transition(&t);
+            let mut ops = vec![
+                Op::UpdateTask {
+                    record: TaskRecord {
+                        task: task.clone(),
+                        deadline: record.deadline,
+                    },
+                    expected_version: record.task.version,
+                },
+                Op::Append(gw.transition_event(&task, &t, now)),
+            ];
+            let rotated = if t.reverify {
+                let (token, ttl, mint) = gw
+                    .rotate(&claims, &task, record.deadline, now, &mut ops)
+                    .map_err(|e| match e {
+                        crate::pipeline::CommitError::Api(e) => e,
+                        crate::pipeline::CommitError::Lost => internal("lost"),
+                    })?;
+                ops.extend(mint);
+                Some((token, ttl))
+            } else {
+                None
+            };
+            match gw.store.commit(ops).await {
+                Ok(_) => {
+                    let mut body =
+                        json!({ "state": task.state, "from": t.from, "reverify": t.reverify });
+                    if let Some((token, ttl)) = rotated {
+                        put(&mut body, "access_token", json!(token));
+                        put(&mut body, "expires_in", json!(ttl));
+                        gw.metrics.tokens(TokenEvent::Issued, 1);
+                        gw.metrics.tokens(TokenEvent::Revoked, 1);
+                    }
+                    return Ok((no_store(), Json(body)).into_response());
+                }
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(ApiError::unavailable(e.to_string())),
+            }
+        }
+        Err(ApiError::unavailable(
+            "task is changing too fast; try again",
+        ))
+    }
+    .await;
+    respond(&rid, result)
+}
+
+/// Ends a task (completed or halted): status, every token revoked, audit —
+/// one transaction.
+async fn end_task(
+    gw: &Gateway,
+    task_id: &str,
+    status: TaskStatus,
+    by: &str,
+) -> Result<Value, ApiError> {
+    for _ in 0..8 {
+        let record = gw.load_task(task_id).await?;
+        if record.task.status != TaskStatus::Active {
+            return Err(ApiError::denied(
+                Reason::TaskNotActive,
+                format!("task is {}", record.task.status.as_str()),
+            ));
+        }
+        let now = gw.now();
+        let mut task = record.task.clone();
+        task.status = status;
+        task.version = task.version.saturating_add(1);
+        let (kind, why) = match status {
+            TaskStatus::Halted => (EventKind::TaskHalted, format!("halted by {by}")),
+            _ => (EventKind::TaskCompleted, format!("completed by {by}")),
+        };
+        let mut ended = NewEvent::new(now, kind);
+        ended.task_id = Some(task.id.clone());
+        ended.agent_id = Some(task.agent_id.clone());
+        ended.detail = Some(why.clone());
+        let mut revoked = NewEvent::new(now, EventKind::TokenRevoked);
+        revoked.task_id = Some(task.id.clone());
+        revoked.agent_id = Some(task.agent_id.clone());
+        revoked.detail = Some(format!("every token of the task: {why}"));
+        let ops = vec![
+            Op::UpdateTask {
+                record: TaskRecord {
+                    task: task.clone(),
+                    deadline: record.deadline,
+                },
+                expected_version: record.task.version,
+            },
+            Op::RevokeTaskTokens {
+                task_id: task.id.clone(),
+                at: now,
+                reason: why,
+            },
+            Op::Append(ended),
+            Op::Append(revoked),
+        ];
+        match gw.store.commit(ops).await {
+            Ok(done) => {
+                gw.metrics.tokens(
+                    TokenEvent::Revoked,
+                    u64::try_from(done.revoked.len()).unwrap_or(0),
+                );
+                return Ok(json!({
+                    "task_id": task.id,
+                    "status": task.status.as_str(),
+                    "revoked_tokens": done.revoked.len(),
+                }));
+            }
+            Err(StoreError::Conflict(_)) => continue,
+            Err(e) => return Err(ApiError::unavailable(e.to_string())),
+        }
+    }
+    Err(ApiError::unavailable(
+        "task is changing too fast; try again",
+    ))
+}
+
+/// `POST /v1/tasks/{id}/complete` — the task's token or an admin.
+pub(crate) async fn complete(
+    State(gw): State<Arc<Gateway>>,
+    rid: RequestId,
+    Path(task_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let result = async {
+        let by = match task_or_admin(&gw, &headers, &task_id, Role::Admin).await? {
+            Caller::Admin(name) => format!("admin {name}"),
+            Caller::Task(claims) => format!("agent {}", claims.sub),
+        };
+        Ok(Json(end_task(&gw, &task_id, TaskStatus::Completed, &by).await?).into_response())
+    }
+    .await;
+    respond(&rid, result)
+}
+
+/// `POST /v1/tasks/{id}/halt` — admin.
+pub(crate) async fn halt(
+    State(gw): State<Arc<Gateway>>,
+    rid: RequestId,
+    Path(task_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let result = async {
+        let admin = gw.require_admin(&headers, Role::Admin)?.name.clone();
+        Ok(
+            Json(end_task(&gw, &task_id, TaskStatus::Halted, &format!("admin {admin}")).await?)
+                .into_response(),
+        )
+    }
+    .await;
+    respond(&rid, result)
+}
+
+/// `POST /v1/tasks/{id}/resume` — admin: a halted task runs again, with
+/// fresh tokens (the old ones stay revoked).
+pub(crate) async fn resume(
+    State(gw): State<Arc<Gateway>>,
+    rid: RequestId,
+    Path(task_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let result = async {
+        let admin = gw.require_admin(&headers, Role::Admin)?.name.clone();
+        for _ in 0..8 {
+            let record = gw.load_task(&task_id).await?;
+            if record.task.status != TaskStatus::Halted {
+                return Err(ApiError::denied(
+                    Reason::TaskNotActive,
+                    format!(
+                        "only a halted task can resume; this one is {}",
+                        record.task.status.as_str()
+                    ),
+                ));
+            }
+            let now = gw.now();
+            if now >= record.deadline {
+                return Err(ApiError::denied(
+                    Reason::TaskNotActive,
+                    "task passed its maximum lifetime",
+                ));
+            }
+            let mut task = record.task.clone();
+            task.status = TaskStatus::Active;
+            task.version = task.version.saturating_add(1);
+            let scope = gw.phase_scope(&task);
+            let (access, expires_in, mint) = gw.mint_access(&task, &scope, record.deadline, now)?;
+            let (refresh, refresh_ops) = gw.mint_refresh(&task, record.deadline, now)?;
+            let mut resumed = NewEvent::new(now, EventKind::TaskStarted);
+            resumed.task_id = Some(task.id.clone());
+            resumed.agent_id = Some(task.agent_id.clone());
+            resumed.state_to = Some(task.state.clone());
+            resumed.detail = Some(format!("resumed by admin {admin}"));
+            let mut ops = vec![
+                Op::UpdateTask {
+                    record: TaskRecord {
+                        task: task.clone(),
+                        deadline: record.deadline,
+                    },
+                    expected_version: record.task.version,
+                },
+                Op::Append(resumed),
+            ];
+            ops.extend(mint);
+            ops.extend(refresh_ops);
+            match gw.store.commit(ops).await {
+                Ok(_) => {
+                    gw.metrics.tokens(TokenEvent::Issued, 1);
+                    let body = json!({
+                        "task_id": task.id,
+                        "status": task.status.as_str(),
+                        "state": task.state,
+                        "access_token": access,
+                        "refresh_token": refresh.as_str(),
+                        "token_type": "Bearer",
+                        "expires_in": expires_in,
+                    });
+                    return Ok((no_store(), Json(body)).into_response());
+                }
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(ApiError::unavailable(e.to_string())),
+            }
+        }
+        Err(ApiError::unavailable(
+            "task is changing too fast; try again",
+        ))
+    }
+    .await;
+    respond(&rid, result)
+}

@@ -1,0 +1,123 @@
+//! The Portcullis ledger (DESIGN section 6): tasks with their workflow state,
+//! token metadata, refresh-token hashes, revocations and the audit log, behind
+//! one [`Store`] trait.
+//!
+//! # How callers use it
+//!
+//! Every change goes through [`Store::commit`]: a batch of [`Op`]s applied
+//! atomically and durably. A call's audit record, the task's new version and
+//! the tokens it mints are one batch, so the ledger never holds half a
+//! decision:
+//!
+//! ```no_run
+//! # async fn example(store: &dyn portcullis_store::Store, record: portcullis_store::TaskRecord) -> portcullis_store::Result<()> {
+//! use portcullis_core::Timestamp;
+//! use portcullis_store::{EventKind, NewEvent, Op};
+//!
+//! let mut event = NewEvent::new(Timestamp(1_700_000_000_000), EventKind::TaskStarted);
+//! event.task_id = Some(record.task.id.clone());
+//! let committed = store
+//!     .commit(vec![Op::InsertTask(record), Op::Append(event)])
+//!     .await?;
+//! assert_eq!(committed.seqs.len(), 1);
+//! # Ok(()) }
+//! ```
+//!
+//! Fail-closed: every error is typed ([`StoreError`]); none of them is ever
+//! an allow. [`StoreError::Unavailable`] means "the ledger could not answer":
+//! the caller denies.
+//!
+//! # Backends
+//!
+//! * [`SqliteStore`]: embedded, WAL, one writer thread with group commit
+//!   (see the [`sqlite`] module for its file format and concurrency model).
+//! * PostgreSQL: to come; it must pass [`testsuite::run_all`] unchanged.
+//!
+//! [`testsuite`] holds the backend-independent contract tests, so every
+//! backend is held to the same semantics.
+
+mod model;
+pub mod sqlite;
+pub mod testsuite;
+
+pub use model::{
+    AuditEvent, AuditQuery, Committed, DEFAULT_AUDIT_LIMIT, EventKind, MAX_AUDIT_LIMIT, MAX_ROWS,
+    NewEvent, Op, RefreshRecord, TaskRecord, TokenKind, TokenRecord, UnknownEventKind,
+    UnknownTokenKind,
+};
+pub use sqlite::{SqliteOptions, SqliteStore};
+
+/// The result of every store operation.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Why a store operation failed. Every variant is a deny for the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// I/O error, database locked past the busy timeout, store closed, writer
+    /// thread gone, schema newer than this build: the caller must fail closed.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// An [`Op::UpdateTask`] compare-and-swap lost (version mismatch or no
+    /// such task), a duplicate key on insert, or an insert that names a task
+    /// that does not exist.
+    #[error("store conflict: {0}")]
+    Conflict(String),
+    /// [`Op::SpendRefresh`]: no refresh token has this hash.
+    #[error("unknown refresh token")]
+    RefreshUnknown,
+    /// [`Op::SpendRefresh`]: the refresh token was already spent. Reuse of a
+    /// refresh token means it leaked: the caller revokes the whole task.
+    #[error("refresh token already spent (task {task_id})")]
+    RefreshSpent {
+        /// The task the refresh token belongs to.
+        task_id: String,
+    },
+    /// [`Op::SpendRefresh`]: the refresh token's idle window has passed.
+    #[error("refresh token expired (task {task_id})")]
+    RefreshExpired {
+        /// The task the refresh token belongs to.
+        task_id: String,
+    },
+    /// A stored row that does not decode, or a value that the storage format
+    /// cannot hold (an integer above `i64::MAX`).
+    #[error("store data corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The ledger. Implementations are shared across tasks (`Arc<dyn Store>`).
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies `ops` atomically (all or nothing) and durably (committed
+    /// before return). Audit seqs are strictly increasing, gap-free within
+    /// the committed order, never reused.
+    ///
+    /// The first failing op decides the error and nothing of the batch is
+    /// kept. [`StoreError::Unavailable`] means the batch was not
+    /// acknowledged: deny, and treat its outcome as unknown (it was almost
+    /// certainly not applied, but an I/O error during the final fsync cannot
+    /// tell). If the returned future is dropped before it completes, the
+    /// batch may or may not be committed.
+    async fn commit(&self, ops: Vec<Op>) -> Result<Committed>;
+
+    /// The task with this id.
+    async fn task(&self, id: &str) -> Result<Option<TaskRecord>>;
+
+    /// The token with this `jti`.
+    async fn token(&self, jti: &str) -> Result<Option<TokenRecord>>;
+
+    /// The refresh token with this hash (sha256 hex of the opaque token).
+    async fn refresh(&self, hash: &str) -> Result<Option<RefreshRecord>>;
+
+    /// The tokens of a task in issue order (`issued_at`, then `jti`); at most
+    /// the latest [`MAX_ROWS`] of them.
+    async fn task_tokens(&self, task_id: &str) -> Result<Vec<TokenRecord>>;
+
+    /// Audit events matching `query`, in ascending `seq` order.
+    async fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>>;
+
+    /// A real round trip to the database (for `/readyz`).
+    async fn ping(&self) -> Result<()>;
+
+    /// The backend's name: `"sqlite"` or `"postgres"`.
+    fn backend(&self) -> &'static str;
+}

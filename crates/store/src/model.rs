@@ -1,0 +1,442 @@
+//! The records the ledger holds and the operations that change them. These
+//! types are backend-independent; each backend maps them to its own layout.
+
+use std::fmt;
+use std::str::FromStr;
+
+use portcullis_core::{Task, Timestamp};
+use serde::{Deserialize, Serialize};
+
+/// Default number of audit events an [`AuditQuery`] returns.
+pub const DEFAULT_AUDIT_LIMIT: usize = 100;
+/// Most audit events one [`AuditQuery`] returns, whatever it asks for.
+pub const MAX_AUDIT_LIMIT: usize = 1000;
+/// Most rows any list query returns ([`crate::Store::task_tokens`]).
+pub const MAX_ROWS: usize = 1000;
+
+/// A task and the ledger's bookkeeping for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRecord {
+    /// The task as the engine sees it; `task.version` is the compare-and-swap
+    /// version.
+    pub task: Task,
+    /// The task's maximum lifetime ends here (`task_max_lifetime` after
+    /// start): no token or refresh outlives it.
+    pub deadline: Timestamp,
+}
+
+/// What a token is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TokenKind {
+    /// An agent's access token for a task.
+    Access,
+    /// A per-hop credential minted for one upstream.
+    Hop,
+}
+
+impl TokenKind {
+    /// The stored form: `"access"` or `"hop"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Access => "access",
+            Self::Hop => "hop",
+        }
+    }
+}
+
+impl fmt::Display for TokenKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that is not a [`TokenKind`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown token kind {0:?}")]
+pub struct UnknownTokenKind(String);
+
+impl FromStr for TokenKind {
+    type Err = UnknownTokenKind;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "access" => Ok(Self::Access),
+            "hop" => Ok(Self::Hop),
+            other => Err(UnknownTokenKind(other.chars().take(64).collect())),
+        }
+    }
+}
+
+/// Metadata of one issued token (never the token itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// The token's unique id (`jti` claim).
+    pub jti: String,
+    /// The task it is bound to.
+    pub task_id: String,
+    /// The agent it was issued to.
+    pub agent_id: String,
+    /// Access token or per-hop credential.
+    pub kind: TokenKind,
+    /// When it was issued (`iat`).
+    pub issued_at: Timestamp,
+    /// When it expires (`exp`).
+    pub expires_at: Timestamp,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<Timestamp>,
+    /// Why it was revoked, if it was.
+    pub revoke_reason: Option<String>,
+}
+
+/// One refresh token, stored only as its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshRecord {
+    /// SHA-256 of the opaque token, lowercase hex.
+    pub hash: String,
+    /// The task it refreshes.
+    pub task_id: String,
+    /// The agent it was issued to.
+    pub agent_id: String,
+    /// When it was issued.
+    pub issued_at: Timestamp,
+    /// It must be spent before this instant (sliding idle window, already
+    /// capped at the task's deadline by the issuer).
+    pub idle_expires_at: Timestamp,
+    /// When it was spent (or revoked with its task), if it was.
+    pub spent_at: Option<Timestamp>,
+}
+
+/// The kind of an audit event (DESIGN section 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventKind {
+    /// `task.started`
+    #[serde(rename = "task.started")]
+    TaskStarted,
+    /// `task.completed`
+    #[serde(rename = "task.completed")]
+    TaskCompleted,
+    /// `task.halted`
+    #[serde(rename = "task.halted")]
+    TaskHalted,
+    /// `token.issued`
+    #[serde(rename = "token.issued")]
+    TokenIssued,
+    /// `token.refreshed`
+    #[serde(rename = "token.refreshed")]
+    TokenRefreshed,
+    /// `token.revoked`
+    #[serde(rename = "token.revoked")]
+    TokenRevoked,
+    /// `call.denied`
+    #[serde(rename = "call.denied")]
+    CallDenied,
+    /// `call.allowed`
+    #[serde(rename = "call.allowed")]
+    CallAllowed,
+    /// `call.completed`
+    #[serde(rename = "call.completed")]
+    CallCompleted,
+    /// `state.transition`
+    #[serde(rename = "state.transition")]
+    StateTransition,
+    /// `elevation.requested`
+    #[serde(rename = "elevation.requested")]
+    ElevationRequested,
+    /// `elevation.approved`
+    #[serde(rename = "elevation.approved")]
+    ElevationApproved,
+    /// `elevation.denied`
+    #[serde(rename = "elevation.denied")]
+    ElevationDenied,
+    /// `anomaly`
+    #[serde(rename = "anomaly")]
+    Anomaly,
+    /// `config.loaded`
+    #[serde(rename = "config.loaded")]
+    ConfigLoaded,
+}
+
+impl EventKind {
+    /// Every kind, in the order of DESIGN section 6.
+    pub const ALL: [Self; 15] = [
+        Self::TaskStarted,
+        Self::TaskCompleted,
+        Self::TaskHalted,
+        Self::TokenIssued,
+        Self::TokenRefreshed,
+        Self::TokenRevoked,
+        Self::CallDenied,
+        Self::CallAllowed,
+        Self::CallCompleted,
+        Self::StateTransition,
+        Self::ElevationRequested,
+        Self::ElevationApproved,
+        Self::ElevationDenied,
+        Self::Anomaly,
+        Self::ConfigLoaded,
+    ];
+
+    /// The stable string form, e.g. `"call.denied"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::TaskStarted => "task.started",
+            Self::TaskCompleted => "task.completed",
+            Self::TaskHalted => "task.halted",
+            Self::TokenIssued => "token.issued",
+            Self::TokenRefreshed => "token.refreshed",
+            Self::TokenRevoked => "token.revoked",
+            Self::CallDenied => "call.denied",
+            Self::CallAllowed => "call.allowed",
+            Self::CallCompleted => "call.completed",
+            Self::StateTransition => "state.transition",
+            Self::ElevationRequested => "elevation.requested",
+            Self::ElevationApproved => "elevation.approved",
+            Self::ElevationDenied => "elevation.denied",
+            Self::Anomaly => "anomaly",
+            Self::ConfigLoaded => "config.loaded",
+        }
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that is not an [`EventKind`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown audit event kind {0:?}")]
+pub struct UnknownEventKind(String);
+
+impl FromStr for EventKind {
+    type Err = UnknownEventKind;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == s)
+            .ok_or_else(|| UnknownEventKind(s.chars().take(64).collect()))
+    }
+}
+
+/// One audit event before it has a sequence number. Serialized with the
+/// field names of DESIGN section 6; `None` and empty fields are omitted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewEvent {
+    /// When it happened.
+    pub ts: Timestamp,
+    /// What happened.
+    pub kind: EventKind,
+    /// The task concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    /// The agent concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    /// The tool called.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    /// `allow` or `deny`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<String>,
+    /// The reason code (DESIGN section 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The Cedar policies that decided.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policy_ids: Vec<String>,
+    /// The call's arguments, already redacted by the caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<serde_json::Value>,
+    /// Digest of the upstream result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_digest: Option<String>,
+    /// Upstream latency in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<u64>,
+    /// Workflow state before a transition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_from: Option<String>,
+    /// Workflow state after a transition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_to: Option<String>,
+    /// The token concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// Free-form detail (e.g. the anomaly rule, the config digest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl NewEvent {
+    /// An event with only its time and kind; callers fill the other fields
+    /// directly.
+    pub const fn new(ts: Timestamp, kind: EventKind) -> Self {
+        Self {
+            ts,
+            kind,
+            task_id: None,
+            agent_id: None,
+            tool: None,
+            decision: None,
+            reason: None,
+            policy_ids: Vec::new(),
+            args: None,
+            result_digest: None,
+            latency_us: None,
+            state_from: None,
+            state_to: None,
+            jti: None,
+            detail: None,
+        }
+    }
+}
+
+/// A stored audit event. Serializes as one flat JSON object:
+/// `{"seq": .., "ts": .., "kind": .., ...the NewEvent fields...}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// Its position in the log: strictly increasing, gap-free, never reused.
+    pub seq: u64,
+    /// The event.
+    #[serde(flatten)]
+    pub event: NewEvent,
+}
+
+/// Which audit events to read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditQuery {
+    /// Only events of this task.
+    pub task_id: Option<String>,
+    /// Only events of this kind.
+    pub kind: Option<EventKind>,
+    /// Only events after this seq (exclusive), for paging.
+    pub since_seq: Option<u64>,
+    /// At most this many events: [`DEFAULT_AUDIT_LIMIT`] when `None`, never
+    /// more than [`MAX_AUDIT_LIMIT`].
+    pub limit: Option<usize>,
+}
+
+impl AuditQuery {
+    /// The number of events this query may return, after default and cap.
+    pub fn effective_limit(&self) -> usize {
+        self.limit
+            .unwrap_or(DEFAULT_AUDIT_LIMIT)
+            .min(MAX_AUDIT_LIMIT)
+    }
+}
+
+/// One mutation inside an atomic batch ([`crate::Store::commit`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Inserts a new task; a duplicate id is a [`crate::StoreError::Conflict`].
+    InsertTask(TaskRecord),
+    /// Replaces a task if its stored version equals `expected_version`, else
+    /// [`crate::StoreError::Conflict`]. The record carries the NEW version,
+    /// which must be greater than `expected_version`.
+    UpdateTask {
+        /// The task after the change, with its new version.
+        record: TaskRecord,
+        /// The version the change was computed from.
+        expected_version: u64,
+    },
+    /// Records an issued token; its task must exist, its jti must be new.
+    InsertToken(TokenRecord),
+    /// Revokes one token; a no-op when it is already revoked or unknown.
+    RevokeToken {
+        /// The token.
+        jti: String,
+        /// When.
+        at: Timestamp,
+        /// Why (stored with the token).
+        reason: String,
+    },
+    /// Revokes every unrevoked token of a task and marks every unspent
+    /// refresh token of it spent.
+    RevokeTaskTokens {
+        /// The task.
+        task_id: String,
+        /// When.
+        at: Timestamp,
+        /// Why (stored with each token).
+        reason: String,
+    },
+    /// Records an issued refresh token; its task must exist, its hash must be
+    /// new.
+    InsertRefresh(RefreshRecord),
+    /// Spends a refresh token: it must exist
+    /// ([`crate::StoreError::RefreshUnknown`]), be unspent
+    /// ([`crate::StoreError::RefreshSpent`]) and have `idle_expires_at > at`
+    /// ([`crate::StoreError::RefreshExpired`]).
+    SpendRefresh {
+        /// SHA-256 hex of the presented token.
+        hash: String,
+        /// When.
+        at: Timestamp,
+    },
+    /// Appends an audit event; its seq is returned in [`Committed::seqs`].
+    Append(NewEvent),
+}
+
+/// What a committed batch produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// The seq given to each [`Op::Append`], in op order.
+    pub seqs: Vec<u64>,
+    /// The jtis revoked by this batch (only tokens that were unrevoked).
+    pub revoked: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_kind_strings_round_trip() {
+        for kind in EventKind::ALL {
+            assert_eq!(kind.as_str().parse::<EventKind>(), Ok(kind));
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(json, format!("\"{}\"", kind.as_str()));
+            assert_eq!(serde_json::from_str::<EventKind>(&json).unwrap(), kind);
+        }
+        assert!("task.unknown".parse::<EventKind>().is_err());
+    }
+
+    #[test]
+    fn token_kind_strings_round_trip() {
+        for kind in [TokenKind::Access, TokenKind::Hop] {
+            assert_eq!(kind.as_str().parse::<TokenKind>(), Ok(kind));
+        }
+        assert!("refresh".parse::<TokenKind>().is_err());
+    }
+
+    #[test]
+    fn audit_event_is_one_flat_object_without_empty_fields() {
+        let mut event = NewEvent::new(Timestamp(5), EventKind::CallDenied);
+        event.task_id = Some("t1".into());
+        event.reason = Some("tool_not_allowed".into());
+        event.latency_us = Some(u64::MAX);
+        let stored = AuditEvent { seq: 7, event };
+        let json = serde_json::to_value(&stored).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "seq": 7, "ts": 5, "kind": "call.denied", "task_id": "t1",
+                "reason": "tool_not_allowed", "latency_us": u64::MAX,
+            })
+        );
+        let back: AuditEvent = serde_json::from_value(json).unwrap();
+        assert_eq!(back, stored);
+    }
+
+    #[test]
+    fn audit_limit_defaults_and_caps() {
+        assert_eq!(AuditQuery::default().effective_limit(), DEFAULT_AUDIT_LIMIT);
+        let huge = AuditQuery {
+            limit: Some(usize::MAX),
+            ..AuditQuery::default()
+        };
+        assert_eq!(huge.effective_limit(), MAX_AUDIT_LIMIT);
+    }
+}

@@ -1,0 +1,467 @@
+//! The embedded SQLite backend (the sidecar and embedded default).
+//!
+//! # Files
+//!
+//! One database file at the configured path plus SQLite's `-wal` and `-shm`
+//! files next to it (WAL mode). The three belong together: back up with
+//! `sqlite3 <db> ".backup <copy>"` (or stop the gateway first), never by
+//! copying the main file alone while it runs.
+//!
+//! # Schema (version 1)
+//!
+//! All tables are `STRICT`, so a column holds only its declared type.
+//! Times are unix **milliseconds** ([`Timestamp`](portcullis_core::Timestamp))
+//! stored as `INTEGER`; a `u64` above `i64::MAX` is refused
+//! ([`StoreError::Corrupt`]) rather than wrapped.
+//!
+//! `schema_migrations`, one row per applied migration:
+//!
+//! | column | meaning |
+//! |---|---|
+//! | `version` INTEGER PK | migration number, 1, 2, … |
+//! | `name` TEXT | short name of the migration |
+//! | `applied_at` INTEGER | wall-clock ms when it was applied (informational) |
+//!
+//! `tasks`, one row per task:
+//!
+//! | column | meaning |
+//! |---|---|
+//! | `id` TEXT PK | task id |
+//! | `agent_id` TEXT | the agent running it |
+//! | `agent_type` TEXT | the agent's type (its workflow) |
+//! | `state` TEXT | current workflow state |
+//! | `status` TEXT | `active`, `completed` or `halted` |
+//! | `version` INTEGER | compare-and-swap version ([`Op::UpdateTask`]) |
+//! | `deadline` INTEGER | end of the task's maximum lifetime |
+//! | `started_at` INTEGER | when the task started |
+//! | `body` TEXT | JSON object with the remaining [`Task`](portcullis_core::Task) fields: `{"goal": str, "tools": [str], "grants": [{"tool": str, "expires_at": ms}], "calls": u64, "tool_calls": {tool: u64}}` |
+//!
+//! The columns are the only copy of the fields they hold; `body` never
+//! repeats them.
+//!
+//! `tokens`, one row per issued access token or per-hop credential
+//! (metadata only, never the token), indexed on `(task_id, issued_at)`:
+//!
+//! | column | meaning |
+//! |---|---|
+//! | `jti` TEXT PK | the token's `jti` claim |
+//! | `task_id` TEXT | the task it is bound to (foreign key to `tasks.id`) |
+//! | `agent_id` TEXT | the agent it was issued to |
+//! | `kind` TEXT | `access` or `hop` |
+//! | `issued_at` INTEGER | `iat` |
+//! | `expires_at` INTEGER | `exp` |
+//! | `revoked_at` INTEGER NULL | when it was revoked; NULL while valid |
+//! | `revoke_reason` TEXT NULL | why it was revoked |
+//!
+//! `refresh_tokens`, one row per issued refresh token, indexed on `task_id`:
+//!
+//! | column | meaning |
+//! |---|---|
+//! | `hash` TEXT PK | SHA-256 of the opaque token, lowercase hex (the token itself is never stored) |
+//! | `task_id` TEXT | the task it refreshes (foreign key to `tasks.id`) |
+//! | `agent_id` TEXT | the agent it was issued to |
+//! | `issued_at` INTEGER | when it was issued |
+//! | `idle_expires_at` INTEGER | it must be spent strictly before this instant |
+//! | `spent_at` INTEGER NULL | when it was spent, or revoked with its task; NULL while usable |
+//!
+//! `audit_events`, the audit log, indexed on `(task_id, seq)` and
+//! `(kind, seq)`:
+//!
+//! | column | meaning |
+//! |---|---|
+//! | `seq` INTEGER PK AUTOINCREMENT | the event's sequence number |
+//! | `ts` INTEGER | the event's `ts` (copy, for range scans) |
+//! | `kind` TEXT | the event's `kind`, e.g. `call.denied` (copy, for the index) |
+//! | `task_id` TEXT NULL | the event's `task_id` (copy, for the index) |
+//! | `event` TEXT | the [`NewEvent`](crate::NewEvent) as JSON (DESIGN section 6 names, empty fields omitted); the authoritative record |
+//!
+//! Not stored yet: the hash chain of DESIGN section 6 (`prev_hash`, `hash`)
+//! and elevations. The chain will be a migration adding two columns to
+//! `audit_events`, computed in the writer thread, which already orders every
+//! append.
+//!
+//! `AUTOINCREMENT` (not plain rowid) guarantees a seq is never reused, even
+//! after the newest rows are deleted; `sqlite_sequence` holds the high-water
+//! mark and is rolled back with a failed batch, so failed batches consume no
+//! seq and committed seqs are gap-free.
+//!
+//! # Concurrency: one writer thread, group commit
+//!
+//! SQLite allows one writer at a time. A dedicated OS thread owns the only
+//! read-write connection; [`SqliteStore::commit`] sends its batch over a
+//! bounded channel ([`QUEUE_DEPTH`] batches; callers wait when it is full)
+//! with a tokio oneshot for the reply. The thread blocks for one request,
+//! then drains whatever else is queued, up to [`MAX_GROUP`] batches, and
+//! applies them all in **one** `BEGIN IMMEDIATE … COMMIT` transaction:
+//!
+//! ```text
+//! BEGIN IMMEDIATE
+//!   SAVEPOINT batch  <ops of batch 1>  RELEASE batch
+//!   SAVEPOINT batch  <ops of batch 2 fail>  ROLLBACK TO batch; RELEASE batch   -> batch 2 gets its error
+//!   SAVEPOINT batch  <ops of batch 3>  RELEASE batch
+//! COMMIT                                                                         -> batches 1 and 3 get Ok
+//! ```
+//!
+//! A failing batch rolls back alone; the rest commit together and share one
+//! fsync, which is what makes thousands of commits per second possible with
+//! `synchronous = FULL`. Replies are sent only after `COMMIT` returns, so an
+//! acknowledged batch is durable. If the transaction itself fails (`COMMIT`
+//! error, or an error that makes SQLite abandon the transaction), every
+//! batch of the group gets [`StoreError::Unavailable`] and nothing of it is
+//! kept. Batches are applied in arrival order, so seqs follow commit order.
+//!
+//! When the thread is gone (closed, or died), the channel is closed and every
+//! commit is [`StoreError::Unavailable`]: fail closed, never a panic.
+//!
+//! # Reads
+//!
+//! A pool of read-only connections ([`SqliteOptions::readers`], default 4),
+//! each query run with `tokio::task::spawn_blocking`. WAL lets readers run
+//! alongside the writer; each query is its own read transaction, so it sees
+//! every batch acknowledged before it started.
+//!
+//! # Durability
+//!
+//! `journal_mode = WAL`, `synchronous = FULL` by default: an acknowledged
+//! batch survives `kill -9` and power loss. With
+//! [`SqliteOptions::synchronous_full`] off (`synchronous = NORMAL`) it
+//! survives `kill -9` but the last commits may be lost on power loss.
+//!
+//! # Migrations
+//!
+//! [`SqliteStore::open`] creates `schema_migrations` and applies every
+//! migration newer than the stored version, each in its own `BEGIN IMMEDIATE`
+//! transaction together with its `schema_migrations` row. A database whose
+//! version is newer than this build knows is refused
+//! ([`StoreError::Unavailable`]): an old binary must not write a newer
+//! layout.
+
+mod read;
+mod rows;
+mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rusqlite::types::Value;
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params, params_from_iter};
+use tokio::sync::{mpsc, oneshot};
+
+use self::read::ReadPool;
+use self::rows::{
+    REFRESH_COLUMNS, RawEvent, RawRefresh, RawTask, RawToken, TASK_COLUMNS, TOKEN_COLUMNS,
+};
+pub use self::schema::LATEST_VERSION as SCHEMA_VERSION;
+pub use self::writer::MAX_GROUP;
+use self::writer::Request;
+use crate::{
+    AuditEvent, AuditQuery, Committed, MAX_ROWS, Op, RefreshRecord, Result, Store, StoreError,
+    TaskRecord, TokenRecord,
+};
+
+/// Batches that may wait for the writer before callers are held back.
+pub const QUEUE_DEPTH: usize = 4096;
+
+/// How to open a [`SqliteStore`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqliteOptions {
+    /// `synchronous = FULL` (durable across power loss) when true, `NORMAL`
+    /// (durable across process crashes only) when false. Default true.
+    pub synchronous_full: bool,
+    /// Read-only connections in the read pool (at least 1). Default 4.
+    pub readers: usize,
+    /// How long a connection waits for a lock held by another process before
+    /// failing with [`StoreError::Unavailable`]. Default 5 s.
+    pub busy_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            synchronous_full: true,
+            readers: 4,
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The SQLite ledger. See the module doc for its layout and concurrency.
+#[derive(Debug)]
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: mpsc::Sender<Request>,
+    writer_thread: Mutex<Option<JoinHandle<()>>>,
+    readers: Arc<ReadPool>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` with default
+    /// [`SqliteOptions`]: WAL, `synchronous = FULL`, 5 s busy timeout,
+    /// foreign keys on, migrations applied.
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, &SqliteOptions::default())
+    }
+
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open_with(path: &Path, options: &SqliteOptions) -> Result<Self> {
+        let mut conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| sql_error(&format!("open {}", path.display()), &e))?;
+        configure_writer(&conn, options)?;
+        schema::migrate(&mut conn)?;
+        conn.set_prepared_statement_cache_capacity(32);
+
+        let readers = Arc::new(ReadPool::open(
+            path.to_path_buf(),
+            options.readers,
+            options.busy_timeout,
+        )?);
+
+        let (writer, requests) = mpsc::channel(QUEUE_DEPTH);
+        let thread = std::thread::Builder::new()
+            .name("portcullis-store-writer".into())
+            .spawn(move || writer::run(conn, requests))
+            .map_err(|e| StoreError::Unavailable(format!("spawn writer thread: {e}")))?;
+
+        Ok(Self {
+            path: path.to_path_buf(),
+            writer,
+            writer_thread: Mutex::new(Some(thread)),
+            readers,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops the store: batches already queued are committed, later calls
+    /// fail with [`StoreError::Unavailable`], and this returns once the
+    /// writer thread has closed its connection. Dropping the store without
+    /// `close` does the same in the background.
+    pub async fn close(&self) {
+        self.readers.close();
+        // If the writer is already gone there is nothing to stop.
+        let _ = self.writer.send(Request::Close).await;
+        let thread = self.writer_thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(thread) = thread {
+            // Joining blocks; keep it off the async workers. A writer that
+            // panicked has nothing more to report than being gone.
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+
+    async fn send(&self, request: Request) -> Result<()> {
+        self.writer
+            .send(request)
+            .await
+            .map_err(|_| StoreError::Unavailable("store writer is gone".into()))
+    }
+}
+
+fn configure_writer(conn: &Connection, options: &SqliteOptions) -> Result<()> {
+    conn.busy_timeout(options.busy_timeout)
+        .map_err(|e| sql_error("set busy timeout", &e))?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(|e| sql_error("set journal_mode", &e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Unavailable(format!(
+            "journal_mode is {mode:?}, WAL is required"
+        )));
+    }
+    let synchronous = if options.synchronous_full {
+        "FULL"
+    } else {
+        "NORMAL"
+    };
+    conn.pragma_update(None, "synchronous", synchronous)
+        .map_err(|e| sql_error("set synchronous", &e))?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(|e| sql_error("enable foreign keys", &e))?;
+    let foreign_keys: i64 = conn
+        .pragma_query_value(None, "foreign_keys", |row| row.get(0))
+        .map_err(|e| sql_error("read foreign_keys", &e))?;
+    if foreign_keys != 1 {
+        return Err(StoreError::Unavailable(
+            "foreign keys could not be enabled".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Maps a SQLite error to the store's error kinds.
+fn sql_error(context: &str, error: &rusqlite::Error) -> StoreError {
+    let message = format!("{context}: {error}");
+    match error.sqlite_error_code() {
+        Some(ErrorCode::ConstraintViolation) => StoreError::Conflict(message),
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => StoreError::Corrupt(message),
+        Some(_) => StoreError::Unavailable(message),
+        None => match error {
+            rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..)
+            | rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::Utf8Error(..) => StoreError::Corrupt(message),
+            _ => StoreError::Unavailable(message),
+        },
+    }
+}
+
+/// An error that always means "cannot answer" (schema setup).
+fn unavailable(context: &str, error: &rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(format!("{context}: {error}"))
+}
+
+/// A query bound as an SQL integer; anything past `i64::MAX` means "no
+/// bound", which `i64::MAX` expresses exactly.
+fn clamp_to_int<T: TryInto<i64>>(value: T) -> i64 {
+    value.try_into().unwrap_or(i64::MAX)
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn commit(&self, ops: Vec<Op>) -> Result<Committed> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Commit { ops, reply }).await?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("store writer stopped before answering".into()))?
+    }
+
+    async fn task(&self, id: &str) -> Result<Option<TaskRecord>> {
+        let id = id.to_owned();
+        self.readers
+            .run(move |conn| {
+                let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1");
+                conn.prepare_cached(&sql)
+                    .and_then(|mut stmt| stmt.query_row([&id], RawTask::from_row).optional())
+                    .map_err(|e| sql_error("read task", &e))?
+                    .map(RawTask::decode)
+                    .transpose()
+            })
+            .await
+    }
+
+    async fn token(&self, jti: &str) -> Result<Option<TokenRecord>> {
+        let jti = jti.to_owned();
+        self.readers
+            .run(move |conn| {
+                let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE jti = ?1");
+                conn.prepare_cached(&sql)
+                    .and_then(|mut stmt| stmt.query_row([&jti], RawToken::from_row).optional())
+                    .map_err(|e| sql_error("read token", &e))?
+                    .map(RawToken::decode)
+                    .transpose()
+            })
+            .await
+    }
+
+    async fn refresh(&self, hash: &str) -> Result<Option<RefreshRecord>> {
+        let hash = hash.to_owned();
+        self.readers
+            .run(move |conn| {
+                let sql = format!("SELECT {REFRESH_COLUMNS} FROM refresh_tokens WHERE hash = ?1");
+                conn.prepare_cached(&sql)
+                    .and_then(|mut stmt| stmt.query_row([&hash], RawRefresh::from_row).optional())
+                    .map_err(|e| sql_error("read refresh token", &e))?
+                    .map(RawRefresh::decode)
+                    .transpose()
+            })
+            .await
+    }
+
+    async fn task_tokens(&self, task_id: &str) -> Result<Vec<TokenRecord>> {
+        let task_id = task_id.to_owned();
+        self.readers
+            .run(move |conn| {
+                // The latest MAX_ROWS, returned oldest first.
+                let sql = format!(
+                    "SELECT {TOKEN_COLUMNS} FROM (SELECT {TOKEN_COLUMNS} FROM tokens \
+                     WHERE task_id = ?1 ORDER BY issued_at DESC, jti DESC LIMIT ?2) \
+                     ORDER BY issued_at, jti"
+                );
+                let limit = clamp_to_int(MAX_ROWS);
+                conn.prepare_cached(&sql)
+                    .and_then(|mut stmt| {
+                        stmt.query_map(params![task_id, limit], RawToken::from_row)?
+                            .collect::<rusqlite::Result<Vec<_>>>()
+                    })
+                    .map_err(|e| sql_error("read task tokens", &e))?
+                    .into_iter()
+                    .map(RawToken::decode)
+                    .collect()
+            })
+            .await
+    }
+
+    async fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>> {
+        let task_id = query.task_id.clone();
+        let kind = query.kind.map(|k| k.as_str());
+        let since = clamp_to_int(query.since_seq.unwrap_or(0));
+        let limit = clamp_to_int(query.effective_limit());
+        self.readers
+            .run(move |conn| {
+                // One fixed statement per filter combination, so each can use
+                // its index (`?1 IS NULL OR task_id = ?1` would defeat it).
+                let mut values = Vec::with_capacity(4);
+                let sql = match (task_id, kind) {
+                    (Some(task_id), Some(kind)) => {
+                        values.extend([Value::Text(task_id), Value::Text(kind.into())]);
+                        // Without INDEXED BY the planner may walk every
+                        // event of a common kind; a task's events are few.
+                        "SELECT seq, event FROM audit_events INDEXED BY audit_events_task \
+                         WHERE task_id = ?1 AND kind = ?2 AND seq > ?3 ORDER BY seq LIMIT ?4"
+                    }
+                    (Some(task_id), None) => {
+                        values.push(Value::Text(task_id));
+                        "SELECT seq, event FROM audit_events WHERE task_id = ?1 \
+                         AND seq > ?2 ORDER BY seq LIMIT ?3"
+                    }
+                    (None, Some(kind)) => {
+                        values.push(Value::Text(kind.into()));
+                        "SELECT seq, event FROM audit_events WHERE kind = ?1 \
+                         AND seq > ?2 ORDER BY seq LIMIT ?3"
+                    }
+                    (None, None) => {
+                        "SELECT seq, event FROM audit_events WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+                    }
+                };
+                values.extend([Value::Integer(since), Value::Integer(limit)]);
+                conn.prepare_cached(sql)
+                    .and_then(|mut stmt| {
+                        stmt.query_map(params_from_iter(values), RawEvent::from_row)?
+                            .collect::<rusqlite::Result<Vec<_>>>()
+                    })
+                    .map_err(|e| sql_error("read audit events", &e))?
+                    .into_iter()
+                    .map(RawEvent::decode)
+                    .collect()
+            })
+            .await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        // Both halves must work: a store that reads but cannot write is not
+        // ready.
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Ping { reply }).await?;
+        answer.await.map_err(|_| {
+            StoreError::Unavailable("store writer stopped before answering".into())
+        })??;
+        self.readers
+            .run(|conn| schema::current_version(conn).map(drop))
+            .await
+    }
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+}

@@ -1,0 +1,391 @@
+//! The writer thread: owns the one read-write connection and applies batches
+//! with group commit (see the [`super`] module doc).
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::rows::{TaskRow, to_int};
+use super::sql_error;
+use crate::{Committed, Op, Result, StoreError};
+
+/// Most batches drained into one SQLite transaction.
+pub const MAX_GROUP: usize = 512;
+
+/// What callers send to the writer thread.
+#[derive(Debug)]
+pub enum Request {
+    /// Apply a batch atomically and reply once it is durable.
+    Commit {
+        ops: Vec<Op>,
+        reply: oneshot::Sender<Result<Committed>>,
+    },
+    /// Run a query on the write connection and reply.
+    Ping { reply: oneshot::Sender<Result<()>> },
+    /// Finish what is queued before this request, then stop.
+    Close,
+}
+
+/// The thread's body: runs until every sender is gone or [`Request::Close`].
+pub fn run(mut conn: Connection, mut requests: mpsc::Receiver<Request>) {
+    let mut group = Vec::with_capacity(MAX_GROUP);
+    let mut closing = false;
+    while !closing {
+        let Some(first) = requests.blocking_recv() else {
+            break;
+        };
+        group.push(first);
+        // Group commit: everything already queued rides on the same
+        // transaction and the same fsync.
+        while group.len() < MAX_GROUP {
+            match requests.try_recv() {
+                Ok(request) => group.push(request),
+                Err(_) => break,
+            }
+        }
+        closing = process(&mut conn, &mut group);
+    }
+    // Dropping `requests` here fails every request still queued (their reply
+    // senders drop, callers see `Unavailable`); dropping `conn` closes the
+    // database, checkpointing the WAL if this was the last connection.
+}
+
+/// Applies one group. Returns true when a [`Request::Close`] was seen.
+fn process(conn: &mut Connection, group: &mut Vec<Request>) -> bool {
+    let mut batches = Vec::new();
+    let mut pings = Vec::new();
+    let mut closing = false;
+    for request in group.drain(..) {
+        match request {
+            Request::Commit { ops, reply } => batches.push((ops, reply)),
+            Request::Ping { reply } => pings.push(reply),
+            Request::Close => closing = true,
+        }
+    }
+    if !batches.is_empty() {
+        commit_group(conn, batches);
+    }
+    for reply in pings {
+        let result = conn
+            .query_row("SELECT count(*) FROM schema_migrations", [], |row| {
+                row.get::<_, i64>(0)
+            })
+            .map(drop)
+            .map_err(|e| sql_error("ping", &e));
+        // A caller that stopped waiting does not need the answer.
+        let _ = reply.send(result);
+    }
+    closing
+}
+
+type Reply = oneshot::Sender<Result<Committed>>;
+
+/// How a batch failed.
+struct Failed {
+    /// What the caller is told.
+    error: StoreError,
+    /// False when the enclosing transaction did not survive the failure, so
+    /// every batch of the group is lost.
+    group_intact: bool,
+}
+
+fn commit_group(conn: &mut Connection, batches: Vec<(Vec<Op>, Reply)>) {
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let error = sql_error("begin", &e);
+        for (_, reply) in batches {
+            let _ = reply.send(Err(StoreError::Unavailable(error.to_string())));
+        }
+        return;
+    }
+
+    // Replies wait here until COMMIT succeeded: nothing is acknowledged
+    // before it is durable.
+    let mut applied: Vec<(Reply, Committed)> = Vec::with_capacity(batches.len());
+    let mut lost: Option<String> = None;
+    for (ops, reply) in batches {
+        if let Some(why) = &lost {
+            let _ = reply.send(Err(StoreError::Unavailable(why.clone())));
+            continue;
+        }
+        match apply_batch(conn, ops) {
+            Ok(committed) => applied.push((reply, committed)),
+            Err(Failed {
+                error,
+                group_intact,
+            }) => {
+                if !group_intact {
+                    lost = Some(format!("transaction aborted: {error}"));
+                }
+                // Rolled back either way: the outcome is final.
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+
+    let outcome = match lost {
+        Some(why) => Err(why),
+        None => conn
+            .execute_batch("COMMIT")
+            .map_err(|e| format!("commit: {e}")),
+    };
+    match outcome {
+        Ok(()) => {
+            for (reply, committed) in applied {
+                let _ = reply.send(Ok(committed));
+            }
+        }
+        Err(why) => {
+            if !conn.is_autocommit() {
+                // Nothing to do if this fails too: the next BEGIN will fail
+                // and report it.
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            for (reply, _) in applied {
+                let _ = reply.send(Err(StoreError::Unavailable(why.clone())));
+            }
+        }
+    }
+}
+
+/// Applies one batch inside its own savepoint, so that its failure undoes
+/// only its own ops.
+fn apply_batch(conn: &Connection, ops: Vec<Op>) -> std::result::Result<Committed, Failed> {
+    conn.execute_batch("SAVEPOINT batch").map_err(|e| Failed {
+        error: sql_error("savepoint", &e),
+        group_intact: false,
+    })?;
+    let mut committed = Committed::default();
+    for op in ops {
+        if let Err(error) = apply(conn, op, &mut committed) {
+            // INVARIANT: a failed batch leaves no trace, including no
+            // consumed audit seq (sqlite_sequence is rolled back with it).
+            let undone = conn.execute_batch("ROLLBACK TO batch; RELEASE batch");
+            let group_intact = undone.is_ok() && !conn.is_autocommit();
+            return Err(Failed {
+                error,
+                group_intact,
+            });
+        }
+    }
+    conn.execute_batch("RELEASE batch").map_err(|e| Failed {
+        error: sql_error("release savepoint", &e),
+        group_intact: false,
+    })?;
+    Ok(committed)
+}
+
+fn apply(conn: &Connection, op: Op, committed: &mut Committed) -> Result<()> {
+    match op {
+        Op::InsertTask(record) => {
+            let row = TaskRow::encode(&record)?;
+            conn.prepare_cached(
+                "INSERT INTO tasks (id, agent_id, agent_type, state, status, version, deadline, \
+                 started_at, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    row.id,
+                    row.agent_id,
+                    row.agent_type,
+                    row.state,
+                    row.status,
+                    row.version,
+                    row.deadline,
+                    row.started_at,
+                    row.body
+                ])
+            })
+            .map_err(|e| sql_error(&format!("insert task {:?}", row.id), &e))?;
+        }
+        Op::UpdateTask {
+            record,
+            expected_version,
+        } => {
+            let id = &record.task.id;
+            if record.task.version <= expected_version {
+                return Err(StoreError::Conflict(format!(
+                    "update task {id:?}: new version {} must be greater than expected version \
+                     {expected_version}",
+                    record.task.version
+                )));
+            }
+            let expected = to_int("expected version", expected_version)?;
+            let row = TaskRow::encode(&record)?;
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE tasks SET agent_id = ?2, agent_type = ?3, state = ?4, status = ?5, \
+                     version = ?6, deadline = ?7, started_at = ?8, body = ?9 \
+                     WHERE id = ?1 AND version = ?10",
+                )
+                .and_then(|mut stmt| {
+                    stmt.execute(params![
+                        row.id,
+                        row.agent_id,
+                        row.agent_type,
+                        row.state,
+                        row.status,
+                        row.version,
+                        row.deadline,
+                        row.started_at,
+                        row.body,
+                        expected
+                    ])
+                })
+                .map_err(|e| sql_error(&format!("update task {id:?}"), &e))?;
+            if changed == 0 {
+                let stored: Option<i64> = conn
+                    .query_row("SELECT version FROM tasks WHERE id = ?1", [id], |row| {
+                        row.get(0)
+                    })
+                    .optional()
+                    .map_err(|e| sql_error(&format!("update task {id:?}"), &e))?;
+                return Err(StoreError::Conflict(match stored {
+                    None => format!("update task {id:?}: no such task"),
+                    Some(version) => format!(
+                        "update task {id:?}: stored version is {version}, not {expected_version}"
+                    ),
+                }));
+            }
+        }
+        Op::InsertToken(token) => {
+            let issued_at = to_int("token issued_at", token.issued_at.0)?;
+            let expires_at = to_int("token expires_at", token.expires_at.0)?;
+            let revoked_at = token
+                .revoked_at
+                .map(|at| to_int("token revoked_at", at.0))
+                .transpose()?;
+            conn.prepare_cached(
+                "INSERT INTO tokens (jti, task_id, agent_id, kind, issued_at, expires_at, \
+                 revoked_at, revoke_reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    token.jti,
+                    token.task_id,
+                    token.agent_id,
+                    token.kind.as_str(),
+                    issued_at,
+                    expires_at,
+                    revoked_at,
+                    token.revoke_reason
+                ])
+            })
+            .map_err(|e| {
+                sql_error(
+                    &format!("insert token {:?} of task {:?}", token.jti, token.task_id),
+                    &e,
+                )
+            })?;
+        }
+        Op::RevokeToken { jti, at, reason } => {
+            let at = to_int("revoked_at", at.0)?;
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE tokens SET revoked_at = ?2, revoke_reason = ?3 \
+                     WHERE jti = ?1 AND revoked_at IS NULL",
+                )
+                .and_then(|mut stmt| stmt.execute(params![jti, at, reason]))
+                .map_err(|e| sql_error(&format!("revoke token {jti:?}"), &e))?;
+            if changed > 0 {
+                committed.revoked.push(jti);
+            }
+        }
+        Op::RevokeTaskTokens {
+            task_id,
+            at,
+            reason,
+        } => {
+            let at = to_int("revoked_at", at.0)?;
+            let context = || format!("revoke tokens of task {task_id:?}");
+            let mut revoked = conn
+                .prepare_cached(
+                    "UPDATE tokens SET revoked_at = ?2, revoke_reason = ?3 \
+                     WHERE task_id = ?1 AND revoked_at IS NULL RETURNING jti",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_map(params![task_id, at, reason], |row| row.get::<_, String>(0))?
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(|e| sql_error(&context(), &e))?;
+            // RETURNING order is unspecified; keep the reply deterministic.
+            revoked.sort_unstable();
+            committed.revoked.extend(revoked);
+            conn.prepare_cached(
+                "UPDATE refresh_tokens SET spent_at = ?2 WHERE task_id = ?1 AND spent_at IS NULL",
+            )
+            .and_then(|mut stmt| stmt.execute(params![task_id, at]))
+            .map_err(|e| sql_error(&context(), &e))?;
+        }
+        Op::InsertRefresh(refresh) => {
+            let issued_at = to_int("refresh issued_at", refresh.issued_at.0)?;
+            let idle_expires_at = to_int("refresh idle_expires_at", refresh.idle_expires_at.0)?;
+            let spent_at = refresh
+                .spent_at
+                .map(|at| to_int("refresh spent_at", at.0))
+                .transpose()?;
+            conn.prepare_cached(
+                "INSERT INTO refresh_tokens (hash, task_id, agent_id, issued_at, \
+                 idle_expires_at, spent_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    refresh.hash,
+                    refresh.task_id,
+                    refresh.agent_id,
+                    issued_at,
+                    idle_expires_at,
+                    spent_at
+                ])
+            })
+            .map_err(|e| {
+                sql_error(
+                    &format!("insert refresh token of task {:?}", refresh.task_id),
+                    &e,
+                )
+            })?;
+        }
+        Op::SpendRefresh { hash, at } => {
+            let at = to_int("spent_at", at.0)?;
+            let found: Option<(String, i64, Option<i64>)> = conn
+                .prepare_cached(
+                    "SELECT task_id, idle_expires_at, spent_at FROM refresh_tokens WHERE hash = ?1",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_row([&hash], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+                        .optional()
+                })
+                .map_err(|e| sql_error("spend refresh token", &e))?;
+            let Some((task_id, idle_expires_at, spent_at)) = found else {
+                return Err(StoreError::RefreshUnknown);
+            };
+            if spent_at.is_some() {
+                return Err(StoreError::RefreshSpent { task_id });
+            }
+            if idle_expires_at <= at {
+                return Err(StoreError::RefreshExpired { task_id });
+            }
+            conn.prepare_cached("UPDATE refresh_tokens SET spent_at = ?2 WHERE hash = ?1")
+                .and_then(|mut stmt| stmt.execute(params![hash, at]))
+                .map_err(|e| sql_error("spend refresh token", &e))?;
+        }
+        Op::Append(event) => {
+            let ts = to_int("event ts", event.ts.0)?;
+            let json = serde_json::to_string(&event)
+                .map_err(|e| StoreError::Corrupt(format!("encode audit event: {e}")))?;
+            conn.prepare_cached(
+                "INSERT INTO audit_events (ts, kind, task_id, event) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![ts, event.kind.as_str(), event.task_id, json])
+            })
+            .map_err(|e| sql_error("append audit event", &e))?;
+            let seq = u64::try_from(conn.last_insert_rowid()).map_err(|_| {
+                StoreError::Corrupt(format!(
+                    "audit seq is negative: {}",
+                    conn.last_insert_rowid()
+                ))
+            })?;
+            committed.seqs.push(seq);
+        }
+    }
+    Ok(())
+}
