@@ -34,3 +34,4 @@ pub mod upstream;
 pub use pipeline::UPSTREAM_TIMEOUT;
 pub use server::{router, serve};
 pub use state::{Gateway, SetupError};
+pub use tasks::StartedTask;

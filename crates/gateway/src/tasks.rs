@@ -68,16 +68,62 @@ pub(crate) async fn start(
                 "goal longer than {MAX_GOAL_BYTES} bytes"
             )));
         }
-        let now = gw.now();
+        let StartedTask {
+            task,
+            access,
+            refresh,
+            expires_in,
+        } = gw
+            .start_task(&agent, &req.goal, req.tools.as_deref())
+            .await?;
+        let body = json!({
+            "task_id": task.id,
+            "access_token": access,
+            "refresh_token": refresh.as_str(),
+            "token_type": "Bearer",
+            "expires_in": expires_in,
+            "state": task.state,
+            "tools": task.tools,
+        });
+        Ok((StatusCode::CREATED, no_store(), Json(body)).into_response())
+    }
+    .await;
+    respond(&rid, result)
+}
+
+/// A task just started, with its first tokens.
+#[derive(Debug)]
+pub struct StartedTask {
+    /// The task.
+    pub task: portcullis_core::Task,
+    /// Its first access token.
+    pub access: String,
+    /// Its first refresh token.
+    pub refresh: zeroize::Zeroizing<String>,
+    /// Seconds until the access token expires.
+    pub expires_in: u64,
+}
+
+impl Gateway {
+    /// Starts a task for an already authenticated agent: the engine's
+    /// start, an access and a refresh token, and one ledger transaction
+    /// with the task, both tokens and their audit events.
+    pub async fn start_task(
+        &self,
+        agent: &str,
+        goal: &str,
+        tools: Option<&[String]>,
+    ) -> Result<StartedTask, ApiError> {
+        let now = self.now();
         let task_id = portcullis_token::random_id("task_").map_err(internal)?;
-        let task = gw
+        let task = self
             .engine
-            .start_task(&task_id, &agent, &req.goal, req.tools.as_deref())
+            .start_task(&task_id, agent, goal, tools)
             .map_err(|d| ApiError::denied(d.reason, d.detail))?;
-        let deadline = deadline_of(&task, gw.settings.task_max_ms);
-        let scope = gw.phase_scope(&task);
-        let (access, expires_in, mut ops) = gw.mint_access(&task, &scope, deadline, now)?;
-        let (refresh, refresh_ops) = gw.mint_refresh(&task, deadline, now)?;
+        let deadline = deadline_of(&task, self.settings.task_max_ms);
+        let scope = self.phase_scope(&task);
+        let (access, expires_in, mut ops) = self.mint_access(&task, &scope, deadline, now)?;
+        let (refresh, refresh_ops) = self.mint_refresh(&task, deadline, now)?;
         let mut started = NewEvent::new(now, EventKind::TaskStarted);
         started.task_id = Some(task.id.clone());
         started.agent_id = Some(task.agent_id.clone());
@@ -95,24 +141,18 @@ pub(crate) async fn start(
         ];
         all.append(&mut ops);
         all.extend(refresh_ops);
-        gw.store
+        self.store
             .commit(all)
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
-        gw.metrics.tokens(TokenEvent::Issued, 1);
-        let body = json!({
-            "task_id": task.id,
-            "access_token": access,
-            "refresh_token": refresh.as_str(),
-            "token_type": "Bearer",
-            "expires_in": expires_in,
-            "state": task.state,
-            "tools": task.tools,
-        });
-        Ok((StatusCode::CREATED, no_store(), Json(body)).into_response())
+        self.metrics.tokens(TokenEvent::Issued, 1);
+        Ok(StartedTask {
+            task,
+            access,
+            refresh,
+            expires_in,
+        })
     }
-    .await;
-    respond(&rid, result)
 }
 
 /// Sets `key` of a JSON object body.
