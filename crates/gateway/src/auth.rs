@@ -55,7 +55,7 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
 impl Gateway {
     /// Verifies an access token of this gateway and checks the ledger that
     /// it is live. Hop tokens (other audiences) are `wrong_audience`.
-    pub(crate) async fn authenticate_token(&self, token: &str) -> Result<Claims, ApiError> {
+    pub async fn authenticate_token(&self, token: &str) -> Result<Claims, ApiError> {
         let now = self.now();
         let expect = Expect {
             issuer: &self.settings.issuer,
