@@ -13,13 +13,18 @@
 //! - `decide/indexed_forbid`: a call that a policy forbids;
 //! - `decide_by_policy_count/{indexed,unsliced}/{100,1000,10000}`: the
 //!   allowed call with 100, 1,000 and 10,000 policies, spread evenly over the
-//!   200 tools (so a tool's own slice grows with the total).
+//!   200 tools (so a tool's own slice grows with the total: about 0.5, 5 and
+//!   50 scoped policies per tool, plus the 5 unscoped ones);
+//! - `decide_by_policy_count/indexed_fixed_slice/{100,1000,10000}`: the same
+//!   totals, but the called tool keeps 5 scoped policies of its own and the
+//!   rest go to the other 199 tools, which is what the per-tool index is
+//!   meant to make free.
 //!
 //! Criterion reports means and medians only, so after the groups a
 //! percentile pass times `PORTCULLIS_BENCH_CALLS` (default 100,000)
 //! individual decisions with `Instant` and prints p50/p90/p99/p99.9/max. It
 //! is skipped in criterion's smoke mode (`-- --test`, or `cargo test
-//! --benches`) and with `PORTCULLIS_BENCH_CALLS=0`.
+//! --benches`), with `--profile-time`, and with `PORTCULLIS_BENCH_CALLS=0`.
 //!
 //! Every benchmarked call is checked before it is timed: the allowed call
 //! must be allowed for every tool it is made with, the forbidden one denied
@@ -237,7 +242,11 @@ impl Kind {
 fn tool_name(tool: usize) -> String {
     let upstream = UPSTREAMS[tool / TOOLS_PER_UPSTREAM];
     let kind = Kind::of(tool);
-    format!("{upstream}.{}_{:02}", kind.verb(), tool % TOOLS_PER_UPSTREAM)
+    format!(
+        "{upstream}.{}_{:02}",
+        kind.verb(),
+        tool % TOOLS_PER_UPSTREAM
+    )
 }
 
 /// The unscoped policies: `(id, condition)`.
@@ -255,14 +264,30 @@ const UNSCOPED_POLICIES: [(&str, &str); UNSCOPED] = [
         "no-traversal-anywhere",
         r#"context.args has path && context.args.path like "*..*""#,
     ),
-    ("no-quarantined-agents", r#"principal.type == "quarantined""#),
+    (
+        "no-quarantined-agents",
+        r#"principal.type == "quarantined""#,
+    ),
 ];
 
+/// How the tool-scoped policies are spread over the tools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Round-robin over all tools: every slice grows with the total.
+    Even,
+    /// Tool 0 gets exactly its five templates, the rest go round-robin to
+    /// the other tools: tool 0's slice stays the same as the total grows.
+    FixedFirst,
+}
+
+/// Tool-scoped policies of tool 0 under [`Layout::FixedFirst`].
+const FIXED_OWN: usize = 5;
+
 /// The configuration file and its policy files (name, text) for `policies`
-/// policies: [`UNSCOPED`] in `common.cedar`, the rest spread round-robin
-/// over the tools (tool `t` gets its templates 0, 1, 2, … in turn), one
-/// file per upstream.
-fn generate(policies: usize) -> (String, Vec<(String, String)>) {
+/// policies: [`UNSCOPED`] in `common.cedar`, the rest spread over the tools
+/// as `layout` says (a tool gets its templates 0, 1, 2, … in turn), one file
+/// per upstream.
+fn generate(policies: usize, layout: Layout) -> (String, Vec<(String, String)>) {
     let mut toml = String::new();
     for upstream in UPSTREAMS {
         writeln!(
@@ -311,9 +336,16 @@ fn generate(policies: usize) -> (String, Vec<(String, String)>) {
         .unwrap();
     }
     files.push(("common.cedar".to_owned(), common));
-    for p in 0..policies.saturating_sub(UNSCOPED) {
-        let t = p % TOOLS;
-        let nth = p / TOOLS;
+    let scoped = policies.saturating_sub(UNSCOPED);
+    let placed = (0..scoped).map(|p| match layout {
+        Layout::Even => (p % TOOLS, p / TOOLS),
+        Layout::FixedFirst if p < FIXED_OWN => (0, p),
+        Layout::FixedFirst => {
+            let q = p - FIXED_OWN;
+            (1 + q % (TOOLS - 1), q / (TOOLS - 1))
+        }
+    });
+    for (t, nth) in placed {
         let (template, round) = (nth % 5, nth / 5);
         let (suffix, when) = Kind::of(t).policy(template, round);
         let name = &names[t];
@@ -332,10 +364,11 @@ fn generate(policies: usize) -> (String, Vec<(String, String)>) {
     (toml, files)
 }
 
-/// Builds the engine for `policies` generated policies; prints how long the
-/// build took (it is not part of any timed figure).
-fn engine(policies: usize) -> Engine {
-    let (toml, files) = generate(policies);
+/// Builds the engine for `policies` generated policies laid out as
+/// `layout`; prints how long the build took (it is not part of any timed
+/// figure).
+fn engine(policies: usize, layout: Layout) -> Engine {
+    let (toml, files) = generate(policies, layout);
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     for (name, text) in &files {
@@ -352,7 +385,7 @@ fn engine(policies: usize) -> Engine {
     assert_eq!(engine.policy_count(), policies);
     assert_eq!(engine.tools().count(), TOOLS);
     eprintln!(
-        "setup: {TOOLS} tools, {policies} policies: engine built in {:.2?}",
+        "setup: {TOOLS} tools, {policies} policies ({layout:?}): engine built in {:.2?}",
         started.elapsed()
     );
     engine
@@ -380,7 +413,8 @@ fn allowed_args() -> Value {
 /// forbids.
 fn forbidden_args() -> Value {
     let mut args = allowed_args();
-    args["sql"] = json!("SELECT * FROM orders o WHERE o.status = 'pending' ORDER BY o.created_at DESC");
+    args["sql"] =
+        json!("SELECT * FROM orders o WHERE o.status = 'pending' ORDER BY o.created_at DESC");
     args
 }
 
@@ -445,8 +479,8 @@ struct Setup {
 
 impl Setup {
     fn new(policies: usize) -> Self {
-        let indexed = engine(policies);
-        let unsliced = engine(policies).without_policy_index();
+        let indexed = engine(policies, Layout::Even);
+        let unsliced = engine(policies, Layout::Even).without_policy_index();
         let task = start(&indexed);
         let tools = query_tools();
         let allowed = allowed_args();
@@ -463,7 +497,13 @@ impl Setup {
 }
 
 /// Times one decision per iteration, going round the query tools.
-fn bench_decide(b: &mut criterion::Bencher<'_>, engine: &Engine, task: &Task, tools: &[String], args: &Value) {
+fn bench_decide(
+    b: &mut criterion::Bencher<'_>,
+    engine: &Engine,
+    task: &Task,
+    tools: &[String],
+    args: &Value,
+) {
     let mut i = 0usize;
     b.iter(|| {
         let tool = &tools[i % tools.len()];
@@ -482,7 +522,13 @@ fn decide(c: &mut Criterion, setup: &Setup) {
         bench_decide(b, &setup.indexed, &setup.task, &setup.tools, &setup.allowed);
     });
     group.bench_function("unsliced", |b| {
-        bench_decide(b, &setup.unsliced, &setup.task, &setup.tools, &setup.allowed);
+        bench_decide(
+            b,
+            &setup.unsliced,
+            &setup.task,
+            &setup.tools,
+            &setup.allowed,
+        );
     });
     group.bench_function("indexed_forbid", |b| {
         bench_decide(b, &setup.indexed, &setup.task, &setup.tools, &forbidden);
@@ -503,15 +549,41 @@ fn decide_by_policy_count(c: &mut Criterion, at_target: &Setup) {
         group.bench_with_input(BenchmarkId::new("indexed", count), setup, |b, s| {
             bench_decide(b, &s.indexed, &s.task, &s.tools, &s.allowed);
         });
+        // Unsliced with 10,000 policies takes milliseconds a call: 100
+        // samples would take minutes, 20 are plenty at that size.
+        group.sample_size(if count > POLICIES { 20 } else { 100 });
         group.bench_with_input(BenchmarkId::new("unsliced", count), setup, |b, s| {
             bench_decide(b, &s.unsliced, &s.task, &s.tools, &s.allowed);
         });
+        group.sample_size(100);
+    }
+    // The same totals, but the called tool's own slice held at 5 scoped +
+    // 5 unscoped policies: what the index makes independent of the total.
+    let allowed = allowed_args();
+    let tool = vec![tool_name(0)];
+    for count in POLICY_COUNTS {
+        let engine = engine(count, Layout::FixedFirst);
+        let task = start(&engine);
+        assert_allowed(&engine, &task, &tool, &allowed);
+        assert_forbidden(&engine, &task, &tool, &forbidden_args());
+        group.bench_with_input(
+            BenchmarkId::new("indexed_fixed_slice", count),
+            &engine,
+            |b, e| bench_decide(b, e, &task, &tool, &allowed),
+        );
     }
     group.finish();
 }
 
 /// Times `calls` individual decisions and prints their percentiles.
-fn percentiles(label: &str, engine: &Engine, task: &Task, tools: &[String], args: &Value, calls: usize) {
+fn percentiles(
+    label: &str,
+    engine: &Engine,
+    task: &Task,
+    tools: &[String],
+    args: &Value,
+    calls: usize,
+) {
     // Warm caches and branch predictors as criterion's warm-up would.
     for i in 0..calls.min(10_000) {
         black_box(engine.decide(task, &tools[i % tools.len()], args));
@@ -562,7 +634,9 @@ fn timer_overhead() {
 fn percentile_calls() -> usize {
     let args: Vec<String> = std::env::args().collect();
     let benchmarking = args.iter().any(|a| a == "--bench")
-        && !args.iter().any(|a| a == "--test" || a == "--list");
+        && !args
+            .iter()
+            .any(|a| a == "--test" || a == "--list" || a.starts_with("--profile-time"));
     if !benchmarking {
         return 0;
     }
@@ -583,9 +657,30 @@ fn main() {
         timer_overhead();
         let forbidden = forbidden_args();
         let s = &setup;
-        percentiles("decide/indexed", &s.indexed, &s.task, &s.tools, &s.allowed, calls);
-        percentiles("decide/unsliced", &s.unsliced, &s.task, &s.tools, &s.allowed, calls);
-        percentiles("decide/indexed_forbid", &s.indexed, &s.task, &s.tools, &forbidden, calls);
+        percentiles(
+            "decide/indexed",
+            &s.indexed,
+            &s.task,
+            &s.tools,
+            &s.allowed,
+            calls,
+        );
+        percentiles(
+            "decide/unsliced",
+            &s.unsliced,
+            &s.task,
+            &s.tools,
+            &s.allowed,
+            calls,
+        );
+        percentiles(
+            "decide/indexed_forbid",
+            &s.indexed,
+            &s.task,
+            &s.tools,
+            &forbidden,
+            calls,
+        );
     }
     c.final_summary();
 }
