@@ -170,61 +170,113 @@ impl Shape {
         }
     }
 
-    /// Converts `value`, already validated against the schema this shape
-    /// came from, into a Cedar value. Undeclared properties are dropped.
-    pub fn to_cedar(
+    /// Converts call arguments, already validated against the schema this
+    /// shape came from, into the Cedar record `context.args`. Undeclared
+    /// properties are dropped, and so are declared top-level ones outside
+    /// `keep` (when given): what no policy of the tool reads is not worth
+    /// converting. The error names the JSON pointer, never the value.
+    pub fn to_cedar_args(
         &self,
         value: &Value,
-        pointer: &mut String,
+        keep: Option<&std::collections::HashSet<String>>,
     ) -> Result<RestrictedExpression, String> {
-        let mismatch =
-            |pointer: &str, what: &str| format!("{}: expected {what}", display_pointer(pointer));
+        let result = match (self, value) {
+            (Self::Record(fields), Value::Object(map)) => {
+                let kept = fields
+                    .iter()
+                    .filter(|f| keep.is_none_or(|k| k.contains(&f.name)));
+                Self::record(kept, map)
+            }
+            _ => self.convert(value),
+        };
+        result.map_err(ConvError::describe)
+    }
+
+    /// Converts `value` (see [`Shape::to_cedar_args`]); every field kept.
+    pub fn to_cedar(&self, value: &Value) -> Result<RestrictedExpression, String> {
+        self.convert(value).map_err(ConvError::describe)
+    }
+
+    fn record<'f>(
+        fields: impl Iterator<Item = &'f Field>,
+        map: &Map<String, Value>,
+    ) -> Result<RestrictedExpression, ConvError> {
+        let mut out = Vec::new();
+        for field in fields {
+            match map.get(&field.name) {
+                Some(v) => {
+                    let converted = field
+                        .shape
+                        .convert(v)
+                        .map_err(|e| e.under(field.name.replace('~', "~0").replace('/', "~1")))?;
+                    out.push((field.name.clone(), converted));
+                }
+                None if field.required => {
+                    return Err(ConvError::new("required property missing"));
+                }
+                None => {}
+            }
+        }
+        RestrictedExpression::new_record(out).map_err(|e| ConvError::new(e.to_string()))
+    }
+
+    fn convert(&self, value: &Value) -> Result<RestrictedExpression, ConvError> {
         match (self, value) {
             (Self::String, Value::String(s)) => Ok(RestrictedExpression::new_string(s.clone())),
             (Self::Bool, Value::Bool(b)) => Ok(RestrictedExpression::new_bool(*b)),
             (Self::Long, Value::Number(n)) => exact_i64(n)
                 .map(RestrictedExpression::new_long)
                 .ok_or_else(|| {
-                    format!(
-                        "{}: integer outside the range policies can evaluate (64-bit signed)",
-                        display_pointer(pointer)
+                    ConvError::new(
+                        "integer outside the range policies can evaluate (64-bit signed)",
                     )
                 }),
             (Self::Set(item), Value::Array(values)) => {
                 let mut out = Vec::with_capacity(values.len());
                 for (i, v) in values.iter().enumerate() {
-                    let len = pointer.len();
-                    pointer.push('/');
-                    pointer.push_str(&i.to_string());
-                    out.push(item.to_cedar(v, pointer)?);
-                    pointer.truncate(len);
+                    out.push(item.convert(v).map_err(|e| e.under(i.to_string()))?);
                 }
                 Ok(RestrictedExpression::new_set(out))
             }
-            (Self::Record(fields), Value::Object(map)) => {
-                let mut out = Vec::with_capacity(fields.len());
-                for field in fields {
-                    if let Some(v) = map.get(&field.name) {
-                        let len = pointer.len();
-                        pointer.push('/');
-                        pointer.push_str(&field.name.replace('~', "~0").replace('/', "~1"));
-                        out.push((field.name.clone(), field.shape.to_cedar(v, pointer)?));
-                        pointer.truncate(len);
-                    } else if field.required {
-                        return Err(format!(
-                            "{}: required property missing",
-                            display_pointer(pointer)
-                        ));
-                    }
-                }
-                RestrictedExpression::new_record(out).map_err(|e| e.to_string())
-            }
-            (Self::String, _) => Err(mismatch(pointer, "a string")),
-            (Self::Bool, _) => Err(mismatch(pointer, "a boolean")),
-            (Self::Long, _) => Err(mismatch(pointer, "an integer")),
-            (Self::Set(_), _) => Err(mismatch(pointer, "an array")),
-            (Self::Record(_), _) => Err(mismatch(pointer, "an object")),
+            (Self::Record(fields), Value::Object(map)) => Self::record(fields.iter(), map),
+            (Self::String, _) => Err(ConvError::new("expected a string")),
+            (Self::Bool, _) => Err(ConvError::new("expected a boolean")),
+            (Self::Long, _) => Err(ConvError::new("expected an integer")),
+            (Self::Set(_), _) => Err(ConvError::new("expected an array")),
+            (Self::Record(_), _) => Err(ConvError::new("expected an object")),
         }
+    }
+}
+
+/// A conversion failure; the path is collected only on this (rare) path,
+/// innermost segment first.
+#[derive(Debug)]
+struct ConvError {
+    reversed_path: Vec<String>,
+    what: String,
+}
+
+impl ConvError {
+    fn new(what: impl Into<String>) -> Self {
+        Self {
+            reversed_path: Vec::new(),
+            what: what.into(),
+        }
+    }
+
+    fn under(mut self, segment: String) -> Self {
+        self.reversed_path.push(segment);
+        self
+    }
+
+    fn describe(self) -> String {
+        let pointer: String = self
+            .reversed_path
+            .iter()
+            .rev()
+            .map(|s| format!("/{s}"))
+            .collect();
+        format!("{}: {}", display_pointer(&pointer), self.what)
     }
 }
 
@@ -310,11 +362,8 @@ mod tests {
         let shape = Shape::of_args(&json!({
             "type": "object", "properties": { "limit": { "type": "integer" } }
         }));
-        let mut p = String::new();
-        assert!(shape.to_cedar(&json!({ "limit": 5.0 }), &mut p).is_ok());
-        let err = shape
-            .to_cedar(&json!({ "limit": u64::MAX }), &mut p)
-            .unwrap_err();
+        assert!(shape.to_cedar(&json!({ "limit": 5.0 })).is_ok());
+        let err = shape.to_cedar(&json!({ "limit": u64::MAX })).unwrap_err();
         assert!(err.starts_with("/limit: integer outside"), "{err}");
         assert!(
             !err.contains(&u64::MAX.to_string()),

@@ -377,7 +377,7 @@ impl Engine {
             let state_name = transition
                 .as_ref()
                 .map_or(task.state.as_str(), |t| t.to.as_str());
-            let context = match self.context(task, tool, def, args, state_name) {
+            let context = match self.context(task, tool, tool_i, def, args, state_name) {
                 Ok(c) => c,
                 Err(denial) => return *denial,
             };
@@ -408,14 +408,15 @@ impl Engine {
         &self,
         task: &Task,
         tool: &str,
+        tool_i: usize,
         def: &ToolDef,
         args: &Value,
         state: &str,
     ) -> Result<Context, Box<Decision>> {
-        let mut pointer = String::new();
+        let keep = self.policies.arg_fields(tool_i, !self.slice_policies);
         let args = def
             .shape
-            .to_cedar(args, &mut pointer)
+            .to_cedar_args(args, keep)
             .map_err(|why| Box::new(Decision::deny(tool, Reason::ArgsInvalid, why)))?;
         let long = |n: u64| RestrictedExpression::new_long(i64::try_from(n).unwrap_or(i64::MAX));
         let task_record = RestrictedExpression::new_record([

@@ -85,6 +85,11 @@ pub(crate) struct PolicyIndex {
     tools: Vec<EntityUid>,
     authorizer: Authorizer,
     count: usize,
+    /// Per tool: the top-level `context.args` attributes its slice reads,
+    /// or `None` when some policy uses `context.args` (or `context`) whole.
+    arg_fields: Vec<Option<HashSet<String>>>,
+    /// The same over every policy, for the unsliced set.
+    arg_fields_whole: Option<HashSet<String>>,
 }
 
 /// The Cedar entities, with the uids of agents (by id) and tools (by index).
@@ -221,7 +226,9 @@ impl PolicyIndex {
             }
         }
         let mut slices = Vec::with_capacity(tools.len());
+        let mut arg_fields = Vec::with_capacity(tools.len());
         for own in per_tool {
+            arg_fields.push(args_read_by(own.iter().chain(universal.iter())));
             if own.is_empty() && universal.is_empty() {
                 slices.push(None);
                 continue;
@@ -267,6 +274,8 @@ impl PolicyIndex {
             tools: entities.2,
             authorizer: Authorizer::new(),
             count: policies.len(),
+            arg_fields,
+            arg_fields_whole: args_read_by(policies.iter().map(|p| &p.policy)),
         })
     }
 
@@ -340,8 +349,15 @@ impl PolicyIndex {
                 cursor = offset.saturating_add(text.len()).min(file.text.len());
                 in_file.push((offset, p));
             }
+            // Lines counted incrementally: offsets only grow.
+            let (mut counted_to, mut line_number) = (0usize, 1usize);
             for (offset, policy) in in_file {
-                let line_number = line_of(&file.text, offset);
+                line_number += file
+                    .text
+                    .as_bytes()
+                    .get(counted_to..offset)
+                    .map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count());
+                counted_to = counted_to.max(offset);
                 let line = Some(line_number);
                 let id = match policy.annotation("id") {
                     Some(id) => id.to_owned(),
@@ -527,6 +543,16 @@ impl PolicyIndex {
         Ok((entities, agent_uids, tool_uids))
     }
 
+    /// The top-level argument attributes the policies evaluated for `tool`
+    /// read; `None` means all of them.
+    pub(crate) fn arg_fields(&self, tool: usize, whole: bool) -> Option<&HashSet<String>> {
+        if whole {
+            self.arg_fields_whole.as_ref()
+        } else {
+            self.arg_fields.get(tool).and_then(Option::as_ref)
+        }
+    }
+
     /// Number of user policies.
     pub(crate) fn len(&self) -> usize {
         self.count
@@ -602,6 +628,67 @@ impl PolicyIndex {
                 Verdict::Forbid(ids)
             }
         }
+    }
+}
+
+/// The top-level `context.args` attributes `policies` read (through
+/// `context.args.x`, `context.args["x"]` or `context.args has x`), or `None`
+/// when one of them uses `context.args` or `context` as a whole, or cannot
+/// be inspected: then every declared argument must be passed to Cedar.
+fn args_read_by<'p>(policies: impl Iterator<Item = &'p Policy>) -> Option<HashSet<String>> {
+    let mut attrs = HashSet::new();
+    for policy in policies {
+        let est = policy.to_json().ok()?;
+        if !collect_args(&est, &mut attrs) {
+            return None;
+        }
+    }
+    Some(attrs)
+}
+
+fn is_var_context(v: &Value) -> bool {
+    v.get("Var").and_then(Value::as_str) == Some("context")
+}
+
+/// `{".": {"left": {"Var": "context"}, "attr": "args"}}`
+fn is_context_args(v: &Value) -> bool {
+    v.get(".").is_some_and(|dot| {
+        dot.get("left").is_some_and(is_var_context)
+            && dot.get("attr").and_then(Value::as_str) == Some("args")
+    })
+}
+
+/// Walks a policy's JSON form; false when `context.args` or `context` is
+/// used other than through one named attribute.
+fn collect_args(v: &Value, attrs: &mut HashSet<String>) -> bool {
+    match v {
+        Value::Object(map) => {
+            for op in [".", "has"] {
+                let Some(access) = map.get(op) else { continue };
+                let (Some(left), Some(attr)) = (
+                    access.get("left"),
+                    access.get("attr").and_then(Value::as_str),
+                ) else {
+                    continue;
+                };
+                if is_context_args(left) {
+                    attrs.insert(attr.to_owned());
+                    return true;
+                }
+                if is_var_context(left) {
+                    // `context.task`, `context.agent_type`: fine; `context.args`
+                    // itself, reached here, is used whole.
+                    return attr != "args";
+                }
+                return collect_args(left, attrs);
+            }
+            if is_var_context(v) {
+                return false;
+            }
+            map.values().all(|child| collect_args(child, attrs))
+        }
+        Value::Array(items) => items.iter().all(|child| collect_args(child, attrs)),
+        _ => true,
     }
 }
 
@@ -681,4 +768,48 @@ fn file_label(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| path.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_by(text: &str) -> Option<Vec<String>> {
+        let set = PolicySet::from_str(text).unwrap();
+        let mut attrs: Vec<String> = args_read_by(set.policies())?.into_iter().collect();
+        attrs.sort();
+        Some(attrs)
+    }
+
+    #[test]
+    fn finds_the_arguments_policies_read() {
+        let named = r#"
+            forbid(principal, action, resource) when { context.args.sql like "*" };
+            forbid(principal, action, resource) when { context.args has limit && context.args["limit"] > 5 };
+            forbid(principal, action, resource) when { context.args.opts has dry && context.task.state == "a" };
+        "#;
+        assert_eq!(read_by(named).unwrap(), ["limit", "opts", "sql"]);
+        // No argument at all.
+        assert_eq!(
+            read_by(r#"forbid(principal, action, resource) when { context.agent_type == "x" };"#)
+                .unwrap(),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn whole_uses_keep_every_argument() {
+        assert_eq!(
+            read_by(r#"forbid(principal, action, resource) when { context.args == {} };"#),
+            None
+        );
+        assert_eq!(
+            read_by(r#"forbid(principal, action, resource) when { context has args };"#),
+            None
+        );
+        assert_eq!(
+            read_by(r#"forbid(principal, action, resource) when { context == {} };"#),
+            None
+        );
+    }
 }
