@@ -413,38 +413,42 @@ impl Engine {
         args: &Value,
         state: &str,
     ) -> Result<Context, Box<Decision>> {
-        let keep = self.policies.arg_fields(tool_i, !self.slice_policies);
+        let used = self.policies.context_use(tool_i, !self.slice_policies);
+        let keep = used.args.as_ref();
         let args = def
             .shape
             .to_cedar_args(args, keep)
             .map_err(|why| Box::new(Decision::deny(tool, Reason::ArgsInvalid, why)))?;
-        let long = |n: u64| RestrictedExpression::new_long(i64::try_from(n).unwrap_or(i64::MAX));
-        let task_record = RestrictedExpression::new_record([
-            (
-                "id".to_owned(),
-                RestrictedExpression::new_string(task.id.clone()),
-            ),
-            (
-                "state".to_owned(),
-                RestrictedExpression::new_string(state.to_owned()),
-            ),
-            (
-                "goal".to_owned(),
-                RestrictedExpression::new_string(task.goal.clone()),
-            ),
-            ("calls".to_owned(), long(task.calls)),
-            ("tool_calls".to_owned(), long(task.calls_of(tool))),
-        ])
-        .map_err(|e| Box::new(Decision::deny(tool, Reason::InternalError, e.to_string())))?;
-        Context::from_pairs([
-            ("args".to_owned(), args),
-            ("task".to_owned(), task_record),
-            (
+        let mut pairs = vec![("args".to_owned(), args)];
+        if used.task {
+            let long =
+                |n: u64| RestrictedExpression::new_long(i64::try_from(n).unwrap_or(i64::MAX));
+            let task_record = RestrictedExpression::new_record([
+                (
+                    "id".to_owned(),
+                    RestrictedExpression::new_string(task.id.clone()),
+                ),
+                (
+                    "state".to_owned(),
+                    RestrictedExpression::new_string(state.to_owned()),
+                ),
+                (
+                    "goal".to_owned(),
+                    RestrictedExpression::new_string(task.goal.clone()),
+                ),
+                ("calls".to_owned(), long(task.calls)),
+                ("tool_calls".to_owned(), long(task.calls_of(tool))),
+            ])
+            .map_err(|e| Box::new(Decision::deny(tool, Reason::InternalError, e.to_string())))?;
+            pairs.push(("task".to_owned(), task_record));
+        }
+        if used.agent_type {
+            pairs.push((
                 "agent_type".to_owned(),
                 RestrictedExpression::new_string(task.agent_type.clone()),
-            ),
-        ])
-        .map_err(|e| {
+            ));
+        }
+        Context::from_pairs(pairs).map_err(|e| {
             Box::new(Decision::deny(
                 tool,
                 Reason::InternalError,

@@ -85,11 +85,10 @@ pub(crate) struct PolicyIndex {
     tools: Vec<EntityUid>,
     authorizer: Authorizer,
     count: usize,
-    /// Per tool: the top-level `context.args` attributes its slice reads,
-    /// or `None` when some policy uses `context.args` (or `context`) whole.
-    arg_fields: Vec<Option<HashSet<String>>>,
+    /// Per tool: what its slice reads of the context.
+    context_use: Vec<ContextUse>,
     /// The same over every policy, for the unsliced set.
-    arg_fields_whole: Option<HashSet<String>>,
+    context_use_whole: ContextUse,
 }
 
 /// The Cedar entities, with the uids of agents (by id) and tools (by index).
@@ -226,9 +225,9 @@ impl PolicyIndex {
             }
         }
         let mut slices = Vec::with_capacity(tools.len());
-        let mut arg_fields = Vec::with_capacity(tools.len());
+        let mut context_use = Vec::with_capacity(tools.len());
         for own in per_tool {
-            arg_fields.push(args_read_by(own.iter().chain(universal.iter())));
+            context_use.push(context_read_by(own.iter().chain(universal.iter())));
             if own.is_empty() && universal.is_empty() {
                 slices.push(None);
                 continue;
@@ -274,8 +273,8 @@ impl PolicyIndex {
             tools: entities.2,
             authorizer: Authorizer::new(),
             count: policies.len(),
-            arg_fields,
-            arg_fields_whole: args_read_by(policies.iter().map(|p| &p.policy)),
+            context_use,
+            context_use_whole: context_read_by(policies.iter().map(|p| &p.policy)),
         })
     }
 
@@ -543,13 +542,14 @@ impl PolicyIndex {
         Ok((entities, agent_uids, tool_uids))
     }
 
-    /// The top-level argument attributes the policies evaluated for `tool`
-    /// read; `None` means all of them.
-    pub(crate) fn arg_fields(&self, tool: usize, whole: bool) -> Option<&HashSet<String>> {
+    /// What the policies evaluated for `tool` read of the context.
+    pub(crate) fn context_use(&self, tool: usize, whole: bool) -> &ContextUse {
         if whole {
-            self.arg_fields_whole.as_ref()
+            &self.context_use_whole
         } else {
-            self.arg_fields.get(tool).and_then(Option::as_ref)
+            self.context_use
+                .get(tool)
+                .unwrap_or(&self.context_use_whole)
         }
     }
 
@@ -631,19 +631,49 @@ impl PolicyIndex {
     }
 }
 
-/// The top-level `context.args` attributes `policies` read (through
-/// `context.args.x`, `context.args["x"]` or `context.args has x`), or `None`
-/// when one of them uses `context.args` or `context` as a whole, or cannot
-/// be inspected: then every declared argument must be passed to Cedar.
-fn args_read_by<'p>(policies: impl Iterator<Item = &'p Policy>) -> Option<HashSet<String>> {
-    let mut attrs = HashSet::new();
-    for policy in policies {
-        let est = policy.to_json().ok()?;
-        if !collect_args(&est, &mut attrs) {
-            return None;
+/// What of the context a set of policies reads: only that is built for a
+/// decision. Policies are validated against the full schema, so a policy can
+/// only reach what it names; anything it names is always passed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ContextUse {
+    /// Top-level `context.args` attributes read (through `context.args.x`,
+    /// `context.args["x"]` or `context.args has x`); `None`: all of them.
+    pub args: Option<HashSet<String>>,
+    /// `context.task` is read.
+    pub task: bool,
+    /// `context.agent_type` is read.
+    pub agent_type: bool,
+}
+
+impl ContextUse {
+    /// Everything: for policies that use `context` as a whole, or that
+    /// cannot be inspected.
+    fn all() -> Self {
+        Self {
+            args: None,
+            task: true,
+            agent_type: true,
         }
     }
-    Some(attrs)
+}
+
+/// What `policies` read of the context.
+fn context_read_by<'p>(policies: impl Iterator<Item = &'p Policy>) -> ContextUse {
+    let mut used = ContextUse {
+        args: Some(HashSet::new()),
+        task: false,
+        agent_type: false,
+    };
+    for policy in policies {
+        let Ok(est) = policy.to_json() else {
+            return ContextUse::all();
+        };
+        collect(&est, &mut used);
+        if used == ContextUse::all() {
+            break;
+        }
+    }
+    used
 }
 
 fn is_var_context(v: &Value) -> bool {
@@ -658,9 +688,8 @@ fn is_context_args(v: &Value) -> bool {
     })
 }
 
-/// Walks a policy's JSON form; false when `context.args` or `context` is
-/// used other than through one named attribute.
-fn collect_args(v: &Value, attrs: &mut HashSet<String>) -> bool {
+/// Walks a policy's JSON form and records what it reads of the context.
+fn collect(v: &Value, used: &mut ContextUse) {
     match v {
         Value::Object(map) => {
             for op in [".", "has"] {
@@ -672,23 +701,39 @@ fn collect_args(v: &Value, attrs: &mut HashSet<String>) -> bool {
                     continue;
                 };
                 if is_context_args(left) {
-                    attrs.insert(attr.to_owned());
-                    return true;
+                    if let Some(args) = used.args.as_mut() {
+                        args.insert(attr.to_owned());
+                    }
+                } else if is_var_context(left) && op == "." {
+                    match attr {
+                        "task" => used.task = true,
+                        "agent_type" => used.agent_type = true,
+                        // `context.args` itself, reached here, is used whole.
+                        "args" => used.args = None,
+                        _ => {}
+                    }
+                } else if is_var_context(left) {
+                    // `context has …`: treat the context as used whole.
+                    *used = ContextUse::all();
+                } else {
+                    collect(left, used);
                 }
-                if is_var_context(left) {
-                    // `context.task`, `context.agent_type`: fine; `context.args`
-                    // itself, reached here, is used whole.
-                    return attr != "args";
-                }
-                return collect_args(left, attrs);
+                return;
             }
             if is_var_context(v) {
-                return false;
+                *used = ContextUse::all();
+                return;
             }
-            map.values().all(|child| collect_args(child, attrs))
+            for child in map.values() {
+                collect(child, used);
+            }
         }
-        Value::Array(items) => items.iter().all(|child| collect_args(child, attrs)),
-        _ => true,
+        Value::Array(items) => {
+            for child in items {
+                collect(child, used);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -776,9 +821,30 @@ mod tests {
 
     fn read_by(text: &str) -> Option<Vec<String>> {
         let set = PolicySet::from_str(text).unwrap();
-        let mut attrs: Vec<String> = args_read_by(set.policies())?.into_iter().collect();
+        let mut attrs: Vec<String> = context_read_by(set.policies()).args?.into_iter().collect();
         attrs.sort();
         Some(attrs)
+    }
+
+    #[test]
+    fn finds_task_and_agent_type_uses() {
+        let set = PolicySet::from_str(
+            r#"forbid(principal, action, resource) when { context.task.calls > 3 };"#,
+        )
+        .unwrap();
+        let used = context_read_by(set.policies());
+        assert!(used.task && !used.agent_type);
+        let set = PolicySet::from_str(
+            r#"forbid(principal, action, resource) when { context.agent_type == "x" };"#,
+        )
+        .unwrap();
+        let used = context_read_by(set.policies());
+        assert!(!used.task && used.agent_type);
+        let set = PolicySet::from_str(
+            r#"forbid(principal, action, resource) when { context has task };"#,
+        )
+        .unwrap();
+        assert_eq!(context_read_by(set.policies()), ContextUse::all());
     }
 
     #[test]
