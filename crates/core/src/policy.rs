@@ -186,7 +186,7 @@ impl PolicyIndex {
             tools.iter().enumerate().map(|(i, t)| (t.name, i)).collect();
         let agent_ids: HashSet<&str> = agents.iter().map(|(id, _)| *id).collect();
         let policies = Self::parse_files(loaded, &by_name, &agent_ids, report);
-        Self::validate(loaded, &policies, tools, report);
+        let impossible = Self::validate(loaded, &policies, tools, report);
         if !before || !report.is_empty() {
             return None;
         }
@@ -226,18 +226,21 @@ impl PolicyIndex {
         }
         let mut slices = Vec::with_capacity(tools.len());
         let mut context_use = Vec::with_capacity(tools.len());
-        for own in per_tool {
-            context_use.push(context_read_by(own.iter().chain(universal.iter())));
-            if own.is_empty() && universal.is_empty() {
+        let none = HashSet::new();
+        for (tool, own) in per_tool.into_iter().enumerate() {
+            let never = impossible.get(&tool).unwrap_or(&none);
+            let applicable: Vec<Policy> = own
+                .into_iter()
+                .chain(universal.iter().cloned())
+                .filter(|p| !never.contains(&p.id().to_string()))
+                .collect();
+            context_use.push(context_read_by(applicable.iter()));
+            if applicable.is_empty() {
                 slices.push(None);
                 continue;
             }
             let mut set = PolicySet::new();
-            for p in own
-                .into_iter()
-                .chain(universal.iter().cloned())
-                .chain([base.clone()])
-            {
+            for p in applicable.into_iter().chain([base.clone()]) {
                 if let Err(e) = set.add(p) {
                     fail(report, format!("internal error indexing policies: {e}"));
                     return None;
@@ -428,13 +431,18 @@ impl PolicyIndex {
         out
     }
 
-    /// Validates every policy against the schema of every tool it applies to.
+    /// Validates every policy against the schema of every tool it applies
+    /// to. Returns, per tool, the policies the typechecker proves can never
+    /// match its calls (a condition that is always false for that tool's
+    /// argument types, such as `context.args has limit` for a tool without
+    /// `limit`): they are left out of its slice.
     fn validate(
         loaded: &LoadedConfig,
         policies: &[Loaded],
         tools: &[ToolFacts<'_>],
         report: &mut Reporter<'_>,
-    ) {
+    ) -> HashMap<usize, HashSet<String>> {
+        let mut impossible: HashMap<usize, HashSet<String>> = HashMap::new();
         let mut reported: HashSet<(String, String)> = HashSet::new();
         // Tools with the same argument shape share one schema and one
         // validation of the unscoped policies.
@@ -470,6 +478,19 @@ impl PolicyIndex {
             }
             let validator = Validator::new(schema.clone());
             let result = validator.validate(&set, ValidationMode::Strict);
+            for warning in result.validation_warnings() {
+                if matches!(
+                    warning,
+                    cedar_policy::ValidationWarning::ImpossiblePolicy(_)
+                ) {
+                    for &m in members {
+                        impossible
+                            .entry(m)
+                            .or_default()
+                            .insert(warning.policy_id().to_string());
+                    }
+                }
+            }
             for err in result.validation_errors() {
                 let id = err.policy_id().to_string();
                 let message = one_line(err);
@@ -501,6 +522,7 @@ impl PolicyIndex {
                 ));
             }
         }
+        impossible
     }
 
     fn entities(

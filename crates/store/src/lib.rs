@@ -1,6 +1,6 @@
 //! The Portcullis ledger (DESIGN section 6): tasks with their workflow state,
-//! token metadata, refresh-token hashes, revocations and the audit log, behind
-//! one [`Store`] trait.
+//! token metadata, refresh-token hashes, revocations, elevation requests and
+//! the audit log, behind one [`Store`] trait.
 //!
 //! # How callers use it
 //!
@@ -41,9 +41,10 @@ pub mod sqlite;
 pub mod testsuite;
 
 pub use model::{
-    AuditEvent, AuditQuery, Committed, DEFAULT_AUDIT_LIMIT, EventKind, MAX_AUDIT_LIMIT, MAX_ROWS,
-    NewEvent, Op, RefreshRecord, TaskRecord, TokenKind, TokenRecord, UnknownEventKind,
-    UnknownTokenKind,
+    AuditEvent, AuditQuery, Committed, DEFAULT_AUDIT_LIMIT, ELEVATION_ALREADY_DECIDED,
+    ElevationRecord, ElevationStatus, EventKind, MAX_AUDIT_LIMIT, MAX_ROWS, NO_SUCH_ELEVATION,
+    NewEvent, Op, RefreshRecord, TaskRecord, TokenKind, TokenRecord, UnknownElevationStatus,
+    UnknownEventKind, UnknownTokenKind,
 };
 pub use sqlite::{SqliteOptions, SqliteStore};
 
@@ -58,8 +59,10 @@ pub enum StoreError {
     #[error("store unavailable: {0}")]
     Unavailable(String),
     /// An [`Op::UpdateTask`] compare-and-swap lost (version mismatch or no
-    /// such task), a duplicate key on insert, or an insert that names a task
-    /// that does not exist.
+    /// such task), an [`Op::DecideElevation`] on an elevation that is not
+    /// pending (or does not exist), a duplicate key on insert, an insert that
+    /// names a task that does not exist, or an op that is invalid in itself
+    /// (a non-increasing version, an elevation decided as pending).
     #[error("store conflict: {0}")]
     Conflict(String),
     /// [`Op::SpendRefresh`]: no refresh token has this hash.
@@ -114,6 +117,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Audit events matching `query`, in ascending `seq` order.
     async fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>>;
+
+    /// The elevation request with this id.
+    async fn elevation(&self, id: &str) -> Result<Option<ElevationRecord>>;
+
+    /// Elevation requests with this status (all of them when `None`), oldest
+    /// first (`requested_at`, then `id`); at most `limit` of them, and never
+    /// more than [`MAX_ROWS`].
+    async fn elevations(
+        &self,
+        status: Option<ElevationStatus>,
+        limit: usize,
+    ) -> Result<Vec<ElevationRecord>>;
 
     /// A real round trip to the database (for `/readyz`).
     async fn ping(&self) -> Result<()>;

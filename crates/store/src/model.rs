@@ -1,5 +1,7 @@
 //! The records the ledger holds and the operations that change them. These
 //! types are backend-independent; each backend maps them to its own layout.
+//! The checks every backend applies to an op before touching storage live
+//! here too, so backends refuse the same things with the same messages.
 
 use std::fmt;
 use std::str::FromStr;
@@ -11,8 +13,16 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_AUDIT_LIMIT: usize = 100;
 /// Most audit events one [`AuditQuery`] returns, whatever it asks for.
 pub const MAX_AUDIT_LIMIT: usize = 1000;
-/// Most rows any list query returns ([`crate::Store::task_tokens`]).
+/// Most rows any list query returns ([`crate::Store::task_tokens`],
+/// [`crate::Store::elevations`]).
 pub const MAX_ROWS: usize = 1000;
+
+/// The [`crate::StoreError::Conflict`] message of an
+/// [`Op::DecideElevation`] on an elevation that is no longer pending.
+pub const ELEVATION_ALREADY_DECIDED: &str = "elevation already decided";
+/// The [`crate::StoreError::Conflict`] message of an
+/// [`Op::DecideElevation`] on an id the ledger does not hold.
+pub const NO_SUCH_ELEVATION: &str = "no such elevation";
 
 /// A task and the ledger's bookkeeping for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +114,133 @@ pub struct RefreshRecord {
     pub idle_expires_at: Timestamp,
     /// When it was spent (or revoked with its task), if it was.
     pub spent_at: Option<Timestamp>,
+}
+
+/// Where an elevation request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ElevationStatus {
+    /// Waiting for an approver.
+    Pending,
+    /// Approved: the tool is granted to the task until
+    /// [`ElevationRecord::expires_at`].
+    Approved,
+    /// Denied.
+    Denied,
+}
+
+impl ElevationStatus {
+    /// Every status.
+    pub const ALL: [Self; 3] = [Self::Pending, Self::Approved, Self::Denied];
+
+    /// The stored and serialized form: `"pending"`, `"approved"` or
+    /// `"denied"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Approved => "approved",
+            Self::Denied => "denied",
+        }
+    }
+}
+
+impl fmt::Display for ElevationStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that is not an [`ElevationStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown elevation status {0:?}")]
+pub struct UnknownElevationStatus(String);
+
+impl FromStr for ElevationStatus {
+    type Err = UnknownElevationStatus;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pending" => Ok(Self::Pending),
+            "approved" => Ok(Self::Approved),
+            "denied" => Ok(Self::Denied),
+            other => Err(UnknownElevationStatus(other.chars().take(64).collect())),
+        }
+    }
+}
+
+/// An agent's request, mid-task, for a tool outside its allowlist, and its
+/// decision (DESIGN section 7).
+///
+/// The record is the request and its outcome only. What a task may call is
+/// [`Task::grants`](portcullis_core::Task::grants): an approval is committed
+/// in one batch with the [`Op::UpdateTask`] that adds the grant (and the
+/// `elevation.approved` audit event), so the two never disagree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ElevationRecord {
+    /// Unique id, chosen by the caller.
+    pub id: String,
+    /// The task the elevation is scoped to.
+    pub task_id: String,
+    /// The agent that asked.
+    pub agent_id: String,
+    /// The tool asked for.
+    pub tool: String,
+    /// Why the agent asked.
+    pub reason: String,
+    /// Pending until decided; decided exactly once.
+    pub status: ElevationStatus,
+    /// When the agent asked.
+    pub requested_at: Timestamp,
+    /// When it was decided; `None` while pending.
+    pub decided_at: Option<Timestamp>,
+    /// Who decided (an approver, or the auto-approve policy); `None` while
+    /// pending.
+    pub decided_by: Option<String>,
+    /// The approver's note, if any.
+    pub note: Option<String>,
+    /// For an approval: when the grant lapses. `None` otherwise.
+    pub expires_at: Option<Timestamp>,
+}
+
+/// Refuses an [`Op::InsertElevation`] that is not a fresh request.
+pub(crate) fn check_new_elevation(record: &ElevationRecord) -> Result<(), crate::StoreError> {
+    let undecided = record.decided_at.is_none()
+        && record.decided_by.is_none()
+        && record.note.is_none()
+        && record.expires_at.is_none();
+    if record.status == ElevationStatus::Pending && undecided {
+        Ok(())
+    } else {
+        Err(crate::StoreError::Conflict(format!(
+            "insert elevation {:?}: a new elevation must be pending, with no decision, note or \
+             expiry",
+            record.id
+        )))
+    }
+}
+
+/// Refuses an [`Op::DecideElevation`] that is not a valid decision, before
+/// the stored record is looked at.
+pub(crate) fn check_decision(
+    id: &str,
+    status: ElevationStatus,
+    at: Timestamp,
+    expires_at: Option<Timestamp>,
+) -> Result<(), crate::StoreError> {
+    let refuse = |why: &str| {
+        Err(crate::StoreError::Conflict(format!(
+            "decide elevation {id:?}: {why}"
+        )))
+    };
+    match (status, expires_at) {
+        (ElevationStatus::Pending, _) => refuse("a decision must be approved or denied"),
+        (ElevationStatus::Approved, None) => refuse("an approval must expire"),
+        (ElevationStatus::Approved, Some(expires_at)) if expires_at <= at => {
+            refuse("an approval must expire after it is decided")
+        }
+        (ElevationStatus::Denied, Some(_)) => refuse("a denial has no expiry"),
+        (ElevationStatus::Approved, Some(_)) | (ElevationStatus::Denied, None) => Ok(()),
+    }
 }
 
 /// The kind of an audit event (DESIGN section 6).
@@ -377,6 +514,41 @@ pub enum Op {
     },
     /// Appends an audit event; its seq is returned in [`Committed::seqs`].
     Append(NewEvent),
+    /// Records an elevation request. It must be a fresh request (status
+    /// [`ElevationStatus::Pending`], no `decided_at`, `decided_by`, `note` or
+    /// `expires_at`), its task must exist and its id must be new; anything
+    /// else is a [`crate::StoreError::Conflict`].
+    InsertElevation(ElevationRecord),
+    /// Decides a pending elevation, exactly once. A
+    /// [`crate::StoreError::Conflict`] (and the whole batch rolls back) when:
+    ///
+    /// * `status` is [`ElevationStatus::Pending`];
+    /// * an approval has no `expires_at`, or one not after `at`; a denial
+    ///   has an `expires_at`;
+    /// * no elevation has this id (message [`NO_SUCH_ELEVATION`]);
+    /// * the stored elevation is no longer pending (message
+    ///   [`ELEVATION_ALREADY_DECIDED`]): of two approvers racing on one
+    ///   request, exactly one wins;
+    /// * an approval whose `by` is the requesting agent: an agent never
+    ///   approves its own request.
+    ///
+    /// Backends implement it as one conditional update (`… WHERE id = ? AND
+    /// status = 'pending'`), so the race is decided by the database.
+    DecideElevation {
+        /// The elevation.
+        id: String,
+        /// [`ElevationStatus::Approved`] or [`ElevationStatus::Denied`].
+        status: ElevationStatus,
+        /// Who decides (stored as `decided_by`).
+        by: String,
+        /// When (stored as `decided_at`).
+        at: Timestamp,
+        /// The approver's note.
+        note: Option<String>,
+        /// For an approval: when the grant lapses (required, after `at`);
+        /// `None` for a denial.
+        expires_at: Option<Timestamp>,
+    },
 }
 
 /// What a committed batch produced.
@@ -428,6 +600,60 @@ mod tests {
         );
         let back: AuditEvent = serde_json::from_value(json).unwrap();
         assert_eq!(back, stored);
+    }
+
+    #[test]
+    fn elevation_status_strings_round_trip() {
+        for status in ElevationStatus::ALL {
+            assert_eq!(status.as_str().parse::<ElevationStatus>(), Ok(status));
+            assert_eq!(status.to_string(), status.as_str());
+            let json = serde_json::to_string(&status).unwrap();
+            assert_eq!(json, format!("\"{}\"", status.as_str()));
+            assert_eq!(
+                serde_json::from_str::<ElevationStatus>(&json).unwrap(),
+                status
+            );
+        }
+        assert!("Pending".parse::<ElevationStatus>().is_err());
+        assert!("revoked".parse::<ElevationStatus>().is_err());
+    }
+
+    #[test]
+    fn elevation_record_serializes_flat() {
+        let record = ElevationRecord {
+            id: "e1".into(),
+            task_id: "t1".into(),
+            agent_id: "a1".into(),
+            tool: "s3.get".into(),
+            reason: "need the manifest".into(),
+            status: ElevationStatus::Approved,
+            requested_at: Timestamp(5),
+            decided_at: Some(Timestamp(6)),
+            decided_by: Some("alice".into()),
+            note: None,
+            expires_at: Some(Timestamp(9)),
+        };
+        assert_eq!(
+            serde_json::to_value(&record).unwrap(),
+            serde_json::json!({
+                "id": "e1", "task_id": "t1", "agent_id": "a1", "tool": "s3.get",
+                "reason": "need the manifest", "status": "approved", "requested_at": 5,
+                "decided_at": 6, "decided_by": "alice", "note": null, "expires_at": 9,
+            })
+        );
+    }
+
+    #[test]
+    fn decisions_are_checked_before_storage() {
+        let at = Timestamp(10);
+        let ok = |status, expires_at| check_decision("e", status, at, expires_at).is_ok();
+        assert!(ok(ElevationStatus::Approved, Some(Timestamp(11))));
+        assert!(ok(ElevationStatus::Denied, None));
+        assert!(!ok(ElevationStatus::Pending, None));
+        assert!(!ok(ElevationStatus::Pending, Some(Timestamp(11))));
+        assert!(!ok(ElevationStatus::Approved, None));
+        assert!(!ok(ElevationStatus::Approved, Some(at)));
+        assert!(!ok(ElevationStatus::Denied, Some(Timestamp(11))));
     }
 
     #[test]

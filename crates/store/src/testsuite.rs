@@ -21,12 +21,19 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use portcullis_core::{Grant, Task, TaskStatus, Timestamp};
 
 use crate::{
-    AuditQuery, EventKind, MAX_AUDIT_LIMIT, NewEvent, Op, RefreshRecord, Store, StoreError,
+    AuditQuery, ELEVATION_ALREADY_DECIDED, ElevationRecord, ElevationStatus, EventKind,
+    MAX_AUDIT_LIMIT, MAX_ROWS, NO_SUCH_ELEVATION, NewEvent, Op, RefreshRecord, Store, StoreError,
     TaskRecord, TokenKind, TokenRecord,
 };
 
 /// The instant the checks pretend it is.
 pub const T0: Timestamp = Timestamp(1_700_000_000_000);
+
+/// Concurrent deciders per elevation in [`elevation_decisions_race`] and
+/// [`elevation_decisions_race_spawned`].
+pub const DECIDERS: usize = 4;
+/// Elevations raced on at once in [`elevation_decisions_race_spawned`].
+pub const RACED_ELEVATIONS: usize = 32;
 
 /// Concurrent callers in [`concurrent_commits`].
 pub const CALLERS: usize = 8;
@@ -46,6 +53,16 @@ pub async fn run_all(store: &dyn Store) {
     audit_query_filters(store).await;
     audit_query_limits(store).await;
     concurrent_commits(store).await;
+    elevation_round_trip(store).await;
+    elevation_insert_unknown_task(store).await;
+    elevation_list_by_status(store).await;
+    elevation_decided_once(store).await;
+    elevation_decide_unknown(store).await;
+    elevation_decide_pending(store).await;
+    elevation_decision_checks(store).await;
+    elevation_decisions_race(store).await;
+    // Last: it leaves MAX_ROWS + 5 pending elevations behind.
+    elevation_list_limits(store).await;
 }
 
 /// A fresh id, unique across runs and processes sharing one database.
@@ -117,6 +134,77 @@ pub fn sample_event(kind: EventKind, task_id: &str) -> NewEvent {
     let mut event = NewEvent::new(T0, kind);
     event.task_id = Some(task_id.to_owned());
     event
+}
+
+/// A pending elevation of `task_id` by `agent-7` (the agent of
+/// [`sample_task`]) for `s3.put`, requested at `T0`.
+pub fn sample_elevation(id: &str, task_id: &str) -> ElevationRecord {
+    ElevationRecord {
+        id: id.to_owned(),
+        task_id: task_id.to_owned(),
+        agent_id: "agent-7".into(),
+        tool: "s3.put".into(),
+        reason: "write the transformed batch".into(),
+        status: ElevationStatus::Pending,
+        requested_at: T0,
+        decided_at: None,
+        decided_by: None,
+        note: None,
+        expires_at: None,
+    }
+}
+
+/// An approval of elevation `id` by `by` at `T0 + 1 s`, lapsing at
+/// `T0 + 15 min`.
+pub fn approve(id: &str, by: &str) -> Op {
+    Op::DecideElevation {
+        id: id.to_owned(),
+        status: ElevationStatus::Approved,
+        by: by.to_owned(),
+        at: T0.plus_millis(1_000),
+        note: Some(format!("approved by {by}")),
+        expires_at: Some(T0.plus_millis(900_000)),
+    }
+}
+
+/// A denial of elevation `id` by `by` at `T0 + 1 s`.
+pub fn deny(id: &str, by: &str) -> Op {
+    Op::DecideElevation {
+        id: id.to_owned(),
+        status: ElevationStatus::Denied,
+        by: by.to_owned(),
+        at: T0.plus_millis(1_000),
+        note: Some(format!("denied by {by}")),
+        expires_at: None,
+    }
+}
+
+/// `record` as it reads back after `decision` (an [`Op::DecideElevation`])
+/// was applied to it.
+pub fn decided(record: &ElevationRecord, decision: &Op) -> ElevationRecord {
+    let Op::DecideElevation {
+        status,
+        by,
+        at,
+        note,
+        expires_at,
+        ..
+    } = decision
+    else {
+        panic!("not a decision: {decision:?}");
+    };
+    ElevationRecord {
+        status: *status,
+        decided_at: Some(*at),
+        decided_by: Some(by.clone()),
+        note: note.clone(),
+        expires_at: *expires_at,
+        ..record.clone()
+    }
+}
+
+fn is_conflict(result: &crate::Result<crate::Committed>, message: &str) -> bool {
+    matches!(result, Err(StoreError::Conflict(m)) if m == message)
 }
 
 async fn commit_ok(store: &dyn Store, ops: Vec<Op>) -> crate::Committed {
@@ -847,4 +935,539 @@ async fn check_concurrent(store: &dyn Store, task_id: &str, per_caller: Vec<Vec<
         read.extend(page.into_iter().map(|e| e.seq));
     }
     assert_eq!(read, all, "every acknowledged event is stored");
+}
+
+/// An elevation reads back exactly as inserted; an unknown id is `None`; a
+/// duplicate id conflicts and keeps the first; an insert that is not a fresh
+/// pending request conflicts.
+pub async fn elevation_round_trip(store: &dyn Store) {
+    let task_id = unique("elev-task");
+    let record = sample_elevation(&unique("elev"), &task_id);
+    commit_ok(
+        store,
+        vec![
+            Op::InsertTask(sample_task(&task_id)),
+            Op::InsertElevation(record.clone()),
+            Op::Append(sample_event(EventKind::ElevationRequested, &task_id)),
+        ],
+    )
+    .await;
+    assert_eq!(
+        store.elevation(&record.id).await.expect("read elevation"),
+        Some(record.clone())
+    );
+    assert_eq!(
+        store
+            .elevation(&unique("missing"))
+            .await
+            .expect("read elevation"),
+        None
+    );
+
+    let mut duplicate = sample_elevation(&record.id, &task_id);
+    duplicate.tool = "db.drop".into();
+    let result = store.commit(vec![Op::InsertElevation(duplicate)]).await;
+    assert!(
+        matches!(result, Err(StoreError::Conflict(_))),
+        "duplicate elevation id: {result:?}"
+    );
+    assert_eq!(
+        store.elevation(&record.id).await.expect("read elevation"),
+        Some(record.clone()),
+        "the first insert is kept"
+    );
+
+    // Only a fresh request may be inserted: no shortcut to an approval.
+    let mut shortcuts = Vec::new();
+    let mut approved = sample_elevation(&unique("elev"), &task_id);
+    approved.status = ElevationStatus::Approved;
+    approved.decided_at = Some(T0);
+    approved.decided_by = Some("alice".into());
+    approved.expires_at = Some(T0.plus_millis(60_000));
+    shortcuts.push(approved);
+    let mut denied = sample_elevation(&unique("elev"), &task_id);
+    denied.status = ElevationStatus::Denied;
+    shortcuts.push(denied);
+    let mut pending_with_expiry = sample_elevation(&unique("elev"), &task_id);
+    pending_with_expiry.expires_at = Some(T0.plus_millis(60_000));
+    shortcuts.push(pending_with_expiry);
+    let mut pending_with_decider = sample_elevation(&unique("elev"), &task_id);
+    pending_with_decider.decided_by = Some("alice".into());
+    shortcuts.push(pending_with_decider);
+    for shortcut in shortcuts {
+        let id = shortcut.id.clone();
+        let result = store.commit(vec![Op::InsertElevation(shortcut)]).await;
+        assert!(
+            matches!(result, Err(StoreError::Conflict(_))),
+            "insert of a non-fresh elevation: {result:?}"
+        );
+        assert_eq!(store.elevation(&id).await.expect("read elevation"), None);
+    }
+}
+
+/// An elevation of a task the ledger does not hold conflicts and is not
+/// stored.
+pub async fn elevation_insert_unknown_task(store: &dyn Store) {
+    let orphan = sample_elevation(&unique("elev"), &unique("no-such-task"));
+    let result = store
+        .commit(vec![Op::InsertElevation(orphan.clone())])
+        .await;
+    assert!(
+        matches!(result, Err(StoreError::Conflict(_))),
+        "elevation of unknown task: {result:?}"
+    );
+    assert_eq!(
+        store.elevation(&orphan.id).await.expect("read elevation"),
+        None
+    );
+}
+
+/// Lists filter by status and run oldest first (`requested_at`, then `id`),
+/// whatever the insertion order. Assumes the store holds fewer than
+/// [`MAX_ROWS`] elevations of each status requested before `T0 + 1 s`.
+pub async fn elevation_list_by_status(store: &dyn Store) {
+    let task_id = unique("elev-list");
+    let base = unique("elev-list");
+    let at = |id: &str, ms: u64| {
+        let mut record = sample_elevation(&format!("{base}-{id}"), &task_id);
+        record.requested_at = T0.plus_millis(ms);
+        record
+    };
+    // Inserted newest first; `b` and `d` tie on time and sort by id.
+    let a = at("a", 30);
+    let d = at("d", 10);
+    let c = at("c", 20);
+    let b = at("b", 10);
+    let mut ops = vec![Op::InsertTask(sample_task(&task_id))];
+    ops.extend([&a, &d, &c, &b].map(|r| Op::InsertElevation(r.clone())));
+    commit_ok(store, ops).await;
+    let approve_c = approve(&c.id, "alice");
+    let deny_a = deny(&a.id, "bob");
+    commit_ok(store, vec![approve_c.clone()]).await;
+    commit_ok(store, vec![deny_a.clone()]).await;
+    let (a, c) = (decided(&a, &deny_a), decided(&c, &approve_c));
+
+    let list = |status: Option<ElevationStatus>| async move {
+        let all = store
+            .elevations(status, MAX_ROWS)
+            .await
+            .expect("list elevations");
+        assert!(
+            all.iter().all(|r| status.is_none_or(|s| r.status == s)),
+            "status filter {status:?}"
+        );
+        assert!(
+            all.windows(2).all(|w| matches!(w, [x, y]
+                if (x.requested_at, &x.id) < (y.requested_at, &y.id))),
+            "oldest first"
+        );
+        all
+    };
+    let ours = |all: Vec<ElevationRecord>| {
+        all.into_iter()
+            .filter(|r| r.task_id == task_id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ours(list(Some(ElevationStatus::Pending)).await),
+        vec![b.clone(), d.clone()]
+    );
+    assert_eq!(
+        ours(list(Some(ElevationStatus::Approved)).await),
+        vec![c.clone()]
+    );
+    assert_eq!(
+        ours(list(Some(ElevationStatus::Denied)).await),
+        vec![a.clone()]
+    );
+    assert_eq!(ours(list(None).await), vec![b, d, c, a]);
+
+    // The limit is honoured and takes the oldest.
+    let pending = list(Some(ElevationStatus::Pending)).await;
+    let first = store
+        .elevations(Some(ElevationStatus::Pending), 1)
+        .await
+        .expect("list elevations");
+    assert_eq!(first, pending.into_iter().take(1).collect::<Vec<_>>());
+    assert!(
+        store
+            .elevations(None, 0)
+            .await
+            .expect("list elevations")
+            .is_empty()
+    );
+}
+
+/// The list is capped at [`MAX_ROWS`], whatever the limit asks for. Leaves
+/// `MAX_ROWS + 5` pending elevations behind, requested after `T0 + 1 h`.
+pub async fn elevation_list_limits(store: &dyn Store) {
+    let task_id = unique("elev-limits");
+    let total = MAX_ROWS + 5;
+    commit_ok(store, vec![Op::InsertTask(sample_task(&task_id))]).await;
+    let ops: Vec<Op> = (0..total)
+        .map(|i| {
+            let mut record = sample_elevation(&unique("elev-bulk"), &task_id);
+            record.requested_at = T0.plus_millis(3_600_000 + u64::try_from(i).unwrap_or(0));
+            Op::InsertElevation(record)
+        })
+        .collect();
+    for chunk in ops.chunks(250) {
+        commit_ok(store, chunk.to_vec()).await;
+    }
+    for status in [Some(ElevationStatus::Pending), None] {
+        let capped = store
+            .elevations(status, usize::MAX)
+            .await
+            .expect("list elevations");
+        assert_eq!(capped.len(), MAX_ROWS, "capped at {MAX_ROWS}");
+        let seven = store.elevations(status, 7).await.expect("list elevations");
+        assert_eq!(
+            seven,
+            capped.into_iter().take(7).collect::<Vec<_>>(),
+            "the oldest, ascending"
+        );
+    }
+}
+
+/// An elevation is decided once. The approval commits with the task's new
+/// grant and its audit event; a second decision conflicts
+/// ([`ELEVATION_ALREADY_DECIDED`]) and rolls back the rest of its batch; two
+/// decisions of one request in one batch conflict and keep neither.
+pub async fn elevation_decided_once(store: &dyn Store) {
+    let task_id = unique("elev-once");
+    let record = sample_elevation(&unique("elev"), &task_id);
+    let task = sample_task(&task_id);
+    commit_ok(
+        store,
+        vec![
+            Op::InsertTask(task.clone()),
+            Op::InsertElevation(record.clone()),
+        ],
+    )
+    .await;
+
+    // The approval as the gateway commits it: decision, grant, audit.
+    let approval = approve(&record.id, "alice");
+    let mut granted = task.clone();
+    granted.task.grants.push(portcullis_core::Grant {
+        tool: record.tool.clone(),
+        expires_at: T0.plus_millis(900_000),
+    });
+    granted.task.version = task.task.version + 1;
+    let mut approved_event = sample_event(EventKind::ElevationApproved, &task_id);
+    approved_event.tool = Some(record.tool.clone());
+    commit_ok(
+        store,
+        vec![
+            approval.clone(),
+            Op::UpdateTask {
+                record: granted.clone(),
+                expected_version: task.task.version,
+            },
+            Op::Append(approved_event),
+        ],
+    )
+    .await;
+    let approved = decided(&record, &approval);
+    assert_eq!(
+        store.elevation(&record.id).await.expect("read elevation"),
+        Some(approved.clone())
+    );
+    assert_eq!(
+        store.task(&task_id).await.expect("read task"),
+        Some(granted)
+    );
+
+    // Again, with another op first in the batch: all of it rolls back.
+    let marker = unique("elev-marker");
+    for second in [deny(&record.id, "bob"), approve(&record.id, "carol")] {
+        let result = store
+            .commit(vec![
+                Op::Append(sample_event(EventKind::ElevationDenied, &marker)),
+                second,
+            ])
+            .await;
+        assert!(
+            is_conflict(&result, ELEVATION_ALREADY_DECIDED),
+            "second decision: {result:?}"
+        );
+    }
+    let events = store
+        .audit(&AuditQuery {
+            task_id: Some(marker),
+            ..AuditQuery::default()
+        })
+        .await
+        .expect("read audit");
+    assert!(events.is_empty(), "the failed batches' events: {events:?}");
+    assert_eq!(
+        store.elevation(&record.id).await.expect("read elevation"),
+        Some(approved),
+        "the first decision stands"
+    );
+
+    // A denial, then two decisions of one request in one batch.
+    let other = sample_elevation(&unique("elev"), &task_id);
+    let denial = deny(&other.id, "bob");
+    let twice = sample_elevation(&unique("elev"), &task_id);
+    commit_ok(
+        store,
+        vec![
+            Op::InsertElevation(other.clone()),
+            Op::InsertElevation(twice.clone()),
+            denial.clone(),
+        ],
+    )
+    .await;
+    assert_eq!(
+        store.elevation(&other.id).await.expect("read elevation"),
+        Some(decided(&other, &denial))
+    );
+    let result = store
+        .commit(vec![approve(&twice.id, "alice"), deny(&twice.id, "bob")])
+        .await;
+    assert!(
+        is_conflict(&result, ELEVATION_ALREADY_DECIDED),
+        "two decisions in one batch: {result:?}"
+    );
+    assert_eq!(
+        store.elevation(&twice.id).await.expect("read elevation"),
+        Some(twice),
+        "still pending: the batch rolled back"
+    );
+}
+
+/// Deciding an id the ledger does not hold conflicts
+/// ([`NO_SUCH_ELEVATION`]) and rolls back its batch.
+pub async fn elevation_decide_unknown(store: &dyn Store) {
+    let marker = unique("elev-unknown");
+    for decision in [
+        approve(&unique("missing"), "alice"),
+        deny(&unique("missing"), "bob"),
+    ] {
+        let result = store
+            .commit(vec![
+                Op::Append(sample_event(EventKind::ElevationApproved, &marker)),
+                decision,
+            ])
+            .await;
+        assert!(
+            is_conflict(&result, NO_SUCH_ELEVATION),
+            "unknown elevation: {result:?}"
+        );
+    }
+    let events = store
+        .audit(&AuditQuery {
+            task_id: Some(marker),
+            ..AuditQuery::default()
+        })
+        .await
+        .expect("read audit");
+    assert!(events.is_empty(), "{events:?}");
+}
+
+/// `Pending` is not a decision: it conflicts, on a pending request and on an
+/// unknown id alike, and changes nothing.
+pub async fn elevation_decide_pending(store: &dyn Store) {
+    let task_id = unique("elev-pending");
+    let record = sample_elevation(&unique("elev"), &task_id);
+    commit_ok(
+        store,
+        vec![
+            Op::InsertTask(sample_task(&task_id)),
+            Op::InsertElevation(record.clone()),
+        ],
+    )
+    .await;
+    for id in [record.id.clone(), unique("missing")] {
+        let result = store
+            .commit(vec![Op::DecideElevation {
+                id,
+                status: ElevationStatus::Pending,
+                by: "alice".into(),
+                at: T0.plus_millis(1_000),
+                note: None,
+                expires_at: None,
+            }])
+            .await;
+        assert!(
+            matches!(result, Err(StoreError::Conflict(_))),
+            "pending as a decision: {result:?}"
+        );
+    }
+    assert_eq!(
+        store.elevation(&record.id).await.expect("read elevation"),
+        Some(record)
+    );
+}
+
+/// Approvals must expire, after they are decided; denials do not expire; an
+/// agent cannot approve its own request (it may withdraw it with a denial).
+/// Every refusal leaves the request pending.
+pub async fn elevation_decision_checks(store: &dyn Store) {
+    let task_id = unique("elev-checks");
+    let record = sample_elevation(&unique("elev"), &task_id);
+    let withdrawn = sample_elevation(&unique("elev"), &task_id);
+    commit_ok(
+        store,
+        vec![
+            Op::InsertTask(sample_task(&task_id)),
+            Op::InsertElevation(record.clone()),
+            Op::InsertElevation(withdrawn.clone()),
+        ],
+    )
+    .await;
+    let with = |status, by: &str, expires_at| Op::DecideElevation {
+        id: record.id.clone(),
+        status,
+        by: by.to_owned(),
+        at: T0.plus_millis(1_000),
+        note: None,
+        expires_at,
+    };
+    for refused in [
+        with(ElevationStatus::Approved, "alice", None),
+        with(
+            ElevationStatus::Approved,
+            "alice",
+            Some(T0.plus_millis(1_000)),
+        ),
+        with(ElevationStatus::Approved, "alice", Some(T0)),
+        with(
+            ElevationStatus::Denied,
+            "alice",
+            Some(T0.plus_millis(60_000)),
+        ),
+        approve(&record.id, &record.agent_id),
+    ] {
+        let result = store.commit(vec![refused.clone()]).await;
+        assert!(
+            matches!(result, Err(StoreError::Conflict(_))),
+            "{refused:?}: {result:?}"
+        );
+        assert_eq!(
+            store.elevation(&record.id).await.expect("read elevation"),
+            Some(record.clone()),
+            "{refused:?} changed the request"
+        );
+    }
+    let approval = approve(&record.id, "alice");
+    commit_ok(store, vec![approval.clone()]).await;
+    assert_eq!(
+        store.elevation(&record.id).await.expect("read elevation"),
+        Some(decided(&record, &approval))
+    );
+    let withdrawal = deny(&withdrawn.id, &withdrawn.agent_id);
+    commit_ok(store, vec![withdrawal.clone()]).await;
+    assert_eq!(
+        store
+            .elevation(&withdrawn.id)
+            .await
+            .expect("read elevation"),
+        Some(decided(&withdrawn, &withdrawal))
+    );
+}
+
+/// Checks that exactly one of `outcomes` (a decision and its result, all on
+/// `record`) won, that the others conflicted as already decided, and that
+/// the stored record is the winner's.
+async fn check_one_winner(
+    store: &dyn Store,
+    record: &ElevationRecord,
+    outcomes: Vec<(Op, crate::Result<crate::Committed>)>,
+) {
+    let mut winners = Vec::new();
+    for (decision, result) in outcomes {
+        match result {
+            Ok(_) => winners.push(decision),
+            Err(StoreError::Conflict(ref m)) if m == ELEVATION_ALREADY_DECIDED => {}
+            other => panic!("a losing decision must be {ELEVATION_ALREADY_DECIDED:?}: {other:?}"),
+        }
+    }
+    let [winner] = winners.as_slice() else {
+        panic!("exactly one of racing decisions must win: {winners:?}");
+    };
+    assert_eq!(
+        store.elevation(&record.id).await.expect("read elevation"),
+        Some(decided(record, winner))
+    );
+}
+
+/// The decisions raced on one request: approvals and denials by different
+/// approvers, alternating.
+fn racing_decisions(id: &str) -> Vec<Op> {
+    (0..DECIDERS)
+        .map(|n| {
+            let by = format!("approver-{n}");
+            if n % 2 == 0 {
+                approve(id, &by)
+            } else {
+                deny(id, &by)
+            }
+        })
+        .collect()
+}
+
+/// [`DECIDERS`] approvers decide one request concurrently: exactly one
+/// wins, every other gets [`ELEVATION_ALREADY_DECIDED`].
+pub async fn elevation_decisions_race(store: &dyn Store) {
+    let task_id = unique("elev-race");
+    let record = sample_elevation(&unique("elev"), &task_id);
+    commit_ok(
+        store,
+        vec![
+            Op::InsertTask(sample_task(&task_id)),
+            Op::InsertElevation(record.clone()),
+        ],
+    )
+    .await;
+    let decisions = racing_decisions(&record.id);
+    let [d0, d1, d2, d3] = <[Op; DECIDERS]>::try_from(decisions).expect("DECIDERS decisions");
+    let (r0, r1, r2, r3) = tokio::join!(
+        store.commit(vec![d0.clone()]),
+        store.commit(vec![d1.clone()]),
+        store.commit(vec![d2.clone()]),
+        store.commit(vec![d3.clone()]),
+    );
+    check_one_winner(store, &record, vec![(d0, r0), (d1, r1), (d2, r2), (d3, r3)]).await;
+}
+
+/// [`elevation_decisions_race`] on [`RACED_ELEVATIONS`] requests at once,
+/// every decision its own tokio task (needs a multi-threaded runtime to be
+/// truly parallel).
+pub async fn elevation_decisions_race_spawned(store: Arc<dyn Store>) {
+    let task_id = unique("elev-race-spawned");
+    let records: Vec<ElevationRecord> = (0..RACED_ELEVATIONS)
+        .map(|_| sample_elevation(&unique("elev"), &task_id))
+        .collect();
+    let mut ops = vec![Op::InsertTask(sample_task(&task_id))];
+    ops.extend(records.iter().cloned().map(Op::InsertElevation));
+    commit_ok(store.as_ref(), ops).await;
+
+    let mut handles = Vec::with_capacity(RACED_ELEVATIONS * DECIDERS);
+    for record in &records {
+        for decision in racing_decisions(&record.id) {
+            let store = Arc::clone(&store);
+            handles.push(tokio::spawn(async move {
+                let result = store.commit(vec![decision.clone()]).await;
+                (decision, result)
+            }));
+        }
+    }
+    let mut outcomes: BTreeMap<String, Vec<_>> = BTreeMap::new();
+    for handle in handles {
+        let (decision, result) = handle.await.expect("decider task");
+        let Op::DecideElevation { id, .. } = &decision else {
+            panic!("not a decision: {decision:?}");
+        };
+        outcomes
+            .entry(id.clone())
+            .or_default()
+            .push((decision, result));
+    }
+    for record in &records {
+        let outcomes = outcomes.remove(&record.id).expect("outcomes");
+        assert_eq!(outcomes.len(), DECIDERS);
+        check_one_winner(store.as_ref(), record, outcomes).await;
+    }
 }

@@ -65,6 +65,15 @@ suite!(
     audit_query_filters,
     audit_query_limits,
     concurrent_commits,
+    elevation_round_trip,
+    elevation_insert_unknown_task,
+    elevation_list_by_status,
+    elevation_list_limits,
+    elevation_decided_once,
+    elevation_decide_unknown,
+    elevation_decide_pending,
+    elevation_decision_checks,
+    elevation_decisions_race,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,6 +88,13 @@ async fn concurrent_commits_from_spawned_tasks() {
     let (_dir, store) = fresh();
     let store: Arc<dyn Store> = Arc::new(store);
     testsuite::concurrent_commits_spawned(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elevation_decisions_race_from_spawned_tasks() {
+    let (_dir, store) = fresh();
+    let store: Arc<dyn Store> = Arc::new(store);
+    testsuite::elevation_decisions_race_spawned(store).await;
 }
 
 /// Batches that share one group transaction: the failing ones roll back
@@ -237,6 +253,77 @@ async fn migrations_are_idempotent_on_reopen() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_is_version_2_with_elevations() {
+    assert_eq!(SCHEMA_VERSION, 2);
+    let dir = temp_dir();
+    let path = dir.path().join("ledger.db");
+    SqliteStore::open(&path).unwrap().close().await;
+    assert_eq!(
+        migration_rows(&path),
+        vec![(1, "ledger".to_owned()), (2, "elevations".to_owned())]
+    );
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let indexes: Vec<String> = conn
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'elevations' \
+             AND name NOT LIKE 'sqlite_%' ORDER BY name",
+        )
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(indexes, ["elevations_status", "elevations_task"]);
+    // STRICT: a column holds only its declared type.
+    conn.execute_batch(
+        "PRAGMA foreign_keys = OFF;
+         INSERT INTO elevations (id, task_id, agent_id, tool, reason, status, requested_at)
+         VALUES ('e', 't', 'a', 'x', 'r', 'pending', 'yesterday');",
+    )
+    .unwrap_err();
+}
+
+/// The table's own checks back the op's: a row cannot be decided without a
+/// decider, or approved without an expiry, even by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elevation_rows_are_checked_by_the_schema() {
+    let (dir, store) = fresh();
+    store
+        .commit(vec![
+            Op::InsertTask(sample_task("t")),
+            Op::InsertElevation(testsuite::sample_elevation("e", "t")),
+        ])
+        .await
+        .unwrap();
+    let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+    for bad in [
+        "UPDATE elevations SET status = 'approved', decided_at = 1, decided_by = 'x'",
+        "UPDATE elevations SET status = 'denied', decided_at = 1",
+        "UPDATE elevations SET status = 'denied', decided_at = 1, decided_by = 'x', expires_at = 2",
+        "UPDATE elevations SET status = 'withdrawn', decided_at = 1, decided_by = 'x'",
+        "UPDATE elevations SET expires_at = 2",
+    ] {
+        conn.execute_batch(bad).unwrap_err();
+    }
+    assert_eq!(
+        store.elevation("e").await.unwrap(),
+        Some(testsuite::sample_elevation("e", "t"))
+    );
+    // A row that decodes badly is an error, not a panic.
+    conn.execute_batch("UPDATE elevations SET requested_at = -5")
+        .unwrap();
+    assert!(matches!(
+        store.elevation("e").await,
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(matches!(
+        store.elevations(None, 10).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_schema_is_refused() {
     let dir = temp_dir();
     let path = dir.path().join("ledger.db");
@@ -329,6 +416,32 @@ async fn values_beyond_i64_are_refused_not_wrapped() {
     let result = store.commit(vec![Op::InsertTask(task)]).await;
     assert!(matches!(result, Err(StoreError::Corrupt(_))), "{result:?}");
     assert_eq!(store.task("huge").await.unwrap(), None);
+    store
+        .commit(vec![
+            Op::InsertTask(sample_task("small")),
+            Op::InsertElevation(testsuite::sample_elevation("e", "small")),
+        ])
+        .await
+        .unwrap();
+    let mut late = testsuite::sample_elevation("late", "small");
+    late.requested_at = portcullis_core::Timestamp(u64::MAX);
+    let result = store.commit(vec![Op::InsertElevation(late)]).await;
+    assert!(matches!(result, Err(StoreError::Corrupt(_))), "{result:?}");
+    let result = store
+        .commit(vec![Op::DecideElevation {
+            id: "e".into(),
+            status: portcullis_store::ElevationStatus::Approved,
+            by: "alice".into(),
+            at: T0,
+            note: None,
+            expires_at: Some(portcullis_core::Timestamp(u64::MAX)),
+        }])
+        .await;
+    assert!(matches!(result, Err(StoreError::Corrupt(_))), "{result:?}");
+    assert_eq!(
+        store.elevation("e").await.unwrap(),
+        Some(testsuite::sample_elevation("e", "small"))
+    );
     // A since_seq beyond the range is simply past the end.
     let events = store
         .audit(&AuditQuery {

@@ -7,7 +7,7 @@
 //! `sqlite3 <db> ".backup <copy>"` (or stop the gateway first), never by
 //! copying the main file alone while it runs.
 //!
-//! # Schema (version 1)
+//! # Schema (version 2)
 //!
 //! All tables are `STRICT`, so a column holds only its declared type.
 //! Times are unix **milliseconds** ([`Timestamp`](portcullis_core::Timestamp))
@@ -75,10 +75,32 @@
 //! | `task_id` TEXT NULL | the event's `task_id` (copy, for the index) |
 //! | `event` TEXT | the [`NewEvent`](crate::NewEvent) as JSON (DESIGN section 6 names, empty fields omitted); the authoritative record |
 //!
-//! Not stored yet: the hash chain of DESIGN section 6 (`prev_hash`, `hash`)
-//! and elevations. The chain will be a migration adding two columns to
-//! `audit_events`, computed in the writer thread, which already orders every
-//! append.
+//! `elevations` (migration 2), one row per elevation request, indexed on
+//! `(status, requested_at)` (the approvers' queue) and `task_id`:
+//!
+//! | column | meaning |
+//! |---|---|
+//! | `id` TEXT PK | elevation id |
+//! | `task_id` TEXT | the task it is scoped to (foreign key to `tasks.id`) |
+//! | `agent_id` TEXT | the agent that asked |
+//! | `tool` TEXT | the tool asked for |
+//! | `reason` TEXT | why the agent asked |
+//! | `status` TEXT | `pending`, `approved` or `denied` |
+//! | `requested_at` INTEGER | when the agent asked |
+//! | `decided_at` INTEGER NULL | when it was decided; NULL exactly while pending |
+//! | `decided_by` TEXT NULL | who decided; NULL exactly while pending |
+//! | `note` TEXT NULL | the approver's note |
+//! | `expires_at` INTEGER NULL | when an approval lapses; set exactly when approved |
+//!
+//! The row is the request and its outcome; the grant itself lives in the
+//! task's `body` (`grants`), written in the same batch as the approval.
+//! [`Op::DecideElevation`] is `UPDATE … WHERE id = ? AND status = 'pending'`:
+//! the writer thread applies batches one after the other, so of two racing
+//! decisions the second finds the row decided and conflicts.
+//!
+//! Not stored yet: the hash chain of DESIGN section 6 (`prev_hash`, `hash`).
+//! It will be a migration adding two columns to `audit_events`, computed in
+//! the writer thread, which already orders every append.
 //!
 //! `AUTOINCREMENT` (not plain rowid) guarantees a seq is never reused, even
 //! after the newest rows are deleted; `sqlite_sequence` holds the high-water
@@ -134,7 +156,9 @@
 //! transaction together with its `schema_migrations` row. A database whose
 //! version is newer than this build knows is refused
 //! ([`StoreError::Unavailable`]): an old binary must not write a newer
-//! layout.
+//! layout. A version-1 database (no `elevations`) is upgraded in place on
+//! open; the migration only adds a table and its indexes, so existing rows
+//! are untouched.
 
 mod read;
 mod rows;
@@ -152,14 +176,15 @@ use tokio::sync::{mpsc, oneshot};
 
 use self::read::ReadPool;
 use self::rows::{
-    REFRESH_COLUMNS, RawEvent, RawRefresh, RawTask, RawToken, TASK_COLUMNS, TOKEN_COLUMNS,
+    ELEVATION_COLUMNS, REFRESH_COLUMNS, RawElevation, RawEvent, RawRefresh, RawTask, RawToken,
+    TASK_COLUMNS, TOKEN_COLUMNS,
 };
 pub use self::schema::LATEST_VERSION as SCHEMA_VERSION;
 pub use self::writer::MAX_GROUP;
 use self::writer::Request;
 use crate::{
-    AuditEvent, AuditQuery, Committed, MAX_ROWS, Op, RefreshRecord, Result, Store, StoreError,
-    TaskRecord, TokenRecord,
+    AuditEvent, AuditQuery, Committed, ElevationRecord, ElevationStatus, MAX_ROWS, Op,
+    RefreshRecord, Result, Store, StoreError, TaskRecord, TokenRecord,
 };
 
 /// Batches that may wait for the writer before callers are held back.
@@ -443,6 +468,56 @@ impl Store for SqliteStore {
                     .map_err(|e| sql_error("read audit events", &e))?
                     .into_iter()
                     .map(RawEvent::decode)
+                    .collect()
+            })
+            .await
+    }
+
+    async fn elevation(&self, id: &str) -> Result<Option<ElevationRecord>> {
+        let id = id.to_owned();
+        self.readers
+            .run(move |conn| {
+                let sql = format!("SELECT {ELEVATION_COLUMNS} FROM elevations WHERE id = ?1");
+                conn.prepare_cached(&sql)
+                    .and_then(|mut stmt| stmt.query_row([&id], RawElevation::from_row).optional())
+                    .map_err(|e| sql_error("read elevation", &e))?
+                    .map(RawElevation::decode)
+                    .transpose()
+            })
+            .await
+    }
+
+    async fn elevations(
+        &self,
+        status: Option<ElevationStatus>,
+        limit: usize,
+    ) -> Result<Vec<ElevationRecord>> {
+        let limit = clamp_to_int(limit.min(MAX_ROWS));
+        self.readers
+            .run(move |conn| {
+                let mut values = Vec::with_capacity(2);
+                let sql = match status {
+                    Some(status) => {
+                        values.push(Value::Text(status.as_str().into()));
+                        format!(
+                            "SELECT {ELEVATION_COLUMNS} FROM elevations WHERE status = ?1 \
+                             ORDER BY requested_at, id LIMIT ?2"
+                        )
+                    }
+                    None => format!(
+                        "SELECT {ELEVATION_COLUMNS} FROM elevations \
+                         ORDER BY requested_at, id LIMIT ?1"
+                    ),
+                };
+                values.push(Value::Integer(limit));
+                conn.prepare_cached(&sql)
+                    .and_then(|mut stmt| {
+                        stmt.query_map(params_from_iter(values), RawElevation::from_row)?
+                            .collect::<rusqlite::Result<Vec<_>>>()
+                    })
+                    .map_err(|e| sql_error("read elevations", &e))?
+                    .into_iter()
+                    .map(RawElevation::decode)
                     .collect()
             })
             .await

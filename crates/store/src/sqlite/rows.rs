@@ -8,7 +8,8 @@ use rusqlite::Row;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    AuditEvent, NewEvent, RefreshRecord, Result, StoreError, TaskRecord, TokenKind, TokenRecord,
+    AuditEvent, ElevationRecord, ElevationStatus, NewEvent, RefreshRecord, Result, StoreError,
+    TaskRecord, TokenKind, TokenRecord,
 };
 
 /// A `u64` as SQLite's `INTEGER` (`i64`); larger values are refused.
@@ -265,5 +266,69 @@ impl RawEvent {
         let event: NewEvent = serde_json::from_str(&self.event)
             .map_err(|e| StoreError::Corrupt(format!("audit event {seq}: {e}")))?;
         Ok(AuditEvent { seq, event })
+    }
+}
+
+/// The column list [`RawElevation::from_row`] expects.
+pub const ELEVATION_COLUMNS: &str = "id, task_id, agent_id, tool, reason, status, requested_at, \
+     decided_at, decided_by, note, expires_at";
+
+/// The raw columns of `SELECT` [`ELEVATION_COLUMNS`].
+#[derive(Debug)]
+pub struct RawElevation {
+    id: String,
+    task_id: String,
+    agent_id: String,
+    tool: String,
+    reason: String,
+    status: String,
+    requested_at: i64,
+    decided_at: Option<i64>,
+    decided_by: Option<String>,
+    note: Option<String>,
+    expires_at: Option<i64>,
+}
+
+impl RawElevation {
+    pub fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            id: row.get(0)?,
+            task_id: row.get(1)?,
+            agent_id: row.get(2)?,
+            tool: row.get(3)?,
+            reason: row.get(4)?,
+            status: row.get(5)?,
+            requested_at: row.get(6)?,
+            decided_at: row.get(7)?,
+            decided_by: row.get(8)?,
+            note: row.get(9)?,
+            expires_at: row.get(10)?,
+        })
+    }
+
+    pub fn decode(self) -> Result<ElevationRecord> {
+        let status: ElevationStatus = self
+            .status
+            .parse()
+            .map_err(|e| StoreError::Corrupt(format!("elevation {}: {e}", self.id)))?;
+        Ok(ElevationRecord {
+            status,
+            requested_at: to_ts("elevation requested_at", self.requested_at)?,
+            decided_at: self
+                .decided_at
+                .map(|at| to_ts("elevation decided_at", at))
+                .transpose()?,
+            expires_at: self
+                .expires_at
+                .map(|at| to_ts("elevation expires_at", at))
+                .transpose()?,
+            id: self.id,
+            task_id: self.task_id,
+            agent_id: self.agent_id,
+            tool: self.tool,
+            reason: self.reason,
+            decided_by: self.decided_by,
+            note: self.note,
+        })
     }
 }

@@ -6,7 +6,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::rows::{TaskRow, to_int};
 use super::sql_error;
-use crate::{Committed, Op, Result, StoreError};
+use crate::model::{check_decision, check_new_elevation};
+use crate::{
+    Committed, ELEVATION_ALREADY_DECIDED, ElevationStatus, NO_SUCH_ELEVATION, Op, Result,
+    StoreError,
+};
 
 /// Most batches drained into one SQLite transaction.
 pub const MAX_GROUP: usize = 512;
@@ -386,6 +390,97 @@ fn apply(conn: &Connection, op: Op, committed: &mut Committed) -> Result<()> {
             })?;
             committed.seqs.push(seq);
         }
+        Op::InsertElevation(record) => {
+            check_new_elevation(&record)?;
+            let requested_at = to_int("elevation requested_at", record.requested_at.0)?;
+            conn.prepare_cached(
+                "INSERT INTO elevations (id, task_id, agent_id, tool, reason, status, \
+                 requested_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    record.id,
+                    record.task_id,
+                    record.agent_id,
+                    record.tool,
+                    record.reason,
+                    ElevationStatus::Pending.as_str(),
+                    requested_at
+                ])
+            })
+            .map_err(|e| {
+                sql_error(
+                    &format!(
+                        "insert elevation {:?} of task {:?}",
+                        record.id, record.task_id
+                    ),
+                    &e,
+                )
+            })?;
+        }
+        Op::DecideElevation {
+            id,
+            status,
+            by,
+            at,
+            note,
+            expires_at,
+        } => decide_elevation(conn, &id, status, &by, at, note, expires_at)?,
     }
     Ok(())
+}
+
+/// [`Op::DecideElevation`]: one conditional update, so that of two
+/// decisions on one request only the first applied finds it pending.
+fn decide_elevation(
+    conn: &Connection,
+    id: &str,
+    status: ElevationStatus,
+    by: &str,
+    at: portcullis_core::Timestamp,
+    note: Option<String>,
+    expires_at: Option<portcullis_core::Timestamp>,
+) -> Result<()> {
+    check_decision(id, status, at, expires_at)?;
+    let decided_at = to_int("elevation decided_at", at.0)?;
+    let expires_at = expires_at
+        .map(|at| to_int("elevation expires_at", at.0))
+        .transpose()?;
+    let context = || format!("decide elevation {id:?}");
+    let changed = conn
+        .prepare_cached(
+            "UPDATE elevations SET status = ?2, decided_at = ?3, decided_by = ?4, note = ?5, \
+             expires_at = ?6 \
+             WHERE id = ?1 AND status = 'pending' AND (?2 <> 'approved' OR agent_id <> ?4)",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                id,
+                status.as_str(),
+                decided_at,
+                by,
+                note,
+                expires_at
+            ])
+        })
+        .map_err(|e| sql_error(&context(), &e))?;
+    if changed > 0 {
+        return Ok(());
+    }
+    // Nothing changed: say why.
+    let stored: Option<String> = conn
+        .prepare_cached("SELECT status FROM elevations WHERE id = ?1")
+        .and_then(|mut stmt| stmt.query_row([id], |row| row.get(0)).optional())
+        .map_err(|e| sql_error(&context(), &e))?;
+    Err(StoreError::Conflict(match stored {
+        None => NO_SUCH_ELEVATION.to_owned(),
+        Some(stored) if stored != ElevationStatus::Pending.as_str() => {
+            ELEVATION_ALREADY_DECIDED.to_owned()
+        }
+        // Still pending, so the update's last condition refused it.
+        Some(_) => format!(
+            "{}: an agent cannot approve its own elevation request",
+            context()
+        ),
+    }))
 }
