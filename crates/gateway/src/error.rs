@@ -5,7 +5,8 @@
 //! `WWW-Authenticate: Bearer error="invalid_token"` (a missing token gets
 //! `Bearer` alone); every other denial is 403; malformed requests are 400
 //! (`error: "bad_request"`), oversized bodies 413 (`"payload_too_large"`),
-//! unknown routes 404 (`"not_found"`), and a failing store 503
+//! unknown routes 404 (`"not_found"`), a known route with another method
+//! 405 (`"method_not_allowed"`), and a failing store 503
 //! (`"internal_error"`): whatever goes wrong inside, the call is not made.
 
 use axum::http::{HeaderValue, StatusCode, header};
@@ -24,6 +25,8 @@ pub enum Kind {
     TooLarge,
     /// No such route or resource.
     NotFound,
+    /// The route exists, but not with this method.
+    MethodNotAllowed,
     /// The store or another dependency failed: fail closed.
     Unavailable,
     /// An authenticated admin lacks the role.
@@ -108,6 +111,7 @@ impl ApiError {
             Kind::BadRequest => "bad_request",
             Kind::TooLarge => "payload_too_large",
             Kind::NotFound => "not_found",
+            Kind::MethodNotAllowed => "method_not_allowed",
             Kind::Unavailable => "internal_error",
             Kind::Forbidden => "forbidden",
         }
@@ -122,6 +126,7 @@ impl ApiError {
             Kind::BadRequest => StatusCode::BAD_REQUEST,
             Kind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Kind::NotFound => StatusCode::NOT_FOUND,
+            Kind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Kind::Forbidden => StatusCode::FORBIDDEN,
         }

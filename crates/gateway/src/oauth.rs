@@ -103,8 +103,16 @@ async fn refresh(gw: &Gateway, rid: &RequestId, token: Option<&String>) -> Respo
     };
     let hash = portcullis_token::sha256_hex(token.as_bytes());
     let now = gw.now();
-    let Ok(Some(current)) = gw.store.refresh(&hash).await else {
-        return invalid_grant("unknown refresh token", Reason::TokenInvalid, rid);
+    // A ledger failure is no verdict on the token: 503, so the client
+    // retries instead of abandoning a task whose refresh token is fine.
+    let current = match gw.store.refresh(&hash).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return invalid_grant("unknown refresh token", Reason::TokenInvalid, rid),
+        Err(e) => {
+            return ApiError::unavailable(e.to_string())
+                .with_request_id(&rid.0)
+                .into_response();
+        }
     };
     let record = match gw.store.task(&current.task_id).await {
         Ok(Some(r)) => r,
@@ -304,10 +312,11 @@ async fn exchange(
             );
         }
     }
-    let (token, ops) = match gw.mint_hop(&record.task, resource, &tools, now) {
-        Ok(m) => m,
-        Err(e) => return e.with_request_id(&rid.0).into_response(),
-    };
+    let (token, expires_in, ops) =
+        match gw.mint_hop(&record.task, resource, &tools, record.deadline, now) {
+            Ok(m) => m,
+            Err(e) => return e.with_request_id(&rid.0).into_response(),
+        };
     if let Err(e) = gw.store.commit(ops).await {
         return ApiError::unavailable(e.to_string())
             .with_request_id(&rid.0)
@@ -318,7 +327,7 @@ async fn exchange(
         "access_token": token,
         "issued_token_type": ACCESS_TOKEN_TYPE,
         "token_type": "Bearer",
-        "expires_in": crate::upstream::HOP_TTL_SECS,
+        "expires_in": expires_in,
         "scope": tools.join(" "),
     });
     (
@@ -354,10 +363,7 @@ pub(crate) async fn revoke(State(gw): State<Arc<Gateway>>, rid: RequestId, body:
         Ok(f) => f,
         Err(e) => return e.with_request_id(&rid.0).into_response(),
     };
-    let Some(token) = form
-        .get("token")
-        .filter(|t| t.len() <= portcullis_token::MAX_TOKEN_BYTES)
-    else {
+    let Some(token) = form.get("token") else {
         return oauth_error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
@@ -366,6 +372,11 @@ pub(crate) async fn revoke(State(gw): State<Arc<Gateway>>, rid: RequestId, body:
             &rid,
         );
     };
+    // Longer than anything we issue: an invalid token, which RFC 7009
+    // answers with 200 like any other.
+    if token.len() > portcullis_token::MAX_TOKEN_BYTES {
+        return (StatusCode::OK, Json(json!({}))).into_response();
+    }
     let now = gw.now();
     let mut ops = Vec::new();
     let mut event = NewEvent::new(now, EventKind::TokenRevoked);
@@ -380,12 +391,21 @@ pub(crate) async fn revoke(State(gw): State<Arc<Gateway>>, rid: RequestId, body:
         event.jti = Some(claims.jti);
     } else {
         let hash = portcullis_token::sha256_hex(token.as_bytes());
-        if let Ok(Some(r)) = gw.store.refresh(&hash).await
-            && r.spent_at.is_none()
-        {
-            ops.push(Op::SpendRefresh { hash, at: now });
-            event.task_id = Some(r.task_id);
-            event.agent_id = Some(r.agent_id);
+        match gw.store.refresh(&hash).await {
+            Ok(Some(r)) if r.spent_at.is_none() => {
+                ops.push(Op::SpendRefresh { hash, at: now });
+                event.task_id = Some(r.task_id);
+                event.agent_id = Some(r.agent_id);
+            }
+            Ok(_) => {}
+            // The ledger cannot say whether this is a live refresh token:
+            // answering 200 would tell its holder it is dead when it may
+            // not be (RFC 7009 section 2.2.1: 503, the token still exists).
+            Err(e) => {
+                return ApiError::unavailable(e.to_string())
+                    .with_request_id(&rid.0)
+                    .into_response();
+            }
         }
     }
     if !ops.is_empty() {

@@ -176,7 +176,14 @@ impl Gateway {
                 .get(&def.upstream)
                 .ok_or_else(|| CommitError::Api(internal("tool's upstream is not configured")))?;
             let (credential, hop_ops) = self
-                .hop_credential(entry, &def.upstream, &task, &decision.tool, now)
+                .hop_credential(
+                    entry,
+                    &def.upstream,
+                    &task,
+                    &decision.tool,
+                    record.deadline,
+                    now,
+                )
                 .map_err(CommitError::Api)?;
             ops.extend(hop_ops);
             Some((

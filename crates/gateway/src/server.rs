@@ -58,6 +58,15 @@ async fn not_found(rid: RequestId) -> Response {
         .into_response()
 }
 
+async fn method_not_allowed(rid: RequestId) -> Response {
+    ApiError::new(
+        Kind::MethodNotAllowed,
+        "method not allowed on this endpoint",
+    )
+    .with_request_id(&rid.0)
+    .into_response()
+}
+
 async fn healthz() -> &'static str {
     "ok\n"
 }
@@ -110,6 +119,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(middleware::from_fn(request_id))
         .with_state(gw)
@@ -146,7 +156,13 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         tokio::spawn(async move {
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // HTTP/1 only: without it the auto builder first sniffs for the
+            // HTTP/2 preface with no timeout at all, so a client that
+            // connects and sends nothing held its connection (and one of
+            // the MAX_CONNECTIONS permits) forever; the header timeout
+            // only starts once HTTP/1 parsing does.
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
             builder
                 .http1()
                 .timer(TokioTimer::new())

@@ -301,13 +301,15 @@ impl Gateway {
             .collect()
     }
 
-    /// Mints the per-hop credential of upstream `entry` for one call.
+    /// Mints the per-hop credential of upstream `entry` for one call of a
+    /// task that ends at `deadline`.
     pub(crate) fn hop_credential(
         &self,
         entry: &UpstreamEntry,
         upstream: &str,
         task: &Task,
         tool: &str,
+        deadline: Timestamp,
         now: Timestamp,
     ) -> Result<(HopCredential, Vec<Op>), ApiError> {
         match &entry.provider {
@@ -324,23 +326,30 @@ impl Gateway {
                 format!("credential provider {kind} is not available"),
             )),
             Provider::Jwt => {
-                let (token, ops) = self.mint_hop(task, upstream, &[tool.to_owned()], now)?;
+                let (token, _, ops) =
+                    self.mint_hop(task, upstream, &[tool.to_owned()], deadline, now)?;
                 Ok((HopCredential::Jwt { token }, ops))
             }
         }
     }
 
     /// Mints a per-hop token: `aud` = the upstream, `scope` = the tools,
-    /// ≤ 60 s and never past the task's deadline.
+    /// ≤ 60 s and never past the task's `deadline`. Returns the token, its
+    /// lifetime in seconds, and the ops that record it.
     pub(crate) fn mint_hop(
         &self,
         task: &Task,
         upstream: &str,
         tools: &[String],
+        deadline: Timestamp,
         now: Timestamp,
-    ) -> Result<(String, Vec<Op>), ApiError> {
+    ) -> Result<(String, u64, Vec<Op>), ApiError> {
         let jti = portcullis_token::random_id("hop_").map_err(internal)?;
-        let expires = now.plus_millis(crate::upstream::HOP_TTL_SECS * 1000);
+        let expires = Timestamp(
+            now.plus_millis(crate::upstream::HOP_TTL_SECS * 1000)
+                .0
+                .min(deadline.0),
+        );
         let claims = Claims {
             iss: self.settings.issuer.clone(),
             sub: task.agent_id.clone(),
@@ -370,7 +379,8 @@ impl Gateway {
         event.agent_id = Some(task.agent_id.clone());
         event.jti = Some(jti);
         event.detail = Some(format!("per-hop for {upstream}: {}", tools.join(" ")));
-        Ok((token, vec![Op::InsertToken(record), Op::Append(event)]))
+        let ttl = expires.as_secs().saturating_sub(now.as_secs());
+        Ok((token, ttl, vec![Op::InsertToken(record), Op::Append(event)]))
     }
 
     /// The audit event of a decided call.

@@ -170,16 +170,22 @@ fn no_store() -> [(axum::http::HeaderName, &'static str); 2] {
     ]
 }
 
-/// The task view of `GET /v1/tasks/{id}`.
-fn task_view(record: &TaskRecord) -> Value {
+/// The task view of `GET /v1/tasks/{id}` at `now`. An active task past
+/// its deadline shows as `expired`: it can do nothing any more.
+fn task_view(record: &TaskRecord, now: portcullis_core::Timestamp) -> Value {
     let t = &record.task;
+    let status = if t.status == TaskStatus::Active && now >= record.deadline {
+        "expired"
+    } else {
+        t.status.as_str()
+    };
     json!({
         "task_id": t.id,
         "agent_id": t.agent_id,
         "agent_type": t.agent_type,
         "goal": t.goal,
         "state": t.state,
-        "status": t.status.as_str(),
+        "status": status,
         "tools": t.tools,
         "calls": t.calls,
         "tool_calls": t.tool_calls,
@@ -225,13 +231,14 @@ pub(crate) async fn get(
 ) -> Response {
     let result = async {
         task_or_admin(&gw, &headers, &task_id, Role::Auditor).await?;
-        let record = gw.load_task(&task_id).await.map_err(|e| match e.reason() {
-            Some(Reason::TaskNotActive) => {
-                ApiError::new(crate::error::Kind::NotFound, "no such task")
-            }
-            _ => e,
-        })?;
-        Ok(Json(task_view(&record)).into_response())
+        // Not `load_task`: a task past its lifetime is over, not unknown.
+        let record = gw
+            .store
+            .task(&task_id)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?
+            .ok_or_else(|| ApiError::new(crate::error::Kind::NotFound, "no such task"))?;
+        Ok(Json(task_view(&record, gw.now())).into_response())
     }
     .await;
     respond(&rid, result)

@@ -1,0 +1,270 @@
+//! `portcullis serve` end to end: the built binary, a key made by `portcullis
+//! keygen`, a configuration on a free port, and a client talking HTTP to it —
+//! start a task, read the JWKS, get a call denied, complete the task, and see
+//! its token refused as revoked.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+/// The bootstrap secret of `ingest-bot`; its SHA-256 is in the configuration.
+const BOOTSTRAP: &str = "serve-test-bootstrap-secret";
+const BOOTSTRAP_SHA256: &str = "84f0fe75f625a4767155cc0ae0d00f5138abb6efcfa88e1a5815e6cc698ed7be";
+/// The admin token; its SHA-256 is in the configuration.
+const ADMIN: &str = "serve-test-admin-token";
+const ADMIN_SHA256: &str = "96f9892bad2b8acea814818036e836f8e46a18435431b6ec5f247146ad9c4a42";
+
+/// The server process, killed when the test ends, however it ends.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+fn write_config(dir: &Path, listen: &str) {
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    std::fs::write(
+        dir.join("policies/ingestion.cedar"),
+        r#"
+@id("no-sql-wildcards")
+forbid(principal, action, resource == Tool::"warehouse.query")
+when { context.args.sql like "*\**" };
+"#,
+    )
+    .unwrap();
+    let config = format!(
+        r#"
+[server]
+listen = "{listen}"
+issuer = "http://{listen}"
+
+[store]
+url = "sqlite://ledger.db"
+
+[tokens]
+access_ttl = "10m"
+refresh_idle_ttl = "30m"
+task_max_lifetime = "8h"
+signing_key = "keys/k1.ed25519"
+
+[[admins]]
+name = "ops"
+roles = ["admin", "auditor"]
+token_sha256 = "{ADMIN_SHA256}"
+
+[[upstreams]]
+name = "warehouse"
+transport = "stdio"
+command = ["portcullis", "demo-server", "warehouse"]
+credential = {{ kind = "jwt" }}
+
+[[tools]]
+name = "warehouse.connect"
+upstream = "warehouse"
+risk = "low"
+access = "read"
+args_schema = {{ type = "object", properties = {{ database = {{ type = "string" }} }}, required = ["database"], additionalProperties = false }}
+
+[[tools]]
+name = "warehouse.query"
+upstream = "warehouse"
+risk = "low"
+access = "read"
+args_schema = {{ type = "object", properties = {{ sql = {{ type = "string" }} }}, required = ["sql"], additionalProperties = false }}
+
+[[agent_types]]
+name = "ingestion"
+initial = "connect"
+auto_advance = true
+states = [
+  {{ name = "connect", tools = ["warehouse.connect"], next = ["query"] }},
+  {{ name = "query",   tools = ["warehouse.query"], next = ["done"] }},
+  {{ name = "done",    final = true }},
+]
+
+[[agents]]
+id = "ingest-bot"
+type = "ingestion"
+tools = ["warehouse.connect", "warehouse.query"]
+bootstrap_sha256 = "{BOOTSTRAP_SHA256}"
+
+[policies]
+cedar = ["policies/*.cedar"]
+"#
+    );
+    std::fs::write(dir.join("portcullis.toml"), config).unwrap();
+}
+
+fn b64url_json(segment: &str) -> Value {
+    // Tiny base64url decoder, to read the token header without a dependency.
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = Vec::new();
+    for c in segment.bytes() {
+        let v = alphabet.iter().position(|&a| a == c).unwrap() as u32;
+        bits = (bits << 6) | v;
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+            bits &= (1 << n) - 1;
+        }
+    }
+    serde_json::from_slice(&out).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_a_task_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let keygen = Command::new(BIN)
+        .args(["keygen", "--out"])
+        .arg(dir.path().join("keys/k1.ed25519"))
+        .output()
+        .unwrap();
+    assert!(keygen.status.success(), "keygen: {keygen:?}");
+    let kid = String::from_utf8(keygen.stdout).unwrap().trim().to_owned();
+    assert!(!kid.is_empty());
+
+    let listen = format!("127.0.0.1:{}", free_port());
+    write_config(dir.path(), &listen);
+    let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(dir.path().join("portcullis.toml"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut server = Server(child);
+    let base = format!("http://{listen}");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let server_log = || std::fs::read_to_string(dir.path().join("serve.log")).unwrap_or_default();
+
+    // Ready within 30 s, or the test says why not.
+    let mut ready = false;
+    for _ in 0..300 {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            panic!("serve exited early ({status}):\n{}", server_log());
+        }
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await
+            && r.status() == 200
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "not ready after 30 s:\n{}", server_log());
+
+    // Start a task.
+    let r = client
+        .post(format!("{base}/v1/tasks"))
+        .bearer_auth(BOOTSTRAP)
+        .json(&json!({ "agent_id": "ingest-bot", "goal": "serve test" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let started: Value = r.json().await.unwrap();
+    let task_id = started["task_id"].as_str().unwrap().to_owned();
+    let access = started["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(started["state"], "connect");
+    assert_eq!(started["token_type"], "Bearer");
+
+    // The JWKS publishes the key made by keygen, which signed the token.
+    let jwks: Value = client
+        .get(format!("{base}/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(jwks["keys"][0]["kid"], kid.as_str(), "{jwks}");
+    assert_eq!(jwks["keys"][0]["kty"], "OKP");
+    let header = b64url_json(access.split('.').next().unwrap());
+    assert_eq!(header["kid"], kid.as_str());
+    assert_eq!(header["typ"], "at+jwt");
+
+    // A denied call: a policy forbids it.
+    let r = client
+        .post(format!("{base}/v1/tasks/{task_id}/calls"))
+        .bearer_auth(&access)
+        .json(&json!({ "tool": "warehouse.query", "arguments": { "sql": "select * from t" } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let denied: Value = r.json().await.unwrap();
+    assert_eq!(denied["error"], "policy_forbid", "{denied}");
+    assert_eq!(denied["policy_ids"], json!(["no-sql-wildcards"]));
+    assert!(denied["request_id"].is_string());
+
+    // Complete the task; its token is revoked from then on.
+    let r = client
+        .post(format!("{base}/v1/tasks/{task_id}/complete"))
+        .bearer_auth(&access)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let done: Value = r.json().await.unwrap();
+    assert_eq!(done["status"], "completed", "{done}");
+    let r = client
+        .get(format!("{base}/v1/tasks/{task_id}"))
+        .bearer_auth(&access)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        "Bearer error=\"invalid_token\""
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "token_revoked", "{body}");
+
+    // The audit log, through the admin API.
+    let r = client
+        .get(format!("{base}/v1/audit?task_id={task_id}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let audit: Value = r.json().await.unwrap();
+    let kinds: Vec<&str> = audit["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"call.denied"), "{kinds:?}");
+    assert!(kinds.contains(&"task.completed"), "{kinds:?}");
+
+    // Still running: it did not crash on the way.
+    assert!(server.0.try_wait().unwrap().is_none(), "{}", server_log());
+}

@@ -1,0 +1,1907 @@
+//! The gateway over real HTTP: every endpoint of DESIGN section 9 that this
+//! build serves, driven through a real socket with `reqwest` (and raw TCP
+//! where a well-behaved client cannot misbehave enough).
+//!
+//! Each test stands up its own gateway (see `common`). For every denied
+//! call the tests also assert that the upstream saw nothing.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use reqwest::StatusCode;
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+fn connect_args() -> Value {
+    json!({ "database": "analytics", "password": "hunter2" })
+}
+
+fn words(s: &str) -> BTreeSet<&str> {
+    s.split(' ').filter(|w| !w.is_empty()).collect()
+}
+
+// ---------------------------------------------------------------------------
+// 1. The whole task lifecycle.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_lifecycle_end_to_end() {
+    let h = Harness::start().await;
+    let start = json!({ "agent_id": "ingest-bot", "goal": "nightly load" });
+
+    // Starting a task needs the agent's own bootstrap secret.
+    let a = h.post_json("/v1/tasks", None, &start).await;
+    assert_token_error(&a, "token_missing");
+    let a = h
+        .post_json("/v1/tasks", Some("not-the-secret"), &start)
+        .await;
+    assert_token_error(&a, "token_invalid");
+    let a = h
+        .post_json("/v1/tasks", Some(OTHER_BOOTSTRAP), &start)
+        .await;
+    assert_token_error(&a, "token_invalid");
+    let a = h.post_json("/v1/tasks", Some(ADMIN), &start).await;
+    assert_token_error(&a, "token_invalid");
+
+    // A tool outside the ACL (registered, or not) cannot be asked for.
+    let a = h
+        .post_json(
+            "/v1/tasks",
+            Some(BOOTSTRAP),
+            &json!({ "agent_id": "ingest-bot", "goal": "g", "tools": ["warehouse.connect", "warehouse.drop"] }),
+        )
+        .await;
+    assert_error(&a, 403, "tool_not_granted");
+    let a = h
+        .post_json(
+            "/v1/tasks",
+            Some(BOOTSTRAP),
+            &json!({ "agent_id": "ingest-bot", "goal": "g", "tools": ["warehouse.nope"] }),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text);
+    assert_shape(&a);
+
+    // A subset of the ACL: the task, and its token's scope, hold only it.
+    let subset = ["warehouse.connect", "warehouse.query", "files.read"];
+    let s = h.start_task(Some(&subset)).await;
+    let got: BTreeSet<&str> = s.body["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(got, subset.into_iter().collect());
+    let claims = h.verify(&s.access, &h.issuer);
+    assert_eq!(words(&claims.scope), subset.into_iter().collect());
+    // Calls to a tool outside the task's set are tool_not_granted.
+    let a = h
+        .call(
+            &s.access,
+            &s.task_id,
+            "warehouse.transform",
+            json!({ "table": "t", "steps": [] }),
+        )
+        .await;
+    assert_error(&a, 403, "tool_not_granted");
+
+    // The whole ACL (no `tools`): the 201 body of section 9.
+    let a = h.post_json("/v1/tasks", Some(BOOTSTRAP), &start).await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
+    assert_eq!(a.header("cache-control"), Some("no-store"));
+    let b = &a.body;
+    let task_id = b["task_id"].as_str().unwrap().to_owned();
+    let access = b["access_token"].as_str().unwrap().to_owned();
+    let refresh = b["refresh_token"].as_str().unwrap().to_owned();
+    assert_eq!(b["token_type"], "Bearer");
+    assert_eq!(b["expires_in"], 600);
+    assert_eq!(b["state"], "connect");
+    assert_eq!(b["tools"].as_array().unwrap().len(), 6, "{b}");
+    assert!(!refresh.is_empty() && refresh != access);
+    let claims = h.verify(&access, &h.issuer);
+    assert_eq!(claims.task_id, task_id);
+    assert_eq!(claims.sub, "ingest-bot");
+    assert_eq!(claims.client_id, "ingest-bot");
+    assert_eq!(claims.agent_type, "ingestion");
+    assert_eq!(claims.exp - claims.iat, 600);
+    assert!(!claims.scope.contains("warehouse.drop"));
+
+    // GET the task: its own token, an auditor; not an approver, not nobody.
+    let path = format!("/v1/tasks/{task_id}");
+    let a = h.get(&path, Some(&access)).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.body["state"], "connect");
+    assert_eq!(a.body["status"], "active");
+    assert_eq!(a.body["calls"], 0);
+    let a = h.get(&path, Some(AUDITOR)).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.body["task_id"], task_id.as_str());
+    let a = h.get(&path, Some(APPROVER)).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text);
+    assert_shape(&a);
+    assert_token_error(&h.get(&path, None).await, "token_missing");
+    let a = h.get("/v1/tasks/task_does_not_exist", Some(ADMIN)).await;
+    assert_error(&a, 404, "not_found");
+
+    // An allowed call: forwarded with a per-hop JWT, never the agent's token.
+    let a = h
+        .call_ok(&access, &task_id, "warehouse.connect", connect_args())
+        .await;
+    assert_eq!(a.body["result"]["echo"], connect_args());
+    assert_eq!(a.body["state"], "connect");
+    let seen = h.warehouse.calls();
+    assert_eq!(seen.len(), 1);
+    let call = &seen[0];
+    assert_eq!(call.tool, "connect");
+    assert_eq!(call.arguments, connect_args());
+    assert_eq!(call.task_id, task_id);
+    let hop = Harness::hop_token(call);
+    assert_ne!(hop, access);
+    let hop_claims = h.verify(&hop, "warehouse");
+    assert_eq!(hop_claims.aud, "warehouse");
+    assert_eq!(hop_claims.scope, "warehouse.connect");
+    assert_eq!(hop_claims.task_id, task_id);
+    assert_eq!(hop_claims.sub, "ingest-bot");
+    assert!(hop_claims.exp - hop_claims.iat <= 60, "{hop_claims:?}");
+    assert!(hop_claims.exp <= h.now_secs() + 60);
+    assert_ne!(hop_claims.jti, claims.jti);
+    // Its kid is published in the JWKS.
+    let jwks = h.get("/.well-known/jwks.json", None).await;
+    let kid = segment(&hop, 0)["kid"].as_str().unwrap().to_owned();
+    assert!(jwks.text.contains(&kid), "{}", jwks.text);
+    // The agent's token appears nowhere in what the upstream received.
+    let everything = format!("{call:?} {} {hop}", call.arguments);
+    assert!(!everything.contains(&access));
+    assert!(!everything.contains(&refresh));
+    assert!(!everything.contains(BOOTSTRAP));
+
+    // Denials: nothing more reaches the upstream.
+    let a = h
+        .call(
+            &access,
+            &task_id,
+            "warehouse.connect",
+            json!({ "database": "prod" }),
+        )
+        .await;
+    assert_error(&a, 403, "policy_forbid");
+    assert_eq!(a.body["policy_ids"], json!(["no-prod-database"]));
+    // (a tool of the next state, with arguments a policy forbids: no advance)
+    let a = h
+        .call(
+            &access,
+            &task_id,
+            "warehouse.query",
+            json!({ "sql": "select * from users" }),
+        )
+        .await;
+    assert_error(&a, 403, "policy_forbid");
+    assert_eq!(a.body["policy_ids"], json!(["no-sql-wildcards"]));
+    let a = h
+        .call(
+            &access,
+            &task_id,
+            "warehouse.query",
+            json!({ "sql": "select id from t", "limit": 5000 }),
+        )
+        .await;
+    assert_error(&a, 403, "policy_forbid");
+    assert_eq!(a.body["policy_ids"], json!(["bounded-reads"]));
+    let a = h
+        .call(&access, &task_id, "warehouse.query", json!({ "sql": 5 }))
+        .await;
+    assert_error(&a, 403, "args_invalid");
+    let a = h
+        .call(
+            &access,
+            &task_id,
+            "warehouse.query",
+            json!({ "sql": "select 1", "extra": true }),
+        )
+        .await;
+    assert_error(&a, 403, "args_invalid");
+    let a = h
+        .call(
+            &access,
+            &task_id,
+            "warehouse.query",
+            json!(["not", "an", "object"]),
+        )
+        .await;
+    assert_error(&a, 403, "args_invalid");
+    let a = h
+        .call(
+            &access,
+            &task_id,
+            "warehouse.insert",
+            json!({ "table": "staging_x", "rows": [] }),
+        )
+        .await;
+    assert_error(&a, 403, "state_violation");
+    let a = h.call(&access, &task_id, "warehouse.nope", json!({})).await;
+    assert_error(&a, 403, "tool_unknown");
+    let a = h
+        .call(&access, &task_id, "warehouse.drop", json!({ "table": "t" }))
+        .await;
+    assert_error(&a, 403, "tool_not_granted");
+    assert_eq!(h.upstream_calls(), 1, "a denied call reached an upstream");
+    assert_eq!(h.task(&task_id).await["state"], "connect");
+
+    // Policy-decision-point mode decides and audits, never forwards.
+    let a = h
+        .post_json(
+            &format!("/v1/tasks/{task_id}/authorize"),
+            Some(&access),
+            &json!({ "tool": "warehouse.query", "arguments": { "sql": "select * from t" } }),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.body["decision"], "deny");
+    assert_eq!(a.body["reason"], "policy_forbid");
+    assert_eq!(a.body["policy_ids"], json!(["no-sql-wildcards"]));
+    assert_eq!(h.upstream_calls(), 1);
+
+    // Allowed: a tool of the next state auto-advances the task.
+    let a = h
+        .call_ok(
+            &access,
+            &task_id,
+            "warehouse.query",
+            json!({ "sql": "select id from t", "limit": 10 }),
+        )
+        .await;
+    assert_eq!(a.body["state"], "validate");
+    let a = h
+        .call_ok(
+            &access,
+            &task_id,
+            "files.read",
+            json!({ "path": "/data/in.csv" }),
+        )
+        .await;
+    assert_eq!(a.body["result"]["echo"]["path"], "/data/in.csv");
+    assert_eq!(h.files.calls().len(), 1);
+    assert_eq!(
+        Harness::hop_token(&h.files.calls()[0]).split('.').count(),
+        3
+    );
+    assert_eq!(
+        h.verify(&Harness::hop_token(&h.files.calls()[0]), "files")
+            .scope,
+        "files.read"
+    );
+    let a = h
+        .call(
+            &access,
+            &task_id,
+            "files.read",
+            json!({ "path": "/etc/passwd" }),
+        )
+        .await;
+    assert_error(&a, 403, "policy_forbid");
+    assert_eq!(a.body["policy_ids"], json!(["files-under-data"]));
+
+    // The transition endpoint: only along an edge.
+    let tpath = format!("/v1/tasks/{task_id}/transition");
+    let a = h
+        .post_json(&tpath, Some(&access), &json!({ "to": "write" }))
+        .await;
+    assert_error(&a, 403, "state_violation");
+    let a = h
+        .post_json(&tpath, Some(&access), &json!({ "to": "nowhere" }))
+        .await;
+    assert_error(&a, 403, "state_violation");
+    let a = h
+        .post_json(
+            &tpath,
+            Some(&access),
+            &json!({ "to": "transform", "why": "x" }),
+        )
+        .await;
+    assert_error(&a, 400, "bad_request");
+    let a = h
+        .post_json(&tpath, Some(&access), &json!({ "to": "transform" }))
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.body["state"], "transform");
+    assert!(a.body.get("access_token").is_none(), "{}", a.text);
+    let t = h.task(&task_id).await;
+    assert_eq!(t["state"], "transform");
+    assert_eq!(t["calls"], 3);
+
+    // Complete: every token of the task is revoked.
+    let upstream_before = h.upstream_calls();
+    let a = h
+        .post_json(
+            &format!("/v1/tasks/{task_id}/complete"),
+            Some(&access),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.body["status"], "completed");
+    assert!(
+        a.body["revoked_tokens"].as_u64().unwrap() >= 1,
+        "{}",
+        a.text
+    );
+    let a = h
+        .call(
+            &access,
+            &task_id,
+            "warehouse.transform",
+            json!({ "table": "t", "steps": ["trim"] }),
+        )
+        .await;
+    assert_token_error(&a, "token_revoked");
+    assert_token_error(&h.get(&path, Some(&access)).await, "token_revoked");
+    let a = h
+        .post_json(&tpath, Some(&access), &json!({ "to": "write" }))
+        .await;
+    assert_token_error(&a, "token_revoked");
+    assert_oauth_error(&h.refresh(&refresh).await, "invalid_grant", None);
+    let a = h
+        .post_json(
+            &format!("/v1/tasks/{task_id}/complete"),
+            Some(ADMIN),
+            &json!({}),
+        )
+        .await;
+    assert_error(&a, 403, "task_not_active");
+    assert_eq!(h.task(&task_id).await["status"], "completed");
+    assert_eq!(h.introspect(&hop).await.body["active"], false);
+    assert_eq!(h.upstream_calls(), upstream_before);
+
+    // The audit log: auditors only, in seq order, arguments redacted.
+    let q = format!("/v1/audit?task_id={task_id}");
+    assert_token_error(&h.get(&q, None).await, "token_missing");
+    assert_token_error(&h.get(&q, Some(&access)).await, "token_invalid");
+    let a = h.get(&q, Some(APPROVER)).await;
+    assert_error(&a, 403, "forbidden");
+    let records = h.audit(&task_id).await;
+    assert!(records.iter().all(|r| r["task_id"] == task_id.as_str()));
+    assert_in_order(
+        &records,
+        &[
+            "task.started",
+            "token.issued",
+            "call.allowed",
+            "token.issued",
+            "call.completed",
+            "call.denied",
+            "call.allowed",
+            "state.transition",
+            "task.completed",
+            "token.revoked",
+        ],
+    );
+    let allowed_connect = records
+        .iter()
+        .find(|r| r["kind"] == "call.allowed" && r["tool"] == "warehouse.connect")
+        .unwrap();
+    assert_eq!(allowed_connect["args"]["password"], "[redacted]");
+    assert_eq!(allowed_connect["args"]["database"], "analytics");
+    assert_eq!(allowed_connect["decision"], "allow");
+    let denied = records
+        .iter()
+        .find(|r| r["kind"] == "call.denied" && r["reason"] == "policy_forbid")
+        .unwrap();
+    assert_eq!(denied["decision"], "deny");
+    assert_eq!(denied["policy_ids"], json!(["no-prod-database"]));
+    let denied_kinds: BTreeSet<&str> = records
+        .iter()
+        .filter(|r| r["kind"] == "call.denied")
+        .map(|r| r["reason"].as_str().unwrap())
+        .collect();
+    for r in [
+        "policy_forbid",
+        "args_invalid",
+        "state_violation",
+        "tool_unknown",
+        "tool_not_granted",
+    ] {
+        assert!(
+            denied_kinds.contains(r),
+            "no call.denied with {r}: {denied_kinds:?}"
+        );
+    }
+    let transitions: Vec<(&str, &str)> = records
+        .iter()
+        .filter(|r| r["kind"] == "state.transition" && r.get("decision").is_none())
+        .map(|r| {
+            (
+                r["state_from"].as_str().unwrap(),
+                r["state_to"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        transitions,
+        [("connect", "validate"), ("validate", "transform")]
+    );
+    let text = serde_json::to_string(&records).unwrap();
+    for secret in ["hunter2", access.as_str(), refresh.as_str(), hop.as_str()] {
+        assert!(!text.contains(secret), "a secret leaked into the audit log");
+    }
+    // Filters and paging.
+    let a = h.get(&format!("{q}&kind=call.denied"), Some(AUDITOR)).await;
+    let denied = a.body["records"].as_array().unwrap();
+    assert!(denied.len() >= 5 && denied.iter().all(|r| r["kind"] == "call.denied"));
+    let a = h.get(&format!("{q}&limit=2"), Some(AUDITOR)).await;
+    let page = a.body["records"].as_array().unwrap();
+    assert_eq!(page.len(), 2);
+    let next = a.body["next_since_seq"].as_u64().unwrap();
+    let a = h
+        .get(&format!("{q}&since_seq={next}&limit=1"), Some(AUDITOR))
+        .await;
+    assert_eq!(a.body["records"][0]["seq"].as_u64().unwrap(), next + 1);
+    assert_error(
+        &h.get(&format!("{q}&kind=nope"), Some(AUDITOR)).await,
+        400,
+        "bad_request",
+    );
+    assert_error(
+        &h.get(&format!("{q}&since_seq=x"), Some(AUDITOR)).await,
+        400,
+        "bad_request",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 2. Refresh rotation.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_rotates_and_reuse_revokes_the_task() {
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+    h.advance_secs(60);
+
+    let a = h.refresh(&s.refresh).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.header("cache-control"), Some("no-store"));
+    assert_eq!(a.body["token_type"], "Bearer");
+    assert_eq!(a.body["expires_in"], 600);
+    let access2 = a.body["access_token"].as_str().unwrap().to_owned();
+    let refresh2 = a.body["refresh_token"].as_str().unwrap().to_owned();
+    assert_ne!(access2, s.access);
+    assert_ne!(refresh2, s.refresh);
+    let c2 = h.verify(&access2, &h.issuer);
+    assert_eq!(c2.task_id, s.task_id);
+    assert_eq!(words(a.body["scope"].as_str().unwrap()), words(&c2.scope));
+    // The new pair works.
+    h.call_ok(&access2, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    let a = h.refresh(&refresh2).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let access3 = a.body["access_token"].as_str().unwrap().to_owned();
+    h.call_ok(&access3, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    let upstream_before = h.upstream_calls();
+
+    // The first refresh token again: stolen. Everything of the task dies.
+    let a = h.refresh(&s.refresh).await;
+    assert_oauth_error(&a, "invalid_grant", Some("token_revoked"));
+    for token in [&s.access, &access2, &access3] {
+        let a = h
+            .call(token, &s.task_id, "warehouse.connect", connect_args())
+            .await;
+        assert_token_error(&a, "token_revoked");
+    }
+    let latest = a.body["refresh_token"].as_str().map(str::to_owned);
+    assert!(latest.is_none(), "no token on a failed refresh");
+    // The refresh token issued last is spent too.
+    let a = h.refresh(&refresh2).await;
+    assert_oauth_error(&a, "invalid_grant", None);
+    assert_eq!(h.upstream_calls(), upstream_before);
+    assert_eq!(h.introspect(&access3).await.body["active"], false);
+
+    let records = h.audit(&s.task_id).await;
+    assert_in_order(
+        &records,
+        &[
+            "task.started",
+            "token.refreshed",
+            "token.refreshed",
+            "token.revoked",
+        ],
+    );
+    let revoked = records
+        .iter()
+        .rev()
+        .find(|r| r["kind"] == "token.revoked")
+        .unwrap();
+    assert_eq!(revoked["reason"], "token_revoked", "{revoked}");
+    assert!(
+        revoked["detail"].as_str().unwrap().contains("reuse"),
+        "{revoked}"
+    );
+
+    // Garbage and missing refresh tokens.
+    assert_oauth_error(&h.refresh("prt_garbage").await, "invalid_grant", None);
+    let a = h
+        .post_form("/oauth/token", None, &[("grant_type", "refresh_token")])
+        .await;
+    assert_oauth_error(&a, "invalid_request", None);
+    let a = h
+        .post_form("/oauth/token", None, &[("grant_type", "password")])
+        .await;
+    assert_oauth_error(&a, "unsupported_grant_type", None);
+    let a = h
+        .post_form(
+            "/oauth/token",
+            None,
+            &[
+                ("grant_type", "refresh_token"),
+                ("grant_type", "refresh_token"),
+            ],
+        )
+        .await;
+    assert_error(&a, 400, "bad_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_refreshes_count_as_reuse() {
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+    let mut handles = Vec::new();
+    for _ in 0..8 {
+        let client = h.client.clone();
+        let url = h.url("/oauth/token");
+        let refresh = s.refresh.clone();
+        handles.push(tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .form(&[("grant_type", "refresh_token"), ("refresh_token", &refresh)])
+                .send()
+                .await
+                .unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }));
+    }
+    let mut winners = Vec::new();
+    let mut losers = 0;
+    for handle in handles {
+        let (status, body) = handle.await.unwrap();
+        match status.as_u16() {
+            200 => winners.push(body),
+            400 => {
+                assert_eq!(body["error"], "invalid_grant", "{body}");
+                losers += 1;
+            }
+            _ => panic!("{status}: {body}"),
+        }
+    }
+    // One refresh token, one new pair; every other use is a reuse, which
+    // revokes the task's tokens, the winner's new ones included.
+    assert_eq!((winners.len(), losers), (1, 7));
+    let access = winners[0]["access_token"].as_str().unwrap();
+    let a = h
+        .call(access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    assert_token_error(&a, "token_revoked");
+    let a = h
+        .refresh(winners[0]["refresh_token"].as_str().unwrap())
+        .await;
+    assert_oauth_error(&a, "invalid_grant", None);
+    assert_eq!(h.upstream_calls(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_token_expires_when_idle() {
+    let h = Harness::start().await; // idle window 15m, access 10m
+    let s = h.start_task(None).await;
+    // Sliding: a refresh inside the window buys a new window.
+    h.advance_secs(14 * 60);
+    let a = h.refresh(&s.refresh).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let refresh2 = a.body["refresh_token"].as_str().unwrap().to_owned();
+    let access2 = a.body["access_token"].as_str().unwrap().to_owned();
+    // The first access token is past exp + leeway by now.
+    let a = h
+        .call(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    assert_token_error(&a, "token_expired");
+    h.advance_secs(14 * 60);
+    let a = h.refresh(&refresh2).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let refresh3 = a.body["refresh_token"].as_str().unwrap().to_owned();
+    let a = h
+        .call(&access2, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    assert_token_error(&a, "token_expired");
+    // Idle past the window: refused.
+    h.advance_secs(15 * 60 + 1);
+    let a = h.refresh(&refresh3).await;
+    assert_oauth_error(&a, "invalid_grant", Some("token_expired"));
+    assert_eq!(h.upstream_calls(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_never_extends_past_the_task_max_lifetime() {
+    let h = Harness::with(Options {
+        access_ttl: "10m",
+        refresh_idle_ttl: "15m",
+        task_max_lifetime: "20m",
+        ..Options::default()
+    })
+    .await;
+    let s = h.start_task(None).await;
+    let t = h.task(&s.task_id).await;
+    let deadline_ms = t["deadline"].as_u64().unwrap();
+    assert_eq!(
+        deadline_ms - t["started_at"].as_u64().unwrap(),
+        20 * 60 * 1000
+    );
+    let deadline = deadline_ms / 1000;
+
+    h.advance_secs(9 * 60);
+    let a = h.refresh(&s.refresh).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.body["expires_in"], 600);
+    let c = h.verify(a.body["access_token"].as_str().unwrap(), &h.issuer);
+    assert_eq!(c.exp, h.now_secs() + 600);
+    assert!(c.exp <= deadline);
+
+    h.advance_secs(6 * 60); // 15 min in: only 5 min of the task left
+    let refresh2 = a.body["refresh_token"].as_str().unwrap().to_owned();
+    let a = h.refresh(&refresh2).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let access = a.body["access_token"].as_str().unwrap().to_owned();
+    let refresh3 = a.body["refresh_token"].as_str().unwrap().to_owned();
+    let c = h.verify(&access, &h.issuer);
+    assert!(
+        c.exp <= deadline,
+        "exp {} past the deadline {deadline}",
+        c.exp
+    );
+    assert!(a.body["expires_in"].as_u64().unwrap() <= 300, "{}", a.text);
+    h.call_ok(&access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+
+    // At the deadline: no refresh, no call (even inside the token's leeway).
+    h.clock.set(portcullis_core::Timestamp(deadline_ms));
+    let a = h.refresh(&refresh3).await;
+    assert_oauth_error(&a, "invalid_grant", None);
+    let a = h
+        .call(&access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    assert_error(&a, 403, "task_not_active");
+    assert_eq!(h.introspect(&access).await.body["active"], false);
+    h.advance_secs(31);
+    let a = h
+        .call(&access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    assert_token_error(&a, "token_expired");
+    assert_eq!(h.upstream_calls(), 1);
+}
+
+// ---------------------------------------------------------------------------
+// 3. Revocation (RFC 7009) and introspection (RFC 7662).
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_always_answers_200() {
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+    for garbage in ["garbage", "a.b.c", "", "prt_not_a_refresh_token"] {
+        let a = h
+            .post_form("/oauth/revoke", None, &[("token", garbage)])
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{garbage:?}: {}", a.text);
+    }
+    // Longer than any token we issue: still just an invalid token.
+    let huge = "x".repeat(9000);
+    let a = h
+        .post_form("/oauth/revoke", None, &[("token", &huge)])
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    // Still alive after the garbage.
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    let a = h
+        .post_form(
+            "/oauth/revoke",
+            None,
+            &[("token", &s.access), ("token_type_hint", "access_token")],
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let before = h.upstream_calls();
+    let a = h
+        .call(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    assert_token_error(&a, "token_revoked");
+    assert!(a.body["detail"].as_str().unwrap().contains("revoked"));
+    assert_eq!(h.upstream_calls(), before);
+    // Again: still 200.
+    let a = h
+        .post_form("/oauth/revoke", None, &[("token", &s.access)])
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    // A refresh token can be revoked too.
+    let a = h
+        .post_form("/oauth/revoke", None, &[("token", &s.refresh)])
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_oauth_error(&h.refresh(&s.refresh).await, "invalid_grant", None);
+    let records = h.audit(&s.task_id).await;
+    assert!(
+        records.iter().any(|r| r["kind"] == "token.revoked"),
+        "{records:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn introspection_needs_an_admin_and_tells_the_truth() {
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+
+    // The caller authenticates with an admin token.
+    let a = h
+        .post_form("/oauth/introspect", None, &[("token", &s.access)])
+        .await;
+    assert_token_error(&a, "token_missing");
+    let a = h
+        .post_form(
+            "/oauth/introspect",
+            Some(&s.access),
+            &[("token", &s.access)],
+        )
+        .await;
+    assert_token_error(&a, "token_invalid");
+    let a = h
+        .post_form("/oauth/introspect", Some("nope"), &[("token", &s.access)])
+        .await;
+    assert_token_error(&a, "token_invalid");
+
+    // A live token.
+    let a = h.introspect(&s.access).await;
+    let c = h.verify(&s.access, &h.issuer);
+    assert_eq!(a.body["active"], true, "{}", a.text);
+    assert_eq!(a.body["sub"], "ingest-bot");
+    assert_eq!(a.body["task_id"], s.task_id.as_str());
+    assert_eq!(a.body["scope"], c.scope.as_str());
+    assert_eq!(a.body["aud"], h.issuer.as_str());
+    assert_eq!(a.body["exp"], c.exp);
+    // The auditor may introspect as well.
+    let a = h
+        .post_form("/oauth/introspect", Some(AUDITOR), &[("token", &s.access)])
+        .await;
+    assert_eq!(a.body["active"], true, "{}", a.text);
+
+    // A per-hop token, while the task runs, then after it completed.
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    let hop = Harness::hop_token(&h.warehouse.calls()[0]);
+    let a = h.introspect(&hop).await;
+    assert_eq!(a.body["active"], true, "{}", a.text);
+    assert_eq!(a.body["aud"], "warehouse");
+    assert_eq!(a.body["scope"], "warehouse.connect");
+
+    // Garbage.
+    for junk in ["garbage", "a.b.c", ""] {
+        let a = h.introspect(junk).await;
+        assert_eq!(a.body, json!({ "active": false }), "{junk:?}");
+    }
+
+    // Revoked.
+    let other = h.start_task(None).await;
+    h.post_form("/oauth/revoke", None, &[("token", &other.access)])
+        .await;
+    assert_eq!(
+        h.introspect(&other.access).await.body,
+        json!({ "active": false })
+    );
+
+    // Completed task: its per-hop token too.
+    let a = h
+        .post_json(
+            &format!("/v1/tasks/{}/complete", s.task_id),
+            Some(ADMIN),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(h.introspect(&hop).await.body["active"], false);
+    assert_eq!(h.introspect(&s.access).await.body["active"], false);
+
+    // Expired.
+    let third = h.start_task(None).await;
+    assert_eq!(h.introspect(&third.access).await.body["active"], true);
+    h.advance_secs(600 + 31);
+    assert_eq!(
+        h.introspect(&third.access).await.body,
+        json!({ "active": false })
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 4. Token exchange (RFC 8693).
+// ---------------------------------------------------------------------------
+
+const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const ACCESS_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+
+async fn exchange(h: &Harness, subject: &str, resource: &str, scope: &str) -> Answer {
+    h.post_form(
+        "/oauth/token",
+        None,
+        &[
+            ("grant_type", TOKEN_EXCHANGE),
+            ("subject_token", subject),
+            ("subject_token_type", ACCESS_TYPE),
+            ("resource", resource),
+            ("scope", scope),
+        ],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_exchange_mints_per_hop_tokens_only_for_allowed_tools() {
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+
+    let a = exchange(&h, &s.access, "warehouse", "warehouse.connect").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.header("cache-control"), Some("no-store"));
+    assert_eq!(a.body["issued_token_type"], ACCESS_TYPE);
+    assert_eq!(a.body["token_type"], "Bearer");
+    assert!(a.body["expires_in"].as_u64().unwrap() <= 60);
+    assert_eq!(a.body["scope"], "warehouse.connect");
+    let hop = a.body["access_token"].as_str().unwrap().to_owned();
+    let c = h.verify(&hop, "warehouse");
+    assert_eq!(c.aud, "warehouse");
+    assert_eq!(c.scope, "warehouse.connect");
+    assert_eq!(c.task_id, s.task_id);
+    assert!(c.exp - c.iat <= 60);
+
+    // Not allowed in the current state (connect), with the reason.
+    let a = exchange(&h, &s.access, "warehouse", "warehouse.insert").await;
+    assert_oauth_error(&a, "invalid_scope", Some("state_violation"));
+    let a = exchange(
+        &h,
+        &s.access,
+        "warehouse",
+        "warehouse.connect warehouse.transform",
+    )
+    .await;
+    assert_oauth_error(&a, "invalid_scope", Some("state_violation"));
+    // Not on the ACL.
+    let a = exchange(&h, &s.access, "warehouse", "warehouse.drop").await;
+    assert_oauth_error(&a, "invalid_scope", Some("tool_not_granted"));
+    // A tool of another upstream.
+    let a = exchange(&h, &s.access, "warehouse", "files.read").await;
+    assert_oauth_error(&a, "invalid_scope", None);
+    assert!(a.body["reason"].is_string(), "{}", a.text);
+    // No scope at all.
+    let a = exchange(&h, &s.access, "warehouse", "").await;
+    assert_oauth_error(&a, "invalid_scope", None);
+    // An unknown resource.
+    let a = exchange(&h, &s.access, "mainframe", "warehouse.connect").await;
+    assert_oauth_error(&a, "invalid_target", None);
+    // A subject that is not a live task token.
+    let a = exchange(&h, "garbage", "warehouse", "warehouse.connect").await;
+    assert_oauth_error(&a, "invalid_grant", Some("token_invalid"));
+    let a = exchange(&h, &hop, "warehouse", "warehouse.connect").await;
+    assert_oauth_error(&a, "invalid_grant", Some("wrong_audience"));
+
+    // The per-hop token is no access token of the gateway.
+    let a = h
+        .call(&hop, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    assert_token_error(&a, "wrong_audience");
+    let a = h.get(&format!("/v1/tasks/{}", s.task_id), Some(&hop)).await;
+    assert_token_error(&a, "wrong_audience");
+    assert_eq!(h.upstream_calls(), 0);
+
+    // The task ends: the per-hop token is dead too.
+    h.post_json(
+        &format!("/v1/tasks/{}/complete", s.task_id),
+        Some(&s.access),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(h.introspect(&hop).await.body["active"], false);
+    let a = exchange(&h, &s.access, "warehouse", "warehouse.connect").await;
+    assert_oauth_error(&a, "invalid_grant", Some("token_revoked"));
+}
+
+// ---------------------------------------------------------------------------
+// 5. task_mismatch.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_of_one_task_cannot_touch_another() {
+    let h = Harness::start().await;
+    let a_task = h.start_task(None).await;
+    let b_task = h.start_task(None).await;
+    let b = &b_task.task_id;
+    let token = &a_task.access;
+
+    let a = h.call(token, b, "warehouse.connect", connect_args()).await;
+    assert_error(&a, 403, "task_mismatch");
+    let a = h
+        .post_json(
+            &format!("/v1/tasks/{b}/authorize"),
+            Some(token),
+            &json!({ "tool": "warehouse.connect", "arguments": connect_args() }),
+        )
+        .await;
+    assert_error(&a, 403, "task_mismatch");
+    let a = h.get(&format!("/v1/tasks/{b}"), Some(token)).await;
+    assert_error(&a, 403, "task_mismatch");
+    let a = h
+        .post_json(
+            &format!("/v1/tasks/{b}/transition"),
+            Some(token),
+            &json!({ "to": "validate" }),
+        )
+        .await;
+    assert_error(&a, 403, "task_mismatch");
+    let a = h
+        .post_json(&format!("/v1/tasks/{b}/complete"), Some(token), &json!({}))
+        .await;
+    assert_error(&a, 403, "task_mismatch");
+    // A task that does not exist is no different.
+    let a = h
+        .call(
+            token,
+            "task_nonexistent",
+            "warehouse.connect",
+            connect_args(),
+        )
+        .await;
+    assert_error(&a, 403, "task_mismatch");
+    assert_eq!(h.upstream_calls(), 0);
+    let t = h.task(b).await;
+    assert_eq!(
+        (t["status"].as_str(), t["calls"].as_u64()),
+        (Some("active"), Some(0))
+    );
+    // Another agent's task too.
+    let other = h
+        .post_json(
+            "/v1/tasks",
+            Some(OTHER_BOOTSTRAP),
+            &json!({ "agent_id": "other-bot", "goal": "g" }),
+        )
+        .await;
+    assert_eq!(other.status, StatusCode::CREATED, "{}", other.text);
+    let other_id = other.body["task_id"].as_str().unwrap();
+    let a = h
+        .call(token, other_id, "warehouse.connect", connect_args())
+        .await;
+    assert_error(&a, 403, "task_mismatch");
+    assert_eq!(h.upstream_calls(), 0);
+}
+
+// ---------------------------------------------------------------------------
+// 6. Token attacks.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_malformed_tokens_are_rejected() {
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+    let victim = h.start_task(None).await;
+    let header = segment(&s.access, 0);
+    let claims = segment(&s.access, 1);
+    let kid = header["kid"].as_str().unwrap().to_owned();
+    let parts: Vec<&str> = s.access.split('.').collect();
+    let real_key = h.signing_key();
+
+    // The forger itself works: the genuine claims, re-signed, are accepted.
+    let resigned = sign_with(&real_key, &header.to_string(), &claims.to_string());
+    h.call_ok(&resigned, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    assert_eq!(h.upstream_calls(), 1);
+
+    let mut attacks: Vec<(&str, String, &str)> = Vec::new();
+    // alg none, no signature.
+    let none = json!({ "alg": "none", "typ": "at+jwt" }).to_string();
+    attacks.push((
+        "alg none",
+        format!("{}.{}.", b64(none.as_bytes()), parts[1]),
+        "token_invalid",
+    ));
+    let none_kid = json!({ "alg": "none", "typ": "at+jwt", "kid": kid }).to_string();
+    attacks.push((
+        "alg none with kid",
+        format!("{}.{}.{}", b64(none_kid.as_bytes()), parts[1], parts[2]),
+        "token_invalid",
+    ));
+    // HS256 keyed with the public key (algorithm confusion).
+    let hs = json!({ "alg": "HS256", "typ": "at+jwt", "kid": kid }).to_string();
+    let input = format!("{}.{}", b64(hs.as_bytes()), parts[1]);
+    let x = real_key.verifying_key().to_bytes();
+    let mac = hmac_sha256(&x, input.as_bytes());
+    attacks.push(("HS256", format!("{input}.{}", b64(&mac)), "token_invalid"));
+    let jwk_x = b64(&x);
+    let mac = hmac_sha256(jwk_x.as_bytes(), input.as_bytes());
+    attacks.push((
+        "HS256 (x as text)",
+        format!("{input}.{}", b64(&mac)),
+        "token_invalid",
+    ));
+    // A kid the ring does not know.
+    let wrong_kid = json!({ "alg": "EdDSA", "typ": "at+jwt", "kid": "not-a-key" }).to_string();
+    attacks.push((
+        "wrong kid",
+        sign_with(&real_key, &wrong_kid, &claims.to_string()),
+        "token_invalid",
+    ));
+    // Tampered claims under the original signature.
+    let mut to_victim = claims.clone();
+    to_victim["task_id"] = json!(victim.task_id);
+    attacks.push((
+        "tampered task_id",
+        format!(
+            "{}.{}.{}",
+            parts[0],
+            b64(to_victim.to_string().as_bytes()),
+            parts[2]
+        ),
+        "token_invalid",
+    ));
+    let mut wider = claims.clone();
+    wider["scope"] = json!(format!(
+        "{} warehouse.drop",
+        claims["scope"].as_str().unwrap()
+    ));
+    attacks.push((
+        "tampered scope",
+        format!(
+            "{}.{}.{}",
+            parts[0],
+            b64(wider.to_string().as_bytes()),
+            parts[2]
+        ),
+        "token_invalid",
+    ));
+    // Signed by a key of the attacker's, announced under its own kid …
+    let attacker = portcullis_token::SigningKey::generate(h.now_secs()).unwrap();
+    let attacker_ring = portcullis_token::KeyRing::new(vec![attacker], 900).unwrap();
+    let mut c = h.verify(&s.access, &h.issuer);
+    c.jti = "at_forged".to_owned();
+    attacks.push((
+        "other key, own kid",
+        portcullis_token::mint(&attacker_ring, &c).unwrap(),
+        "token_invalid",
+    ));
+    // … and under the gateway's kid.
+    let attacker = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+    attacks.push((
+        "other key, gateway kid",
+        sign_with(&attacker, &header.to_string(), &claims.to_string()),
+        "token_invalid",
+    ));
+    // Validly signed by the gateway's key, but `exp` is a string.
+    let mut exp_string = claims.clone();
+    exp_string["exp"] = json!(claims["exp"].to_string());
+    attacks.push((
+        "exp as a string",
+        sign_with(&real_key, &header.to_string(), &exp_string.to_string()),
+        "token_invalid",
+    ));
+    // Validly signed, but a second `task_id` smuggled in.
+    let dup =
+        claims
+            .to_string()
+            .replacen('{', &format!("{{\"task_id\":\"{}\",", victim.task_id), 1);
+    attacks.push((
+        "duplicate claim",
+        sign_with(&real_key, &header.to_string(), &dup),
+        "token_invalid",
+    ));
+    // Validly signed, but another issuer / a typ that is not at+jwt.
+    let mut other_iss = claims.clone();
+    other_iss["iss"] = json!("http://evil.example");
+    attacks.push((
+        "wrong issuer",
+        sign_with(&real_key, &header.to_string(), &other_iss.to_string()),
+        "token_invalid",
+    ));
+    let jwt_typ = json!({ "alg": "EdDSA", "typ": "JWT", "kid": kid }).to_string();
+    attacks.push((
+        "typ JWT",
+        sign_with(&real_key, &jwt_typ, &claims.to_string()),
+        "token_invalid",
+    ));
+    attacks.push(("not a JWT", "garbage".to_owned(), "token_invalid"));
+    attacks.push(("huge", "a".repeat(9000), "token_invalid"));
+
+    for (name, token, code) in &attacks {
+        let a = h
+            .call(token, &s.task_id, "warehouse.connect", connect_args())
+            .await;
+        assert_eq!(a.status.as_u16(), 401, "{name}: {}", a.text);
+        assert_token_error(&a, code);
+        // Tampered task ids must not reach the victim either.
+        let a = h
+            .call(token, &victim.task_id, "warehouse.connect", connect_args())
+            .await;
+        assert_eq!(a.status.as_u16(), 401, "{name} on the victim: {}", a.text);
+    }
+    assert_eq!(h.upstream_calls(), 1, "a forged token reached an upstream");
+
+    // No Authorization header.
+    let path = format!("/v1/tasks/{}/calls", s.task_id);
+    let body = json!({ "tool": "warehouse.connect", "arguments": connect_args() });
+    let a = h.post_json(&path, None, &body).await;
+    assert_token_error(&a, "token_missing");
+    // Another scheme.
+    let r = h
+        .client
+        .post(h.url(&path))
+        .header(
+            AUTHORIZATION,
+            format!("Basic {}", b64(b"ingest-bot:secret")),
+        )
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let a = Answer::read(r).await;
+    assert_token_error(&a, "token_invalid");
+    let r = h
+        .client
+        .post(h.url(&path))
+        .header(AUTHORIZATION, s.access.clone())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_token_error(&Answer::read(r).await, "token_invalid");
+    // Two Authorization headers, both carrying a valid token.
+    let mut two = HeaderMap::new();
+    let v = HeaderValue::from_str(&format!("Bearer {}", s.access)).unwrap();
+    two.append(AUTHORIZATION, v.clone());
+    two.append(AUTHORIZATION, v);
+    let r = h
+        .client
+        .post(h.url(&path))
+        .headers(two)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let a = Answer::read(r).await;
+    assert_token_error(&a, "token_invalid");
+    assert!(
+        a.body["detail"].as_str().unwrap().contains("more than one"),
+        "{}",
+        a.text
+    );
+    assert_eq!(h.upstream_calls(), 1);
+
+    // Expired: past exp + 30 s of leeway (the signature cache is warm).
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    let exp = h.verify(&s.access, &h.issuer).exp;
+    h.clock.set(portcullis_core::Timestamp((exp + 30) * 1000));
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    h.advance_secs(1);
+    let a = h
+        .call(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    assert_token_error(&a, "token_expired");
+    assert_eq!(h.upstream_calls(), 3);
+}
+
+// ---------------------------------------------------------------------------
+// 7. reverify states rotate the token.
+// ---------------------------------------------------------------------------
+
+/// Walks a fresh task to `transform`.
+async fn to_transform(h: &Harness) -> Started {
+    let s = h.start_task(None).await;
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    h.call_ok(
+        &s.access,
+        &s.task_id,
+        "warehouse.validate",
+        json!({ "table": "events", "rows": [{ "a": 1 }] }),
+    )
+    .await;
+    let a = h
+        .call_ok(
+            &s.access,
+            &s.task_id,
+            "warehouse.transform",
+            json!({ "table": "events", "steps": ["trim", "dedupe"] }),
+        )
+        .await;
+    assert_eq!(a.body["state"], "transform");
+    assert!(a.body.get("access_token").is_none());
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entering_a_reverify_state_rotates_the_token() {
+    let h = Harness::start().await;
+    let s = to_transform(&h).await;
+    let insert = json!({ "table": "staging_events", "rows": [{ "a": 1 }] });
+
+    // A denied call into the reverify state rotates nothing.
+    let a = h
+        .call(
+            &s.access,
+            &s.task_id,
+            "warehouse.insert",
+            json!({ "table": "prod_events", "rows": [] }),
+        )
+        .await;
+    assert_error(&a, 403, "policy_forbid");
+    assert_eq!(a.body["policy_ids"], json!(["insert-into-staging-only"]));
+
+    let before = h.upstream_calls();
+    let a = h
+        .call_ok(&s.access, &s.task_id, "warehouse.insert", insert.clone())
+        .await;
+    assert_eq!(a.body["state"], "write");
+    assert_eq!(h.upstream_calls(), before + 1);
+    let new = a.body["access_token"].as_str().unwrap().to_owned();
+    assert!(a.body["expires_in"].as_u64().unwrap() > 0);
+    assert_ne!(new, s.access);
+
+    // The old token is dead, the new one works, scoped to the new phase.
+    let a = h
+        .call(&s.access, &s.task_id, "warehouse.insert", insert.clone())
+        .await;
+    assert_token_error(&a, "token_revoked");
+    let c = h.verify(&new, &h.issuer);
+    assert_eq!(c.scope, "warehouse.insert");
+    assert_eq!(c.task_id, s.task_id);
+    let a = h
+        .call_ok(&new, &s.task_id, "warehouse.insert", insert)
+        .await;
+    assert!(
+        a.body.get("access_token").is_none(),
+        "no rotation inside the state"
+    );
+    // Tools of earlier phases are outside the new token's scope.
+    let a = h
+        .call(&new, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.text);
+    assert_eq!(h.upstream_calls(), before + 2);
+
+    let records = h.audit(&s.task_id).await;
+    let entering = records
+        .iter()
+        .find(|r| r["kind"] == "state.transition" && r["state_to"] == "write")
+        .unwrap();
+    assert_eq!(entering["detail"], "reverify");
+    assert_in_order(
+        &records,
+        &["state.transition", "token.revoked", "token.issued"],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transition_into_a_reverify_state_rotates_the_token() {
+    let h = Harness::start().await;
+    let s = to_transform(&h).await;
+    let a = h
+        .post_json(
+            &format!("/v1/tasks/{}/transition", s.task_id),
+            Some(&s.access),
+            &json!({ "to": "write" }),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.body["state"], "write");
+    assert_eq!(a.body["reverify"], true);
+    let new = a.body["access_token"].as_str().unwrap().to_owned();
+    let a = h
+        .get(&format!("/v1/tasks/{}", s.task_id), Some(&s.access))
+        .await;
+    assert_token_error(&a, "token_revoked");
+    let c = h.verify(&new, &h.issuer);
+    assert_eq!(c.scope, "warehouse.insert");
+    let a = h
+        .call_ok(
+            &new,
+            &s.task_id,
+            "warehouse.insert",
+            json!({ "table": "staging_events", "rows": [] }),
+        )
+        .await;
+    assert_eq!(a.body["state"], "write");
+    // The final state: no token needed after it.
+    let a = h
+        .post_json(
+            &format!("/v1/tasks/{}/transition", s.task_id),
+            Some(&new),
+            &json!({ "to": "done" }),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.body["state"], "done");
+}
+
+// ---------------------------------------------------------------------------
+// 8. Bad input.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_never_forwarded() {
+    let h = Harness::with(Options {
+        max_body_bytes: 2048,
+        ..Options::default()
+    })
+    .await;
+    let s = h.start_task(None).await;
+    let path = format!("/v1/tasks/{}/calls", s.task_id);
+    let token = Some(s.access.as_str());
+
+    // Larger than max_body_bytes.
+    let big = json!({ "tool": "warehouse.connect", "arguments": { "database": "x".repeat(4096) } });
+    let a = h.post_json(&path, token, &big).await;
+    assert_error(&a, 413, "payload_too_large");
+    let a = h
+        .post_json(
+            "/v1/tasks",
+            Some(BOOTSTRAP),
+            &json!({ "agent_id": "ingest-bot", "goal": "x".repeat(4096) }),
+        )
+        .await;
+    assert_error(&a, 413, "payload_too_large");
+    let form_big = "x".repeat(4096);
+    let a = h
+        .post_form("/oauth/revoke", None, &[("token", &form_big)])
+        .await;
+    assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", a.text);
+    // Chunked, without a Content-Length.
+    let mut raw = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        s.access
+    );
+    for _ in 0..8 {
+        let chunk = format!("{{\"x\":\"{}\"}}", "y".repeat(500));
+        raw.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
+    }
+    raw.push_str("0\r\n\r\n");
+    let text = h.raw(raw.as_bytes(), Duration::from_secs(5)).await;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("payload_too_large"), "{text}");
+
+    // Nesting deeper than 64.
+    let deep = format!(
+        "{{\"tool\":\"warehouse.connect\",\"arguments\":{{\"database\":\"a\",\"x\":{}1{}}}}}",
+        "[".repeat(70),
+        "]".repeat(70)
+    );
+    let a = h.post_raw(&path, token, deep).await;
+    assert_error(&a, 400, "bad_request");
+    // Duplicate keys, at the top and inside the arguments.
+    let dup =
+        r#"{"tool":"warehouse.connect","tool":"warehouse.drop","arguments":{"database":"a"}}"#;
+    let a = h.post_raw(&path, token, dup.to_owned()).await;
+    assert_error(&a, 400, "bad_request");
+    let dup = r#"{"tool":"warehouse.connect","arguments":{"database":"a","database":"prod"}}"#;
+    let a = h.post_raw(&path, token, dup.to_owned()).await;
+    assert_error(&a, 400, "bad_request");
+    // Unknown fields.
+    let a = h
+        .post_json(
+            &path,
+            token,
+            &json!({ "tool": "warehouse.connect", "arguments": { "database": "a" }, "as_admin": true }),
+        )
+        .await;
+    assert_error(&a, 400, "bad_request");
+    let a = h
+        .post_json(
+            "/v1/tasks",
+            Some(BOOTSTRAP),
+            &json!({ "agent_id": "ingest-bot", "goal": "g", "role": "admin" }),
+        )
+        .await;
+    assert_error(&a, 400, "bad_request");
+    // Malformed JSON, trailing bytes, wrong types, an empty body.
+    for body in [
+        "{\"tool\":",
+        "{\"tool\":\"warehouse.connect\"} trailing",
+        "{\"tool\":42}",
+        "",
+        "\u{feff}{\"tool\":\"warehouse.connect\"}",
+        "[]",
+    ] {
+        let a = h.post_raw(&path, token, body.to_owned()).await;
+        assert_error(&a, 400, "bad_request");
+    }
+    // Nothing of that reached an upstream, or counted as a call.
+    assert_eq!(h.upstream_calls(), 0);
+    assert_eq!(h.task(&s.task_id).await["calls"], 0);
+
+    // Unknown routes: 404 with the error shape.
+    let a = h.get("/v1/nope", None).await;
+    assert_error(&a, 404, "not_found");
+    let a = h.post_json("/admin", Some(ADMIN), &json!({})).await;
+    assert_error(&a, 404, "not_found");
+
+    // Still up, and still serving the task.
+    let a = h.get("/healthz", None).await;
+    assert_eq!(a.status, StatusCode::OK);
+    h.call_ok(
+        &s.access,
+        &s.task_id,
+        "warehouse.connect",
+        json!({ "database": "a" }),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_silent_clients_are_cut_off() {
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+    let limit = Duration::from_secs(13);
+
+    // Headers one byte per second: disconnected by the 10 s header timeout.
+    let drip = async {
+        let started = Instant::now();
+        let mut conn = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+        let (mut rd, mut wr) = conn.split();
+        let writer = async {
+            for byte in request.iter() {
+                if wr.write_all(&[*byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            std::future::pending::<()>().await;
+        };
+        let mut buf = Vec::new();
+        let reader = rd.read_to_end(&mut buf);
+        let closed = tokio::time::timeout(limit, async {
+            tokio::select! {
+                () = writer => {},
+                _ = reader => {},
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a client dripping headers was not cut off");
+        let text = String::from_utf8_lossy(&buf);
+        assert!(!text.contains("200 OK"), "{text}");
+        started.elapsed()
+    };
+
+    // Connects and says nothing at all.
+    let silent = async {
+        let started = Instant::now();
+        let mut conn = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(limit, conn.read_to_end(&mut buf)).await;
+        assert!(closed.is_ok(), "a silent connection was kept open");
+        started.elapsed()
+    };
+
+    // Headers complete, body never finished: 400 within the body timeout.
+    let stalled = async {
+        let started = Instant::now();
+        let mut conn = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let head = format!(
+            "POST /v1/tasks/{}/calls HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n{{\"tool\":",
+            s.task_id, s.access
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(limit, conn.read(&mut buf))
+            .await
+            .expect("no answer to a stalled body")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+        assert!(text.contains("bad_request"), "{text}");
+        started.elapsed()
+    };
+
+    let (d, q, b) = tokio::join!(drip, silent, stalled);
+    for (what, took) in [("drip", d), ("silent", q), ("stalled body", b)] {
+        assert!(
+            took >= Duration::from_secs(9),
+            "{what} cut off too early: {took:?}"
+        );
+        assert!(took <= limit, "{what}: {took:?}");
+    }
+    assert_eq!(h.upstream_calls(), 0);
+    // None of it hurt the server.
+    assert_eq!(h.get("/healthz", None).await.status, StatusCode::OK);
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+}
+
+// ---------------------------------------------------------------------------
+// 9. Health, metrics, discovery.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_metrics_and_discovery() {
+    let h = Harness::start().await;
+    let a = h.get("/healthz", None).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let a = h.get("/readyz", None).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+
+    let s = h.start_task(None).await;
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    let a = h
+        .call(
+            &s.access,
+            &s.task_id,
+            "warehouse.connect",
+            json!({ "database": "prod" }),
+        )
+        .await;
+    assert_error(&a, 403, "policy_forbid");
+
+    let a = h.get("/metrics", None).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(a.header("content-type").unwrap().starts_with("text/plain"));
+    assert!(a.text.contains("portcullis_decisions_total"), "{}", a.text);
+    assert!(
+        a.text
+            .contains("portcullis_decisions_total{decision=\"allow\",reason=\"\"} 1"),
+        "{}",
+        a.text
+    );
+    assert!(
+        a.text
+            .contains("portcullis_decisions_total{decision=\"deny\",reason=\"policy_forbid\"} 1"),
+        "{}",
+        a.text
+    );
+
+    let a = h.get("/.well-known/oauth-authorization-server", None).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let iss = h.issuer.as_str();
+    assert_eq!(a.body["issuer"], iss);
+    assert_eq!(a.body["jwks_uri"], format!("{iss}/.well-known/jwks.json"));
+    assert_eq!(a.body["token_endpoint"], format!("{iss}/oauth/token"));
+    assert_eq!(a.body["revocation_endpoint"], format!("{iss}/oauth/revoke"));
+    assert_eq!(
+        a.body["introspection_endpoint"],
+        format!("{iss}/oauth/introspect")
+    );
+    let grants = a.body["grant_types_supported"].to_string();
+    assert!(grants.contains("refresh_token") && grants.contains("token-exchange"));
+    let a = h.get("/.well-known/oauth-protected-resource", None).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body["resource"], iss);
+    assert_eq!(a.body["authorization_servers"], json!([iss]));
+    assert_eq!(a.body["jwks_uri"], format!("{iss}/.well-known/jwks.json"));
+
+    // The JWKS: the OKP key whose kid signs the access tokens.
+    let a = h.get("/.well-known/jwks.json", None).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let keys = a.body["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1, "{}", a.text);
+    let key = &keys[0];
+    assert_eq!(key["kty"], "OKP");
+    assert_eq!(key["crv"], "Ed25519");
+    assert_eq!(key["alg"], "EdDSA");
+    assert_eq!(key["kid"], segment(&s.access, 0)["kid"]);
+    assert_eq!(segment(&s.access, 0)["alg"], "EdDSA");
+    assert_eq!(segment(&s.access, 0)["typ"], "at+jwt");
+    assert!(key.get("d").is_none(), "the private key is published");
+    assert_eq!(
+        key["x"].as_str().unwrap(),
+        b64(&h.signing_key().verifying_key().to_bytes())
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 10. Concurrency: budgets hold under races (compare-and-swap).
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_never_exceed_the_budget() {
+    let h = Harness::with(Options {
+        max_calls_per_task: 20,
+        ..Options::default()
+    })
+    .await;
+    let s = h.start_task(None).await;
+    let mut handles = Vec::new();
+    for i in 0..50 {
+        let client = h.client.clone();
+        let url = h.url(&format!("/v1/tasks/{}/calls", s.task_id));
+        let token = s.access.clone();
+        handles.push(tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({ "tool": "warehouse.connect", "arguments": { "database": format!("db{i}") } }))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let body: Value = r.json().await.unwrap();
+            (status, body)
+        }));
+    }
+    let mut allowed = 0;
+    let mut limited = 0;
+    let mut other = Vec::new();
+    for handle in handles {
+        let (status, body) = handle.await.unwrap();
+        match (status.as_u16(), body["error"].as_str()) {
+            (200, _) => allowed += 1,
+            (403, Some("limit_exceeded")) => limited += 1,
+            _ => other.push((status, body)),
+        }
+    }
+    assert!(other.is_empty(), "unexpected answers: {other:?}");
+    assert_eq!((allowed, limited), (20, 30));
+    assert_eq!(h.task(&s.task_id).await["calls"], 20);
+    assert_eq!(h.warehouse.calls().len(), 20);
+    let records = h.audit(&s.task_id).await;
+    let count = |k: &str| records.iter().filter(|r| r["kind"] == k).count();
+    assert_eq!(count("call.allowed"), 20);
+    assert_eq!(count("call.denied"), 30);
+}
+
+// ---------------------------------------------------------------------------
+// Beyond the list: halt and resume, a failing upstream, odd requests.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn halt_and_resume_are_for_admins_and_rotate_everything() {
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+    let halt = format!("/v1/tasks/{}/halt", s.task_id);
+    let resume = format!("/v1/tasks/{}/resume", s.task_id);
+
+    assert_token_error(&h.post_json(&halt, None, &json!({})).await, "token_missing");
+    assert_token_error(
+        &h.post_json(&halt, Some(&s.access), &json!({})).await,
+        "token_invalid",
+    );
+    assert_error(
+        &h.post_json(&halt, Some(AUDITOR), &json!({})).await,
+        403,
+        "forbidden",
+    );
+    assert_error(
+        &h.post_json(&resume, Some(ADMIN), &json!({})).await,
+        403,
+        "task_not_active",
+    );
+
+    let a = h.post_json(&halt, Some(ADMIN), &json!({})).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.body["status"], "halted");
+    let a = h
+        .call(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    assert_token_error(&a, "token_revoked");
+    assert_oauth_error(&h.refresh(&s.refresh).await, "invalid_grant", None);
+    assert_eq!(h.task(&s.task_id).await["status"], "halted");
+
+    let a = h.post_json(&resume, Some(ADMIN), &json!({})).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.body["status"], "active");
+    let access = a.body["access_token"].as_str().unwrap().to_owned();
+    let refresh = a.body["refresh_token"].as_str().unwrap().to_owned();
+    // The old token stays dead; the new pair works.
+    let a = h
+        .call(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    assert_token_error(&a, "token_revoked");
+    h.call_ok(&access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    let a = h.refresh(&refresh).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(h.upstream_calls(), 1);
+    let records = h.audit(&s.task_id).await;
+    assert_in_order(
+        &records,
+        &[
+            "task.halted",
+            "token.revoked",
+            "task.started",
+            "call.allowed",
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_upstream_is_upstream_unavailable() {
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    let a = h
+        .call(
+            &s.access,
+            &s.task_id,
+            "warehouse.validate",
+            json!({ "table": "boom", "rows": [] }),
+        )
+        .await;
+    assert_error(&a, 403, "upstream_unavailable");
+    // The attempt was recorded before forwarding, and counts.
+    assert_eq!(h.warehouse.calls().len(), 2);
+    let t = h.task(&s.task_id).await;
+    assert_eq!(t["calls"], 2);
+    assert_eq!(t["state"], "validate");
+    let records = h.audit(&s.task_id).await;
+    let done = records
+        .iter()
+        .rev()
+        .find(|r| r["kind"] == "call.completed")
+        .unwrap();
+    assert_eq!(done["decision"], "error", "{done}");
+    assert_eq!(done["reason"], "upstream_unavailable", "{done}");
+    assert_in_order(
+        &records,
+        &[
+            "call.allowed",
+            "call.completed",
+            "call.allowed",
+            "call.completed",
+        ],
+    );
+    // A success records the digest of the result.
+    h.call_ok(
+        &s.access,
+        &s.task_id,
+        "warehouse.validate",
+        json!({ "table": "ok", "rows": [] }),
+    )
+    .await;
+    let records = h.audit(&s.task_id).await;
+    let done = records.last().unwrap();
+    assert_eq!(done["kind"], "call.completed");
+    assert_eq!(done["result_digest"].as_str().unwrap().len(), 64, "{done}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_past_its_lifetime_is_still_visible() {
+    let h = Harness::with(Options {
+        task_max_lifetime: "20m",
+        ..Options::default()
+    })
+    .await;
+    let s = h.start_task(None).await;
+    h.advance_secs(20 * 60);
+    // Not "no such task": it exists, and it is over.
+    let a = h
+        .get(&format!("/v1/tasks/{}", s.task_id), Some(AUDITOR))
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.body["task_id"], s.task_id.as_str());
+    assert_eq!(a.body["status"], "expired", "{}", a.text);
+    assert_eq!(a.body["state"], "connect", "{}", a.text);
+    let a = h
+        .get(&format!("/v1/tasks/{}", s.task_id), Some(ADMIN))
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    // Unknown tasks are still 404.
+    let a = h.get("/v1/tasks/task_unknown", Some(AUDITOR)).await;
+    assert_error(&a, 404, "not_found");
+    assert_eq!(h.upstream_calls(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_methods_get_the_error_shape() {
+    let h = Harness::start().await;
+    let a = h.get("/v1/tasks", Some(ADMIN)).await;
+    assert_error(&a, 405, "method_not_allowed");
+    assert_eq!(a.header("allow"), Some("POST"));
+    let r = h.client.delete(h.url("/oauth/token")).send().await.unwrap();
+    assert_error(&Answer::read(r).await, 405, "method_not_allowed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_outage_fails_closed() {
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    h.store.down.store(true, Ordering::SeqCst);
+
+    let a = h.get("/readyz", None).await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.text);
+    assert_eq!(h.get("/healthz", None).await.status, StatusCode::OK);
+    let a = h
+        .call(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    assert_error(&a, 503, "internal_error");
+    let a = h
+        .post_json(
+            "/v1/tasks",
+            Some(BOOTSTRAP),
+            &json!({ "agent_id": "ingest-bot", "goal": "g" }),
+        )
+        .await;
+    assert_error(&a, 503, "internal_error");
+    let a = h
+        .post_form("/oauth/introspect", Some(ADMIN), &[("token", &s.access)])
+        .await;
+    assert_error(&a, 503, "internal_error");
+    // The ledger could not record a revocation: the holder must not be told
+    // it happened (RFC 7009 section 2.2.1: 503, the token still exists).
+    let a = h
+        .post_form("/oauth/revoke", None, &[("token", &s.access)])
+        .await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.text);
+    let a = h
+        .post_form("/oauth/revoke", None, &[("token", &s.refresh)])
+        .await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.text);
+    // A refresh during the outage is not an invalid grant (which tells the
+    // client to give the task up): it is a failure to retry.
+    let a = h.refresh(&s.refresh).await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.text);
+    assert_eq!(
+        h.upstream_calls(),
+        1,
+        "a call was forwarded without a ledger"
+    );
+
+    // Back: nothing was lost or half-done.
+    h.store.down.store(false, Ordering::SeqCst);
+    assert_eq!(h.get("/readyz", None).await.status, StatusCode::OK);
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    let a = h.refresh(&s.refresh).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(h.task(&s.task_id).await["calls"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_hop_tokens_never_outlive_the_task() {
+    let h = Harness::with(Options {
+        access_ttl: "1m",
+        refresh_idle_ttl: "1m",
+        task_max_lifetime: "1m",
+        ..Options::default()
+    })
+    .await;
+    let s = h.start_task(None).await;
+    let deadline = h.task(&s.task_id).await["deadline"].as_u64().unwrap() / 1000;
+    h.advance_secs(45);
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    let hop = Harness::hop_token(&h.warehouse.calls()[0]);
+    let c = h.verify(&hop, "warehouse");
+    assert!(
+        c.exp <= deadline,
+        "per-hop exp {} past the task deadline {deadline}",
+        c.exp
+    );
+    let a = exchange(&h, &s.access, "warehouse", "warehouse.connect").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let c = h.verify(a.body["access_token"].as_str().unwrap(), "warehouse");
+    assert!(
+        c.exp <= deadline,
+        "exchanged exp {} past the task deadline {deadline}",
+        c.exp
+    );
+    assert!(
+        a.body["expires_in"].as_u64().unwrap() <= deadline - h.now_secs(),
+        "{}",
+        a.text
+    );
+}
