@@ -225,7 +225,7 @@ impl Engine {
     ///
     /// `tools` narrows the task to a subset of the allowlist (least
     /// privilege per task); `None` grants the whole allowlist. A tool outside
-    /// the allowlist is `tool_not_granted`, an unknown one `tool_unknown`.
+    /// the allowlist, or unknown, is `tool_not_granted`.
     pub fn start_task(
         &self,
         task_id: &str,
@@ -254,10 +254,13 @@ impl Engine {
             Some(requested) => {
                 let mut set = BTreeSet::new();
                 for name in requested {
+                    // An unknown tool is outside the allowlist too, and is
+                    // reported the same way, so a task request cannot probe
+                    // the registry (DESIGN section 9).
                     let Some(&i) = self.tool_index.get(name) else {
                         return Err(Denial::new(
-                            Reason::ToolUnknown,
-                            format!("unknown tool {name:?}"),
+                            Reason::ToolNotGranted,
+                            format!("{name:?} is not on the allowlist of {agent_id}"),
                         ));
                     };
                     if !agent.acl.contains(&i) {

@@ -121,7 +121,11 @@ fn start_task_rejects_tools_outside_the_allowlist() {
     let err = engine
         .start_task("t", "bot", "", Some(&["wh.nope".to_owned()]))
         .unwrap_err();
-    assert_eq!(err.reason, Reason::ToolUnknown);
+    assert_eq!(
+        err.reason,
+        Reason::ToolNotGranted,
+        "an unknown tool is not revealed"
+    );
     assert!(engine.start_task("t", "ghost", "", None).is_err());
 }
 

@@ -221,9 +221,8 @@ async fn exchange(
             rid,
         );
     };
-    if let Some(t) = form.get("subject_token_type")
-        && t != ACCESS_TOKEN_TYPE
-    {
+    // RFC 8693 section 2.1: subject_token_type is required.
+    if form.get("subject_token_type").map(String::as_str) != Some(ACCESS_TOKEN_TYPE) {
         return oauth_error(
             StatusCode::BAD_REQUEST,
             "invalid_request",

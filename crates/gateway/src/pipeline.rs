@@ -34,7 +34,7 @@ pub(crate) struct Authorized {
     pub task: Task,
     pub decision: Decision,
     /// A new access token, when the call entered a `reverify` state.
-    pub rotated: Option<(String, u64)>,
+    pub rotated: Option<Rotation>,
     /// Where and with what to forward (only when forwarding).
     pub forward: Option<(String, UpstreamCall)>,
 }
@@ -159,10 +159,7 @@ impl Gateway {
         }
         let rotated = match &decision.transition {
             Some(t) if t.reverify => {
-                let (token, ttl, mint_ops) =
-                    self.rotate(claims, &task, record.deadline, now, &mut ops)?;
-                ops.extend(mint_ops);
-                Some((token, ttl))
+                Some(self.rotate(claims, &task, record.deadline, now, &mut ops)?)
             }
             _ => None,
         };
@@ -218,21 +215,37 @@ impl Gateway {
         deadline: Timestamp,
         now: Timestamp,
         ops: &mut Vec<Op>,
-    ) -> Result<(String, u64, Vec<Op>), CommitError> {
-        ops.push(Op::RevokeToken {
-            jti: claims.jti.clone(),
+    ) -> Result<Rotation, CommitError> {
+        // Every earlier token of the task dies here — not only the one that
+        // made the call: an older access token (from before a refresh)
+        // carries the broader scope of the earlier phase, and a refresh
+        // token would mint more of them.
+        let why = format!("rotated on entering {} (reverify)", task.state);
+        ops.push(Op::RevokeTaskTokens {
+            task_id: task.id.clone(),
             at: now,
-            reason: format!("rotated on entering {}", task.state),
+            reason: why.clone(),
         });
         let mut revoked = NewEvent::new(now, EventKind::TokenRevoked);
         revoked.task_id = Some(task.id.clone());
         revoked.agent_id = Some(task.agent_id.clone());
         revoked.jti = Some(claims.jti.clone());
-        revoked.detail = Some(format!("rotated on entering {}", task.state));
+        revoked.detail = Some(format!("every token of the task: {why}"));
         ops.push(Op::Append(revoked));
         let scope = self.phase_scope(task);
-        self.mint_access(task, &scope, deadline, now)
-            .map_err(CommitError::Api)
+        let (access, expires_in, mint_ops) = self
+            .mint_access(task, &scope, deadline, now)
+            .map_err(CommitError::Api)?;
+        let (refresh, refresh_ops) = self
+            .mint_refresh(task, deadline, now)
+            .map_err(CommitError::Api)?;
+        ops.extend(mint_ops);
+        ops.extend(refresh_ops);
+        Ok(Rotation {
+            access,
+            expires_in,
+            refresh,
+        })
     }
 
     /// The audit event of a state change.
@@ -295,6 +308,28 @@ impl Gateway {
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         outcome.map_err(|why| ApiError::denied(Reason::UpstreamUnavailable, why))
+    }
+}
+
+/// The tokens that replace every earlier token of a task on entering a
+/// `reverify` state.
+#[derive(Debug)]
+pub(crate) struct Rotation {
+    pub access: String,
+    pub expires_in: u64,
+    pub refresh: zeroize::Zeroizing<String>,
+}
+
+impl Rotation {
+    /// Adds the new tokens to a response body.
+    pub(crate) fn add_to(&self, body: &mut serde_json::Value) {
+        crate::tasks::put(body, "access_token", serde_json::json!(self.access));
+        crate::tasks::put(
+            body,
+            "refresh_token",
+            serde_json::json!(self.refresh.as_str()),
+        );
+        crate::tasks::put(body, "expires_in", serde_json::json!(self.expires_in));
     }
 }
 

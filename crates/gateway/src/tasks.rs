@@ -282,9 +282,8 @@ pub(crate) async fn call(
             "result": result,
             "state": authorized.task.state,
         });
-        if let Some((token, ttl)) = authorized.rotated {
-            put(&mut body, "access_token", json!(token));
-            put(&mut body, "expires_in", json!(ttl));
+        if let Some(rotation) = &authorized.rotated {
+            rotation.add_to(&mut body);
         }
         Ok((no_store(), Json(body)).into_response())
     }
@@ -315,9 +314,8 @@ pub(crate) async fn authorize(
                     "policy_ids": a.decision.policy_ids,
                     "state": a.task.state,
                 });
-                if let Some((token, ttl)) = a.rotated {
-                    put(&mut body, "access_token", json!(token));
-                    put(&mut body, "expires_in", json!(ttl));
+                if let Some(rotation) = &a.rotated {
+                    rotation.add_to(&mut body);
                 }
                 Ok((no_store(), Json(body)).into_response())
             }
@@ -403,14 +401,13 @@ pub(crate) async fn transition(
                 Op::Append(gw.transition_event(&task, &t, now)),
             ];
             let rotated = if t.reverify {
-                let (token, ttl, mint) = gw
-                    .rotate(&claims, &task, record.deadline, now, &mut ops)
-                    .map_err(|e| match e {
-                        crate::pipeline::CommitError::Api(e) => e,
-                        crate::pipeline::CommitError::Lost => internal("lost"),
-                    })?;
-                ops.extend(mint);
-                Some((token, ttl))
+                Some(
+                    gw.rotate(&claims, &task, record.deadline, now, &mut ops)
+                        .map_err(|e| match e {
+                            crate::pipeline::CommitError::Api(e) => e,
+                            crate::pipeline::CommitError::Lost => internal("lost"),
+                        })?,
+                )
             } else {
                 None
             };
@@ -418,9 +415,8 @@ pub(crate) async fn transition(
                 Ok(_) => {
                     let mut body =
                         json!({ "state": task.state, "from": t.from, "reverify": t.reverify });
-                    if let Some((token, ttl)) = rotated {
-                        put(&mut body, "access_token", json!(token));
-                        put(&mut body, "expires_in", json!(ttl));
+                    if let Some(rotation) = &rotated {
+                        rotation.add_to(&mut body);
                         gw.metrics.tokens(TokenEvent::Issued, 1);
                         gw.metrics.tokens(TokenEvent::Revoked, 1);
                     }

@@ -1257,6 +1257,7 @@ async fn entering_a_reverify_state_rotates_the_token() {
     assert_eq!(a.body["state"], "write");
     assert_eq!(h.upstream_calls(), before + 1);
     let new = a.body["access_token"].as_str().unwrap().to_owned();
+    let new_refresh = a.body["refresh_token"].as_str().unwrap().to_owned();
     assert!(a.body["expires_in"].as_u64().unwrap() > 0);
     assert_ne!(new, s.access);
 
@@ -1275,6 +1276,11 @@ async fn entering_a_reverify_state_rotates_the_token() {
         a.body.get("access_token").is_none(),
         "no rotation inside the state"
     );
+    // The new refresh token works, and what it mints keeps the new phase.
+    let r = h.refresh(&new_refresh).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let refreshed = h.verify(r.body["access_token"].as_str().unwrap(), &h.issuer);
+    assert_eq!(refreshed.scope, "warehouse.insert");
     // Tools of earlier phases are outside the new token's scope.
     let a = h
         .call(&new, &s.task_id, "warehouse.connect", connect_args())
@@ -1292,6 +1298,23 @@ async fn entering_a_reverify_state_rotates_the_token() {
         &records,
         &["state.transition", "token.revoked", "token.issued"],
     );
+
+    // Every earlier token of the task died at the rotation, the refresh
+    // token of the earlier phase included. Presenting it now is treated as
+    // refresh-token reuse: it fails, and it revokes every token of the task,
+    // the new ones too (fail closed: someone holds old-phase credentials).
+    let r = h.refresh(&s.refresh).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert_eq!(r.body["error"], "invalid_grant");
+    let a = h
+        .call(
+            &new,
+            &s.task_id,
+            "warehouse.insert",
+            json!({ "table": "staging_events", "rows": [] }),
+        )
+        .await;
+    assert_token_error(&a, "token_revoked");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
