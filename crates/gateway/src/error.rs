@@ -31,6 +31,9 @@ pub enum Kind {
     Unavailable,
     /// An authenticated admin lacks the role.
     Forbidden,
+    /// The resource is not in a state that allows this (e.g. an elevation
+    /// already decided).
+    Conflict,
 }
 
 /// An error answer.
@@ -114,6 +117,7 @@ impl ApiError {
             Kind::MethodNotAllowed => "method_not_allowed",
             Kind::Unavailable => "internal_error",
             Kind::Forbidden => "forbidden",
+            Kind::Conflict => "conflict",
         }
     }
 
@@ -129,6 +133,7 @@ impl ApiError {
             Kind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Kind::Forbidden => StatusCode::FORBIDDEN,
+            Kind::Conflict => StatusCode::CONFLICT,
         }
     }
 }

@@ -21,6 +21,7 @@
 mod admin;
 mod auth;
 pub mod body;
+mod elevations;
 pub mod error;
 mod metrics;
 mod oauth;

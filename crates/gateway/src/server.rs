@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 
 use crate::error::{ApiError, Kind};
 use crate::state::Gateway;
-use crate::{admin, oauth, tasks};
+use crate::{admin, elevations, oauth, tasks};
 
 /// Longest a client may take to send its request headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -103,6 +103,10 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/tasks/{task_id}/complete", post(tasks::complete))
         .route("/v1/tasks/{task_id}/halt", post(tasks::halt))
         .route("/v1/tasks/{task_id}/resume", post(tasks::resume))
+        .route("/v1/tasks/{task_id}/elevations", post(elevations::request))
+        .route("/v1/elevations", get(elevations::list))
+        .route("/v1/elevations/{id}/approve", post(elevations::approve))
+        .route("/v1/elevations/{id}/deny", post(elevations::deny))
         .route("/v1/audit", get(admin::audit))
         .route("/oauth/token", post(oauth::token))
         .route("/oauth/revoke", post(oauth::revoke))

@@ -66,6 +66,7 @@ pub(crate) struct Settings {
     pub refresh_idle_ms: u64,
     pub task_max_ms: u64,
     pub redact: Vec<String>,
+    pub elevation_ttl_ms: u64,
 }
 
 /// Everything a request handler needs. Shared behind an `Arc`.
@@ -162,6 +163,7 @@ impl Gateway {
             refresh_idle_ms: t.refresh_idle_ttl.as_millis(),
             task_max_ms: t.task_max_lifetime.as_millis(),
             redact: cfg.audit.redact.iter().map(|k| k.to_lowercase()).collect(),
+            elevation_ttl_ms: cfg.elevation.ttl.as_millis(),
         };
         Ok(Self {
             engine,

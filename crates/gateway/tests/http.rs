@@ -1928,3 +1928,159 @@ async fn per_hop_tokens_never_outlive_the_task() {
         a.text
     );
 }
+
+/// A task of `other-bot`, whose allowlist is only connect and query, moved
+/// into `validate`.
+async fn other_bot_in_validate(h: &Harness) -> Started {
+    let a = h
+        .post_json(
+            "/v1/tasks",
+            Some(OTHER_BOOTSTRAP),
+            &json!({ "agent_id": "other-bot", "goal": "look around" }),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.text);
+    let s = Started {
+        task_id: a.body["task_id"].as_str().unwrap().to_owned(),
+        access: a.body["access_token"].as_str().unwrap().to_owned(),
+        refresh: a.body["refresh_token"].as_str().unwrap().to_owned(),
+        body: a.body,
+    };
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    h.call_ok(
+        &s.access,
+        &s.task_id,
+        "warehouse.query",
+        json!({ "sql": "select 1" }),
+    )
+    .await;
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elevation_is_requested_by_the_task_and_decided_by_an_approver() {
+    let h = Harness::start().await;
+    let s = other_bot_in_validate(&h).await;
+    let read = json!({ "path": "/data/extra.csv" });
+
+    // Outside the allowlist: denied, and the upstream sees nothing.
+    let before = h.upstream_calls();
+    let a = h
+        .call(&s.access, &s.task_id, "files.read", read.clone())
+        .await;
+    assert_error(&a, 403, "tool_not_granted");
+    assert_eq!(h.upstream_calls(), before);
+
+    // The task asks; only its own token can, for its own task.
+    let path = format!("/v1/tasks/{}/elevations", s.task_id);
+    let ask = json!({ "tool": "files.read", "reason": "need the extract" });
+    let a = h.post_json(&path, None, &ask).await;
+    assert_token_error(&a, "token_missing");
+    let a = h
+        .post_json(&path, Some(&s.access), &json!({ "tool": "nope.nope" }))
+        .await;
+    assert_error(&a, 403, "tool_unknown");
+    let a = h.post_json(&path, Some(&s.access), &ask).await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.text);
+    assert_eq!(a.body["status"], "pending");
+    let id = a.body["elevation_id"].as_str().unwrap().to_owned();
+
+    // Approvers list and decide; nobody else can.
+    let a = h.get("/v1/elevations?status=pending", Some(AUDITOR)).await;
+    assert_error(&a, 403, "forbidden");
+    let a = h.get("/v1/elevations?status=pending", Some(APPROVER)).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let pending = a.body["elevations"].as_array().unwrap();
+    assert!(
+        pending
+            .iter()
+            .any(|e| e["id"] == id.as_str() && e["tool"] == "files.read")
+    );
+    let approve = format!("/v1/elevations/{id}/approve");
+    // The agent cannot approve its own request: its token is no admin token.
+    let a = h.post_json(&approve, Some(&s.access), &json!({})).await;
+    assert_token_error(&a, "token_invalid");
+    let a = h.post_json(&approve, Some(AUDITOR), &json!({})).await;
+    assert_error(&a, 403, "forbidden");
+    let a = h
+        .post_json(&approve, Some(APPROVER), &json!({ "note": "one extract" }))
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.body["status"], "approved");
+    assert!(a.body["expires_at"].as_u64().unwrap() > h.now_secs() * 1000);
+    // Decided once.
+    let a = h.post_json(&approve, Some(ADMIN), &json!({})).await;
+    assert_error(&a, 409, "conflict");
+
+    // The grant opens the tool for this task, through every other check.
+    let a = h
+        .call_ok(&s.access, &s.task_id, "files.read", read.clone())
+        .await;
+    assert_eq!(a.body["result"]["echo"]["path"], "/data/extra.csv");
+    let a = h
+        .call(
+            &s.access,
+            &s.task_id,
+            "files.read",
+            json!({ "path": "/etc/passwd" }),
+        )
+        .await;
+    assert_error(&a, 403, "policy_forbid");
+
+    // A denied request grants nothing.
+    let a = h
+        .post_json(
+            &path,
+            Some(&s.access),
+            &json!({ "tool": "warehouse.validate" }),
+        )
+        .await;
+    let denied = a.body["elevation_id"].as_str().unwrap().to_owned();
+    let a = h
+        .post_json(
+            &format!("/v1/elevations/{denied}/deny"),
+            Some(APPROVER),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(a.body["status"], "denied", "{}", a.text);
+    let a = h
+        .call(
+            &s.access,
+            &s.task_id,
+            "warehouse.validate",
+            json!({ "table": "t", "rows": [] }),
+        )
+        .await;
+    assert_error(&a, 403, "tool_not_granted");
+
+    // The approval expires (elevation.ttl defaults to 15 minutes). The
+    // access token (10 minutes) has too, so refresh first: the grant, not
+    // the token, is what must stop the call.
+    let mut refresh = s.refresh.clone();
+    let mut fresh = String::new();
+    for _ in 0..2 {
+        h.advance_secs(8 * 60);
+        let r = h.refresh(&refresh).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        fresh = r.body["access_token"].as_str().unwrap().to_owned();
+        refresh = r.body["refresh_token"].as_str().unwrap().to_owned();
+    }
+    let before = h.upstream_calls();
+    let a = h.call(&fresh, &s.task_id, "files.read", read).await;
+    assert_error(&a, 403, "tool_not_granted");
+    assert_eq!(h.upstream_calls(), before);
+
+    let records = h.audit(&s.task_id).await;
+    assert_in_order(
+        &records,
+        &[
+            "elevation.requested",
+            "elevation.approved",
+            "call.allowed",
+            "elevation.requested",
+            "elevation.denied",
+        ],
+    );
+}

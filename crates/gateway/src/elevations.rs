@@ -1,0 +1,288 @@
+//! Elevation: a task asks, mid-flight, for a tool outside its allowlist; an
+//! approver decides (DESIGN section 7).
+//!
+//! - The request is made with the task's own token and recorded as pending
+//!   (`elevation.requested`).
+//! - Only an admin token with the `approver` role can decide. Task tokens are
+//!   never admin tokens, so an agent cannot approve its own request; the
+//!   ledger refuses it too.
+//! - An approval is one transaction: the decision, a grant added to the task
+//!   (the tool, until now + `elevation.ttl`; compare-and-swap on the task
+//!   version) and `elevation.approved`. A grant lets the tool pass the ACL
+//!   step and the token-scope check; the workflow state, budgets, arguments
+//!   and policies still apply.
+//! - Automatic approval by Cedar policies, approval on `reverify` states and
+//!   per-call approval of high-risk tools come with continuous verification.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use portcullis_config::Role;
+use portcullis_core::{Grant, Reason, TaskStatus};
+use portcullis_store::{
+    ElevationRecord, ElevationStatus, EventKind, NewEvent, Op, StoreError, TaskRecord,
+};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::error::{ApiError, Kind};
+use crate::pipeline::bind;
+use crate::server::RequestId;
+use crate::state::{Gateway, internal};
+use crate::tasks::respond;
+
+/// Longest accepted reason or note, in bytes.
+const MAX_REASON_BYTES: usize = 2048;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestBody {
+    tool: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// `POST /v1/tasks/{id}/elevations` — the task's token.
+pub(crate) async fn request(
+    State(gw): State<Arc<Gateway>>,
+    rid: RequestId,
+    Path(task_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let claims = gw.authenticate(&headers).await?;
+        bind(&claims, &task_id)?;
+        let req: RequestBody = crate::body::read_json(body, gw.settings.max_body_bytes).await?;
+        if req.reason.len() > MAX_REASON_BYTES {
+            return Err(ApiError::bad_request(format!(
+                "reason longer than {MAX_REASON_BYTES} bytes"
+            )));
+        }
+        let record = gw.load_task(&task_id).await?;
+        if record.task.status != TaskStatus::Active {
+            return Err(ApiError::denied(
+                Reason::TaskNotActive,
+                format!("task is {}", record.task.status.as_str()),
+            ));
+        }
+        if gw.engine.tool(&req.tool).is_none() {
+            return Err(ApiError::denied(Reason::ToolUnknown, "no such tool"));
+        }
+        let now = gw.now();
+        let id = portcullis_token::random_id("elv_").map_err(internal)?;
+        let elevation = ElevationRecord {
+            id: id.clone(),
+            task_id: task_id.clone(),
+            agent_id: record.task.agent_id.clone(),
+            tool: req.tool.clone(),
+            reason: req.reason.clone(),
+            status: ElevationStatus::Pending,
+            requested_at: now,
+            decided_at: None,
+            decided_by: None,
+            note: None,
+            expires_at: None,
+        };
+        let mut event = NewEvent::new(now, EventKind::ElevationRequested);
+        event.task_id = Some(task_id.clone());
+        event.agent_id = Some(record.task.agent_id.clone());
+        event.tool = Some(req.tool);
+        event.detail = Some(format!("{id}: {}", req.reason));
+        gw.store
+            .commit(vec![Op::InsertElevation(elevation), Op::Append(event)])
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "elevation_id": id, "status": "pending" })),
+        )
+            .into_response())
+    }
+    .await;
+    respond(&rid, result)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListParams {
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/elevations?status=pending` — approvers.
+pub(crate) async fn list(
+    State(gw): State<Arc<Gateway>>,
+    rid: RequestId,
+    headers: HeaderMap,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let result = async {
+        gw.require_admin(&headers, Role::Approver)?;
+        let Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+        let status = match p.status.as_deref().filter(|s| !s.is_empty()) {
+            Some(s) => Some(s.parse::<ElevationStatus>().map_err(|_| {
+                ApiError::bad_request("status must be pending, approved or denied")
+            })?),
+            None => None,
+        };
+        let list = gw
+            .store
+            .elevations(status, p.limit.unwrap_or(100))
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        Ok(Json(json!({ "elevations": list })).into_response())
+    }
+    .await;
+    respond(&rid, result)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecideBody {
+    #[serde(default)]
+    note: Option<String>,
+}
+
+/// `POST /v1/elevations/{id}/approve` — approvers.
+pub(crate) async fn approve(
+    State(gw): State<Arc<Gateway>>,
+    rid: RequestId,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    respond(
+        &rid,
+        decide(&gw, &id, &headers, body, ElevationStatus::Approved).await,
+    )
+}
+
+/// `POST /v1/elevations/{id}/deny` — approvers.
+pub(crate) async fn deny(
+    State(gw): State<Arc<Gateway>>,
+    rid: RequestId,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    respond(
+        &rid,
+        decide(&gw, &id, &headers, body, ElevationStatus::Denied).await,
+    )
+}
+
+async fn decide(
+    gw: &Gateway,
+    id: &str,
+    headers: &HeaderMap,
+    body: Body,
+    status: ElevationStatus,
+) -> Result<Response, ApiError> {
+    let approver = gw.require_admin(headers, Role::Approver)?.name.clone();
+    let bytes = crate::body::read_bytes(body, gw.settings.max_body_bytes).await?;
+    let req: DecideBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+        DecideBody::default()
+    } else {
+        crate::body::parse_json(&bytes)?
+    };
+    if req
+        .note
+        .as_ref()
+        .is_some_and(|n| n.len() > MAX_REASON_BYTES)
+    {
+        return Err(ApiError::bad_request(format!(
+            "note longer than {MAX_REASON_BYTES} bytes"
+        )));
+    }
+    for _ in 0..8 {
+        let elevation = gw
+            .store
+            .elevation(id)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?
+            .ok_or_else(|| ApiError::new(Kind::NotFound, "no such elevation"))?;
+        if elevation.status != ElevationStatus::Pending {
+            return Err(ApiError::new(
+                Kind::Conflict,
+                format!("elevation already {}", elevation.status.as_str()),
+            ));
+        }
+        let now = gw.now();
+        let by = format!("admin {approver}");
+        let kind = match status {
+            ElevationStatus::Approved => EventKind::ElevationApproved,
+            _ => EventKind::ElevationDenied,
+        };
+        let mut event = NewEvent::new(now, kind);
+        event.task_id = Some(elevation.task_id.clone());
+        event.agent_id = Some(elevation.agent_id.clone());
+        event.tool = Some(elevation.tool.clone());
+        event.detail = Some(match &req.note {
+            Some(note) => format!("{id} by {by}: {note}"),
+            None => format!("{id} by {by}"),
+        });
+        let mut ops = Vec::new();
+        let mut expires_at = None;
+        if status == ElevationStatus::Approved {
+            let record = gw.load_task(&elevation.task_id).await?;
+            if record.task.status != TaskStatus::Active {
+                return Err(ApiError::denied(
+                    Reason::TaskNotActive,
+                    format!("task is {}", record.task.status.as_str()),
+                ));
+            }
+            let until = now
+                .plus_millis(gw.settings.elevation_ttl_ms)
+                .min(record.deadline);
+            expires_at = Some(until);
+            let mut task = record.task.clone();
+            task.grants.retain(|g| g.expires_at > now);
+            task.grants.push(Grant {
+                tool: elevation.tool.clone(),
+                expires_at: until,
+            });
+            task.version = task.version.saturating_add(1);
+            ops.push(Op::UpdateTask {
+                record: TaskRecord {
+                    task,
+                    deadline: record.deadline,
+                },
+                expected_version: record.task.version,
+            });
+        }
+        let mut all = vec![Op::DecideElevation {
+            id: id.to_owned(),
+            status,
+            by: by.clone(),
+            at: now,
+            note: req.note.clone(),
+            expires_at,
+        }];
+        all.extend(ops);
+        all.push(Op::Append(event));
+        match gw.store.commit(all).await {
+            Ok(_) => {
+                return Ok(Json(json!({
+                    "elevation_id": id,
+                    "status": status.as_str(),
+                    "task_id": elevation.task_id,
+                    "tool": elevation.tool,
+                    "expires_at": expires_at.map(|t| t.as_millis()),
+                }))
+                .into_response());
+            }
+            // Lost a race on the task's version: look again. A decision
+            // that another approver made first shows up as not pending.
+            Err(StoreError::Conflict(_)) => continue,
+            Err(e) => return Err(ApiError::unavailable(e.to_string())),
+        }
+    }
+    Err(ApiError::unavailable(
+        "task is changing too fast; try again",
+    ))
+}
