@@ -66,6 +66,9 @@ impl Gateway {
             .cache
             .verify(&self.ring, token, &expect)
             .map_err(|e| ApiError::denied(e.reason(), e.to_string()))?;
+        if self.live.contains(&claims.jti) {
+            return Ok(claims);
+        }
         let record = self
             .store
             .token(&claims.jti)
@@ -84,7 +87,10 @@ impl Gateway {
                 Reason::TokenInvalid,
                 "not an access token",
             )),
-            Some(_) => Ok(claims),
+            Some(_) => {
+                self.live.insert(&claims.jti, claims.exp, now.as_secs());
+                Ok(claims)
+            }
         }
     }
 

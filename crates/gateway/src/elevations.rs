@@ -93,8 +93,7 @@ pub(crate) async fn request(
         event.agent_id = Some(record.task.agent_id.clone());
         event.tool = Some(req.tool);
         event.detail = Some(format!("{id}: {}", req.reason));
-        gw.store
-            .commit(vec![Op::InsertElevation(elevation), Op::Append(event)])
+        gw.commit(vec![Op::InsertElevation(elevation), Op::Append(event)])
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         Ok((
@@ -265,7 +264,7 @@ async fn decide(
         }];
         all.extend(ops);
         all.push(Op::Append(event));
-        match gw.store.commit(all).await {
+        match gw.commit(all).await {
             Ok(_) => {
                 return Ok(Json(json!({
                     "elevation_id": id,

@@ -141,7 +141,7 @@ async fn refresh(gw: &Gateway, rid: &RequestId, token: Option<&String>) -> Respo
     let mut ops = vec![Op::SpendRefresh { hash, at: now }, Op::Append(refreshed)];
     ops.extend(access_ops);
     ops.extend(refresh_ops);
-    match gw.store.commit(ops).await {
+    match gw.commit(ops).await {
         Ok(_) => {
             gw.metrics.tokens(TokenEvent::Refreshed, 1);
             let body = json!({
@@ -175,7 +175,7 @@ async fn refresh(gw: &Gateway, rid: &RequestId, token: Option<&String>) -> Respo
                 },
                 Op::Append(event),
             ];
-            match gw.store.commit(revoke).await {
+            match gw.commit(revoke).await {
                 Ok(done) => {
                     gw.metrics.tokens(
                         TokenEvent::Revoked,
@@ -316,7 +316,7 @@ async fn exchange(
             Ok(m) => m,
             Err(e) => return e.with_request_id(&rid.0).into_response(),
         };
-    if let Err(e) = gw.store.commit(ops).await {
+    if let Err(e) = gw.commit(ops).await {
         return ApiError::unavailable(e.to_string())
             .with_request_id(&rid.0)
             .into_response();
@@ -410,7 +410,7 @@ pub(crate) async fn revoke(State(gw): State<Arc<Gateway>>, rid: RequestId, body:
     if !ops.is_empty() {
         event.detail = Some("revoked by its holder (RFC 7009)".to_owned());
         ops.push(Op::Append(event));
-        match gw.store.commit(ops).await {
+        match gw.commit(ops).await {
             Ok(_) => gw.metrics.tokens(TokenEvent::Revoked, 1),
             // An expired refresh token is already useless; anything else
             // is a failure the caller must see (the token may still work).

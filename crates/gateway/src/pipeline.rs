@@ -87,8 +87,7 @@ impl Gateway {
             if !decision.is_allowed() {
                 self.metrics.decision(decision.reason);
                 let event = self.call_event(&record.task, &decision, args, now);
-                self.store
-                    .commit(vec![Op::Append(event)])
+                self.commit(vec![Op::Append(event)])
                     .await
                     .map_err(|e| ApiError::unavailable(e.to_string()))?;
                 let reason = decision.reason.unwrap_or(Reason::InternalError);
@@ -195,7 +194,7 @@ impl Gateway {
         } else {
             None
         };
-        match self.store.commit(ops).await {
+        match self.commit(ops).await {
             Ok(_) => Ok(Authorized {
                 task,
                 decision,
@@ -303,8 +302,7 @@ impl Gateway {
                 event.detail = Some(why.clone());
             }
         }
-        self.store
-            .commit(vec![Op::Append(event)])
+        self.commit(vec![Op::Append(event)])
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         outcome.map_err(|why| ApiError::denied(Reason::UpstreamUnavailable, why))

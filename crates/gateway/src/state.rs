@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use portcullis_config::{CredentialKind, LoadedConfig, Role};
 use portcullis_core::{Clock, Decision, Engine, Task, Timestamp};
-use portcullis_store::{EventKind, NewEvent, Op, RefreshRecord, Store, TokenKind, TokenRecord};
+use portcullis_store::{
+    Committed, EventKind, NewEvent, Op, RefreshRecord, Store, StoreError, TokenKind, TokenRecord,
+};
 use portcullis_token::{Claims, KeyRing, VerifyCache};
 use serde_json::Value;
 use zeroize::Zeroizing;
@@ -18,6 +20,68 @@ use crate::upstream::{Disconnected, HopCredential, Upstream};
 
 /// Most verified tokens kept in the signature cache.
 const VERIFY_CACHE_CAPACITY: usize = 65_536;
+/// Most access tokens remembered as live.
+const LIVE_CACHE_CAPACITY: usize = 65_536;
+
+/// Access tokens the ledger has confirmed live, so the per-call revocation
+/// check need not ask the ledger again.
+///
+/// INVARIANT: only enabled when this process is the ledger's only writer
+/// (the embedded SQLite store): then every revocation goes through
+/// [`Gateway::commit`], which drops the revoked `jti`s from here as soon as
+/// the revocation is durable. A shared store (several replicas) needs
+/// cross-process invalidation and runs with this cache off.
+#[derive(Debug)]
+pub(crate) struct LiveTokens {
+    enabled: bool,
+    map: std::sync::Mutex<HashMap<String, u64>>,
+}
+
+impl LiveTokens {
+    fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            map: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// True when `jti` is known live (its expiry is checked by the caller).
+    pub(crate) fn contains(&self, jti: &str) -> bool {
+        self.enabled && self.lock().contains_key(jti)
+    }
+
+    /// Remembers `jti` as live until `exp` (unix seconds).
+    pub(crate) fn insert(&self, jti: &str, exp: u64, now: u64) {
+        if !self.enabled {
+            return;
+        }
+        let mut map = self.lock();
+        if map.len() >= LIVE_CACHE_CAPACITY {
+            map.retain(|_, e| *e >= now);
+            if map.len() >= LIVE_CACHE_CAPACITY {
+                map.clear();
+            }
+        }
+        map.insert(jti.to_owned(), exp);
+    }
+
+    /// Forgets revoked tokens.
+    pub(crate) fn forget<'a>(&self, jtis: impl IntoIterator<Item = &'a String>) {
+        if !self.enabled {
+            return;
+        }
+        let mut map = self.lock();
+        for jti in jtis {
+            map.remove(jti);
+        }
+    }
+}
 
 /// How an upstream is reached and what credential it gets.
 #[derive(Debug, Clone)]
@@ -81,6 +145,7 @@ pub struct Gateway {
     pub(crate) bootstrap: Vec<(String, String)>,
     pub(crate) settings: Settings,
     pub(crate) metrics: Metrics,
+    pub(crate) live: LiveTokens,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -110,6 +175,7 @@ impl Gateway {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, SetupError> {
         let cfg = &loaded.config;
+        let single_writer = store.backend() == "sqlite";
         let mut upstreams = HashMap::new();
         for up in &cfg.upstreams {
             let c = &up.credential;
@@ -188,6 +254,7 @@ impl Gateway {
                 .collect(),
             settings,
             metrics: Metrics::default(),
+            live: LiveTokens::new(single_writer),
         })
     }
 
@@ -217,6 +284,14 @@ impl Gateway {
 
     pub(crate) fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    /// Commits `ops` to the ledger; the tokens the batch revoked stop
+    /// counting as live at once.
+    pub(crate) async fn commit(&self, ops: Vec<Op>) -> Result<Committed, StoreError> {
+        let done = self.store.commit(ops).await?;
+        self.live.forget(&done.revoked);
+        Ok(done)
     }
 
     /// Mints an access token for `task`, scoped to `scope`, expiring at

@@ -141,8 +141,7 @@ impl Gateway {
         ];
         all.append(&mut ops);
         all.extend(refresh_ops);
-        self.store
-            .commit(all)
+        self.commit(all)
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         self.metrics.tokens(TokenEvent::Issued, 1);
@@ -381,8 +380,7 @@ pub(crate) async fn transition(
                     event.state_to = Some(req.to.chars().take(128).collect());
                     event.decision = Some("deny".to_owned());
                     event.reason = Some(denial.reason.as_str().to_owned());
-                    gw.store
-                        .commit(vec![Op::Append(event)])
+                    gw.commit(vec![Op::Append(event)])
                         .await
                         .map_err(|e| ApiError::unavailable(e.to_string()))?;
                     return Err(ApiError::denied(denial.reason, denial.detail));
@@ -411,7 +409,7 @@ pub(crate) async fn transition(
             } else {
                 None
             };
-            match gw.store.commit(ops).await {
+            match gw.commit(ops).await {
                 Ok(_) => {
                     let mut body =
                         json!({ "state": task.state, "from": t.from, "reverify": t.reverify });
@@ -482,7 +480,7 @@ async fn end_task(
             Op::Append(ended),
             Op::Append(revoked),
         ];
-        match gw.store.commit(ops).await {
+        match gw.commit(ops).await {
             Ok(done) => {
                 gw.metrics.tokens(
                     TokenEvent::Revoked,
@@ -590,7 +588,7 @@ pub(crate) async fn resume(
             ];
             ops.extend(mint);
             ops.extend(refresh_ops);
-            match gw.store.commit(ops).await {
+            match gw.commit(ops).await {
                 Ok(_) => {
                     gw.metrics.tokens(TokenEvent::Issued, 1);
                     let body = json!({
