@@ -11,7 +11,7 @@
 //! | authenticate (token, bootstrap secret, admin) | `auth` |
 //! | task binding, load, token scope | `pipeline` |
 //! | decision: ACL, state, budgets, args, Cedar | `portcullis_core::Engine` |
-//! | per-hop credential | `state` (`hop_credential`) and [`upstream`] |
+//! | per-hop credential | [`credential`] (one `CredentialProvider` per upstream) |
 //! | write-ahead record (with the task update) | `pipeline` (`commit_allowed`) |
 //! | forward, record the outcome | `pipeline` (`forward`) |
 //!
@@ -21,6 +21,7 @@
 mod admin;
 mod auth;
 pub mod body;
+pub mod credential;
 mod elevations;
 pub mod error;
 mod metrics;

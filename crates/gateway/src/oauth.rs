@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use crate::error::ApiError;
 use crate::metrics::TokenEvent;
 use crate::server::RequestId;
-use crate::state::Gateway;
+use crate::state::{Gateway, internal};
 use crate::tasks::respond;
 
 const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
@@ -311,11 +311,26 @@ async fn exchange(
             );
         }
     }
-    let (token, expires_in, ops) =
-        match gw.mint_hop(&record.task, resource, &tools, record.deadline, now) {
-            Ok(m) => m,
-            Err(e) => return e.with_request_id(&rid.0).into_response(),
-        };
+    let request = crate::credential::HopRequest {
+        upstream: resource,
+        task: &record.task,
+        tools: &tools,
+        deadline: record.deadline,
+        now,
+    };
+    let (token, expires_in, ops) = match gw.hop_jwt.mint(&request) {
+        Ok(crate::credential::Issued {
+            credential: crate::upstream::HopCredential::Jwt { token },
+            ttl_secs,
+            ops,
+        }) => (token, ttl_secs.unwrap_or(0), ops),
+        Ok(_) => {
+            return internal("the JWT provider issued something else")
+                .with_request_id(&rid.0)
+                .into_response();
+        }
+        Err(e) => return internal(e).with_request_id(&rid.0).into_response(),
+    };
     if let Err(e) = gw.commit(ops).await {
         return ApiError::unavailable(e.to_string())
             .with_request_id(&rid.0)

@@ -19,6 +19,7 @@ use portcullis_store::{EventKind, NewEvent, Op, StoreError, TaskRecord};
 use portcullis_token::Claims;
 use serde_json::Value;
 
+use crate::credential::{HopRequest, ProviderError};
 use crate::error::ApiError;
 use crate::state::{Gateway, internal};
 use crate::upstream::UpstreamCall;
@@ -171,16 +172,23 @@ impl Gateway {
                 .upstreams
                 .get(&def.upstream)
                 .ok_or_else(|| CommitError::Api(internal("tool's upstream is not configured")))?;
-            let (credential, hop_ops) = self
-                .hop_credential(
-                    entry,
-                    &def.upstream,
-                    &task,
-                    &decision.tool,
-                    record.deadline,
-                    now,
-                )
-                .map_err(CommitError::Api)?;
+            let tools = [decision.tool.clone()];
+            let request = HopRequest {
+                upstream: &def.upstream,
+                task: &task,
+                tools: &tools,
+                deadline: record.deadline,
+                now,
+            };
+            let issued = entry.provider.issue(&request).await.map_err(|e| {
+                CommitError::Api(match e {
+                    ProviderError::Unavailable(why) => {
+                        ApiError::denied(Reason::UpstreamUnavailable, why)
+                    }
+                    ProviderError::Internal(why) => internal(why),
+                })
+            })?;
+            let (credential, hop_ops) = (issued.credential, issued.ops);
             ops.extend(hop_ops);
             Some((
                 def.upstream.clone(),

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use portcullis_config::{CredentialKind, LoadedConfig, Role};
+use portcullis_config::{LoadedConfig, Role};
 use portcullis_core::{Clock, Decision, Engine, Task, Timestamp};
 use portcullis_store::{
     Committed, EventKind, NewEvent, Op, RefreshRecord, Store, StoreError, TokenKind, TokenRecord,
@@ -14,9 +14,10 @@ use portcullis_token::{Claims, KeyRing, VerifyCache};
 use serde_json::Value;
 use zeroize::Zeroizing;
 
+use crate::credential::{CredentialProvider, JwtProvider};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::upstream::{Disconnected, HopCredential, Upstream};
+use crate::upstream::{Disconnected, Upstream};
 
 /// Most verified tokens kept in the signature cache.
 const VERIFY_CACHE_CAPACITY: usize = 65_536;
@@ -87,30 +88,7 @@ impl LiveTokens {
 #[derive(Debug, Clone)]
 pub(crate) struct UpstreamEntry {
     pub upstream: Arc<dyn Upstream>,
-    pub provider: Provider,
-}
-
-/// A per-hop credential provider, resolved at start-up.
-#[derive(Clone)]
-pub(crate) enum Provider {
-    Jwt,
-    Static {
-        header: String,
-        value: Zeroizing<String>,
-    },
-    None,
-    Unsupported(&'static str),
-}
-
-impl std::fmt::Debug for Provider {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Jwt => f.write_str("Jwt"),
-            Self::Static { header, .. } => write!(f, "Static({header})"),
-            Self::None => f.write_str("None"),
-            Self::Unsupported(k) => write!(f, "Unsupported({k})"),
-        }
-    }
+    pub provider: Arc<dyn CredentialProvider>,
 }
 
 /// A configured admin.
@@ -146,6 +124,8 @@ pub struct Gateway {
     pub(crate) settings: Settings,
     pub(crate) metrics: Metrics,
     pub(crate) live: LiveTokens,
+    /// Per-hop tokens for token exchange, whatever an upstream's own kind.
+    pub(crate) hop_jwt: JwtProvider,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -177,45 +157,9 @@ impl Gateway {
         let cfg = &loaded.config;
         let single_writer = store.backend() == "sqlite";
         let mut upstreams = HashMap::new();
+        let hop_jwt = JwtProvider::new(ring.clone(), cfg.server.issuer.clone());
         for up in &cfg.upstreams {
-            let c = &up.credential;
-            let provider = match c.kind {
-                CredentialKind::Jwt => Provider::Jwt,
-                CredentialKind::None => Provider::None,
-                CredentialKind::Static => {
-                    let header = c.header.clone().unwrap_or_default();
-                    let value = match (&c.env, &c.file) {
-                        (Some(var), None) => std::env::var(var).map_err(|_| {
-                            SetupError(format!(
-                                "upstream {}: environment variable {var} is not set",
-                                up.name
-                            ))
-                        })?,
-                        (None, Some(path)) => std::fs::read_to_string(loaded.resolve(path))
-                            .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
-                            .map_err(|e| {
-                                SetupError(format!("upstream {}: cannot read {path}: {e}", up.name))
-                            })?,
-                        _ => {
-                            return Err(SetupError(format!(
-                                "upstream {}: a static credential needs exactly one of env or file",
-                                up.name
-                            )));
-                        }
-                    };
-                    if value.is_empty() {
-                        return Err(SetupError(format!(
-                            "upstream {}: the static secret is empty",
-                            up.name
-                        )));
-                    }
-                    Provider::Static {
-                        header,
-                        value: Zeroizing::new(value),
-                    }
-                }
-                CredentialKind::PostgresRole => Provider::Unsupported("postgres-role"),
-            };
+            let provider = crate::credential::from_config(loaded, up, &hop_jwt)?;
             let upstream: Arc<dyn Upstream> = Arc::new(Disconnected {
                 why: format!("no transport for upstream {} in this build", up.name),
             });
@@ -255,6 +199,7 @@ impl Gateway {
             settings,
             metrics: Metrics::default(),
             live: LiveTokens::new(single_writer),
+            hop_jwt,
         })
     }
 
@@ -376,88 +321,6 @@ impl Gateway {
             .filter(|t| task.tools.contains(*t))
             .map(str::to_owned)
             .collect()
-    }
-
-    /// Mints the per-hop credential of upstream `entry` for one call of a
-    /// task that ends at `deadline`.
-    pub(crate) fn hop_credential(
-        &self,
-        entry: &UpstreamEntry,
-        upstream: &str,
-        task: &Task,
-        tool: &str,
-        deadline: Timestamp,
-        now: Timestamp,
-    ) -> Result<(HopCredential, Vec<Op>), ApiError> {
-        match &entry.provider {
-            Provider::None => Ok((HopCredential::None, Vec::new())),
-            Provider::Static { header, value } => Ok((
-                HopCredential::Static {
-                    header: header.clone(),
-                    value: value.clone(),
-                },
-                Vec::new(),
-            )),
-            Provider::Unsupported(kind) => Err(ApiError::denied(
-                portcullis_core::Reason::UpstreamUnavailable,
-                format!("credential provider {kind} is not available"),
-            )),
-            Provider::Jwt => {
-                let (token, _, ops) =
-                    self.mint_hop(task, upstream, &[tool.to_owned()], deadline, now)?;
-                Ok((HopCredential::Jwt { token }, ops))
-            }
-        }
-    }
-
-    /// Mints a per-hop token: `aud` = the upstream, `scope` = the tools,
-    /// ≤ 60 s and never past the task's `deadline`. Returns the token, its
-    /// lifetime in seconds, and the ops that record it.
-    pub(crate) fn mint_hop(
-        &self,
-        task: &Task,
-        upstream: &str,
-        tools: &[String],
-        deadline: Timestamp,
-        now: Timestamp,
-    ) -> Result<(String, u64, Vec<Op>), ApiError> {
-        let jti = portcullis_token::random_id("hop_").map_err(internal)?;
-        let expires = Timestamp(
-            now.plus_millis(crate::upstream::HOP_TTL_SECS * 1000)
-                .0
-                .min(deadline.0),
-        );
-        let claims = Claims {
-            iss: self.settings.issuer.clone(),
-            sub: task.agent_id.clone(),
-            aud: upstream.to_owned(),
-            exp: expires.as_secs(),
-            iat: now.as_secs(),
-            nbf: now.as_secs(),
-            jti: jti.clone(),
-            client_id: task.agent_id.clone(),
-            task_id: task.id.clone(),
-            agent_type: task.agent_type.clone(),
-            scope: tools.join(" "),
-        };
-        let token = portcullis_token::mint(&self.ring, &claims).map_err(internal)?;
-        let record = TokenRecord {
-            jti: jti.clone(),
-            task_id: task.id.clone(),
-            agent_id: task.agent_id.clone(),
-            kind: TokenKind::Hop,
-            issued_at: now,
-            expires_at: expires,
-            revoked_at: None,
-            revoke_reason: None,
-        };
-        let mut event = NewEvent::new(now, EventKind::TokenIssued);
-        event.task_id = Some(task.id.clone());
-        event.agent_id = Some(task.agent_id.clone());
-        event.jti = Some(jti);
-        event.detail = Some(format!("per-hop for {upstream}: {}", tools.join(" ")));
-        let ttl = expires.as_secs().saturating_sub(now.as_secs());
-        Ok((token, ttl, vec![Op::InsertToken(record), Op::Append(event)]))
     }
 
     /// The audit event of a decided call.
