@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use portcullis_config::Role;
@@ -30,7 +30,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::error::{ApiError, Kind};
-use crate::pipeline::bind;
+use crate::layers::TaskCaller;
 use crate::server::RequestId;
 use crate::state::{Gateway, internal};
 use crate::tasks::respond;
@@ -51,12 +51,10 @@ pub(crate) async fn request(
     State(gw): State<Arc<Gateway>>,
     rid: RequestId,
     Path(task_id): Path<String>,
-    headers: HeaderMap,
+    Extension(TaskCaller(_caller)): Extension<TaskCaller>,
     body: Body,
 ) -> Response {
     let result = async {
-        let claims = gw.authenticate(&headers).await?;
-        bind(&claims, &task_id)?;
         let req: RequestBody = crate::body::read_json(body, gw.settings.max_body_bytes).await?;
         if req.reason.len() > MAX_REASON_BYTES {
             return Err(ApiError::bad_request(format!(

@@ -8,8 +8,9 @@
 //! | step | where |
 //! |---|---|
 //! | request id | [`server`] middleware |
-//! | authenticate (token, bootstrap secret, admin) | `auth` |
-//! | task binding, load, token scope | `pipeline` |
+//! | authenticate (token, bootstrap secret, admin) | `layers::authenticate` over `auth` |
+//! | task binding | `layers::bind_task` |
+//! | load the task, token scope | `pipeline` |
 //! | decision: ACL, state, budgets, args, Cedar | `portcullis_core::Engine` |
 //! | per-hop credential | [`credential`] (one `CredentialProvider` per upstream) |
 //! | write-ahead record (with the task update) | `pipeline` (`commit_allowed`) |
@@ -24,6 +25,7 @@ pub mod body;
 pub mod credential;
 mod elevations;
 pub mod error;
+mod layers;
 mod metrics;
 mod oauth;
 mod pipeline;

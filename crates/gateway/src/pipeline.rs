@@ -80,7 +80,7 @@ impl Gateway {
         args: &Value,
         forward: bool,
     ) -> Result<Authorized, ApiError> {
-        bind(claims, task_id)?;
+        // INVARIANT: the `bind_task` layer has bound `claims` to `task_id`.
         for _ in 0..CAS_ATTEMPTS {
             let record = self.load_task(task_id).await?;
             let now = self.now();

@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 
 use crate::error::{ApiError, Kind};
 use crate::state::Gateway;
-use crate::{admin, elevations, oauth, tasks};
+use crate::{admin, elevations, layers, oauth, tasks};
 
 /// Longest a client may take to send its request headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -94,16 +94,25 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
 
 /// The whole HTTP surface of DESIGN section 9 (but `/mcp`).
 pub fn router(gw: Arc<Gateway>) -> Router {
-    Router::new()
-        .route("/v1/tasks", post(tasks::start))
-        .route("/v1/tasks/{task_id}", get(tasks::get))
+    // Routes only a task's own token may call: authenticate, then bind the
+    // token to the path's task (the last layer added runs first).
+    let task_token_routes = Router::new()
         .route("/v1/tasks/{task_id}/calls", post(tasks::call))
         .route("/v1/tasks/{task_id}/authorize", post(tasks::authorize))
         .route("/v1/tasks/{task_id}/transition", post(tasks::transition))
+        .route("/v1/tasks/{task_id}/elevations", post(elevations::request))
+        .route_layer(middleware::from_fn(layers::bind_task))
+        .route_layer(middleware::from_fn_with_state(
+            gw.clone(),
+            layers::authenticate,
+        ));
+    Router::new()
+        .merge(task_token_routes)
+        .route("/v1/tasks", post(tasks::start))
+        .route("/v1/tasks/{task_id}", get(tasks::get))
         .route("/v1/tasks/{task_id}/complete", post(tasks::complete))
         .route("/v1/tasks/{task_id}/halt", post(tasks::halt))
         .route("/v1/tasks/{task_id}/resume", post(tasks::resume))
-        .route("/v1/tasks/{task_id}/elevations", post(elevations::request))
         .route("/v1/elevations", get(elevations::list))
         .route("/v1/elevations/{id}/approve", post(elevations::approve))
         .route("/v1/elevations/{id}/deny", post(elevations::deny))

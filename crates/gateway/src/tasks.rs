@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use portcullis_config::Role;
@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
+use crate::layers::TaskCaller;
 use crate::metrics::TokenEvent;
 use crate::pipeline::bind;
 use crate::server::RequestId;
@@ -260,12 +261,10 @@ pub(crate) async fn call(
     State(gw): State<Arc<Gateway>>,
     rid: RequestId,
     Path(task_id): Path<String>,
-    headers: HeaderMap,
+    Extension(TaskCaller(claims)): Extension<TaskCaller>,
     body: Body,
 ) -> Response {
     let result = async {
-        let claims = gw.authenticate(&headers).await?;
-        bind(&claims, &task_id)?;
         let req: CallBody = crate::body::read_json(body, gw.settings.max_body_bytes).await?;
         let authorized = gw
             .authorize(&claims, &task_id, &req.tool, &req.arguments, true)
@@ -295,12 +294,10 @@ pub(crate) async fn authorize(
     State(gw): State<Arc<Gateway>>,
     rid: RequestId,
     Path(task_id): Path<String>,
-    headers: HeaderMap,
+    Extension(TaskCaller(claims)): Extension<TaskCaller>,
     body: Body,
 ) -> Response {
     let result = async {
-        let claims = gw.authenticate(&headers).await?;
-        bind(&claims, &task_id)?;
         let req: CallBody = crate::body::read_json(body, gw.settings.max_body_bytes).await?;
         match gw
             .authorize(&claims, &task_id, &req.tool, &req.arguments, false)
@@ -360,12 +357,10 @@ pub(crate) async fn transition(
     State(gw): State<Arc<Gateway>>,
     rid: RequestId,
     Path(task_id): Path<String>,
-    headers: HeaderMap,
+    Extension(TaskCaller(claims)): Extension<TaskCaller>,
     body: Body,
 ) -> Response {
     let result = async {
-        let claims = gw.authenticate(&headers).await?;
-        bind(&claims, &task_id)?;
         let req: TransitionBody = crate::body::read_json(body, gw.settings.max_body_bytes).await?;
         for _ in 0..8 {
             let record = gw.load_task(&task_id).await?;
