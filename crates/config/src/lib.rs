@@ -20,6 +20,6 @@ mod source;
 
 pub use duration::{Duration, DurationError};
 pub use finding::{Finding, Findings, Reporter};
-pub use load::{LoadedConfig, MAX_FILE_BYTES, MAX_POLICY_FILES, PolicyFile};
+pub use load::{LoadedConfig, MAX_FILE_BYTES, MAX_POLICY_FILES, PolicyFile, line_of};
 pub use model::*;
 pub use source::{KeyPath, Segment, SourceMap};

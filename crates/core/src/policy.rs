@@ -42,7 +42,7 @@ use cedar_policy::{
     ResourceConstraint, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use miette::Diagnostic;
-use portcullis_config::{Finding, KeyPath, LoadedConfig, Reporter};
+use portcullis_config::{Finding, KeyPath, LoadedConfig, Reporter, line_of};
 use serde_json::{Value, json};
 
 use crate::args::Shape;
@@ -147,15 +147,6 @@ pub(crate) fn schema_json(shape: &Shape) -> Value {
             }
         }
     })
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()
-        .iter()
-        .take(offset)
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
 }
 
 /// The first source offset a Cedar diagnostic points at.

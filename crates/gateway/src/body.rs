@@ -187,6 +187,12 @@ impl<'de> serde::de::Visitor<'de> for NoDupVisitor {
     }
 }
 
+/// Reads and parses a form body (see [`parse_form`]).
+pub async fn read_form(body: Body, limit: usize) -> Result<BTreeMap<String, String>, ApiError> {
+    let bytes = read_bytes(body, limit).await?;
+    parse_form(&bytes)
+}
+
 /// Parses an `application/x-www-form-urlencoded` body; a parameter given
 /// twice, or more than 32 parameters, is a bad request.
 pub fn parse_form(bytes: &[u8]) -> Result<BTreeMap<String, String>, ApiError> {

@@ -27,17 +27,20 @@ use crate::state::Gateway;
 #[derive(Debug, Clone)]
 pub(crate) struct TaskCaller(pub Arc<Claims>);
 
+fn request_id(req: &Request) -> RequestId {
+    req.extensions()
+        .get::<RequestId>()
+        .cloned()
+        .unwrap_or(RequestId(String::new()))
+}
+
 /// Step 1: authenticate the task token.
 pub(crate) async fn authenticate(
     State(gw): State<Arc<Gateway>>,
     mut req: Request,
     next: Next,
 ) -> Response {
-    let rid = req
-        .extensions()
-        .get::<RequestId>()
-        .cloned()
-        .unwrap_or(RequestId(String::new()));
+    let rid = request_id(&req);
     match gw.authenticate(req.headers()).await {
         Ok(claims) => {
             req.extensions_mut().insert(TaskCaller(Arc::new(claims)));
@@ -53,11 +56,7 @@ pub(crate) async fn bind_task(
     req: Request,
     next: Next,
 ) -> Response {
-    let rid = req
-        .extensions()
-        .get::<RequestId>()
-        .cloned()
-        .unwrap_or(RequestId(String::new()));
+    let rid = request_id(&req);
     let bound = match (req.extensions().get::<TaskCaller>(), params.get("task_id")) {
         (Some(caller), Some(task_id)) => bind(&caller.0, task_id),
         // Wired wrongly: fail closed.

@@ -62,10 +62,7 @@ fn invalid_grant(description: &str, reason: Reason, rid: &RequestId) -> Response
 
 /// `POST /oauth/token`.
 pub(crate) async fn token(State(gw): State<Arc<Gateway>>, rid: RequestId, body: Body) -> Response {
-    let form = match crate::body::read_bytes(body, gw.settings.max_body_bytes)
-        .await
-        .and_then(|b| crate::body::parse_form(&b))
-    {
+    let form = match crate::body::read_form(body, gw.settings.max_body_bytes).await {
         Ok(f) => f,
         Err(e) => return e.with_request_id(&rid.0).into_response(),
     };
@@ -176,17 +173,11 @@ async fn refresh(gw: &Gateway, rid: &RequestId, token: Option<&String>) -> Respo
                 Op::Append(event),
             ];
             match gw.commit(revoke).await {
-                Ok(done) => {
-                    gw.metrics.tokens(
-                        TokenEvent::Revoked,
-                        u64::try_from(done.revoked.len()).unwrap_or(0),
-                    );
-                    invalid_grant(
-                        "refresh token already used; the task's tokens are revoked",
-                        Reason::TokenRevoked,
-                        rid,
-                    )
-                }
+                Ok(_) => invalid_grant(
+                    "refresh token already used; the task's tokens are revoked",
+                    Reason::TokenRevoked,
+                    rid,
+                ),
                 Err(e) => ApiError::unavailable(e.to_string())
                     .with_request_id(&rid.0)
                     .into_response(),
@@ -370,10 +361,7 @@ fn verify_any_audience(gw: &Gateway, token: &str, now: u64) -> Option<Claims> {
 /// `POST /oauth/revoke` (RFC 7009): always 200. Possession of a token is
 /// the authority to revoke it.
 pub(crate) async fn revoke(State(gw): State<Arc<Gateway>>, rid: RequestId, body: Body) -> Response {
-    let form = match crate::body::read_bytes(body, gw.settings.max_body_bytes)
-        .await
-        .and_then(|b| crate::body::parse_form(&b))
-    {
+    let form = match crate::body::read_form(body, gw.settings.max_body_bytes).await {
         Ok(f) => f,
         Err(e) => return e.with_request_id(&rid.0).into_response(),
     };
@@ -426,7 +414,7 @@ pub(crate) async fn revoke(State(gw): State<Arc<Gateway>>, rid: RequestId, body:
         event.detail = Some("revoked by its holder (RFC 7009)".to_owned());
         ops.push(Op::Append(event));
         match gw.commit(ops).await {
-            Ok(_) => gw.metrics.tokens(TokenEvent::Revoked, 1),
+            Ok(_) => {}
             // An expired refresh token is already useless; anything else
             // is a failure the caller must see (the token may still work).
             Err(StoreError::RefreshExpired { .. } | StoreError::RefreshSpent { .. }) => {}
@@ -450,8 +438,7 @@ pub(crate) async fn introspect(
     let result = async {
         gw.require_admin(&headers, Role::Admin)
             .or_else(|_| gw.require_admin(&headers, Role::Auditor))?;
-        let bytes = crate::body::read_bytes(body, gw.settings.max_body_bytes).await?;
-        let form = crate::body::parse_form(&bytes)?;
+        let form = crate::body::read_form(body, gw.settings.max_body_bytes).await?;
         let token = form
             .get("token")
             .ok_or_else(|| ApiError::bad_request("token is required"))?;

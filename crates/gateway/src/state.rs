@@ -236,6 +236,10 @@ impl Gateway {
     pub(crate) async fn commit(&self, ops: Vec<Op>) -> Result<Committed, StoreError> {
         let done = self.store.commit(ops).await?;
         self.live.forget(&done.revoked);
+        self.metrics.tokens(
+            crate::metrics::TokenEvent::Revoked,
+            u64::try_from(done.revoked.len()).unwrap_or(u64::MAX),
+        );
         Ok(done)
     }
 

@@ -411,7 +411,6 @@ pub(crate) async fn transition(
                     if let Some(rotation) = &rotated {
                         rotation.add_to(&mut body);
                         gw.metrics.tokens(TokenEvent::Issued, 1);
-                        gw.metrics.tokens(TokenEvent::Revoked, 1);
                     }
                     return Ok((no_store(), Json(body)).into_response());
                 }
@@ -477,10 +476,6 @@ async fn end_task(
         ];
         match gw.commit(ops).await {
             Ok(done) => {
-                gw.metrics.tokens(
-                    TokenEvent::Revoked,
-                    u64::try_from(done.revoked.len()).unwrap_or(0),
-                );
                 return Ok(json!({
                     "task_id": task.id,
                     "status": task.status.as_str(),
