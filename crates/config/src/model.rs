@@ -213,6 +213,12 @@ pub struct Audit {
     /// Optional URL POSTed on halts and anomalies.
     #[serde(default)]
     pub alert_webhook: Option<String>,
+    /// A signed checkpoint is written after this many new records…
+    #[serde(default = "Audit::default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// …or when this much time has passed with new records, whichever first.
+    #[serde(default = "Audit::default_checkpoint_interval")]
+    pub checkpoint_interval: Duration,
 }
 
 impl Audit {
@@ -230,6 +236,12 @@ impl Audit {
     const fn default_sample() -> f64 {
         1.0
     }
+    const fn default_checkpoint_every() -> u64 {
+        1000
+    }
+    const fn default_checkpoint_interval() -> Duration {
+        Duration::from_secs(60)
+    }
 }
 
 impl Default for Audit {
@@ -242,6 +254,8 @@ impl Default for Audit {
             retention_days: Self::default_retention_days(),
             sample_low_risk: Self::default_sample(),
             alert_webhook: None,
+            checkpoint_every: Self::default_checkpoint_every(),
+            checkpoint_interval: Self::default_checkpoint_interval(),
         }
     }
 }

@@ -683,6 +683,17 @@ fn check_sections(loaded: &LoadedConfig, r: &mut Reporter<'_>) {
             "must lie between 0.0 and 1.0",
         );
     }
+    if a.checkpoint_every == 0 {
+        r.at(&audit.key("checkpoint_every"), "must be at least 1");
+    }
+    if a.checkpoint_interval < Duration::from_secs(1)
+        || a.checkpoint_interval > Duration::from_secs(86_400)
+    {
+        r.at(
+            &audit.key("checkpoint_interval"),
+            format!("{} is outside 1s..1d", a.checkpoint_interval),
+        );
+    }
     if a.retention_days == 0 {
         r.at(&audit.key("retention_days"), "must be at least 1");
     }
