@@ -267,4 +267,114 @@ async fn serve_runs_a_task_end_to_end() {
 
     // Still running: it did not crash on the way.
     assert!(server.0.try_wait().unwrap().is_none(), "{}", server_log());
+
+    // A clean stop (SIGTERM) signs the head of the audit chain.
+    std::fs::write(dir.path().join("jwks.json"), jwks.to_string()).unwrap();
+    let pid = server.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut stopped = false;
+    for _ in 0..100 {
+        if server.0.try_wait().unwrap().is_some() {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(stopped, "serve did not stop on SIGTERM:\n{}", server_log());
+
+    let portcullis = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = portcullis(&["audit", "verify", "--config", "portcullis.toml", "--quiet"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.starts_with("ok: "), "{text}");
+    assert!(
+        !text.contains(" 0 checkpoints"),
+        "a checkpoint was signed at shutdown: {text}"
+    );
+
+    // Export, and verify the copy offline against the saved JWKS.
+    let out = portcullis(&["audit", "export", "--config", "portcullis.toml"]);
+    assert!(out.status.success());
+    let export = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        export.lines().any(|l| l.starts_with("{\"checkpoint\"")),
+        "{export}"
+    );
+    std::fs::write(dir.path().join("audit.jsonl"), &export).unwrap();
+    let verify_copy = || {
+        portcullis(&[
+            "audit",
+            "verify",
+            "--jsonl",
+            "audit.jsonl",
+            "--jwks",
+            "jwks.json",
+            "--quiet",
+        ])
+    };
+    let out = verify_copy();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Edit one record of the copy: verify names its seq and fails.
+    let edited: Vec<String> = export
+        .lines()
+        .map(|l| {
+            if l.contains("\"kind\":\"call.denied\"") {
+                l.replace("select * from t", "select 1")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    assert_ne!(
+        edited.join("\n") + "\n",
+        export,
+        "the edit must change something"
+    );
+    std::fs::write(dir.path().join("audit.jsonl"), edited.join("\n") + "\n").unwrap();
+    let out = verify_copy();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "an edited record must fail: {text}");
+    assert!(text.starts_with("FAILED at seq "), "{text}");
+
+    // Cut the copy before its last checkpoint: truncation is detected.
+    let lines: Vec<&str> = export.lines().collect();
+    let cut: Vec<&str> = lines[..lines.len() - 3].to_vec();
+    let last_checkpoint = lines
+        .iter()
+        .rposition(|l| l.starts_with("{\"checkpoint\""))
+        .unwrap();
+    let mut kept: Vec<&str> = cut
+        .iter()
+        .copied()
+        .filter(|l| !l.starts_with("{\"checkpoint\""))
+        .collect();
+    kept.push(lines[last_checkpoint]);
+    std::fs::write(dir.path().join("audit.jsonl"), kept.join("\n") + "\n").unwrap();
+    let out = verify_copy();
+    assert!(
+        !out.status.success(),
+        "a truncated log must fail: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

@@ -20,6 +20,7 @@
 //! no duplicate keys, no unknown fields. Errors have one shape (`error`).
 
 mod admin;
+pub mod audit;
 mod auth;
 pub mod body;
 pub mod credential;

@@ -174,9 +174,31 @@ pub async fn serve_config(config: &Path) -> Result<(), RunError> {
         .await
         .map_err(|e| RunError::Other(format!("cannot listen on {listen}: {e}")))?;
     tracing::info!(%listen, store = gateway.store().backend(), "portcullis serving");
-    crate::server::serve(listener, crate::server::router(gateway), shutdown_signal())
-        .await
-        .map_err(|e| RunError::Other(e.to_string()))
+    // One shutdown signal, heard by both the server and the checkpointer,
+    // which signs the chain's head one last time on the way out.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let audit = &loaded.config.audit;
+    let checkpoints = tokio::spawn(crate::audit::run_checkpoints(
+        gateway.clone(),
+        audit.checkpoint_every,
+        audit.checkpoint_interval.to_std(),
+        wait_for(stop_rx.clone()),
+    ));
+    let served = crate::server::serve(listener, crate::server::router(gateway), async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    })
+    .await;
+    let _ = checkpoints.await;
+    served.map_err(|e| RunError::Other(e.to_string()))
+}
+
+async fn wait_for(mut stop: tokio::sync::watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn shutdown_signal() {

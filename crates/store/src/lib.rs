@@ -35,16 +35,31 @@
 //!
 //! [`testsuite`] holds the backend-independent contract tests, so every
 //! backend is held to the same semantics.
+//!
+//! # The audit log
+//!
+//! The log is a hash chain (`docs/audit-format.md`): every backend gives
+//! each appended record its `prev_hash` and `hash` in commit order
+//! ([`chain::record_hash`] over [`canonical_json`]), and stores the
+//! gateway's signed [`Checkpoint`]s ([`Op::AppendCheckpoint`],
+//! [`Store::checkpoints`], [`Store::chain_head`]; the text they sign is
+//! [`checkpoint_message`]). [`chain::verify`] and [`chain::Verifier`] check a
+//! log, streamed from [`Store::audit`] pages or an export, without the
+//! store.
 
+pub mod canonical;
+pub mod chain;
 mod model;
 pub mod sqlite;
 pub mod testsuite;
 
+pub use canonical::canonical_json;
 pub use model::{
-    AuditEvent, AuditQuery, Committed, DEFAULT_AUDIT_LIMIT, ELEVATION_ALREADY_DECIDED,
-    ElevationRecord, ElevationStatus, EventKind, MAX_AUDIT_LIMIT, MAX_ROWS, NO_SUCH_ELEVATION,
-    NewEvent, Op, RefreshRecord, TaskRecord, TokenKind, TokenRecord, UnknownElevationStatus,
-    UnknownEventKind, UnknownTokenKind,
+    AuditEvent, AuditQuery, CHECKPOINT_EXISTS, CHECKPOINT_HASH_MISMATCH, CHECKPOINT_NO_SUCH_RECORD,
+    Checkpoint, Committed, DEFAULT_AUDIT_LIMIT, ELEVATION_ALREADY_DECIDED, ElevationRecord,
+    ElevationStatus, EventKind, MAX_AUDIT_LIMIT, MAX_ROWS, NO_SUCH_ELEVATION, NewEvent, Op,
+    RefreshRecord, TaskRecord, TokenKind, TokenRecord, UnknownElevationStatus, UnknownEventKind,
+    UnknownTokenKind, checkpoint_message,
 };
 pub use sqlite::{SqliteOptions, SqliteStore};
 
@@ -60,7 +75,8 @@ pub enum StoreError {
     Unavailable(String),
     /// An [`Op::UpdateTask`] compare-and-swap lost (version mismatch or no
     /// such task), an [`Op::DecideElevation`] on an elevation that is not
-    /// pending (or does not exist), a duplicate key on insert, an insert that
+    /// pending (or does not exist), an [`Op::AppendCheckpoint`] that does not
+    /// match a stored record, a duplicate key on insert, an insert that
     /// names a task that does not exist, or an op that is invalid in itself
     /// (a non-increasing version, an elevation decided as pending).
     #[error("store conflict: {0}")]
@@ -129,6 +145,15 @@ pub trait Store: Send + Sync + 'static {
         status: Option<ElevationStatus>,
         limit: usize,
     ) -> Result<Vec<ElevationRecord>>;
+
+    /// Signed checkpoints of the audit chain with `seq > since_seq` (all when
+    /// `None`), in ascending `seq` order; at most `limit` of them, and never
+    /// more than [`MAX_ROWS`]: page with `since_seq` = the last seq read.
+    async fn checkpoints(&self, since_seq: Option<u64>, limit: usize) -> Result<Vec<Checkpoint>>;
+
+    /// The newest audit record's `seq` and `hash` (what a checkpoint
+    /// signs); `None` while the log is empty.
+    async fn chain_head(&self) -> Result<Option<(u64, String)>>;
 
     /// A real round trip to the database (for `/readyz`).
     async fn ping(&self) -> Result<()>;

@@ -430,8 +430,12 @@ impl NewEvent {
     }
 }
 
-/// A stored audit event. Serializes as one flat JSON object:
-/// `{"seq": .., "ts": .., "kind": .., ...the NewEvent fields...}`.
+/// A stored audit event: one record of `docs/audit-format.md`. Serializes
+/// as one flat JSON object:
+/// `{"seq": .., "ts": .., "kind": .., ...the NewEvent fields..., "prev_hash": .., "hash": ..}`.
+///
+/// `prev_hash` and `hash` are computed by the store when the event is
+/// appended (see [`crate::chain`]); they are never chosen by the caller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEvent {
     /// Its position in the log: strictly increasing, gap-free, never reused.
@@ -439,7 +443,51 @@ pub struct AuditEvent {
     /// The event.
     #[serde(flatten)]
     pub event: NewEvent,
+    /// The `hash` of the record before, 64 lowercase hex digits;
+    /// [`crate::chain::GENESIS`] (64 `0`s) for the first record.
+    pub prev_hash: String,
+    /// This record's hash: lowercase hex SHA-256 of `prev_hash` followed by
+    /// the canonical JSON of the record without `hash`
+    /// ([`crate::chain::record_hash`]).
+    pub hash: String,
 }
+
+/// A signed checkpoint of the audit hash chain (`docs/audit-format.md`,
+/// "Checkpoints"): the gateway's signature over the text
+/// [`checkpoint_message`]`(seq, hash, ts)`. The store checks that `seq`
+/// and `hash` name a stored record; the signature is the gateway's business
+/// (and a verifier's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The last record covered.
+    pub seq: u64,
+    /// That record's `hash`.
+    pub hash: String,
+    /// When it was signed, Unix milliseconds.
+    pub ts: Timestamp,
+    /// The signing key's id (an Ed25519 key of the gateway's JWKS).
+    pub kid: String,
+    /// The Ed25519 signature, base64url without padding.
+    pub sig: String,
+}
+
+/// The exact text a [`Checkpoint`] signs (`docs/audit-format.md`): ASCII
+/// `portcullis-audit-checkpoint-v1\n<seq>\n<hash>\n<ts>`, with `seq` and
+/// `ts` in decimal and no trailing newline.
+pub fn checkpoint_message(seq: u64, hash: &str, ts: Timestamp) -> String {
+    format!("portcullis-audit-checkpoint-v1\n{seq}\n{hash}\n{}", ts.0)
+}
+
+/// The [`crate::StoreError::Conflict`] message of an
+/// [`Op::AppendCheckpoint`] whose `seq` names no stored record.
+pub const CHECKPOINT_NO_SUCH_RECORD: &str = "checkpoint names no stored record";
+/// The [`crate::StoreError::Conflict`] message of an
+/// [`Op::AppendCheckpoint`] whose `hash` is not the stored record's.
+pub const CHECKPOINT_HASH_MISMATCH: &str = "checkpoint hash is not the record's hash";
+/// The [`crate::StoreError::Conflict`] message of an
+/// [`Op::AppendCheckpoint`] for a `seq` that already has a different
+/// checkpoint.
+pub const CHECKPOINT_EXISTS: &str = "a different checkpoint of this seq exists";
 
 /// Which audit events to read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -513,7 +561,18 @@ pub enum Op {
         at: Timestamp,
     },
     /// Appends an audit event; its seq is returned in [`Committed::seqs`].
+    /// The store gives it its `prev_hash` and `hash` (the hash chain, in
+    /// commit order).
     Append(NewEvent),
+    /// Stores a signed checkpoint of the hash chain. A
+    /// [`crate::StoreError::Conflict`] (and the whole batch rolls back) when
+    /// no stored record has its `seq` (message [`CHECKPOINT_NO_SUCH_RECORD`]),
+    /// when that record's hash is not its `hash`
+    /// ([`CHECKPOINT_HASH_MISMATCH`]), or when a different checkpoint of the
+    /// same `seq` is stored ([`CHECKPOINT_EXISTS`]). Storing the very same
+    /// checkpoint again is a no-op, so a retry after an unknown outcome is
+    /// safe. The signature is not checked here.
+    AppendCheckpoint(Checkpoint),
     /// Records an elevation request. It must be a fresh request (status
     /// [`ElevationStatus::Pending`], no `decided_at`, `decided_by`, `note` or
     /// `expires_at`), its task must exist and its id must be new; anything
@@ -589,17 +648,68 @@ mod tests {
         event.task_id = Some("t1".into());
         event.reason = Some("tool_not_allowed".into());
         event.latency_us = Some(u64::MAX);
-        let stored = AuditEvent { seq: 7, event };
+        let stored = AuditEvent {
+            seq: 7,
+            event,
+            prev_hash: "0".repeat(64),
+            hash: "ab".repeat(32),
+        };
         let json = serde_json::to_value(&stored).unwrap();
         assert_eq!(
             json,
             serde_json::json!({
                 "seq": 7, "ts": 5, "kind": "call.denied", "task_id": "t1",
                 "reason": "tool_not_allowed", "latency_us": u64::MAX,
+                "prev_hash": "0".repeat(64), "hash": "ab".repeat(32),
             })
+        );
+        // The chain fields come last, after the event's.
+        let text = serde_json::to_string(&stored).unwrap();
+        assert!(
+            text.starts_with(r#"{"seq":7,"ts":5,"kind":"call.denied","task_id":"t1","#),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(&format!(
+                r#""latency_us":{},"prev_hash":"{}","hash":"{}"}}"#,
+                u64::MAX,
+                "0".repeat(64),
+                "ab".repeat(32)
+            )),
+            "{text}"
         );
         let back: AuditEvent = serde_json::from_value(json).unwrap();
         assert_eq!(back, stored);
+        // A record without its chain fields does not decode.
+        let bare = serde_json::json!({"seq": 7, "ts": 5, "kind": "call.denied"});
+        assert!(serde_json::from_value::<AuditEvent>(bare).is_err());
+    }
+
+    #[test]
+    fn checkpoint_message_is_the_documented_text() {
+        assert_eq!(
+            checkpoint_message(42, &"a1".repeat(32), Timestamp(1_700_000_000_123)),
+            format!(
+                "portcullis-audit-checkpoint-v1\n42\n{}\n1700000000123",
+                "a1".repeat(32)
+            )
+        );
+        let checkpoint = Checkpoint {
+            seq: 3,
+            hash: "h".into(),
+            ts: Timestamp(9),
+            kid: "k1".into(),
+            sig: "s".into(),
+        };
+        let json = serde_json::to_value(&checkpoint).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"seq": 3, "hash": "h", "ts": 9, "kid": "k1", "sig": "s"})
+        );
+        assert_eq!(
+            serde_json::from_value::<Checkpoint>(json).unwrap(),
+            checkpoint
+        );
     }
 
     #[test]

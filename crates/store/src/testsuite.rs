@@ -20,10 +20,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use portcullis_core::{Grant, Task, TaskStatus, Timestamp};
 
+use sha2::{Digest, Sha256};
+
+use crate::chain::{self, Report, Verifier};
 use crate::{
-    AuditQuery, ELEVATION_ALREADY_DECIDED, ElevationRecord, ElevationStatus, EventKind,
+    AuditEvent, AuditQuery, CHECKPOINT_EXISTS, CHECKPOINT_HASH_MISMATCH, CHECKPOINT_NO_SUCH_RECORD,
+    Checkpoint, ELEVATION_ALREADY_DECIDED, ElevationRecord, ElevationStatus, EventKind,
     MAX_AUDIT_LIMIT, MAX_ROWS, NO_SUCH_ELEVATION, NewEvent, Op, RefreshRecord, Store, StoreError,
-    TaskRecord, TokenKind, TokenRecord,
+    TaskRecord, TokenKind, TokenRecord, checkpoint_message,
 };
 
 /// The instant the checks pretend it is.
@@ -53,6 +57,9 @@ pub async fn run_all(store: &dyn Store) {
     audit_query_filters(store).await;
     audit_query_limits(store).await;
     concurrent_commits(store).await;
+    audit_chain_is_valid(store).await;
+    chain_head_follows_commits(store).await;
+    checkpoints_round_trip(store).await;
     elevation_round_trip(store).await;
     elevation_insert_unknown_task(store).await;
     elevation_list_by_status(store).await;
@@ -491,6 +498,11 @@ pub async fn batch_is_atomic(store: &dyn Store) {
         before.seqs.first().map(|seq| seq + 1),
         "failed batches must not consume seqs"
     );
+    // Nor advance the chain: the next record links to the one before them.
+    let before = record_at(store, before.seqs.first().copied().expect("seq")).await;
+    let after = record_at(store, after.seqs.first().copied().expect("seq")).await;
+    assert_eq!(after.prev_hash, before.hash, "failed batches leave no link");
+    assert_log_is_valid(store).await;
 }
 
 /// A refresh token is spent once: again is `RefreshSpent` with its task id,
@@ -935,6 +947,8 @@ async fn check_concurrent(store: &dyn Store, task_id: &str, per_caller: Vec<Vec<
         read.extend(page.into_iter().map(|e| e.seq));
     }
     assert_eq!(read, all, "every acknowledged event is stored");
+    // However the commits interleaved, the log is one valid chain.
+    assert_log_is_valid(store).await;
 }
 
 /// An elevation reads back exactly as inserted; an unknown id is `None`; a
@@ -1470,4 +1484,338 @@ pub async fn elevation_decisions_race_spawned(store: Arc<dyn Store>) {
         assert_eq!(outcomes.len(), DECIDERS);
         check_one_winner(store.as_ref(), record, outcomes).await;
     }
+}
+
+/// The key id of [`test_sign`].
+pub const TEST_KID: &str = "testsuite-key";
+
+/// A stand-in for the gateway's Ed25519 signature over
+/// [`checkpoint_message`]: a keyed digest that [`test_check_sig`] accepts
+/// and that is wrong for any other message.
+pub fn test_sign(seq: u64, hash: &str, ts: Timestamp) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"testsuite-secret\n");
+    hasher.update(checkpoint_message(seq, hash, ts).as_bytes());
+    format!("{:x}", hasher.finalize())
+}
+
+/// Accepts exactly the checkpoints [`test_sign`] signed with [`TEST_KID`].
+pub fn test_check_sig(checkpoint: &Checkpoint) -> bool {
+    checkpoint.kid == TEST_KID
+        && checkpoint.sig == test_sign(checkpoint.seq, &checkpoint.hash, checkpoint.ts)
+}
+
+/// A checkpoint of `seq` and `hash`, signed with [`test_sign`] at `T0`.
+pub fn test_checkpoint(seq: u64, hash: &str) -> Checkpoint {
+    Checkpoint {
+        seq,
+        hash: hash.to_owned(),
+        ts: T0,
+        kid: TEST_KID.to_owned(),
+        sig: test_sign(seq, hash, T0),
+    }
+}
+
+/// The record with this seq.
+pub async fn record_at(store: &dyn Store, seq: u64) -> AuditEvent {
+    store
+        .audit(&AuditQuery {
+            since_seq: Some(seq - 1),
+            limit: Some(1),
+            ..AuditQuery::default()
+        })
+        .await
+        .expect("audit")
+        .into_iter()
+        .find(|e| e.seq == seq)
+        .unwrap_or_else(|| panic!("no record {seq}"))
+}
+
+/// Every checkpoint of the store, paged.
+pub async fn all_checkpoints(store: &dyn Store) -> Vec<Checkpoint> {
+    let mut all: Vec<Checkpoint> = Vec::new();
+    loop {
+        let page = store
+            .checkpoints(all.last().map(|c| c.seq), MAX_ROWS)
+            .await
+            .expect("checkpoints");
+        if page.is_empty() {
+            return all;
+        }
+        all.extend(page);
+    }
+}
+
+/// Verifies the store's whole log as `portcullis audit verify` would:
+/// records streamed page by page through a [`Verifier`] (one page in
+/// memory), against every stored checkpoint, signatures checked with
+/// [`test_check_sig`].
+pub async fn verify_log(store: &dyn Store) -> Report {
+    let checkpoints = all_checkpoints(store).await;
+    let mut verifier = Verifier::new(&checkpoints);
+    let mut since = 0;
+    loop {
+        let page = match store
+            .audit(&AuditQuery {
+                since_seq: Some(since),
+                limit: Some(MAX_AUDIT_LIMIT),
+                ..AuditQuery::default()
+            })
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                verifier.push(Err(e.to_string()));
+                break;
+            }
+        };
+        let Some(last) = page.last().map(|e| e.seq) else {
+            break;
+        };
+        since = last;
+        if !page.into_iter().all(|record| verifier.push(Ok(record))) {
+            break;
+        }
+    }
+    verifier.finish(&test_check_sig)
+}
+
+/// Panics unless the store's whole log verifies.
+pub async fn assert_log_is_valid(store: &dyn Store) {
+    let report = verify_log(store).await;
+    assert!(report.is_ok(), "the log does not verify: {report:?}");
+}
+
+/// Every record is chained: its hash recomputes from its content, its
+/// `prev_hash` is its predecessor's hash (64 zeros for seq 1), and the whole
+/// log verifies, whatever the events hold (nested and unusual JSON, every
+/// field set, non-ASCII, control characters, big and fractional numbers).
+pub async fn audit_chain_is_valid(store: &dyn Store) {
+    let task_id = unique("chain");
+    let mut full = sample_event(EventKind::CallCompleted, &task_id);
+    full.agent_id = Some("agent-7 é".into());
+    full.tool = Some("db.read".into());
+    full.decision = Some("allow".into());
+    full.reason = Some("policy_permit".into());
+    full.policy_ids = vec!["p2".into(), "p1".into()];
+    full.args = Some(serde_json::json!({
+        "z": [1, -1, u64::MAX, i64::MIN, 0.1, 1e-7, -0.0, 1.0, f64::MAX],
+        "a": {"nested": {"deeper": [null, true, false, {}, []]}},
+        "text": "quote\" backslash\\ slash/ tab\t nl\n nul\u{0} é 日本 😀",
+        "日本": "key order by bytes",
+        "password": "[redacted]",
+    }));
+    full.result_digest = Some("ab".repeat(32));
+    full.latency_us = Some(u64::MAX);
+    full.state_from = Some("connect".into());
+    full.state_to = Some("query".into());
+    full.jti = Some(unique("jti"));
+    full.detail = Some("line one\nline two".into());
+    let mut ops = vec![Op::Append(full.clone())];
+    for kind in EventKind::ALL {
+        ops.push(Op::Append(sample_event(kind, &task_id)));
+    }
+    let committed = commit_ok(store, ops).await;
+
+    let written = record_at(store, committed.seqs.first().copied().expect("seq")).await;
+    assert_eq!(written.event, full, "the event reads back exactly");
+    for seq in committed.seqs {
+        let record = record_at(store, seq).await;
+        assert_eq!(record.hash.len(), 64);
+        assert!(
+            record
+                .hash
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        );
+        assert_eq!(
+            chain::record_hash(&record).expect("hash"),
+            record.hash,
+            "record {seq} re-hashes"
+        );
+        let expected_prev = if seq == 1 {
+            chain::GENESIS.to_owned()
+        } else {
+            record_at(store, seq - 1).await.hash
+        };
+        assert_eq!(record.prev_hash, expected_prev, "record {seq} links");
+    }
+    assert_log_is_valid(store).await;
+}
+
+/// [`Store::chain_head`] is the newest record's seq and hash; a batch that
+/// fails moves it not at all, and the next record links to it.
+pub async fn chain_head_follows_commits(store: &dyn Store) {
+    let task_id = unique("head");
+    let committed = commit_ok(
+        store,
+        vec![
+            Op::Append(sample_event(EventKind::TaskStarted, &task_id)),
+            Op::Append(sample_event(EventKind::TokenIssued, &task_id)),
+        ],
+    )
+    .await;
+    let last = committed.seqs.last().copied().expect("seqs");
+    let head = store.chain_head().await.expect("chain head");
+    assert_eq!(head, Some((last, record_at(store, last).await.hash)));
+
+    let failed = store
+        .commit(vec![
+            Op::Append(sample_event(EventKind::CallAllowed, &task_id)),
+            Op::SpendRefresh {
+                hash: unique("missing"),
+                at: T0,
+            },
+        ])
+        .await;
+    assert!(
+        matches!(failed, Err(StoreError::RefreshUnknown)),
+        "{failed:?}"
+    );
+    assert_eq!(store.chain_head().await.expect("chain head"), head);
+
+    let next = commit_ok(
+        store,
+        vec![Op::Append(sample_event(EventKind::CallDenied, &task_id))],
+    )
+    .await;
+    let record = record_at(store, last + 1).await;
+    assert_eq!(next.seqs, vec![last + 1]);
+    assert_eq!(Some((last, record.prev_hash.clone())), head);
+    assert_eq!(
+        store.chain_head().await.expect("chain head"),
+        Some((last + 1, record.hash))
+    );
+}
+
+/// A checkpoint is stored only for a stored record with its hash; the same
+/// checkpoint again is a no-op, another one of the same seq a conflict;
+/// reads are in seq order, `since_seq` exclusive, limited; a batch with a
+/// refused checkpoint rolls back whole.
+pub async fn checkpoints_round_trip(store: &dyn Store) {
+    let task_id = unique("checkpoint");
+    let committed = commit_ok(
+        store,
+        (0..3)
+            .map(|_| Op::Append(sample_event(EventKind::CallAllowed, &task_id)))
+            .collect(),
+    )
+    .await;
+    let [a, b, c] = committed.seqs[..] else {
+        panic!("three seqs: {committed:?}");
+    };
+    let record_a = record_at(store, a).await;
+    let record_b = record_at(store, b).await;
+    let record_c = record_at(store, c).await;
+
+    let first = test_checkpoint(a, &record_a.hash);
+    let second = test_checkpoint(c, &record_c.hash);
+    commit_ok(
+        store,
+        vec![
+            Op::AppendCheckpoint(second.clone()),
+            Op::AppendCheckpoint(first.clone()),
+        ],
+    )
+    .await;
+    // The same checkpoint again: accepted, nothing changes.
+    commit_ok(store, vec![Op::AppendCheckpoint(first.clone())]).await;
+
+    let conflict = |result: crate::Result<crate::Committed>, message: &str| {
+        assert!(is_conflict(&result, message), "{message}: {result:?}");
+    };
+    let mut other_sig = first.clone();
+    other_sig.ts = T0.plus_millis(1);
+    other_sig.sig = test_sign(a, &record_a.hash, other_sig.ts);
+    conflict(
+        store.commit(vec![Op::AppendCheckpoint(other_sig)]).await,
+        CHECKPOINT_EXISTS,
+    );
+    conflict(
+        store
+            .commit(vec![Op::AppendCheckpoint(test_checkpoint(
+                b,
+                &record_a.hash,
+            ))])
+            .await,
+        CHECKPOINT_HASH_MISMATCH,
+    );
+    let head = store.chain_head().await.expect("head").expect("a head").0;
+    conflict(
+        store
+            .commit(vec![Op::AppendCheckpoint(test_checkpoint(
+                head + 1_000,
+                &record_a.hash,
+            ))])
+            .await,
+        CHECKPOINT_NO_SUCH_RECORD,
+    );
+    // A refused checkpoint takes its batch with it.
+    let result = store
+        .commit(vec![
+            Op::Append(sample_event(EventKind::Anomaly, &task_id)),
+            Op::AppendCheckpoint(test_checkpoint(b, &record_b.hash)),
+            Op::AppendCheckpoint(test_checkpoint(c, &record_b.hash)),
+        ])
+        .await;
+    conflict(result, CHECKPOINT_HASH_MISMATCH);
+    let events = store
+        .audit(&AuditQuery {
+            task_id: Some(task_id.clone()),
+            kind: Some(EventKind::Anomaly),
+            ..AuditQuery::default()
+        })
+        .await
+        .expect("audit");
+    assert!(events.is_empty(), "{events:?}");
+
+    let read = store
+        .checkpoints(Some(a - 1), MAX_ROWS)
+        .await
+        .expect("checkpoints");
+    assert_eq!(
+        read,
+        vec![first.clone(), second.clone()],
+        "seq order, as stored"
+    );
+    assert_eq!(
+        store
+            .checkpoints(Some(a), MAX_ROWS)
+            .await
+            .expect("checkpoints"),
+        vec![second.clone()],
+        "since_seq is exclusive"
+    );
+    assert_eq!(
+        store
+            .checkpoints(Some(a - 1), 1)
+            .await
+            .expect("checkpoints"),
+        vec![first.clone()]
+    );
+    assert!(
+        store
+            .checkpoints(Some(a - 1), 0)
+            .await
+            .expect("checkpoints")
+            .is_empty()
+    );
+    let all = store
+        .checkpoints(None, usize::MAX)
+        .await
+        .expect("checkpoints");
+    assert!(all.len() <= MAX_ROWS);
+    assert!(all.windows(2).all(|w| matches!(w, [x, y] if x.seq < y.seq)));
+    assert!(
+        store
+            .checkpoints(Some(u64::MAX), 10)
+            .await
+            .expect("checkpoints")
+            .is_empty()
+    );
+
+    // The whole log verifies against its checkpoints.
+    let report = verify_log(store).await;
+    assert!(report.is_ok(), "{report:?}");
+    assert!(report.checkpoints_verified >= 2, "{report:?}");
 }

@@ -16,9 +16,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use portcullis_store::chain::{self, Report};
 use portcullis_store::sqlite::SCHEMA_VERSION;
 use portcullis_store::testsuite::{
-    self, T0, sample_event, sample_refresh, sample_task, sample_token,
+    self, T0, sample_event, sample_refresh, sample_task, sample_token, test_checkpoint,
 };
 use portcullis_store::{
     AuditQuery, EventKind, MAX_AUDIT_LIMIT, Op, SqliteOptions, SqliteStore, Store, StoreError,
@@ -65,6 +66,9 @@ suite!(
     audit_query_filters,
     audit_query_limits,
     concurrent_commits,
+    audit_chain_is_valid,
+    chain_head_follows_commits,
+    checkpoints_round_trip,
     elevation_round_trip,
     elevation_insert_unknown_task,
     elevation_list_by_status,
@@ -153,6 +157,8 @@ async fn failing_batches_roll_back_alone_within_a_group() {
         (1..=u64::try_from(all.len()).unwrap()).collect::<Vec<_>>(),
         "gap-free"
     );
+    // Rolled-back batches inside shared transactions left the chain whole.
+    testsuite::assert_log_is_valid(store.as_ref()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,6 +219,13 @@ async fn committed_data_survives_close_and_reopen() {
         events.iter().map(|e| e.seq).collect::<Vec<_>>(),
         vec![seqs[0], next[0]]
     );
+    // The chain continued across both reopens.
+    assert_eq!(events[1].prev_hash, events[0].hash);
+    assert_eq!(
+        store.chain_head().await.unwrap(),
+        Some((next[0], events[1].hash.clone()))
+    );
+    testsuite::assert_log_is_valid(&store).await;
 }
 
 fn migration_rows(path: &Path) -> Vec<(i64, String)> {
@@ -253,14 +266,18 @@ async fn migrations_are_idempotent_on_reopen() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn schema_is_version_2_with_elevations() {
-    assert_eq!(SCHEMA_VERSION, 2);
+async fn schema_is_version_3_with_elevations_and_the_audit_chain() {
+    assert_eq!(SCHEMA_VERSION, 3);
     let dir = temp_dir();
     let path = dir.path().join("ledger.db");
     SqliteStore::open(&path).unwrap().close().await;
     assert_eq!(
         migration_rows(&path),
-        vec![(1, "ledger".to_owned()), (2, "elevations".to_owned())]
+        vec![
+            (1, "ledger".to_owned()),
+            (2, "elevations".to_owned()),
+            (3, "audit chain".to_owned())
+        ]
     );
     let conn = rusqlite::Connection::open(&path).unwrap();
     let indexes: Vec<String> = conn
@@ -279,6 +296,28 @@ async fn schema_is_version_2_with_elevations() {
         "PRAGMA foreign_keys = OFF;
          INSERT INTO elevations (id, task_id, agent_id, tool, reason, status, requested_at)
          VALUES ('e', 't', 'a', 'x', 'r', 'pending', 'yesterday');",
+    )
+    .unwrap_err();
+    let columns: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('audit_events') ORDER BY cid")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        columns,
+        ["seq", "ts", "kind", "task_id", "event", "prev_hash", "hash"]
+    );
+    let hash = "0".repeat(64);
+    conn.execute(
+        "INSERT INTO checkpoints (seq, hash, ts, kid, sig) VALUES (1, ?1, 0, 'k', 's')",
+        [&hash[..63]],
+    )
+    .unwrap_err();
+    conn.execute(
+        "INSERT INTO checkpoints (seq, hash, ts, kid, sig) VALUES (0, ?1, 0, 'k', 's')",
+        [&hash],
     )
     .unwrap_err();
 }
@@ -467,6 +506,309 @@ async fn task_tokens_returns_the_latest_thousand_in_issue_order() {
     assert_eq!(tokens.len(), portcullis_store::MAX_ROWS);
     assert_eq!(tokens.first().map(|t| t.jti.as_str()), Some("jti-00010"));
     assert_eq!(tokens.last().map(|t| t.jti.as_str()), Some("jti-01009"));
+}
+
+// ---------------------------------------------------------------------------
+// Tampering with the database file behind the store's back: each test writes
+// a log of 20 records (checkpoints at seqs 5 and 15 unless told otherwise),
+// closes the store, edits the file with plain SQL, reopens it and verifies
+// the whole log as `audit verify` would (`testsuite::verify_log`).
+
+const LOG_LEN: u64 = 20;
+
+/// A closed database holding a log of [`LOG_LEN`] records with a checkpoint
+/// after each seq of `checkpoints`.
+async fn written_log(checkpoints: &[u64]) -> (TempDir, PathBuf) {
+    let dir = temp_dir();
+    let path = dir.path().join("ledger.db");
+    let store = SqliteStore::open(&path).unwrap();
+    for i in 1..=LOG_LEN {
+        let mut event = sample_event(EventKind::CallAllowed, &format!("task-{}", i % 3));
+        event.ts = T0.plus_millis(i);
+        event.tool = Some("db.read".into());
+        event.args = Some(serde_json::json!({"row": i, "ratio": 0.25, "who": "é"}));
+        event.detail = Some(format!("call {i}"));
+        let seq = store.commit(vec![Op::Append(event)]).await.unwrap().seqs[0];
+        assert_eq!(seq, i);
+        if checkpoints.contains(&seq) {
+            let (head, hash) = store.chain_head().await.unwrap().unwrap();
+            assert_eq!(head, seq);
+            store
+                .commit(vec![Op::AppendCheckpoint(test_checkpoint(seq, &hash))])
+                .await
+                .unwrap();
+        }
+    }
+    let report = testsuite::verify_log(&store).await;
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report.records, LOG_LEN);
+    assert_eq!(
+        report.checkpoints_verified,
+        u64::try_from(checkpoints.len()).unwrap()
+    );
+    store.close().await;
+    (dir, path)
+}
+
+/// Applies `sql` to the file, then verifies the reopened store.
+async fn tamper(path: &Path, sql: &str) -> Report {
+    {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.execute_batch(sql).unwrap();
+    }
+    let store = SqliteStore::open(path).unwrap();
+    let report = testsuite::verify_log(&store).await;
+    store.close().await;
+    report
+}
+
+fn bad_seq(report: &Report) -> Option<u64> {
+    report.first_bad.as_ref().map(|p| p.seq)
+}
+
+fn record_json(path: &Path, seq: u64) -> serde_json::Value {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let text: String = conn
+        .query_row(
+            "SELECT event FROM audit_events WHERE seq = ?1",
+            [i64::try_from(seq).unwrap()],
+            |row| row.get(0),
+        )
+        .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tamper_edit_of_a_field_is_found_at_its_seq() {
+    let (_dir, path) = written_log(&[5, 15]).await;
+    let report = tamper(
+        &path,
+        "UPDATE audit_events SET event = json_set(event, '$.detail', 'nothing to see') \
+         WHERE seq = 9",
+    )
+    .await;
+    assert_eq!(bad_seq(&report), Some(9), "{report:?}");
+    assert_eq!(report.records, 9);
+    assert_eq!(report.checkpoints_verified, 1);
+
+    // An edit inside the arguments, and one of ts: the same.
+    let (_dir, path) = written_log(&[5, 15]).await;
+    let report = tamper(
+        &path,
+        "UPDATE audit_events SET event = json_set(event, '$.args.ratio', 0.5) WHERE seq = 3",
+    )
+    .await;
+    assert_eq!(bad_seq(&report), Some(3), "{report:?}");
+    let (_dir, path) = written_log(&[5, 15]).await;
+    let report = tamper(
+        &path,
+        "UPDATE audit_events SET event = json_set(event, '$.ts', 1) WHERE seq = 20",
+    )
+    .await;
+    assert_eq!(bad_seq(&report), Some(20), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tamper_deleting_a_middle_record_is_found_at_its_seq() {
+    let (_dir, path) = written_log(&[5, 15]).await;
+    let report = tamper(&path, "DELETE FROM audit_events WHERE seq = 11").await;
+    let problem = report.first_bad.clone().unwrap();
+    assert_eq!(problem.seq, 11, "{report:?}");
+    assert!(problem.what.contains("missing"), "{problem:?}");
+    assert_eq!(report.records, 11, "records 1-10, then 12");
+
+    // Deleting the first record.
+    let (_dir, path) = written_log(&[5, 15]).await;
+    let report = tamper(&path, "DELETE FROM audit_events WHERE seq = 1").await;
+    assert_eq!(bad_seq(&report), Some(1), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tamper_inserting_a_forged_record_is_found() {
+    // Later records moved up one seq to make room at 8, and a forged record
+    // put there, correctly hashed and linked to record 7 (anyone can compute
+    // SHA-256): it is the moved record after it that no longer fits.
+    let (_dir, path) = written_log(&[5, 15]).await;
+    let mut forged: portcullis_store::AuditEvent =
+        serde_json::from_value(record_json(&path, 8)).unwrap();
+    forged.event.detail = Some("approved by nobody".into());
+    forged.prev_hash = record_json(&path, 7)["hash"].as_str().unwrap().to_owned();
+    forged.hash = chain::record_hash(&forged).unwrap();
+    let forged_json = serde_json::to_string(&forged).unwrap().replace('\'', "''");
+    let report = tamper(
+        &path,
+        &format!(
+            "UPDATE audit_events SET seq = -seq WHERE seq >= 8;
+             UPDATE audit_events SET seq = 1 - seq WHERE seq < 0;
+             INSERT INTO audit_events (seq, ts, kind, task_id, event, prev_hash, hash)
+             VALUES (8, 0, 'call.allowed', NULL, '{forged_json}', '{}', '{}');",
+            forged.prev_hash, forged.hash
+        ),
+    )
+    .await;
+    assert_eq!(bad_seq(&report), Some(9), "{report:?}");
+
+    // A forged record that is not even hashed right is found where it is.
+    let (_dir, path) = written_log(&[5, 15]).await;
+    let report = tamper(
+        &path,
+        "UPDATE audit_events SET seq = -seq WHERE seq >= 8;
+         UPDATE audit_events SET seq = 1 - seq WHERE seq < 0;
+         INSERT INTO audit_events (seq, ts, kind, task_id, event, prev_hash, hash)
+         SELECT 8, ts, kind, task_id, json_set(event, '$.detail', 'forged'), prev_hash, hash
+         FROM audit_events WHERE seq = 9;",
+    )
+    .await;
+    assert_eq!(bad_seq(&report), Some(8), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tamper_swapping_two_records_is_found() {
+    let (_dir, path) = written_log(&[5, 15]).await;
+    let report = tamper(
+        &path,
+        "UPDATE audit_events SET seq = -1 WHERE seq = 12;
+         UPDATE audit_events SET seq = 12 WHERE seq = 17;
+         UPDATE audit_events SET seq = 17 WHERE seq = -1;",
+    )
+    .await;
+    assert_eq!(bad_seq(&report), Some(12), "{report:?}");
+
+    // The contents swapped, each row keeping its seq: the same.
+    let (_dir, path) = written_log(&[5, 15]).await;
+    let report = tamper(
+        &path,
+        "UPDATE audit_events SET event = CASE seq
+             WHEN 2 THEN (SELECT event FROM audit_events WHERE seq = 3)
+             ELSE (SELECT event FROM audit_events WHERE seq = 2) END
+         WHERE seq IN (2, 3);",
+    )
+    .await;
+    assert_eq!(bad_seq(&report), Some(2), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tamper_rewriting_the_chain_is_found_at_the_next_checkpoint() {
+    // Record 7 edited and every hash from there re-computed: the chain is
+    // consistent again, but the checkpoint of seq 15 signed another record.
+    let (_dir, path) = written_log(&[5, 15]).await;
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let mut prev = record_json(&path, 6)["hash"].as_str().unwrap().to_owned();
+    for seq in 7..=LOG_LEN {
+        let mut record: portcullis_store::AuditEvent =
+            serde_json::from_value(record_json(&path, seq)).unwrap();
+        if seq == 7 {
+            record.event.decision = Some("deny".into());
+        }
+        record.prev_hash = prev;
+        record.hash = chain::record_hash(&record).unwrap();
+        conn.execute(
+            "UPDATE audit_events SET event = ?2, prev_hash = ?3, hash = ?4 WHERE seq = ?1",
+            rusqlite::params![
+                i64::try_from(seq).unwrap(),
+                serde_json::to_string(&record).unwrap(),
+                record.prev_hash,
+                record.hash
+            ],
+        )
+        .unwrap();
+        prev = record.hash;
+    }
+    drop(conn);
+    let report = tamper(&path, "").await;
+    let problem = report.first_bad.clone().unwrap();
+    assert_eq!(problem.seq, 15, "{report:?}");
+    assert!(problem.what.contains("checkpoint"), "{problem:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tamper_truncating_past_a_checkpoint_is_found() {
+    let (_dir, path) = written_log(&[5, 15]).await;
+    let report = tamper(&path, "DELETE FROM audit_events WHERE seq > 12").await;
+    let problem = report.first_bad.clone().unwrap();
+    assert_eq!(problem.seq, 13, "{report:?}");
+    assert!(problem.what.contains("truncated"), "{problem:?}");
+    assert_eq!(report.records, 12);
+    assert_eq!(report.checkpoints_verified, 1);
+
+    // Down to nothing: still found.
+    let (_dir, path) = written_log(&[5, 15]).await;
+    let report = tamper(&path, "DELETE FROM audit_events").await;
+    assert_eq!(bad_seq(&report), Some(1), "{report:?}");
+}
+
+/// The documented limit: records after the newest checkpoint can be cut off
+/// without trace until the next checkpoint is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tamper_truncating_after_the_last_checkpoint_is_not_detectable() {
+    let (_dir, path) = written_log(&[5, 15]).await;
+    let report = tamper(&path, "DELETE FROM audit_events WHERE seq > 17").await;
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report.records, 17);
+    assert_eq!(report.last_seq, 17);
+    assert_eq!(report.checkpoints_verified, 2);
+    assert_eq!(report.uncovered, 2, "the window the cut hid in");
+
+    // But the store never re-uses the cut seqs: the next record leaves a
+    // gap a verifier sees (unless the attacker also reset sqlite_sequence).
+    let store = SqliteStore::open(&path).unwrap();
+    let next = store
+        .commit(vec![Op::Append(sample_event(EventKind::Anomaly, "after"))])
+        .await
+        .unwrap();
+    assert_eq!(next.seqs, vec![LOG_LEN + 1]);
+    let report = testsuite::verify_log(&store).await;
+    assert_eq!(bad_seq(&report), Some(18), "{report:?}");
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tamper_a_checkpoint_with_a_bad_signature_is_found() {
+    let (_dir, path) = written_log(&[5, 15]).await;
+    let report = tamper(&path, "UPDATE checkpoints SET sig = 'AAAA' WHERE seq = 15").await;
+    let problem = report.first_bad.clone().unwrap();
+    assert_eq!(problem.seq, 15, "{report:?}");
+    assert!(problem.what.contains("signature"), "{problem:?}");
+    assert_eq!(report.checkpoints_verified, 1);
+
+    // A checkpoint moved to another record (hash and seq changed, the
+    // signature kept): the signature no longer fits.
+    let (_dir, path) = written_log(&[5, 15]).await;
+    let report = tamper(
+        &path,
+        "UPDATE checkpoints SET seq = 16, \
+         hash = (SELECT hash FROM audit_events WHERE seq = 16) WHERE seq = 15",
+    )
+    .await;
+    assert_eq!(bad_seq(&report), Some(16), "{report:?}");
+
+    // The store stores what it is given; the signature is the verifier's
+    // business.
+    let (_dir, path) = written_log(&[]).await;
+    let store = SqliteStore::open(&path).unwrap();
+    let (seq, hash) = store.chain_head().await.unwrap().unwrap();
+    let mut forged = test_checkpoint(seq, &hash);
+    forged.sig = "forged".into();
+    store
+        .commit(vec![Op::AppendCheckpoint(forged)])
+        .await
+        .unwrap();
+    let report = testsuite::verify_log(&store).await;
+    assert_eq!(bad_seq(&report), Some(LOG_LEN), "{report:?}");
+    store.close().await;
+}
+
+/// The store reads a record's seq from its row: the copy inside the JSON
+/// is not what a reader sees, so editing it alone changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seq_of_a_record_is_its_row() {
+    let (_dir, path) = written_log(&[5]).await;
+    let report = tamper(
+        &path,
+        "UPDATE audit_events SET event = json_set(event, '$.seq', 99) WHERE seq = 4",
+    )
+    .await;
+    assert!(report.is_ok(), "{report:?}");
 }
 
 // ---------------------------------------------------------------------------

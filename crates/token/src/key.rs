@@ -188,7 +188,9 @@ impl SigningKey {
     }
 
     /// Signs `message`. Crate-private: the only things this key signs are
-    /// JWS signing inputs built by [`crate::mint`].
+    /// JWS signing inputs built by [`crate::mint`] and domain-prefixed
+    /// messages passed to [`crate::KeyRing::sign_detached`]; the two sets of
+    /// messages are disjoint (crate documentation, "Detached signatures").
     pub(crate) fn sign(&self, message: &[u8]) -> [u8; 64] {
         self.secret.sign(message).to_bytes()
     }
@@ -201,8 +203,9 @@ impl SigningKey {
     }
 }
 
-/// RFC 7638 thumbprint of an Ed25519 OKP key whose JWK `x` is `x`.
-fn thumbprint(x: &str) -> String {
+/// RFC 7638 thumbprint of an Ed25519 OKP key whose JWK `x` is `x` (which
+/// must be base64url: it is not JSON-escaped).
+pub(crate) fn thumbprint(x: &str) -> String {
     // INVARIANT: `x` is base64url, so it needs no JSON escaping.
     let canonical = format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{x}"}}"#);
     B64.encode(Sha256::digest(canonical.as_bytes()))

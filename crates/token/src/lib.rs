@@ -1,7 +1,8 @@
 //! Task tokens for Portcullis: Ed25519 signing keys and their key file, the
 //! key ring with rotation windows and JWKS, RFC 9068 access tokens (`at+jwt`)
 //! minted and verified by a hand-written, strict JWS compact serialization,
-//! a verified-signature cache, opaque random tokens and SHA-256 helpers.
+//! a verified-signature cache, detached signatures over domain-separated
+//! messages (audit checkpoints), opaque random tokens and SHA-256 helpers.
 //!
 //! The crate is pure: keys and time in, bytes out. It reads no files, opens
 //! no sockets and never looks at a clock; time is always a `now: u64` of unix
@@ -172,10 +173,53 @@
 //! time, issuer, audience and that the signing key is still in the ring.
 //! Revocation is not this crate's business: the gateway checks it on every
 //! call, cached or not.
+//!
+//! # Detached signatures (audit checkpoints)
+//!
+//! The same keys sign audit checkpoints (docs/audit-format.md,
+//! "Checkpoints"). The signed bytes are the ASCII text
+//!
+//! ```text
+//! portcullis-audit-checkpoint-v1\n<seq>\n<hash>\n<ts>
+//! ```
+//!
+//! signed with pure Ed25519 and sent as the 64-byte signature in canonical
+//! unpadded base64url (86 characters) next to the signing key's `kid`.
+//! [`KeyRing::sign_detached`] signs, [`KeyRing::verify_detached`] (any key in
+//! the ring) and [`verify_detached_with_jwks`] (a JWKS document) verify.
+//!
+//! One key signing two kinds of message is safe only if no message of one
+//! kind can be read as a message of the other. So the signer and both
+//! verifiers are **domain-separated**: they only accept a message that
+//! starts with a known domain prefix. Today there is one,
+//! [`CHECKPOINT_DOMAIN`] = `portcullis-audit-checkpoint-v1\n`; a new kind of
+//! detached message gets its own prefix, never a prefix of (nor prefixed
+//! by) an existing one.
+//!
+//! - A JWS signing input is made only of base64url characters and one `.`
+//!   (it starts with `eyJ`, base64url of `{"`); every domain prefix holds a
+//!   line feed, so no signing input lies in a domain.
+//!   [`KeyRing::sign_detached`] refuses it ([`TokenError::Domain`]), so it
+//!   cannot be used to mint a token, and the verifiers refuse a token's
+//!   signature presented as a detached one.
+//! - The other way round, a checkpoint message holds line feeds, which rule 3
+//!   above rejects, so a checkpoint signature never verifies as a token.
+//! - Verification is as strict as for tokens: exactly 64 canonically encoded
+//!   bytes and ed25519-dalek's `verify_strict`.
+//!
+//! Checkpoints must stay verifiable long after rotation, so
+//! [`KeyRing::verify_detached`] uses every key of the ring, including those
+//! that no longer verify tokens: keep old key files in the ring for as long
+//! as their checkpoints are to be verified. A JWKS, in contrast, only holds
+//! the keys still verifying tokens when it was taken ([`KeyRing::jwks`]);
+//! [`verify_detached_with_jwks`] needs one that still lists the checkpoint's
+//! key, and it also checks that the `kid` is the RFC 7638 thumbprint of the
+//! key it names, so a JWKS cannot slip another key in under a known `kid`.
 
 #![warn(missing_docs)]
 
 mod cache;
+mod detached;
 mod jws;
 mod key;
 mod ring;
@@ -183,6 +227,7 @@ mod secret;
 mod strict_json;
 
 pub use cache::VerifyCache;
+pub use detached::{CHECKPOINT_DOMAIN, verify_detached_with_jwks};
 pub use jws::{Claims, Expect, mint, verify};
 pub use key::{KeyFileError, SigningKey};
 pub use ring::KeyRing;
@@ -263,6 +308,11 @@ pub enum TokenError {
     /// twice). Never returned by [`verify`].
     #[error("invalid key ring: {0}")]
     KeyRing(&'static str),
+    /// [`KeyRing::sign_detached`] was asked to sign a message that does not
+    /// start with a known domain prefix (see [`CHECKPOINT_DOMAIN`]). Never
+    /// returned by [`verify`].
+    #[error("refusing to sign a message outside every known signing domain")]
+    Domain,
 }
 
 impl TokenError {
@@ -284,7 +334,8 @@ impl TokenError {
             | Self::WrongType
             | Self::TooLarge
             | Self::Random
-            | Self::KeyRing(_) => Reason::TokenInvalid,
+            | Self::KeyRing(_)
+            | Self::Domain => Reason::TokenInvalid,
         }
     }
 }
@@ -310,6 +361,7 @@ mod tests {
             TokenError::TooLarge,
             TokenError::Random,
             TokenError::KeyRing("empty"),
+            TokenError::Domain,
         ] {
             assert_eq!(e.reason(), Reason::TokenInvalid, "{e:?}");
         }

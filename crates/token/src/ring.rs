@@ -172,6 +172,15 @@ impl KeyRing {
         &self.inner.header_b64
     }
 
+    /// The key named `kid`, whether or not it still verifies tokens (for
+    /// detached signatures, see [`KeyRing::verify_detached`]).
+    pub(crate) fn any_key(&self, kid: &str) -> Option<&SigningKey> {
+        self.inner
+            .keys()
+            .map(|(key, _)| key)
+            .find(|key| key.kid() == kid)
+    }
+
     /// The key named `kid` if it still verifies at `now`.
     pub(crate) fn verifying_key(&self, kid: &str, now: u64) -> Option<&SigningKey> {
         self.inner.keys_at(now).find(|key| key.kid() == kid)

@@ -309,6 +309,18 @@ impl Store for Outage {
         self.check()?;
         self.inner.elevations(status, limit).await
     }
+    async fn checkpoints(
+        &self,
+        since_seq: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<portcullis_store::Checkpoint>, StoreError> {
+        self.check()?;
+        self.inner.checkpoints(since_seq, limit).await
+    }
+    async fn chain_head(&self) -> Result<Option<(u64, String)>, StoreError> {
+        self.check()?;
+        self.inner.chain_head().await
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.check()?;
         self.inner.ping().await

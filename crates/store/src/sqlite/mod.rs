@@ -7,7 +7,7 @@
 //! `sqlite3 <db> ".backup <copy>"` (or stop the gateway first), never by
 //! copying the main file alone while it runs.
 //!
-//! # Schema (version 2)
+//! # Schema (version 3)
 //!
 //! All tables are `STRICT`, so a column holds only its declared type.
 //! Times are unix **milliseconds** ([`Timestamp`](portcullis_core::Timestamp))
@@ -64,16 +64,35 @@
 //! | `idle_expires_at` INTEGER | it must be spent strictly before this instant |
 //! | `spent_at` INTEGER NULL | when it was spent, or revoked with its task; NULL while usable |
 //!
-//! `audit_events`, the audit log, indexed on `(task_id, seq)` and
-//! `(kind, seq)`:
+//! `audit_events`, the audit log (`docs/audit-format.md`), indexed on
+//! `(task_id, seq)` and `(kind, seq)`:
 //!
 //! | column | meaning |
 //! |---|---|
-//! | `seq` INTEGER PK AUTOINCREMENT | the event's sequence number |
-//! | `ts` INTEGER | the event's `ts` (copy, for range scans) |
-//! | `kind` TEXT | the event's `kind`, e.g. `call.denied` (copy, for the index) |
-//! | `task_id` TEXT NULL | the event's `task_id` (copy, for the index) |
-//! | `event` TEXT | the [`NewEvent`](crate::NewEvent) as JSON (DESIGN section 6 names, empty fields omitted); the authoritative record |
+//! | `seq` INTEGER PK AUTOINCREMENT | the record's sequence number; authoritative (see below) |
+//! | `ts` INTEGER | the record's `ts` (copy, for range scans) |
+//! | `kind` TEXT | the record's `kind`, e.g. `call.denied` (copy, for the index) |
+//! | `task_id` TEXT NULL | the record's `task_id` (copy, for the index) |
+//! | `event` TEXT | the whole record as JSON, exactly as [`AuditEvent`] serializes: `{"seq", "ts", "kind", …the event's fields…, "prev_hash", "hash"}` (DESIGN section 6 names, empty fields omitted); the authoritative record (migration 3; before it, the [`NewEvent`](crate::NewEvent) alone) |
+//! | `prev_hash` TEXT | the record's `prev_hash` (copy; migration 3) |
+//! | `hash` TEXT | the record's `hash` (copy, read for [`Store::chain_head`] and to check [`Op::AppendCheckpoint`]; migration 3) |
+//!
+//! On read, a record is its `event` JSON with the row's `seq`: the `seq`
+//! inside the JSON is not read, so a record moved to another row takes that
+//! row's seq and no longer matches its hash. The copies in `ts`, `kind`,
+//! `task_id`, `prev_hash` and `hash` serve indexes and the writer's lookups
+//! (chain head, checkpoint check); a reader never takes a record's content
+//! from them.
+//!
+//! `checkpoints` (migration 3), one row per signed checkpoint of the chain:
+//!
+//! | column | meaning |
+//! |---|---|
+//! | `seq` INTEGER PK | the last record covered (at most one checkpoint per record) |
+//! | `hash` TEXT | that record's `hash`, 64 hex digits (checked against the record when written) |
+//! | `ts` INTEGER | when it was signed |
+//! | `kid` TEXT | the signing key's id |
+//! | `sig` TEXT | the Ed25519 signature, base64url, over [`checkpoint_message`](crate::checkpoint_message) (not checked by the store) |
 //!
 //! `elevations` (migration 2), one row per elevation request, indexed on
 //! `(status, requested_at)` (the approvers' queue) and `task_id`:
@@ -98,9 +117,32 @@
 //! the writer thread applies batches one after the other, so of two racing
 //! decisions the second finds the row decided and conflicts.
 //!
-//! Not stored yet: the hash chain of DESIGN section 6 (`prev_hash`, `hash`).
-//! It will be a migration adding two columns to `audit_events`, computed in
-//! the writer thread, which already orders every append.
+//! # The hash chain
+//!
+//! The writer thread gives every appended record its `prev_hash` and `hash`
+//! ([`chain::record_hash`](crate::chain::record_hash)) as it inserts it,
+//! so the chain follows commit order exactly. The chain head is not kept in
+//! memory: each append reads the newest row's `seq` and `hash` (and
+//! `sqlite_sequence`) inside the current transaction and savepoint. So a
+//! batch that rolls back takes its records and its part of the chain with
+//! it, a failed group leaves the head where the database has it, and the
+//! chain continues across restarts (and across processes sharing the file)
+//! from what is stored. The new record's seq is what `AUTOINCREMENT` would
+//! give (above the highest seq ever used, inserted explicitly so it can be
+//! hashed before the insert); its `prev_hash` is the newest stored record's
+//! `hash` ([`chain::GENESIS`](crate::chain::GENESIS) when there is none). A
+//! log whose newest rows were deleted behind the store's back is therefore
+//! continued with a visible gap, never silently re-linked.
+//!
+//! Records written before migration 3 were chained by the migration, in
+//! seq order from `GENESIS`, exactly as the writer would have chained them,
+//! and their `event` JSON rewritten as the full record; an event that did
+//! not decode makes the migration (and the open) fail with
+//! [`StoreError::Corrupt`], changing nothing.
+//!
+//! [`Op::AppendCheckpoint`] is accepted only for a stored record with that
+//! `hash`; the same checkpoint again is a no-op, a different one of the same
+//! seq a conflict.
 //!
 //! `AUTOINCREMENT` (not plain rowid) guarantees a seq is never reused, even
 //! after the newest rows are deleted; `sqlite_sequence` holds the high-water
@@ -156,9 +198,10 @@
 //! transaction together with its `schema_migrations` row. A database whose
 //! version is newer than this build knows is refused
 //! ([`StoreError::Unavailable`]): an old binary must not write a newer
-//! layout. A version-1 database (no `elevations`) is upgraded in place on
-//! open; the migration only adds a table and its indexes, so existing rows
-//! are untouched.
+//! layout. Older databases are upgraded in place on open: migration 2 only
+//! adds a table and its indexes; migration 3 adds the chain columns and the
+//! `checkpoints` table and chains the existing audit records (see "The hash
+//! chain").
 
 mod read;
 mod rows;
@@ -176,14 +219,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use self::read::ReadPool;
 use self::rows::{
-    ELEVATION_COLUMNS, REFRESH_COLUMNS, RawElevation, RawEvent, RawRefresh, RawTask, RawToken,
-    TASK_COLUMNS, TOKEN_COLUMNS,
+    CHECKPOINT_COLUMNS, ELEVATION_COLUMNS, REFRESH_COLUMNS, RawCheckpoint, RawElevation, RawEvent,
+    RawRefresh, RawTask, RawToken, TASK_COLUMNS, TOKEN_COLUMNS, to_uint,
 };
 pub use self::schema::LATEST_VERSION as SCHEMA_VERSION;
 pub use self::writer::MAX_GROUP;
 use self::writer::Request;
 use crate::{
-    AuditEvent, AuditQuery, Committed, ElevationRecord, ElevationStatus, MAX_ROWS, Op,
+    AuditEvent, AuditQuery, Checkpoint, Committed, ElevationRecord, ElevationStatus, MAX_ROWS, Op,
     RefreshRecord, Result, Store, StoreError, TaskRecord, TokenRecord,
 };
 
@@ -519,6 +562,45 @@ impl Store for SqliteStore {
                     .into_iter()
                     .map(RawElevation::decode)
                     .collect()
+            })
+            .await
+    }
+
+    async fn checkpoints(&self, since_seq: Option<u64>, limit: usize) -> Result<Vec<Checkpoint>> {
+        let since = clamp_to_int(since_seq.unwrap_or(0));
+        let limit = clamp_to_int(limit.min(MAX_ROWS));
+        self.readers
+            .run(move |conn| {
+                let sql = format!(
+                    "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE seq > ?1 \
+                     ORDER BY seq LIMIT ?2"
+                );
+                conn.prepare_cached(&sql)
+                    .and_then(|mut stmt| {
+                        stmt.query_map(params![since, limit], RawCheckpoint::from_row)?
+                            .collect::<rusqlite::Result<Vec<_>>>()
+                    })
+                    .map_err(|e| sql_error("read checkpoints", &e))?
+                    .into_iter()
+                    .map(RawCheckpoint::decode)
+                    .collect()
+            })
+            .await
+    }
+
+    async fn chain_head(&self) -> Result<Option<(u64, String)>> {
+        self.readers
+            .run(|conn| {
+                conn.prepare_cached("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+                    .and_then(|mut stmt| {
+                        stmt.query_row([], |row| {
+                            Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+                        })
+                        .optional()
+                    })
+                    .map_err(|e| sql_error("read the chain head", &e))?
+                    .map(|(seq, hash)| Ok((to_uint("audit seq", seq)?, hash)))
+                    .transpose()
             })
             .await
     }

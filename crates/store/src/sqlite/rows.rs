@@ -8,7 +8,7 @@ use rusqlite::Row;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    AuditEvent, ElevationRecord, ElevationStatus, NewEvent, RefreshRecord, Result, StoreError,
+    AuditEvent, Checkpoint, ElevationRecord, ElevationStatus, RefreshRecord, Result, StoreError,
     TaskRecord, TokenKind, TokenRecord,
 };
 
@@ -19,7 +19,7 @@ pub fn to_int(what: &str, value: u64) -> Result<i64> {
 }
 
 /// A stored `INTEGER` back to `u64`; negative values are corrupt.
-fn to_uint(what: &str, value: i64) -> Result<u64> {
+pub fn to_uint(what: &str, value: i64) -> Result<u64> {
     u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} is negative: {value}")))
 }
 
@@ -261,11 +261,61 @@ impl RawEvent {
         })
     }
 
+    /// The record is the `event` JSON; its `seq` is the row's key (the copy
+    /// inside the JSON is not read, so a record moved to another row
+    /// carries that row's seq, and its hash no longer matches).
     pub fn decode(self) -> Result<AuditEvent> {
         let seq = to_uint("audit seq", self.seq)?;
-        let event: NewEvent = serde_json::from_str(&self.event)
+        let mut record: AuditEvent = serde_json::from_str(&self.event)
             .map_err(|e| StoreError::Corrupt(format!("audit event {seq}: {e}")))?;
-        Ok(AuditEvent { seq, event })
+        record.seq = seq;
+        Ok(record)
+    }
+}
+
+/// The column list [`RawCheckpoint::from_row`] expects.
+pub const CHECKPOINT_COLUMNS: &str = "seq, hash, ts, kid, sig";
+
+/// The raw columns of `SELECT` [`CHECKPOINT_COLUMNS`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct RawCheckpoint {
+    pub seq: i64,
+    pub hash: String,
+    pub ts: i64,
+    pub kid: String,
+    pub sig: String,
+}
+
+impl RawCheckpoint {
+    pub fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            seq: row.get(0)?,
+            hash: row.get(1)?,
+            ts: row.get(2)?,
+            kid: row.get(3)?,
+            sig: row.get(4)?,
+        })
+    }
+
+    /// Encodes a checkpoint for `INSERT`.
+    pub fn encode(checkpoint: &Checkpoint) -> Result<Self> {
+        Ok(Self {
+            seq: to_int("checkpoint seq", checkpoint.seq)?,
+            hash: checkpoint.hash.clone(),
+            ts: to_int("checkpoint ts", checkpoint.ts.0)?,
+            kid: checkpoint.kid.clone(),
+            sig: checkpoint.sig.clone(),
+        })
+    }
+
+    pub fn decode(self) -> Result<Checkpoint> {
+        Ok(Checkpoint {
+            seq: to_uint("checkpoint seq", self.seq)?,
+            ts: to_ts("checkpoint ts", self.ts)?,
+            hash: self.hash,
+            kid: self.kid,
+            sig: self.sig,
+        })
     }
 }
 

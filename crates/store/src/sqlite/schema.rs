@@ -5,14 +5,17 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::unavailable;
-use crate::{Result, StoreError};
+use super::rows::to_uint;
+use super::{sql_error, unavailable};
+use crate::{AuditEvent, NewEvent, Result, StoreError, chain};
 
 /// One schema change. `version`s start at 1 and increase by one.
 struct Migration {
     version: i64,
     name: &'static str,
     sql: &'static str,
+    /// Rewrites existing rows after `sql`, in the same transaction.
+    rows: Option<fn(&Connection) -> Result<()>>,
 }
 
 // INVARIANT: never edit or reorder a released migration; add a new one.
@@ -65,6 +68,7 @@ CREATE TABLE audit_events (
 CREATE INDEX audit_events_task ON audit_events (task_id, seq);
 CREATE INDEX audit_events_kind ON audit_events (kind, seq);
 ",
+        rows: None,
     },
     Migration {
         version: 2,
@@ -89,11 +93,83 @@ CREATE TABLE elevations (
 CREATE INDEX elevations_status ON elevations (status, requested_at);
 CREATE INDEX elevations_task ON elevations (task_id);
 ",
+        rows: None,
+    },
+    Migration {
+        version: 3,
+        name: "audit chain",
+        // The defaults exist only because SQLite cannot add a NOT NULL
+        // column without one; `chain_existing_events` fills both columns of
+        // every existing row in the same transaction, and the writer always
+        // sets them.
+        sql: "
+ALTER TABLE audit_events ADD COLUMN prev_hash TEXT NOT NULL DEFAULT '';
+ALTER TABLE audit_events ADD COLUMN hash TEXT NOT NULL DEFAULT '';
+
+CREATE TABLE checkpoints (
+    seq   INTEGER NOT NULL PRIMARY KEY CHECK (seq >= 1),
+    hash  TEXT    NOT NULL CHECK (length(hash) = 64),
+    ts    INTEGER NOT NULL,
+    kid   TEXT    NOT NULL,
+    sig   TEXT    NOT NULL
+) STRICT;
+",
+        rows: Some(chain_existing_events),
     },
 ];
 
 /// The schema version this build writes and understands.
-pub const LATEST_VERSION: i64 = 2;
+pub const LATEST_VERSION: i64 = 3;
+
+/// Rows read per step when migration 3 chains existing events.
+const CHAIN_PAGE: i64 = 1000;
+
+/// Migration 3: gives every event written before the chain existed its
+/// place in it, in `seq` order from [`chain::GENESIS`], exactly as the
+/// writer would have, and rewrites its `event` JSON as the full record. An
+/// event that does not decode cannot be chained: the migration (and so the
+/// open) fails with [`StoreError::Corrupt`] and nothing is changed.
+fn chain_existing_events(conn: &Connection) -> Result<()> {
+    let mut prev_hash = chain::GENESIS.to_owned();
+    let mut after = 0_i64;
+    loop {
+        let page: Vec<(i64, String)> = conn
+            .prepare("SELECT seq, event FROM audit_events WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+            .and_then(|mut stmt| {
+                stmt.query_map(params![after, CHAIN_PAGE], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })?
+                .collect()
+            })
+            .map_err(|e| sql_error("migration 3: read audit events", &e))?;
+        if page.is_empty() {
+            return Ok(());
+        }
+        for (seq, json) in page {
+            let event: NewEvent = serde_json::from_str(&json).map_err(|e| {
+                StoreError::Corrupt(format!(
+                    "migration 3: audit event {seq} does not decode, so it cannot be chained: {e}"
+                ))
+            })?;
+            let mut record = AuditEvent {
+                seq: to_uint("audit seq", seq)?,
+                event,
+                prev_hash,
+                hash: String::new(),
+            };
+            record.hash = chain::record_hash(&record).map_err(StoreError::Corrupt)?;
+            let json = serde_json::to_string(&record)
+                .map_err(|e| StoreError::Corrupt(format!("encode audit event {seq}: {e}")))?;
+            conn.execute(
+                "UPDATE audit_events SET event = ?2, prev_hash = ?3, hash = ?4 WHERE seq = ?1",
+                params![seq, json, record.prev_hash, record.hash],
+            )
+            .map_err(|e| sql_error("migration 3: chain audit events", &e))?;
+            prev_hash = record.hash;
+            after = seq;
+        }
+    }
+}
 
 /// Brings the database up to [`LATEST_VERSION`], one transaction per
 /// migration. Refuses a database whose version is newer than this build.
@@ -141,6 +217,9 @@ fn apply_up_to(conn: &mut Connection, target: i64) -> Result<()> {
         }
         tx.execute_batch(migration.sql)
             .map_err(|e| unavailable(&format!("migration {}", migration.version), &e))?;
+        if let Some(rows) = migration.rows {
+            rows(&tx)?;
+        }
         tx.execute(
             "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
             params![migration.version, migration.name, now_millis()],
@@ -171,10 +250,7 @@ fn now_millis() -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use tokio::sync::{mpsc, oneshot};
-
     use super::*;
-    use crate::sqlite::writer::{self, Request};
     use crate::sqlite::{SqliteOptions, SqliteStore, configure_writer};
     use crate::testsuite::{approve, decided, sample_elevation, sample_event, sample_task};
     use crate::{AuditQuery, ElevationStatus, EventKind, Op, Store};
@@ -197,9 +273,60 @@ mod tests {
             .unwrap()
     }
 
-    /// A database written by the version-1 layout (only migration 1, data
-    /// committed through the writer thread) is upgraded in place on open,
-    /// keeps its data, and then holds elevations.
+    /// Writes rows the way the version-1 and version-2 writer did (events
+    /// as bare `NewEvent` JSON, seqs from AUTOINCREMENT).
+    fn write_old_rows(conn: &Connection, task: &crate::TaskRecord, events: &[NewEvent]) {
+        let row = crate::sqlite::rows::TaskRow::encode(task).unwrap();
+        conn.execute(
+            "INSERT INTO tasks (id, agent_id, agent_type, state, status, version, deadline, \
+             started_at, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                row.id,
+                row.agent_id,
+                row.agent_type,
+                row.state,
+                row.status,
+                row.version,
+                row.deadline,
+                row.started_at,
+                row.body
+            ],
+        )
+        .unwrap();
+        for event in events {
+            conn.execute(
+                "INSERT INTO audit_events (ts, kind, task_id, event) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    i64::try_from(event.ts.0).unwrap(),
+                    event.kind.as_str(),
+                    event.task_id,
+                    serde_json::to_string(event).unwrap()
+                ],
+            )
+            .unwrap();
+        }
+    }
+
+    async fn all_records(store: &SqliteStore) -> Vec<crate::AuditEvent> {
+        let mut all = Vec::new();
+        loop {
+            let page = store
+                .audit(&AuditQuery {
+                    since_seq: all.last().map(|e: &crate::AuditEvent| e.seq),
+                    limit: Some(crate::MAX_AUDIT_LIMIT),
+                    ..AuditQuery::default()
+                })
+                .await
+                .unwrap();
+            if page.is_empty() {
+                return all;
+            }
+            all.extend(page);
+        }
+    }
+
+    /// A database written by the version-1 layout is upgraded in place on
+    /// open, keeps its data, and then holds elevations and a chained log.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_version_1_database_is_upgraded_on_open() {
         let dir = tempfile::tempdir().unwrap();
@@ -210,32 +337,17 @@ mod tests {
         apply_up_to(&mut conn, 1).unwrap();
         assert_eq!(current_version(&conn).unwrap(), 1);
         assert!(!tables(&conn).contains(&"elevations".to_owned()));
-
-        let (requests, queue) = mpsc::channel(4);
-        let thread = std::thread::spawn(move || writer::run(conn, queue));
-        let (reply, answer) = oneshot::channel();
         let old = sample_task("old");
-        requests
-            .send(Request::Commit {
-                ops: vec![
-                    Op::InsertTask(old.clone()),
-                    Op::Append(sample_event(EventKind::TaskStarted, "old")),
-                ],
-                reply,
-            })
-            .await
-            .unwrap();
-        assert_eq!(answer.await.unwrap().unwrap().seqs, vec![1]);
-        requests.send(Request::Close).await.unwrap();
-        tokio::task::spawn_blocking(move || thread.join())
-            .await
-            .unwrap()
-            .unwrap();
+        let started = sample_event(EventKind::TaskStarted, "old");
+        write_old_rows(&conn, &old, std::slice::from_ref(&started));
+        drop(conn);
 
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(store.task("old").await.unwrap(), Some(old));
         let events = store.audit(&AuditQuery::default()).await.unwrap();
         assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(events[0].event, started);
+        assert_eq!(events[0].prev_hash, chain::GENESIS);
 
         let request = sample_elevation("e1", "old");
         let approval = approve("e1", "alice");
@@ -255,12 +367,20 @@ mod tests {
                 .unwrap(),
             vec![decided(&request, &approval)]
         );
+        let records = all_records(&store).await;
+        assert_eq!(records[1].prev_hash, records[0].hash);
+        let report = chain::verify(records.into_iter().map(Ok), &[], &|_| false);
+        assert!(report.is_ok(), "{report:?}");
         store.close().await;
 
         let conn = Connection::open(&path).unwrap();
         assert_eq!(
             migration_rows(&conn),
-            vec![(1, "ledger".to_owned()), (2, "elevations".to_owned())]
+            vec![
+                (1, "ledger".to_owned()),
+                (2, "elevations".to_owned()),
+                (3, "audit chain".to_owned())
+            ]
         );
         drop(conn);
         // Reopening applies nothing again.
@@ -271,8 +391,115 @@ mod tests {
         );
         store.close().await;
         let conn = Connection::open(&path).unwrap();
-        assert_eq!(migration_rows(&conn).len(), 2);
+        assert_eq!(migration_rows(&conn).len(), 3);
         assert_eq!(current_version(&conn).unwrap(), LATEST_VERSION);
+    }
+
+    /// Migration 3 chains every event written before it, in seq order, as
+    /// the writer would have (across its read pages), keeps the seqs' high
+    /// water mark, and the writer continues the chain.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn migration_3_chains_existing_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let mut conn = Connection::open(&path).unwrap();
+        configure_writer(&conn, &SqliteOptions::default()).unwrap();
+        apply_up_to(&mut conn, 2).unwrap();
+        let count = usize::try_from(CHAIN_PAGE).unwrap() * 2 + 7;
+        let events: Vec<NewEvent> = (0..count)
+            .map(|i| {
+                let mut event = sample_event(EventKind::CallAllowed, "old");
+                event.detail = Some(format!("call {i}"));
+                event.args = Some(serde_json::json!({"i": i, "ratio": 0.1, "s": "é\u{1}"}));
+                event
+            })
+            .collect();
+        write_old_rows(&conn, &sample_task("old"), &events);
+        // The newest seqs were used once and deleted: they stay used.
+        conn.execute_batch(
+            "INSERT INTO audit_events (ts, kind, task_id, event) VALUES (1, 'anomaly', NULL, '{}');
+             DELETE FROM audit_events WHERE seq = (SELECT max(seq) FROM audit_events);",
+        )
+        .unwrap();
+        drop(conn);
+
+        let store = SqliteStore::open(&path).unwrap();
+        let records = all_records(&store).await;
+        assert_eq!(records.len(), count);
+        assert_eq!(
+            records.iter().map(|r| r.event.clone()).collect::<Vec<_>>(),
+            events
+        );
+        let mut prev = chain::GENESIS.to_owned();
+        for record in &records {
+            assert_eq!(record.prev_hash, prev);
+            assert_eq!(chain::record_hash(record).unwrap(), record.hash);
+            prev = record.hash.clone();
+        }
+        let last = u64::try_from(count).unwrap();
+        assert_eq!(
+            store.chain_head().await.unwrap(),
+            Some((last, prev.clone()))
+        );
+        // The stored JSON is the full record.
+        let conn = Connection::open(&path).unwrap();
+        let (json, prev_col, hash_col): (String, String, String) = conn
+            .query_row(
+                "SELECT event, prev_hash, hash FROM audit_events WHERE seq = 5",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(json, serde_json::to_string(&records[4]).unwrap());
+        assert_eq!(
+            (prev_col, hash_col),
+            (records[3].hash.clone(), records[4].hash.clone())
+        );
+        drop(conn);
+
+        let next = store
+            .commit(vec![Op::Append(sample_event(
+                EventKind::TaskCompleted,
+                "old",
+            ))])
+            .await
+            .unwrap();
+        // Seq `count + 1` was used (and deleted) before the migration: the
+        // gap is in the log, for a verifier to see.
+        assert_eq!(next.seqs, vec![last + 2]);
+        let records = all_records(&store).await;
+        assert_eq!(records.last().unwrap().prev_hash, prev);
+        let report = chain::verify(records.into_iter().map(Ok), &[], &|_| false);
+        assert_eq!(report.first_bad.map(|p| p.seq), Some(last + 1));
+        store.close().await;
+    }
+
+    /// An old event that does not decode cannot be chained: the open fails
+    /// as corrupt and the database is left as it was.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn migration_3_refuses_an_undecodable_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let mut conn = Connection::open(&path).unwrap();
+        configure_writer(&conn, &SqliteOptions::default()).unwrap();
+        apply_up_to(&mut conn, 2).unwrap();
+        write_old_rows(
+            &conn,
+            &sample_task("old"),
+            &[sample_event(EventKind::TaskStarted, "old")],
+        );
+        conn.execute_batch(
+            "INSERT INTO audit_events (ts, kind, task_id, event) VALUES (1, 'anomaly', NULL, '[]')",
+        )
+        .unwrap();
+        drop(conn);
+        match SqliteStore::open(&path) {
+            Err(StoreError::Corrupt(message)) => assert!(message.contains("event 2"), "{message}"),
+            other => panic!("expected a corrupt event: {other:?}"),
+        }
+        let conn = Connection::open(&path).unwrap();
+        assert_eq!(current_version(&conn).unwrap(), 2);
+        assert!(!tables(&conn).contains(&"checkpoints".to_owned()));
     }
 
     /// Applying up to a version stops there, and a later `migrate` finishes

@@ -4,12 +4,13 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::rows::{TaskRow, to_int};
+use super::rows::{CHECKPOINT_COLUMNS, RawCheckpoint, TaskRow, to_int};
 use super::sql_error;
 use crate::model::{check_decision, check_new_elevation};
 use crate::{
-    Committed, ELEVATION_ALREADY_DECIDED, ElevationStatus, NO_SUCH_ELEVATION, Op, Result,
-    StoreError,
+    AuditEvent, CHECKPOINT_EXISTS, CHECKPOINT_HASH_MISMATCH, CHECKPOINT_NO_SUCH_RECORD, Checkpoint,
+    Committed, ELEVATION_ALREADY_DECIDED, ElevationStatus, NO_SUCH_ELEVATION, NewEvent, Op, Result,
+    StoreError, chain,
 };
 
 /// Most batches drained into one SQLite transaction.
@@ -372,24 +373,10 @@ fn apply(conn: &Connection, op: Op, committed: &mut Committed) -> Result<()> {
                 .map_err(|e| sql_error("spend refresh token", &e))?;
         }
         Op::Append(event) => {
-            let ts = to_int("event ts", event.ts.0)?;
-            let json = serde_json::to_string(&event)
-                .map_err(|e| StoreError::Corrupt(format!("encode audit event: {e}")))?;
-            conn.prepare_cached(
-                "INSERT INTO audit_events (ts, kind, task_id, event) VALUES (?1, ?2, ?3, ?4)",
-            )
-            .and_then(|mut stmt| {
-                stmt.execute(params![ts, event.kind.as_str(), event.task_id, json])
-            })
-            .map_err(|e| sql_error("append audit event", &e))?;
-            let seq = u64::try_from(conn.last_insert_rowid()).map_err(|_| {
-                StoreError::Corrupt(format!(
-                    "audit seq is negative: {}",
-                    conn.last_insert_rowid()
-                ))
-            })?;
+            let seq = append_event(conn, event)?;
             committed.seqs.push(seq);
         }
+        Op::AppendCheckpoint(checkpoint) => append_checkpoint(conn, &checkpoint)?,
         Op::InsertElevation(record) => {
             check_new_elevation(&record)?;
             let requested_at = to_int("elevation requested_at", record.requested_at.0)?;
@@ -428,6 +415,103 @@ fn apply(conn: &Connection, op: Op, committed: &mut Committed) -> Result<()> {
         } => decide_elevation(conn, &id, status, &by, at, note, expires_at)?,
     }
     Ok(())
+}
+
+/// [`Op::Append`]: the next seq and the chain head are read inside the
+/// current transaction (and savepoint), so a rolled-back batch or a failed
+/// group leaves nothing behind, and the chain continues across restarts
+/// from whatever the database holds. Returns the seq.
+fn append_event(conn: &Connection, event: NewEvent) -> Result<u64> {
+    let ts = to_int("event ts", event.ts.0)?;
+    // What AUTOINCREMENT would pick: above the highest seq ever used, even
+    // if the newest rows were deleted since.
+    let high_water: i64 = conn
+        .prepare_cached("SELECT seq FROM sqlite_sequence WHERE name = 'audit_events'")
+        .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)).optional())
+        .map_err(|e| sql_error("append audit event: read the seq", &e))?
+        .unwrap_or(0);
+    let last: Option<(i64, String)> = conn
+        .prepare_cached("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+        .and_then(|mut stmt| {
+            stmt.query_row([], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()
+        })
+        .map_err(|e| sql_error("append audit event: read the chain head", &e))?;
+    let (last_seq, prev_hash) = last.unwrap_or_else(|| (0, chain::GENESIS.to_owned()));
+    let seq = high_water
+        .max(last_seq)
+        .checked_add(1)
+        .ok_or_else(|| StoreError::Corrupt("audit seq exhausted".into()))?;
+    let mut record = AuditEvent {
+        seq: u64::try_from(seq)
+            .map_err(|_| StoreError::Corrupt(format!("audit seq is negative: {seq}")))?,
+        event,
+        prev_hash,
+        hash: String::new(),
+    };
+    record.hash = chain::record_hash(&record).map_err(StoreError::Corrupt)?;
+    let json = serde_json::to_string(&record)
+        .map_err(|e| StoreError::Corrupt(format!("encode audit event: {e}")))?;
+    conn.prepare_cached(
+        "INSERT INTO audit_events (seq, ts, kind, task_id, event, prev_hash, hash) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            seq,
+            ts,
+            record.event.kind.as_str(),
+            record.event.task_id,
+            json,
+            record.prev_hash,
+            record.hash
+        ])
+    })
+    .map_err(|e| sql_error("append audit event", &e))?;
+    Ok(record.seq)
+}
+
+/// [`Op::AppendCheckpoint`]: only of a stored record, with its hash; the
+/// same checkpoint again is a no-op, a different one of the same seq a
+/// conflict.
+fn append_checkpoint(conn: &Connection, checkpoint: &Checkpoint) -> Result<()> {
+    let row = RawCheckpoint::encode(checkpoint)?;
+    let context = || format!("append checkpoint of seq {}", checkpoint.seq);
+    let stored: Option<String> = conn
+        .prepare_cached("SELECT hash FROM audit_events WHERE seq = ?1")
+        .and_then(|mut stmt| stmt.query_row([row.seq], |r| r.get(0)).optional())
+        .map_err(|e| sql_error(&context(), &e))?;
+    match stored {
+        None => return Err(StoreError::Conflict(CHECKPOINT_NO_SUCH_RECORD.to_owned())),
+        Some(hash) if hash != row.hash => {
+            return Err(StoreError::Conflict(CHECKPOINT_HASH_MISMATCH.to_owned()));
+        }
+        Some(_) => {}
+    }
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO checkpoints (seq, hash, ts, kid, sig) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (seq) DO NOTHING",
+        )
+        .and_then(|mut stmt| stmt.execute(params![row.seq, row.hash, row.ts, row.kid, row.sig]))
+        .map_err(|e| sql_error(&context(), &e))?;
+    if inserted > 0 {
+        return Ok(());
+    }
+    let existing = conn
+        .prepare_cached(&format!(
+            "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE seq = ?1"
+        ))
+        .and_then(|mut stmt| {
+            stmt.query_row([row.seq], RawCheckpoint::from_row)
+                .optional()
+        })
+        .map_err(|e| sql_error(&context(), &e))?;
+    if existing.as_ref() == Some(&row) {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict(CHECKPOINT_EXISTS.to_owned()))
+    }
 }
 
 /// [`Op::DecideElevation`]: one conditional update, so that of two

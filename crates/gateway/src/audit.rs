@@ -1,0 +1,303 @@
+//! The audit log around the ledger: signed checkpoints of the hash chain,
+//! and the library side of `portcullis audit verify | export | tail`.
+//!
+//! The chain itself (each record's `prev_hash` and `hash`) is computed by
+//! the store's writer, in commit order; the format is `docs/audit-format.md`.
+//! Here the gateway signs the chain's head with its Ed25519 key every
+//! `audit.checkpoint_every` records or `audit.checkpoint_interval`,
+//! whichever comes first, and once more on shutdown.
+
+use std::io::{BufRead as _, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use portcullis_store::{AuditEvent, AuditQuery, Checkpoint, Op, Store, chain};
+use portcullis_token::KeyRing;
+use serde_json::Value;
+
+use crate::state::Gateway;
+
+/// Records read per page when streaming the log.
+const PAGE: usize = 1000;
+
+impl Gateway {
+    /// Signs the chain's head if it has moved since `last_seq`; returns the
+    /// checkpoint written, if any.
+    pub async fn checkpoint(&self, last_seq: u64) -> Result<Option<Checkpoint>, String> {
+        let Some((seq, hash)) = self.store.chain_head().await.map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        if seq <= last_seq {
+            return Ok(None);
+        }
+        let ts = self.now();
+        let message = portcullis_store::checkpoint_message(seq, &hash, ts);
+        let (kid, sig) = self
+            .ring
+            .sign_detached(&message)
+            .map_err(|e| e.to_string())?;
+        let checkpoint = Checkpoint {
+            seq,
+            hash,
+            ts,
+            kid,
+            sig,
+        };
+        self.store
+            .commit(vec![Op::AppendCheckpoint(checkpoint.clone())])
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Some(checkpoint))
+    }
+}
+
+/// Writes checkpoints until `shutdown` resolves, then one last one.
+pub async fn run_checkpoints(
+    gw: Arc<Gateway>,
+    every: u64,
+    interval: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut last_seq = all_checkpoints(gw.store.as_ref())
+        .await
+        .ok()
+        .and_then(|c| c.last().map(|c| c.seq))
+        .unwrap_or(0);
+    let mut since = tokio::time::Instant::now();
+    let mut shutdown = std::pin::pin!(shutdown);
+    let poll = Duration::from_secs(1).min(interval);
+    loop {
+        let stopping = tokio::select! {
+            () = &mut shutdown => true,
+            () = tokio::time::sleep(poll) => false,
+        };
+        let head = gw
+            .store
+            .chain_head()
+            .await
+            .ok()
+            .flatten()
+            .map_or(0, |(s, _)| s);
+        let due = head > last_seq
+            && (head - last_seq >= every || since.elapsed() >= interval || stopping);
+        if due {
+            match gw.checkpoint(last_seq).await {
+                Ok(Some(c)) => {
+                    last_seq = c.seq;
+                    since = tokio::time::Instant::now();
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "audit checkpoint failed"),
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Every checkpoint, in `seq` order (read a page at a time).
+pub async fn all_checkpoints(store: &dyn Store) -> Result<Vec<Checkpoint>, String> {
+    let mut out: Vec<Checkpoint> = Vec::new();
+    loop {
+        let after = out.last().map(|c| c.seq);
+        let page = store
+            .checkpoints(after, PAGE)
+            .await
+            .map_err(|e| e.to_string())?;
+        if page.is_empty() {
+            return Ok(out);
+        }
+        out.extend(page);
+    }
+}
+
+/// One line of an export: a record, or a checkpoint (`{"checkpoint": …}`)
+/// written right after the record it covers.
+pub fn export_line(event: &AuditEvent) -> Result<String, String> {
+    serde_json::to_string(event).map_err(|e| e.to_string())
+}
+
+/// Writes the log from `since_seq` (exclusive) as JSON Lines, checkpoints
+/// interleaved after the records they cover. Returns the records written.
+pub async fn export(store: &dyn Store, since_seq: u64, out: &mut dyn Write) -> Result<u64, String> {
+    let mut checkpoints = all_checkpoints(store).await?;
+    checkpoints.retain(|c| c.seq > since_seq);
+    let mut next_checkpoint = checkpoints.iter().peekable();
+    let mut after = since_seq;
+    let mut written = 0u64;
+    loop {
+        let page = store
+            .audit(&AuditQuery {
+                since_seq: Some(after),
+                limit: Some(PAGE),
+                ..AuditQuery::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(last) = page.last().map(|e| e.seq) else {
+            return Ok(written);
+        };
+        for event in &page {
+            writeln!(out, "{}", export_line(event)?).map_err(|e| e.to_string())?;
+            written += 1;
+            while let Some(c) = next_checkpoint.next_if(|c| c.seq <= event.seq) {
+                let line = serde_json::json!({ "checkpoint": c });
+                writeln!(out, "{line}").map_err(|e| e.to_string())?;
+            }
+        }
+        after = last;
+    }
+}
+
+/// Verifies the whole log in `store`, checking checkpoint signatures with
+/// `ring` (every key in it, whatever its JWT window).
+pub async fn verify_store(
+    store: &dyn Store,
+    ring: &KeyRing,
+    progress: &mut dyn FnMut(u64),
+) -> Result<chain::Report, String> {
+    let checkpoints = all_checkpoints(store).await?;
+    let mut after = 0u64;
+    // Pages are streamed into the verifier in order; only one page is held.
+    let mut verifier = chain::Verifier::new(&checkpoints);
+    loop {
+        let page = store
+            .audit(&AuditQuery {
+                since_seq: Some(after),
+                limit: Some(PAGE),
+                ..AuditQuery::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(last) = page.last().map(|e| e.seq) else {
+            break;
+        };
+        for event in page {
+            verifier.push(Ok(event));
+        }
+        progress(verifier.records());
+        after = last;
+    }
+    let check = |c: &Checkpoint| {
+        ring.verify_detached(
+            &c.kid,
+            &portcullis_store::checkpoint_message(c.seq, &c.hash, c.ts),
+            &c.sig,
+        )
+    };
+    Ok(verifier.finish(&check))
+}
+
+/// Verifies an exported JSON Lines file against a JWKS document, in two
+/// streaming passes: the checkpoint lines first, then every record line
+/// exactly as written (an added field or a `null` fails the hash too).
+pub fn verify_jsonl(
+    path: &std::path::Path,
+    jwks: &Value,
+    progress: &mut dyn FnMut(u64),
+) -> Result<chain::Report, String> {
+    let open = || {
+        std::fs::File::open(path)
+            .map(std::io::BufReader::new)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let mut checkpoints: Vec<Checkpoint> = Vec::new();
+    for (n, line) in open()?.lines().enumerate() {
+        let line = line.map_err(|e| format!("line {}: {e}", n + 1))?;
+        if !line.starts_with("{\"checkpoint\"") {
+            continue;
+        }
+        let value: Value =
+            serde_json::from_str(&line).map_err(|e| format!("line {}: {e}", n + 1))?;
+        let c = value.get("checkpoint").cloned().unwrap_or(Value::Null);
+        checkpoints.push(
+            serde_json::from_value(c).map_err(|e| format!("line {}: checkpoint: {e}", n + 1))?,
+        );
+    }
+    let mut verifier = chain::Verifier::new(&checkpoints);
+    for (n, line) in open()?.lines().enumerate() {
+        let line = line.map_err(|e| format!("line {}: {e}", n + 1))?;
+        if line.trim().is_empty() || line.starts_with("{\"checkpoint\"") {
+            continue;
+        }
+        let record =
+            serde_json::from_str::<Value>(&line).map_err(|e| format!("line {}: {e}", n + 1));
+        verifier.push_json(record);
+        if verifier.records() % 10_000 == 0 {
+            progress(verifier.records());
+        }
+    }
+    progress(verifier.records());
+    let check = |c: &Checkpoint| {
+        portcullis_token::verify_detached_with_jwks(
+            jwks,
+            &c.kid,
+            &portcullis_store::checkpoint_message(c.seq, &c.hash, c.ts),
+            &c.sig,
+        )
+    };
+    Ok(verifier.finish(&check))
+}
+
+/// What `audit tail` shows.
+#[derive(Debug, Clone, Default)]
+pub struct TailFilter {
+    /// Only this task.
+    pub task: Option<String>,
+    /// Only this agent.
+    pub agent: Option<String>,
+    /// Only this kind.
+    pub kind: Option<String>,
+    /// Only this decision.
+    pub decision: Option<String>,
+}
+
+impl TailFilter {
+    fn matches(&self, e: &AuditEvent) -> bool {
+        let is = |want: &Option<String>, got: Option<&str>| {
+            want.as_deref().is_none_or(|w| got == Some(w))
+        };
+        is(&self.task, e.event.task_id.as_deref())
+            && is(&self.agent, e.event.agent_id.as_deref())
+            && is(&self.kind, Some(e.event.kind.as_str()))
+            && is(&self.decision, e.event.decision.as_deref())
+    }
+}
+
+/// Follows the log: prints matching records as JSON Lines as they are
+/// committed, polling twice a second, until the process is stopped.
+pub async fn tail(
+    store: &dyn Store,
+    since_seq: Option<u64>,
+    filter: &TailFilter,
+    out: &mut dyn FnMut(&str),
+) -> Result<(), String> {
+    let mut after = match since_seq {
+        Some(s) => s,
+        None => store
+            .chain_head()
+            .await
+            .map_err(|e| e.to_string())?
+            .map_or(0, |(seq, _)| seq.saturating_sub(20)),
+    };
+    loop {
+        let page = store
+            .audit(&AuditQuery {
+                since_seq: Some(after),
+                limit: Some(PAGE),
+                ..AuditQuery::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        match page.last().map(|e| e.seq) {
+            Some(last) => {
+                for e in page.iter().filter(|e| filter.matches(e)) {
+                    out(&export_line(e)?);
+                }
+                after = last;
+            }
+            None => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! Canonical JSON, exactly as `docs/audit-format.md` ("Canonical JSON")
+//! specifies it: the bytes the audit hash chain is computed over.
+//!
+//! * no whitespace; object members sorted by the UTF-8 bytes of their keys
+//!   (Rust's `str` ordering is exactly that), each key once (a
+//!   [`serde_json::Map`] cannot hold a key twice);
+//! * strings: `\"`, `\\`, `\b`, `\f`, `\n`, `\r`, `\t`, every other
+//!   character below U+0020 as `\u00xx` (lowercase hex), everything else —
+//!   `/`, U+007F, all non-ASCII — as itself in UTF-8;
+//! * integers (a [`serde_json::Number`] that is a `u64` or an `i64`): plain
+//!   decimal;
+//! * every other number (an `f64`): the shortest decimal that reads back as
+//!   the same double (ties to even), laid out as the `ryu` crate writes it
+//!   — `0.1`, `1e-7`, `1.0`, `-0.0`, `100.0`, `0.00001`, `1e16`,
+//!   `1.7976931348623157e308`: plain for `1e-5 <= |x| < 1e16`, scientific
+//!   otherwise, never an exponent `+` (the function that writes doubles
+//!   states the exact rules; `serde_json` 1.0.154 itself writes `e+308`,
+//!   so its layout is not used, only its digits).
+//!
+//! Which numbers are integers is decided the way `serde_json` parses them:
+//! a number token without fraction or exponent that fits `u64` or `i64` is
+//! an integer; everything else is a double — `1.0` stays `1.0`, `1e2`
+//! becomes `100.0`, `-0` becomes `-0.0`, `18446744073709551616` (above
+//! `u64::MAX`) becomes `1.8446744073709552e19`. Canonicalizing a value
+//! and canonicalizing that value written out and parsed back give the same
+//! text (the crate enables `serde_json`'s `float_roundtrip`, so parsing a
+//! shortest-form double is exact).
+//!
+//! The order of members in the [`serde_json::Map`] does not matter (this
+//! workspace enables `preserve_order`, so maps keep insertion order): keys
+//! are sorted here.
+
+use std::fmt::Write as _;
+
+use serde_json::{Map, Number, Value};
+
+/// The canonical form of `value`.
+pub fn canonical_json(value: &Value) -> String {
+    let mut out = String::new();
+    write_value(&mut out, value);
+    out
+}
+
+/// The canonical form of the object `map` without its member `skip` (the
+/// record without `hash`), with no copy of the map.
+pub(crate) fn canonical_object_without(map: &Map<String, Value>, skip: &str) -> String {
+    let mut out = String::new();
+    write_object(&mut out, map, Some(skip));
+    out
+}
+
+fn write_value(out: &mut String, value: &Value) {
+    match value {
+        Value::Null => out.push_str("null"),
+        Value::Bool(true) => out.push_str("true"),
+        Value::Bool(false) => out.push_str("false"),
+        Value::Number(n) => write_number(out, n),
+        Value::String(s) => write_string(out, s),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_value(out, item);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => write_object(out, map, None),
+    }
+}
+
+fn write_object(out: &mut String, map: &Map<String, Value>, skip: Option<&str>) {
+    let mut members: Vec<(&String, &Value)> = map
+        .iter()
+        .filter(|(key, _)| Some(key.as_str()) != skip)
+        .collect();
+    // `str` ordering compares the UTF-8 bytes, as the format requires.
+    members.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    out.push('{');
+    for (i, (key, value)) in members.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_string(out, key);
+        out.push(':');
+        write_value(out, value);
+    }
+    out.push('}');
+}
+
+fn write_number(out: &mut String, n: &Number) {
+    if let Some(u) = n.as_u64() {
+        let _ = write!(out, "{u}");
+    } else if let Some(i) = n.as_i64() {
+        let _ = write!(out, "{i}");
+    } else if let Some(f) = n.as_f64() {
+        write_double(out, f);
+    } else {
+        // Unreachable: without `arbitrary_precision` every number is one of
+        // the three. Keep the output valid JSON anyway.
+        out.push_str("null");
+    }
+}
+
+/// A double: its shortest round-trip digits, laid out as the `ryu` crate
+/// lays them out (which is what `serde_json` wrote when the format was
+/// written, and what the format's examples show).
+///
+/// The digits are the fewest significant digits that read back as the same
+/// double; of several such, the closest to the double's exact value; of two
+/// equally close, the one with an even last digit (`1690060720831323.25`
+/// is written `1690060720831323.2`). With `kk` the position of the decimal
+/// point (`10^(kk-1) <= |f| < 10^kk`) the layout is:
+///
+/// * no fraction digits and `kk <= 16`: the digits, zeros up to the point,
+///   `.0` (`100.0`, `1000000000000000.0`);
+/// * `0 < kk <= 16`: the digits with the point inside (`1.5`, `123.456`);
+/// * `-5 < kk <= 0`: `0.`, `-kk` zeros, the digits (`0.1`, `0.00001`);
+/// * otherwise scientific: the first digit, then `.` and the others if
+///   there are others, `e`, the exponent in decimal with `-` but never `+`
+///   (`1e-7`, `1e16`, `1.7976931348623157e308`);
+/// * zero is `0.0` or `-0.0`.
+///
+/// The digits are taken from `serde_json`'s own output (shortest, correctly
+/// rounded, ties to even — Rust's `{:e}` breaks ties upwards instead, so it
+/// is not used); the layout is applied here because `serde_json`'s is not
+/// stable across its versions (1.0.154 writes `1.7976931348623157e+308`).
+fn write_double(out: &mut String, f: f64) {
+    if f.is_sign_negative() {
+        out.push('-');
+    }
+    let f = f.abs();
+    if f == 0.0 {
+        out.push_str("0.0");
+        return;
+    }
+    let Some((digits, exponent)) = serde_json::to_string(&f)
+        .ok()
+        .and_then(|text| digits_and_exponent(&text))
+    else {
+        // Unreachable for a finite double; still write a number.
+        let _ = write!(out, "{f:e}");
+        return;
+    };
+    let length = i64::try_from(digits.len()).unwrap_or(i64::MAX);
+    let kk = exponent.saturating_add(1);
+    let k = kk.saturating_sub(length);
+    if 0 <= k && kk <= 16 {
+        out.push_str(&digits);
+        push_zeros(out, k);
+        out.push_str(".0");
+    } else if 0 < kk && kk <= 16 {
+        let point = usize::try_from(kk).unwrap_or(0).min(digits.len());
+        let (int, frac) = digits.split_at(point);
+        out.push_str(int);
+        out.push('.');
+        out.push_str(frac);
+    } else if -5 < kk && kk <= 0 {
+        out.push_str("0.");
+        push_zeros(out, -kk);
+        out.push_str(&digits);
+    } else {
+        let (first, rest) = digits.split_at(1.min(digits.len()));
+        out.push_str(first);
+        if !rest.is_empty() {
+            out.push('.');
+            out.push_str(rest);
+        }
+        let _ = write!(out, "e{}", kk - 1);
+    }
+}
+
+/// The significant digits of a positive decimal number written in any
+/// JSON layout (`123.45`, `0.00012`, `1.5e+16`, `1E-7`), without leading or
+/// trailing zeros, and the power of ten of the first of them.
+fn digits_and_exponent(text: &str) -> Option<(String, i64)> {
+    let (mantissa, exponent) = match text.find(['e', 'E']) {
+        Some(at) => {
+            let (mantissa, exponent) = text.split_at(at);
+            let exponent = exponent.get(1..)?;
+            (
+                mantissa,
+                exponent
+                    .strip_prefix('+')
+                    .unwrap_or(exponent)
+                    .parse::<i64>()
+                    .ok()?,
+            )
+        }
+        None => (text, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let all = format!("{int}{frac}");
+    let significant = all.trim_start_matches('0');
+    let leading = all.len() - significant.len();
+    let digits = significant.trim_end_matches('0');
+    if digits.is_empty() {
+        return None;
+    }
+    let int_len = i64::try_from(int.len()).ok()?;
+    let leading = i64::try_from(leading).ok()?;
+    Some((digits.to_owned(), exponent + int_len - 1 - leading))
+}
+
+fn push_zeros(out: &mut String, count: i64) {
+    for _ in 0..count {
+        out.push('0');
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn write_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0c}' => out.push_str("\\f"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                let byte = u32::from(c);
+                out.push_str("\\u00");
+                for nibble in [byte >> 4, byte & 0xf] {
+                    let digit = HEX
+                        .get(usize::try_from(nibble).unwrap_or(0))
+                        .copied()
+                        .unwrap_or(b'0');
+                    out.push(char::from(digit));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn canon(text: &str) -> String {
+        canonical_json(&serde_json::from_str(text).unwrap())
+    }
+
+    #[test]
+    fn keys_are_sorted_by_utf8_bytes() {
+        // Byte order: upper case before lower case, "a" before "ab", and
+        // non-ASCII (é = C3 A9, 日 = E6 97 A5, 😀 = F0 9F 98 80) after ASCII,
+        // by their first byte — not by UTF-16 units (which would put U+FFFF
+        // "\u{ffff}" = EF BF BF after the emoji).
+        assert_eq!(
+            canon(r#"{"b":1,"ab":2,"a":3,"B":4,"é":5,"日":6,"😀":7,"\uffff":8,"z":9,"":0}"#),
+            "{\"\":0,\"B\":4,\"a\":3,\"ab\":2,\"b\":1,\"z\":9,\"é\":5,\"日\":6,\"\u{ffff}\":8,\"😀\":7}"
+        );
+    }
+
+    #[test]
+    fn insertion_order_does_not_matter() {
+        let mut one = Map::new();
+        one.insert("z".into(), json!(1));
+        one.insert("a".into(), json!(2));
+        let mut two = Map::new();
+        two.insert("a".into(), json!(2));
+        two.insert("z".into(), json!(1));
+        assert_eq!(
+            canonical_json(&Value::Object(one)),
+            canonical_json(&Value::Object(two))
+        );
+    }
+
+    #[test]
+    fn nesting_and_no_whitespace() {
+        assert_eq!(
+            canon(
+                r#" { "outer" : { "y" : [ 3 , { "d" : null , "c" : [ ] } , "s" ] , "x" : { } } ,
+                     "arr" : [ true , false , [ [ ] ] ] } "#
+            ),
+            r#"{"arr":[true,false,[[]]],"outer":{"x":{},"y":[3,{"c":[],"d":null},"s"]}}"#
+        );
+        assert_eq!(canon("[]"), "[]");
+        assert_eq!(canon("{}"), "{}");
+        assert_eq!(canon("null"), "null");
+        // Arrays keep their order.
+        assert_eq!(canon("[3,1,2]"), "[3,1,2]");
+    }
+
+    #[test]
+    fn string_escapes() {
+        assert_eq!(
+            canonical_json(&json!("q\" b\\ \u{08}\u{0c}\n\r\t end")),
+            r#""q\" b\\ \b\f\n\r\t end""#
+        );
+        // Every other control character is \u00xx, lowercase hex.
+        assert_eq!(
+            canonical_json(&json!("\u{00}\u{01}\u{07}\u{0b}\u{0e}\u{1a}\u{1f}")),
+            r#""\u0000\u0001\u0007\u000b\u000e\u001a\u001f""#
+        );
+        // `/`, DEL (U+007F), U+2028 and non-ASCII are written as themselves.
+        assert_eq!(
+            canonical_json(&json!("a/b \u{7f} \u{2028} é 日本 😀 \u{ffff}")),
+            "\"a/b \u{7f} \u{2028} é 日本 😀 \u{ffff}\""
+        );
+        // Escapes in the input are decoded first: the output depends on the
+        // characters, not on how the source spelled them.
+        assert_eq!(canon(r#""\u00e9\/\u0041\ud83d\ude00""#), "\"é/A😀\"");
+        // Keys are escaped like strings.
+        assert_eq!(canon(r#"{"a\nb":1}"#), r#"{"a\nb":1}"#);
+    }
+
+    #[test]
+    fn integers() {
+        assert_eq!(canonical_json(&json!(0)), "0");
+        assert_eq!(canonical_json(&json!(-1)), "-1");
+        assert_eq!(canonical_json(&json!(42)), "42");
+        assert_eq!(canonical_json(&json!(u64::MAX)), "18446744073709551615");
+        assert_eq!(canonical_json(&json!(i64::MIN)), "-9223372036854775808");
+        assert_eq!(canon("18446744073709551615"), "18446744073709551615");
+        assert_eq!(canon("-9223372036854775808"), "-9223372036854775808");
+    }
+
+    #[test]
+    fn floats() {
+        assert_eq!(canonical_json(&json!(0.1)), "0.1");
+        assert_eq!(canonical_json(&json!(1.5)), "1.5");
+        assert_eq!(canonical_json(&json!(-2.25)), "-2.25");
+        assert_eq!(canonical_json(&json!(1e-7)), "1e-7");
+        assert_eq!(canonical_json(&json!(0.1 + 0.2)), "0.30000000000000004");
+        assert_eq!(canonical_json(&json!(f64::MAX)), "1.7976931348623157e308");
+        assert_eq!(canonical_json(&json!(5e-324)), "5e-324");
+        assert_eq!(canonical_json(&json!(1e21)), "1e21");
+        assert_eq!(
+            canonical_json(&json!(-1.7976931348623157e308)),
+            "-1.7976931348623157e308"
+        );
+        assert_eq!(canonical_json(&json!(1.2345e-300)), "1.2345e-300");
+        // The layout thresholds: up to 16 integer digits plain, then
+        // scientific; down to 0.00001 plain, then scientific.
+        assert_eq!(canonical_json(&json!(1e15)), "1000000000000000.0");
+        assert_eq!(canonical_json(&json!(1.5e15)), "1500000000000000.0");
+        assert_eq!(canonical_json(&json!(1e16)), "1e16");
+        assert_eq!(canonical_json(&json!(1.5e16)), "1.5e16");
+        assert_eq!(
+            canonical_json(&json!(1234567890123456.7)),
+            "1234567890123456.8"
+        );
+        assert_eq!(
+            canonical_json(&json!(12_345_678_901_234_567.0)),
+            "1.2345678901234568e16"
+        );
+        assert_eq!(canonical_json(&json!(123.456)), "123.456");
+        assert_eq!(canonical_json(&json!(100.0)), "100.0");
+        assert_eq!(canonical_json(&json!(0.001234)), "0.001234");
+        assert_eq!(canonical_json(&json!(1e-5)), "0.00001");
+        assert_eq!(canonical_json(&json!(1.5e-5)), "0.000015");
+        assert_eq!(canonical_json(&json!(1e-6)), "1e-6");
+        assert_eq!(canonical_json(&json!(1.5e-6)), "1.5e-6");
+        // A double with an integral value is still a double: `1.0`.
+        assert_eq!(canonical_json(&json!(1.0)), "1.0");
+        assert_eq!(canon("1.0"), "1.0");
+        assert_eq!(canon("1e2"), "100.0");
+        assert_eq!(canon("1E+2"), "100.0");
+        assert_eq!(canon("0.10"), "0.1");
+        // Negative zero keeps its sign, whether written -0.0 or -0 (which
+        // serde_json parses as the double -0.0, not the integer 0).
+        assert_eq!(canonical_json(&json!(-0.0)), "-0.0");
+        assert_eq!(canon("-0"), "-0.0");
+        assert_eq!(canon("-0.0"), "-0.0");
+        assert_eq!(canon("0"), "0");
+        // Beyond the 64-bit integers: a double.
+        assert_eq!(canon("18446744073709551616"), "1.8446744073709552e19");
+        assert_eq!(canon("-9223372036854775809"), "-9.223372036854776e18");
+    }
+
+    /// Writing a value out (as the ledger stores it) and parsing it back
+    /// canonicalizes to the same text: what the writer hashed is what a
+    /// verifier reading the stored JSON recomputes.
+    #[test]
+    fn canonical_form_survives_a_round_trip() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut floats = vec![
+            0.1,
+            1e-7,
+            1.0 / 3.0,
+            2.0_f64.sqrt(),
+            -0.0,
+            f64::MIN_POSITIVE,
+        ];
+        for _ in 0..20_000 {
+            // xorshift: arbitrary bit patterns, so every exponent and long
+            // mantissas are covered.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let f = f64::from_bits(state);
+            if f.is_finite() {
+                floats.push(f);
+            }
+        }
+        for f in floats {
+            // The text reads back as the very same double.
+            let text = canonical_json(&json!(f));
+            assert_eq!(
+                text.parse::<f64>().unwrap().to_bits(),
+                f.to_bits(),
+                "{text}"
+            );
+            let value = json!({"f": f, "s": "x\u{1}/é", "n": [1, -1, u64::MAX]});
+            let text = serde_json::to_string(&value).unwrap();
+            let back: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(canonical_json(&back), canonical_json(&value), "{f:e}");
+        }
+    }
+
+    /// Of two equally close shortest candidates, the even one (as `ryu`,
+    /// `serde_json`, JavaScript and Python choose; Rust's `{:e}` would
+    /// write `...323.3`). The doubles are exact: 1690060720831323.25 and so
+    /// on, built from integers below 2^53.
+    #[test]
+    fn ties_go_to_the_even_digit() {
+        assert_eq!(
+            canonical_json(&json!(6_760_242_883_325_293_f64 / 4.0)),
+            "1690060720831323.2"
+        );
+        assert_eq!(
+            canonical_json(&json!(1_864_927_124_118_369_f64 / 8.0)),
+            "233115890514796.12"
+        );
+        assert_eq!(
+            canonical_json(&json!(-3_154_307_535_133_093_f64 / 4.0)),
+            "-788576883783273.2"
+        );
+    }
+
+    #[test]
+    fn digits_of_any_layout() {
+        let d = |text: &str| digits_and_exponent(text).unwrap();
+        assert_eq!(d("123.45"), ("12345".into(), 2));
+        assert_eq!(d("0.00012"), ("12".into(), -4));
+        assert_eq!(d("1.5e+16"), ("15".into(), 16));
+        assert_eq!(d("1.5e16"), ("15".into(), 16));
+        assert_eq!(d("1E-7"), ("1".into(), -7));
+        assert_eq!(d("100.0"), ("1".into(), 2));
+        assert_eq!(d("7"), ("7".into(), 0));
+        assert_eq!(digits_and_exponent("0.0"), None);
+        assert_eq!(digits_and_exponent("1x"), None);
+        assert_eq!(digits_and_exponent("1e"), None);
+    }
+
+    #[test]
+    fn object_without_a_member() {
+        let Value::Object(map) = json!({"hash": "h", "seq": 1, "a": "b"}) else {
+            unreachable!()
+        };
+        assert_eq!(
+            canonical_object_without(&map, "hash"),
+            r#"{"a":"b","seq":1}"#
+        );
+        assert_eq!(
+            canonical_object_without(&map, "none"),
+            r#"{"a":"b","hash":"h","seq":1}"#
+        );
+    }
+}
