@@ -8,6 +8,61 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use portcullis_core::Reason;
 
+/// Upper bounds of the latency histogram buckets, in microseconds.
+const BUCKETS_US: [u64; 18] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    500_000, 1_000_000, 5_000_000, 30_000_000,
+];
+
+/// A Prometheus histogram of durations, lock-free.
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS_US.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    /// Records one duration.
+    pub fn observe(&self, elapsed: std::time::Duration) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        if let Some(i) = BUCKETS_US.iter().position(|&b| us <= b)
+            && let Some(bucket) = self.buckets.get(i)
+        {
+            bucket.fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0u64;
+        for (bound, bucket) in BUCKETS_US.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            // Bucket bounds in seconds, as Prometheus expects.
+            let le = *bound as f64 / 1e6;
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
 /// The gateway's counters.
 #[derive(Debug)]
 pub struct Metrics {
@@ -16,6 +71,13 @@ pub struct Metrics {
     issued: AtomicU64,
     refreshed: AtomicU64,
     revoked: AtomicU64,
+    upstream_errors: AtomicU64,
+    /// Time of `Engine::decide` (with the token-scope check).
+    pub decision_latency: Histogram,
+    /// Time of a whole `POST …/calls`, from authentication to the answer.
+    pub call_latency: Histogram,
+    /// Time of a ledger commit (the write-ahead record included).
+    pub commit_latency: Histogram,
 }
 
 impl Default for Metrics {
@@ -26,6 +88,10 @@ impl Default for Metrics {
             issued: AtomicU64::new(0),
             refreshed: AtomicU64::new(0),
             revoked: AtomicU64::new(0),
+            upstream_errors: AtomicU64::new(0),
+            decision_latency: Histogram::default(),
+            call_latency: Histogram::default(),
+            commit_latency: Histogram::default(),
         }
     }
 }
@@ -68,6 +134,11 @@ impl Metrics {
         c.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Counts a failed upstream call.
+    pub fn upstream_error(&self) {
+        self.upstream_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The exposition text.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -101,6 +172,30 @@ impl Metrics {
                 c.load(Ordering::Relaxed)
             );
         }
+        out.push_str(
+            "# HELP portcullis_upstream_errors_total Forwarded calls that failed at the upstream.\n",
+        );
+        out.push_str("# TYPE portcullis_upstream_errors_total counter\n");
+        let _ = writeln!(
+            out,
+            "portcullis_upstream_errors_total {}",
+            self.upstream_errors.load(Ordering::Relaxed)
+        );
+        self.decision_latency.render(
+            &mut out,
+            "portcullis_decision_seconds",
+            "Time to decide a call (engine and token scope).",
+        );
+        self.call_latency.render(
+            &mut out,
+            "portcullis_call_seconds",
+            "Time of a whole tool call through the gateway.",
+        );
+        self.commit_latency.render(
+            &mut out,
+            "portcullis_ledger_commit_seconds",
+            "Time of a ledger commit, audit records included.",
+        );
         out
     }
 }

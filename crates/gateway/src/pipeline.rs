@@ -84,7 +84,9 @@ impl Gateway {
         for _ in 0..CAS_ATTEMPTS {
             let record = self.load_task(task_id).await?;
             let now = self.now();
+            let started = std::time::Instant::now();
             let decision = self.decide(claims, &record.task, tool, args);
+            self.metrics.decision_latency.observe(started.elapsed());
             if !decision.is_allowed() {
                 self.metrics.decision(decision.reason);
                 let event = self.call_event(&record.task, &decision, args, now);
@@ -305,6 +307,7 @@ impl Gateway {
                     Some(portcullis_token::sha256_hex(result.to_string().as_bytes()));
             }
             Err(why) => {
+                self.metrics.upstream_error();
                 event.decision = Some("error".to_owned());
                 event.reason = Some(Reason::UpstreamUnavailable.as_str().to_owned());
                 event.detail = Some(why.clone());

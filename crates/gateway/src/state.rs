@@ -234,7 +234,10 @@ impl Gateway {
     /// Commits `ops` to the ledger; the tokens the batch revoked stop
     /// counting as live at once.
     pub(crate) async fn commit(&self, ops: Vec<Op>) -> Result<Committed, StoreError> {
-        let done = self.store.commit(ops).await?;
+        let started = std::time::Instant::now();
+        let done = self.store.commit(ops).await;
+        self.metrics.commit_latency.observe(started.elapsed());
+        let done = done?;
         self.live.forget(&done.revoked);
         self.metrics.tokens(
             crate::metrics::TokenEvent::Revoked,
@@ -354,7 +357,7 @@ impl Gateway {
         );
         event.reason = decision.reason.map(|r| r.as_str().to_owned());
         event.policy_ids = decision.policy_ids.clone();
-        event.args = Some(redact(args, &self.settings.redact));
+        event.args = Some(bounded(redact(args, &self.settings.redact)));
         if let Some(t) = &decision.transition {
             event.state_from = Some(t.from.clone());
             event.state_to = Some(t.to.clone());
@@ -369,6 +372,29 @@ impl Gateway {
 /// The hard end of a task: `task_max_lifetime` after it started.
 pub(crate) fn deadline_of(task: &Task, task_max_ms: u64) -> Timestamp {
     task.started_at.plus_millis(task_max_ms)
+}
+
+/// Largest argument object kept whole in an audit record, in bytes of JSON.
+pub const MAX_AUDIT_ARGS_BYTES: usize = 8 * 1024;
+
+/// Arguments larger than [`MAX_AUDIT_ARGS_BYTES`] are recorded as
+/// `{"sha256": <digest of their JSON>, "bytes": <length>, "prefix": <the
+/// first bytes of it, cut at a character boundary>}`. Applied after
+/// redaction: neither the digest nor the prefix sees a redacted secret.
+pub(crate) fn bounded(args: Value) -> Value {
+    let text = args.to_string();
+    if text.len() <= MAX_AUDIT_ARGS_BYTES {
+        return args;
+    }
+    let cut = (0..=MAX_AUDIT_ARGS_BYTES)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    serde_json::json!({
+        "sha256": portcullis_token::sha256_hex(text.as_bytes()),
+        "bytes": text.len(),
+        "prefix": text.get(..cut).unwrap_or_default(),
+    })
 }
 
 /// `args` with every value under a key in `redact` (lowercase) replaced,
@@ -404,4 +430,38 @@ fn redact_value(v: &Value, keys: &[String]) -> Value {
 pub(crate) fn internal(err: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %err, "internal error");
     ApiError::denied(portcullis_core::Reason::InternalError, "internal error")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn redaction_reaches_every_depth_and_ignores_case() {
+        let keys = vec!["password".to_owned(), "token".to_owned()];
+        let args = json!({
+            "Password": "a", "db": { "TOKEN": "b", "rows": [{ "password": "c", "x": 1 }] }, "keep": "d"
+        });
+        let out = redact(&args, &keys);
+        let text = out.to_string();
+        for secret in ["\"a\"", "\"b\"", "\"c\""] {
+            assert!(!text.contains(secret), "{text}");
+        }
+        assert_eq!(out["keep"], "d");
+        assert_eq!(out["db"]["rows"][0]["x"], 1);
+    }
+
+    #[test]
+    fn large_arguments_become_a_digest_and_a_prefix() {
+        let small = json!({ "sql": "select 1" });
+        assert_eq!(bounded(small.clone()), small);
+        let big = json!({ "blob": "é".repeat(MAX_AUDIT_ARGS_BYTES) });
+        let text = big.to_string();
+        let out = bounded(big);
+        assert_eq!(out["bytes"], text.len());
+        assert_eq!(out["sha256"], portcullis_token::sha256_hex(text.as_bytes()));
+        let prefix = out["prefix"].as_str().unwrap();
+        assert!(prefix.len() <= MAX_AUDIT_ARGS_BYTES && text.starts_with(prefix));
+    }
 }

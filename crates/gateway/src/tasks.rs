@@ -264,6 +264,7 @@ pub(crate) async fn call(
     Extension(TaskCaller(claims)): Extension<TaskCaller>,
     body: Body,
 ) -> Response {
+    let started = std::time::Instant::now();
     let result = async {
         let req: CallBody = crate::body::read_json(body, gw.settings.max_body_bytes).await?;
         let authorized = gw
@@ -286,6 +287,7 @@ pub(crate) async fn call(
         Ok((no_store(), Json(body)).into_response())
     }
     .await;
+    gw.metrics.call_latency.observe(started.elapsed());
     respond(&rid, result)
 }
 

@@ -1582,6 +1582,15 @@ async fn health_metrics_and_discovery() {
     assert_eq!(a.status, StatusCode::OK);
     assert!(a.header("content-type").unwrap().starts_with("text/plain"));
     assert!(a.text.contains("portcullis_decisions_total"), "{}", a.text);
+    for series in [
+        "portcullis_decision_seconds_bucket{le=\"0.00001\"}",
+        "portcullis_decision_seconds_count 2",
+        "portcullis_call_seconds_count",
+        "portcullis_ledger_commit_seconds_bucket{le=\"+Inf\"}",
+        "portcullis_upstream_errors_total 0",
+    ] {
+        assert!(a.text.contains(series), "{series} missing:\n{}", a.text);
+    }
     assert!(
         a.text
             .contains("portcullis_decisions_total{decision=\"allow\",reason=\"\"} 1"),
