@@ -65,6 +65,9 @@ refresh_idle_ttl = "30m"
 task_max_lifetime = "8h"
 signing_key = "keys/k1.ed25519"
 
+[audit]
+jsonl = "mirror.jsonl"
+
 [[admins]]
 name = "ops"
 roles = ["admin", "auditor"]
@@ -329,6 +332,25 @@ async fn serve_runs_a_task_end_to_end() {
         ])
     };
     let out = verify_copy();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // The JSON Lines mirror, written as the ledger committed, is the same
+    // log, line for line, and verifies the same way.
+    let mirror = std::fs::read_to_string(dir.path().join("mirror.jsonl")).unwrap();
+    assert_eq!(mirror, export, "the mirror must equal the export");
+    let out = portcullis(&[
+        "audit",
+        "verify",
+        "--jsonl",
+        "mirror.jsonl",
+        "--jwks",
+        "jwks.json",
+        "--quiet",
+    ]);
     assert!(
         out.status.success(),
         "{}",

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use portcullis::SystemClock;
 use portcullis_config::LoadedConfig;
 use portcullis_core::Clock;
-use portcullis_store::{EventKind, NewEvent, Op, SqliteStore, Store};
+use portcullis_store::{EventKind, NewEvent, Op, SqliteOptions, SqliteStore, Store};
 use portcullis_token::{KeyRing, LEEWAY_SECS, SigningKey};
 
 use crate::state::Gateway;
@@ -35,24 +35,43 @@ pub enum RunError {
     Other(String),
 }
 
-/// Opens the store named by `store.url`.
+/// Opens the store named by `store.url`, without the JSON Lines mirror (for
+/// tools that only read the ledger: `audit verify`, `export`, `tail`).
 pub fn open_store(loaded: &LoadedConfig) -> Result<Arc<dyn Store>, RunError> {
+    Ok(open_sqlite(loaded, false)?)
+}
+
+/// Opens the SQLite ledger of `store.url`; with `mirror`, also the
+/// `audit.jsonl` mirror (resolved against the configuration's folder).
+pub fn open_sqlite(loaded: &LoadedConfig, mirror: bool) -> Result<Arc<SqliteStore>, RunError> {
     let url = &loaded.config.store.url;
-    if let Some(path) = url.strip_prefix("sqlite://") {
-        let path = loaded.resolve(path);
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| RunError::Store(format!("{}: {e}", dir.display())))?;
-        }
-        let store = SqliteStore::open(&path)
-            .map_err(|e| RunError::Store(format!("{}: {e}", path.display())))?;
-        Ok(Arc::new(store))
-    } else {
-        Err(RunError::Store(format!(
+    let Some(path) = url.strip_prefix("sqlite://") else {
+        return Err(RunError::Store(format!(
             "{} is not supported by this build (only sqlite:// is)",
             url.split("://").next().unwrap_or("this scheme")
-        )))
+        )));
+    };
+    let path = loaded.resolve(path);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| RunError::Store(format!("{}: {e}", dir.display())))?;
     }
+    let options = SqliteOptions {
+        jsonl_mirror: mirror
+            .then(|| {
+                loaded
+                    .config
+                    .audit
+                    .jsonl
+                    .as_deref()
+                    .map(|p| loaded.resolve(p))
+            })
+            .flatten(),
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open_with(&path, &options)
+        .map_err(|e| RunError::Store(format!("{}: {e}", path.display())))?;
+    Ok(Arc::new(store))
 }
 
 /// Reads the configured signing keys into a ring. Older keys verify until
@@ -142,11 +161,14 @@ pub fn keygen(out: &Path) -> Result<String, RunError> {
 
 /// Builds the gateway of the configuration at `config` (engine, store,
 /// keys), and records `config.loaded` in the ledger.
-pub async fn build(config: &Path) -> Result<(Arc<Gateway>, LoadedConfig), RunError> {
+pub async fn build(
+    config: &Path,
+) -> Result<(Arc<Gateway>, LoadedConfig, Arc<SqliteStore>), RunError> {
     let loaded = LoadedConfig::load(config)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let engine = portcullis_core::build(&loaded, clock.clone())?;
-    let store = open_store(&loaded)?;
+    let sqlite = open_sqlite(&loaded, true)?;
+    let store: Arc<dyn Store> = sqlite.clone();
     let ring = load_keys(&loaded)?;
     let gateway = Gateway::new(&loaded, engine, store.clone(), ring, clock.clone())
         .map_err(|e| RunError::Other(e.to_string()))?;
@@ -163,12 +185,12 @@ pub async fn build(config: &Path) -> Result<(Arc<Gateway>, LoadedConfig), RunErr
         .commit(vec![Op::Append(event)])
         .await
         .map_err(|e| RunError::Store(e.to_string()))?;
-    Ok((Arc::new(gateway), loaded))
+    Ok((Arc::new(gateway), loaded, sqlite))
 }
 
 /// Runs `portcullis serve --config F` until Ctrl-C or SIGTERM.
 pub async fn serve_config(config: &Path) -> Result<(), RunError> {
-    let (gateway, loaded) = build(config).await?;
+    let (gateway, loaded, sqlite) = build(config).await?;
     let listen = &loaded.config.server.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -190,6 +212,15 @@ pub async fn serve_config(config: &Path) -> Result<(), RunError> {
     })
     .await;
     let _ = checkpoints.await;
+    // Flush the ledger and bring the JSON Lines mirror in sync.
+    sqlite.close().await;
+    if sqlite.mirror_failures() > 0 {
+        tracing::warn!(
+            failures = sqlite.mirror_failures(),
+            last_error = sqlite.mirror_last_error().unwrap_or_default(),
+            "the audit JSON Lines mirror had write failures"
+        );
+    }
     served.map_err(|e| RunError::Other(e.to_string()))
 }
 

@@ -16,13 +16,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use portcullis_core::Timestamp;
 use portcullis_store::chain::{self, Report};
 use portcullis_store::sqlite::SCHEMA_VERSION;
 use portcullis_store::testsuite::{
     self, T0, sample_event, sample_refresh, sample_task, sample_token, test_checkpoint,
 };
 use portcullis_store::{
-    AuditQuery, EventKind, MAX_AUDIT_LIMIT, Op, SqliteOptions, SqliteStore, Store, StoreError,
+    AuditQuery, Checkpoint, EventKind, MAX_AUDIT_LIMIT, Op, SqliteOptions, SqliteStore, Store,
+    StoreError,
 };
 use tempfile::TempDir;
 
@@ -817,6 +819,8 @@ async fn the_seq_of_a_record_is_its_row() {
 // seq must be in the database afterwards.
 
 const CRASH_DB_ENV: &str = "PORTCULLIS_STORE_CRASH_DB";
+/// Set: the child also writes a JSON Lines mirror there.
+const CRASH_MIRROR_ENV: &str = "PORTCULLIS_STORE_CRASH_MIRROR";
 const CHILD_WRITERS: usize = 4;
 
 /// Not a test: the child process of `acknowledged_commits_survive_kill_9`.
@@ -832,7 +836,9 @@ fn crash_child() {
         .build()
         .unwrap();
     runtime.block_on(async move {
-        let store = Arc::new(SqliteStore::open(Path::new(&path)).unwrap());
+        let options = std::env::var_os(CRASH_MIRROR_ENV)
+            .map_or_else(SqliteOptions::default, |m| with_mirror(Path::new(&m)));
+        let store = Arc::new(SqliteStore::open_with(Path::new(&path), &options).unwrap());
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut writers = Vec::new();
         for w in 0..CHILD_WRITERS {
@@ -1013,4 +1019,653 @@ async fn group_commit_rate() {
         }
         store.close().await;
     }
+}
+
+// ---------------------------------------------------------------------------
+// The JSON Lines mirror (`SqliteOptions::jsonl_mirror`).
+
+fn with_mirror(mirror: &Path) -> SqliteOptions {
+    SqliteOptions {
+        jsonl_mirror: Some(mirror.to_path_buf()),
+        ..SqliteOptions::default()
+    }
+}
+
+/// The mirror's text; it must end with a newline (or be empty).
+fn mirror_text(mirror: &Path) -> String {
+    let text = std::fs::read_to_string(mirror).unwrap();
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "the mirror ends mid-line: {text:?}"
+    );
+    text
+}
+
+/// The ledger's records (seq and stored JSON, in seq order) and checkpoints
+/// (in seq order), read from the file directly.
+fn ledger_contents(db: &Path) -> (Vec<(u64, String)>, Vec<Checkpoint>) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let records = conn
+        .prepare("SELECT seq, event FROM audit_events ORDER BY seq")
+        .unwrap()
+        .query_map([], |row| {
+            Ok((
+                u64::try_from(row.get::<_, i64>(0)?).unwrap(),
+                row.get::<_, String>(1)?,
+            ))
+        })
+        .unwrap()
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .unwrap();
+    let checkpoints = conn
+        .prepare("SELECT seq, hash, ts, kid, sig FROM checkpoints ORDER BY seq")
+        .unwrap()
+        .query_map([], |row| {
+            Ok(Checkpoint {
+                seq: u64::try_from(row.get::<_, i64>(0)?).unwrap(),
+                hash: row.get(1)?,
+                ts: Timestamp(u64::try_from(row.get::<_, i64>(2)?).unwrap()),
+                kid: row.get(3)?,
+                sig: row.get(4)?,
+            })
+        })
+        .unwrap()
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .unwrap();
+    (records, checkpoints)
+}
+
+/// A mirror line: a record's seq, or a checkpoint's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MirrorLine {
+    R(u64),
+    C(u64),
+}
+
+/// Checks the mirror against the ledger: its record lines are the stored
+/// JSON of every record, byte for byte, in seq order; each stored
+/// checkpoint is one line, built as `audit export` builds it, after its
+/// record's line; the records verify as a chain against those checkpoints
+/// (as `audit verify --jsonl` does). Lines that are not JSON (a terminated
+/// partial line) are returned, not checked; so is the order of the lines.
+fn check_mirror(db: &Path, mirror: &Path) -> (Vec<MirrorLine>, Vec<String>) {
+    let (records, checkpoints) = ledger_contents(db);
+    let text = mirror_text(mirror);
+    let mut order = Vec::new();
+    let mut junk = Vec::new();
+    let mut record_lines: Vec<(u64, String)> = Vec::new();
+    let mut checkpoint_lines: Vec<Checkpoint> = Vec::new();
+    for line in text.lines() {
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else {
+            junk.push(line.to_owned());
+            continue;
+        };
+        if let Some(checkpoint) = value.get("checkpoint") {
+            assert!(line.starts_with("{\"checkpoint\""), "{line}");
+            let checkpoint: Checkpoint = serde_json::from_value(checkpoint.clone()).unwrap();
+            assert_eq!(
+                line,
+                serde_json::json!({ "checkpoint": checkpoint }).to_string(),
+                "a checkpoint line is an export line"
+            );
+            assert!(
+                record_lines.iter().any(|(seq, _)| *seq == checkpoint.seq),
+                "checkpoint {} before its record",
+                checkpoint.seq
+            );
+            order.push(MirrorLine::C(checkpoint.seq));
+            checkpoint_lines.push(checkpoint);
+        } else {
+            let seq = value["seq"].as_u64().unwrap();
+            order.push(MirrorLine::R(seq));
+            record_lines.push((seq, line.to_owned()));
+        }
+    }
+    assert_eq!(
+        record_lines, records,
+        "the record lines are the stored records"
+    );
+    checkpoint_lines.sort_by_key(|c| c.seq);
+    assert_eq!(
+        checkpoint_lines, checkpoints,
+        "one line per stored checkpoint"
+    );
+
+    let report = chain::verify_json(
+        record_lines
+            .iter()
+            .map(|(_, line)| serde_json::from_str(line).map_err(|e| e.to_string())),
+        &checkpoint_lines,
+        &testsuite::test_check_sig,
+    );
+    assert!(report.is_ok(), "the mirror does not verify: {report:?}");
+    assert_eq!(report.records, u64::try_from(records.len()).unwrap());
+    assert_eq!(
+        report.checkpoints_verified,
+        u64::try_from(checkpoints.len()).unwrap()
+    );
+    (order, junk)
+}
+
+/// Appends `count` records, one commit each, and a checkpoint of the
+/// chain head (its own commit) after each seq that `checkpoint_at` accepts.
+async fn append_records(store: &SqliteStore, count: u64, checkpoint_at: impl Fn(u64) -> bool) {
+    for _ in 0..count {
+        let mut event = sample_event(EventKind::CallAllowed, "mirrored");
+        event.tool = Some("db.read".into());
+        event.args = Some(serde_json::json!({"ratio": 0.1, "who": "é\u{1}", "n": [1, 2.5e-7]}));
+        let seq = store.commit(vec![Op::Append(event)]).await.unwrap().seqs[0];
+        if checkpoint_at(seq) {
+            let (head, hash) = store.chain_head().await.unwrap().unwrap();
+            store
+                .commit(vec![Op::AppendCheckpoint(test_checkpoint(head, &hash))])
+                .await
+                .unwrap();
+        }
+    }
+}
+
+fn assert_no_mirror_failure(store: &SqliteStore) {
+    assert_eq!(
+        (store.mirror_failures(), store.mirror_last_error()),
+        (0, None)
+    );
+}
+
+/// Each committed record is a line, its stored JSON exactly; each newly
+/// stored checkpoint a line after its record's; rolled-back batches and a
+/// repeated checkpoint write nothing; a reopen writes nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_lines_are_the_committed_records_and_checkpoints() {
+    use MirrorLine::{C, R};
+    let dir = temp_dir();
+    let db = dir.path().join("ledger.db");
+    let mirror = dir.path().join("audit.jsonl");
+    let store = SqliteStore::open_with(&db, &with_mirror(&mirror)).unwrap();
+    assert_eq!(store.mirror_seq(), Some(0));
+
+    store
+        .commit(vec![
+            Op::InsertTask(sample_task("m")),
+            Op::Append(sample_event(EventKind::TaskStarted, "m")),
+        ])
+        .await
+        .unwrap();
+    append_records(&store, 2, |_| false).await;
+    // A failed batch: rolled back, no line.
+    let failed = store
+        .commit(vec![
+            Op::Append(sample_event(EventKind::CallDenied, "m")),
+            Op::SpendRefresh {
+                hash: "no-such-hash".into(),
+                at: T0,
+            },
+        ])
+        .await;
+    assert!(
+        matches!(failed, Err(StoreError::RefreshUnknown)),
+        "{failed:?}"
+    );
+    let (head, hash) = store.chain_head().await.unwrap().unwrap();
+    assert_eq!(head, 3);
+    let checkpoint = test_checkpoint(head, &hash);
+    store
+        .commit(vec![Op::AppendCheckpoint(checkpoint.clone())])
+        .await
+        .unwrap();
+    // A record and, in the same batch, a checkpoint of an older record.
+    append_records(&store, 1, |_| false).await;
+    let (_, hash4) = store.chain_head().await.unwrap().unwrap();
+    store
+        .commit(vec![
+            Op::Append(sample_event(EventKind::TaskCompleted, "m")),
+            Op::AppendCheckpoint(test_checkpoint(4, &hash4)),
+            // Repeated: a no-op, so no line.
+            Op::AppendCheckpoint(checkpoint),
+        ])
+        .await
+        .unwrap();
+    store.ping().await.unwrap();
+
+    let (order, junk) = check_mirror(&db, &mirror);
+    assert!(junk.is_empty(), "{junk:?}");
+    assert_eq!(order, vec![R(1), R(2), R(3), C(3), R(4), R(5), C(4)]);
+    assert_eq!(store.mirror_seq(), Some(5));
+    assert_no_mirror_failure(&store);
+    store.close().await;
+
+    let before = mirror_text(&mirror);
+    let store = SqliteStore::open_with(&db, &with_mirror(&mirror)).unwrap();
+    store.close().await;
+    assert_eq!(
+        mirror_text(&mirror),
+        before,
+        "a mirror in sync is left alone"
+    );
+    assert_eq!(store.mirror_seq(), Some(5));
+    assert_no_mirror_failure(&store);
+}
+
+/// Commits racing from many tasks, with checkpoints among them, land in
+/// the mirror in seq order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_keeps_seq_order_under_concurrent_commits() {
+    let dir = temp_dir();
+    let db = dir.path().join("ledger.db");
+    let mirror = dir.path().join("audit.jsonl");
+    let store = Arc::new(SqliteStore::open_with(&db, &with_mirror(&mirror)).unwrap());
+    let mut handles = Vec::new();
+    for caller in 0..8 {
+        let store = Arc::clone(&store);
+        handles.push(tokio::spawn(async move {
+            for i in 0..100 {
+                let mut event = sample_event(EventKind::CallAllowed, "race");
+                event.detail = Some(format!("{caller}/{i}"));
+                store.commit(vec![Op::Append(event)]).await.unwrap();
+            }
+        }));
+    }
+    let checkpointer = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                if let Some((head, hash)) = store.chain_head().await.unwrap() {
+                    store
+                        .commit(vec![Op::AppendCheckpoint(test_checkpoint(head, &hash))])
+                        .await
+                        .unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    for handle in handles {
+        handle.await.unwrap();
+    }
+    checkpointer.await.unwrap();
+    store.close().await;
+
+    let (order, junk) = check_mirror(&db, &mirror);
+    assert!(junk.is_empty(), "{junk:?}");
+    let seqs: Vec<u64> = order
+        .iter()
+        .filter_map(|line| match line {
+            MirrorLine::R(seq) => Some(*seq),
+            MirrorLine::C(_) => None,
+        })
+        .collect();
+    assert_eq!(seqs, (1..=800).collect::<Vec<_>>());
+    assert_no_mirror_failure(&store);
+}
+
+/// A closed store with a mirror: 30 records, a checkpoint after 10 and 20,
+/// then record 31 and, in a later commit, a checkpoint of 30 (after a
+/// newer record). Returns the mirror's text.
+async fn mirrored_log(db: &Path, mirror: &Path) -> String {
+    let store = SqliteStore::open_with(db, &with_mirror(mirror)).unwrap();
+    append_records(&store, 30, |seq| seq % 10 == 0 && seq < 30).await;
+    let (_, hash30) = store.chain_head().await.unwrap().unwrap();
+    append_records(&store, 1, |_| false).await;
+    store
+        .commit(vec![Op::AppendCheckpoint(test_checkpoint(30, &hash30))])
+        .await
+        .unwrap();
+    store.close().await;
+    assert_no_mirror_failure(&store);
+    let (order, junk) = check_mirror(db, mirror);
+    assert!(junk.is_empty());
+    assert_eq!(order.len(), 34);
+    assert_eq!(
+        order.get(31..),
+        Some(&[MirrorLine::R(30), MirrorLine::R(31), MirrorLine::C(30)][..])
+    );
+    mirror_text(mirror)
+}
+
+/// Keeps the first `keep` lines of `text`, then `partial`.
+fn cut(mirror: &Path, text: &str, keep: usize, partial: &str) {
+    let mut kept: String = text.split_inclusive('\n').take(keep).collect();
+    kept.push_str(partial);
+    std::fs::write(mirror, kept).unwrap();
+}
+
+async fn reopen_and_close(db: &Path, mirror: &Path) -> SqliteStore {
+    let store = SqliteStore::open_with(db, &with_mirror(mirror)).unwrap();
+    store.close().await;
+    store
+}
+
+/// The process died between COMMITs and their mirror writes: the lines
+/// missing from the end (checkpoint lines included) are appended on open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_lagging_behind_the_ledger_catches_up_on_open() {
+    let dir = temp_dir();
+    let db = dir.path().join("ledger.db");
+    let mirror = dir.path().join("audit.jsonl");
+    let full = mirrored_log(&db, &mirror).await;
+    let lines = full.lines().count();
+    for lost in [1, 2, 3, 4, 5, 12, 33] {
+        cut(&mirror, &full, lines - lost, "");
+        let store = reopen_and_close(&db, &mirror).await;
+        assert_no_mirror_failure(&store);
+        let (_, junk) = check_mirror(&db, &mirror);
+        assert!(junk.is_empty(), "{junk:?}");
+        if lost == 1 {
+            // Only the checkpoint of 30, committed after record 31: written
+            // back where it was.
+            assert!(mirror_text(&mirror) == full, "{lost} lines lost");
+        }
+    }
+}
+
+/// A partial last line: completed when it is the start of a line the
+/// catch-up writes (a write cut short), else ended and left as one
+/// unreadable line, the stream going on after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_partial_last_line_is_repaired_on_open() {
+    let dir = temp_dir();
+    let db = dir.path().join("ledger.db");
+    let mirror = dir.path().join("audit.jsonl");
+    let full = mirrored_log(&db, &mirror).await;
+    let all: Vec<&str> = full.lines().collect();
+    let count = all.len();
+
+    // A write cut in the middle of a record line, of a checkpoint line,
+    // right before its newline, in the first line; `true` when the lines
+    // lost are written back in their original order.
+    for (keep, partial, same_order) in [
+        (count - 3, &all[count - 3][..40], false),
+        (count - 1, &all[count - 1][..20], true),
+        (count - 2, all[count - 2], true),
+        (0, &all[0][..1], false),
+    ] {
+        cut(&mirror, &full, keep, partial);
+        let store = reopen_and_close(&db, &mirror).await;
+        assert_no_mirror_failure(&store);
+        let (order, junk) = check_mirror(&db, &mirror);
+        assert!(junk.is_empty(), "{partial:?} not completed: {junk:?}");
+        assert_eq!(order.len(), count);
+        let text = mirror_text(&mirror);
+        // What was in the file stays: the partial line is completed.
+        let before: String = full.split_inclusive('\n').take(keep).collect::<String>() + partial;
+        assert!(text.starts_with(&before), "{partial:?}");
+        if same_order {
+            assert!(text == full, "{partial:?} completed in place");
+        }
+    }
+
+    // Half of a line that the catch-up does not write (here, of a line
+    // already there): ended, and the stream goes on after it.
+    let half = &all[5][..all[5].len() / 2];
+    let mut text = full.clone();
+    text.push_str(half);
+    std::fs::write(&mirror, &text).unwrap();
+    let store = SqliteStore::open_with(&db, &with_mirror(&mirror)).unwrap();
+    append_records(&store, 2, |_| false).await;
+    store.close().await;
+    assert_no_mirror_failure(&store);
+    let (order, junk) = check_mirror(&db, &mirror);
+    assert_eq!(junk, vec![half.to_owned()]);
+    let text = mirror_text(&mirror);
+    assert!(text.starts_with(&format!("{full}{half}\n")), "{text}");
+    assert_eq!(order.len(), count + 2);
+
+    // The same with the ledger further ahead than the mirror.
+    let shorter: String = full.split_inclusive('\n').take(count - 3).collect();
+    std::fs::write(&mirror, format!("{shorter}{half}")).unwrap();
+    reopen_and_close(&db, &mirror).await;
+    let (_, junk) = check_mirror(&db, &mirror);
+    assert_eq!(junk, vec![half.to_owned()]);
+}
+
+/// A mirror enabled on an existing ledger starts with the whole log; one
+/// deleted while the store is closed is rebuilt whole on open, across
+/// catch-up pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_deleted_while_closed_is_rebuilt_on_open() {
+    let dir = temp_dir();
+    let db = dir.path().join("ledger.db");
+    let mirror = dir.path().join("audit.jsonl");
+    let store = SqliteStore::open(&db).unwrap();
+    let total = u64::try_from(portcullis_store::sqlite::CATCH_UP_PAGE).unwrap() * 2 + 500;
+    let checkpoints = [1000, 1001, 2000, 2500];
+    let mut appended = 0;
+    while appended < total {
+        let batch: Vec<Op> = (0..100)
+            .map(|_| Op::Append(sample_event(EventKind::CallAllowed, "many")))
+            .collect();
+        let seqs = store.commit(batch).await.unwrap().seqs;
+        appended = *seqs.last().unwrap();
+        for seq in seqs.into_iter().filter(|s| checkpoints.contains(s)) {
+            let hash = testsuite::record_at(&store, seq).await.hash;
+            store
+                .commit(vec![Op::AppendCheckpoint(test_checkpoint(seq, &hash))])
+                .await
+                .unwrap();
+        }
+    }
+    // 1001 was checkpointed after the batch that holds it.
+    store.close().await;
+
+    let store = reopen_and_close(&db, &mirror).await;
+    assert_no_mirror_failure(&store);
+    assert_eq!(store.mirror_seq(), Some(total));
+    let (order, junk) = check_mirror(&db, &mirror);
+    assert!(junk.is_empty());
+    assert_eq!(
+        order.len(),
+        usize::try_from(total).unwrap() + checkpoints.len()
+    );
+    let built = mirror_text(&mirror);
+
+    // Reopened, the whole file is found in sync.
+    let store = reopen_and_close(&db, &mirror).await;
+    assert_no_mirror_failure(&store);
+    assert!(mirror_text(&mirror) == built);
+
+    std::fs::remove_file(&mirror).unwrap();
+    let store = reopen_and_close(&db, &mirror).await;
+    assert_no_mirror_failure(&store);
+    assert!(mirror_text(&mirror) == built, "rebuilt the same");
+}
+
+/// Rotation while open: by rename (or delete), the next group creates the
+/// file again at the path; by copytruncate, it goes on in the same file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_rotated_while_open_goes_on_at_the_path() {
+    let dir = temp_dir();
+    let db = dir.path().join("ledger.db");
+    let mirror = dir.path().join("audit.jsonl");
+    let rotated = dir.path().join("audit.jsonl.1");
+    let store = SqliteStore::open_with(&db, &with_mirror(&mirror)).unwrap();
+    let seqs_in = |path: &Path| -> Vec<u64> {
+        mirror_text(path)
+            .lines()
+            .map(|line| {
+                serde_json::from_str::<serde_json::Value>(line).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+
+    append_records(&store, 3, |_| false).await;
+    store.ping().await.unwrap();
+    std::fs::rename(&mirror, &rotated).unwrap();
+    append_records(&store, 2, |_| false).await;
+    store.ping().await.unwrap();
+    assert_eq!(seqs_in(&rotated), vec![1, 2, 3]);
+    assert_eq!(seqs_in(&mirror), vec![4, 5]);
+
+    std::fs::remove_file(&mirror).unwrap();
+    append_records(&store, 1, |_| false).await;
+    store.ping().await.unwrap();
+    assert_eq!(seqs_in(&mirror), vec![6]);
+
+    // copytruncate: copied, then truncated in place.
+    std::fs::copy(&mirror, &rotated).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&mirror)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    append_records(&store, 1, |_| false).await;
+    store.ping().await.unwrap();
+    assert_eq!(seqs_in(&mirror), vec![7], "no hole, no old lines");
+    store.close().await;
+    assert_no_mirror_failure(&store);
+
+    // A restart finds the stream's end in the current file.
+    let store = reopen_and_close(&db, &mirror).await;
+    assert_eq!(seqs_in(&mirror), vec![7]);
+    assert_eq!(store.mirror_seq(), Some(7));
+}
+
+/// A mirror that cannot be written never fails a commit: the failures are
+/// counted, and once the path is writable the next group catches it up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_mirror_never_fails_a_commit() {
+    let dir = temp_dir();
+    let db = dir.path().join("ledger.db");
+    let mirror = dir.path().join("audit.jsonl");
+    std::fs::create_dir(&mirror).unwrap();
+    let store = SqliteStore::open_with(&db, &with_mirror(&mirror)).unwrap();
+    append_records(&store, 5, |seq| seq == 3).await;
+    store.ping().await.unwrap();
+    let failures = store.mirror_failures();
+    assert!(failures > 0);
+    let error = store.mirror_last_error().unwrap();
+    assert!(error.contains("audit.jsonl"), "{error}");
+    assert_eq!(store.mirror_seq(), Some(0));
+    testsuite::assert_log_is_valid(&store).await;
+    // Each group tries again.
+    append_records(&store, 1, |_| false).await;
+    store.ping().await.unwrap();
+    assert!(store.mirror_failures() > failures);
+
+    std::fs::remove_dir(&mirror).unwrap();
+    append_records(&store, 1, |_| false).await;
+    store.close().await;
+    assert_eq!(store.mirror_seq(), Some(7));
+    let (order, junk) = check_mirror(&db, &mirror);
+    assert!(junk.is_empty());
+    assert_eq!(order.len(), 8);
+}
+
+/// A mirror whose last record is not the ledger's (a database restored
+/// from an older backup, a file of another ledger) is reported, and goes on
+/// after the last record both hold: no record of the ledger is left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_ahead_of_the_ledger_is_reported_and_goes_on() {
+    let dir = temp_dir();
+    let mirror = dir.path().join("audit.jsonl");
+    let db = dir.path().join("ledger.db");
+    let backup = dir.path().join("backup.db");
+    let last_line = || {
+        let text = mirror_text(&mirror);
+        let line = text.lines().last().unwrap().to_owned();
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()
+    };
+    let store = SqliteStore::open_with(&db, &with_mirror(&mirror)).unwrap();
+    append_records(&store, 3, |_| false).await;
+    store.close().await;
+    std::fs::copy(&db, &backup).unwrap();
+    let store = SqliteStore::open_with(&db, &with_mirror(&mirror)).unwrap();
+    append_records(&store, 2, |_| false).await;
+    store.close().await;
+    assert_eq!(mirror_text(&mirror).lines().count(), 5);
+
+    // Restored from the backup: records 4 and 5 are gone from the ledger,
+    // and its next record 4 is another one.
+    std::fs::rename(&backup, &db).unwrap();
+    let store = SqliteStore::open_with(&db, &with_mirror(&mirror)).unwrap();
+    let mut event = sample_event(EventKind::CallDenied, "restored");
+    event.detail = Some("after the restore".into());
+    store.commit(vec![Op::Append(event)]).await.unwrap();
+    store.close().await;
+    assert!(store.mirror_failures() > 0);
+    let error = store.mirror_last_error().unwrap();
+    assert!(
+        error.contains("seq 5") && error.contains("after seq 3"),
+        "{error}"
+    );
+    assert_eq!(mirror_text(&mirror).lines().count(), 6);
+    assert_eq!(last_line()["seq"], 4);
+    assert_eq!(last_line()["detail"], "after the restore");
+
+    // Another ledger altogether: its whole log follows.
+    let store =
+        SqliteStore::open_with(&dir.path().join("other.db"), &with_mirror(&mirror)).unwrap();
+    let mut event = sample_event(EventKind::TaskStarted, "other");
+    event.detail = Some("another ledger".into());
+    store.commit(vec![Op::Append(event)]).await.unwrap();
+    store.close().await;
+    assert!(store.mirror_failures() > 0);
+    let error = store.mirror_last_error().unwrap();
+    assert!(error.contains("after seq 0"), "{error}");
+    assert_eq!(mirror_text(&mirror).lines().count(), 7);
+    assert_eq!(last_line()["detail"], "another ledger");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mirror_cannot_be_the_database() {
+    let dir = temp_dir();
+    let db = dir.path().join("ledger.db");
+    SqliteStore::open(&db).unwrap().close().await;
+    for mirror in [db.clone(), dir.path().join("ledger.db-wal")] {
+        assert!(
+            matches!(
+                SqliteStore::open_with(&db, &with_mirror(&mirror)),
+                Err(StoreError::Unavailable(_))
+            ),
+            "{}",
+            mirror.display()
+        );
+    }
+}
+
+/// `kill -9` of a process writing a mirror: reopened, the mirror holds
+/// every committed record (and nothing twice), and verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_is_complete_after_kill_9() {
+    let dir = temp_dir();
+    let db = dir.path().join("ledger.db");
+    let mirror = dir.path().join("audit.jsonl");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "crash_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CRASH_DB_ENV, &db)
+        .env(CRASH_MIRROR_ENV, &mirror)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut child = KillOnDrop(child);
+    let acked = tokio::task::spawn_blocking(move || {
+        let acked = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|line| line.starts_with("ACK "))
+            .take(500)
+            .count();
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
+        acked
+    })
+    .await
+    .unwrap();
+    assert_eq!(acked, 500, "the child acknowledged too few commits");
+
+    let store = reopen_and_close(&db, &mirror).await;
+    assert_no_mirror_failure(&store);
+    let (order, junk) = check_mirror(&db, &mirror);
+    assert!(junk.is_empty(), "{junk:?}");
+    assert!(order.len() >= 500);
 }

@@ -191,6 +191,98 @@
 //! [`SqliteOptions::synchronous_full`] off (`synchronous = NORMAL`) it
 //! survives `kill -9` but the last commits may be lost on power loss.
 //!
+//! # The JSON Lines mirror
+//!
+//! With [`SqliteOptions::jsonl_mirror`] set (the gateway's `audit.jsonl`),
+//! the writer thread also appends the audit log to that file, for SIEM
+//! ingestion, in the format of `portcullis audit export`
+//! (`docs/audit-format.md`, "Export" and "JSON Lines mirror"): every
+//! committed record as one line, its stored `event` JSON byte for byte, in
+//! seq order; every newly stored checkpoint as a `{"checkpoint": {…}}`
+//! line after the record it covers. `portcullis audit verify --jsonl`
+//! therefore works on the mirror. Redaction happens before records reach
+//! the store, so the mirror holds exactly what the ledger holds. A
+//! rolled-back batch writes no line, nor does a repeated (no-op)
+//! checkpoint.
+//!
+//! **When.** Right after a group's `COMMIT` succeeds and its replies are
+//! sent, the group's lines, in commit order, are appended with one
+//! `write_all` and flushed, and fsynced when
+//! [`SqliteOptions::synchronous_full`] is on. A commit is acknowledged
+//! before its lines are in the mirror; with the mirror in sync, a request
+//! sent after it (a [`Store::ping`], [`SqliteStore::close`]) is answered
+//! after them. The writes happen on the writer thread, though: a mirror on
+//! slow (or hung) storage slows every later group. Keep it on a local disk.
+//!
+//! **The ledger is the source of truth.** A mirror failure (open, write,
+//! fsync) never fails or rolls back a commit: it is counted
+//! ([`SqliteStore::mirror_failures`], the message in
+//! [`SqliteStore::mirror_last_error`]) and the mirror falls behind. It is
+//! tried again at the next committed group, catching up from the ledger.
+//! [`SqliteStore::mirror_seq`] says how far it got.
+//!
+//! **Catching up.** At open and after a failure the mirror is behind. The
+//! writer thread reads the file backwards from its end to find where it
+//! stops (its last complete record line and its newest checkpoint line),
+//! then appends what the ledger holds past that: the stored checkpoints
+//! between the two (committed after their record's line was written), then
+//! every record with a higher seq, each followed by its checkpoint. It does
+//! so one page ([`CATCH_UP_PAGE`] records) at a time between groups, and
+//! one page after each group so it progresses under load; memory is one
+//! page and one line, whatever the sizes of the log and the file. While
+//! behind, groups write no lines themselves: the catch-up reaches them in
+//! order. [`SqliteStore::open_with`] returns before the catch-up ends;
+//! [`SqliteStore::close`] (or the writer thread, once the store is dropped)
+//! makes one last attempt and waits for it to finish. So the lines
+//! of a crash between a `COMMIT` and its mirror write are appended at the
+//! next open, a mirror deleted while the store is closed is rebuilt from
+//! seq 1, and a mirror enabled on an existing ledger starts with the whole
+//! log. (Checkpoints are taken to be committed in seq order, as the
+//! gateway's checkpointer does: each signs the chain head of its time. A
+//! checkpoint committed below an earlier one could be missed by a
+//! catch-up.)
+//!
+//! **A partial last line** (a write cut short by a crash or a full disk) is
+//! repaired before anything else is appended. If it is the beginning of a
+//! line the catch-up is about to write (the usual case: that line's write
+//! was cut), the rest of that line is written, completing it. Otherwise a
+//! newline ends it and it stays behind as one unreadable line (which
+//! `audit verify --jsonl` reports: delete it by hand), and the stream
+//! continues after the last complete line.
+//!
+//! **A mirror of another ledger.** At every catch-up the last record
+//! line's seq and hash are looked up in the ledger. If the ledger does not
+//! hold that record (the database was restored from an older backup, or
+//! the file is another database's), it is counted as a failure, and the
+//! file is read further back to the last record line the ledger does hold:
+//! the mirror goes on after that one (after seq 0 if none), so no record of
+//! the ledger is left out (the records after it appear twice in the file,
+//! once per history).
+//!
+//! **Rotation** is left to external tools (logrotate, or the log shipper:
+//! Vector, Fluent Bit); the store never renames, truncates or deletes the
+//! mirror. It holds the file open with `O_APPEND` (created if missing, with
+//! the process's umask), and before every write checks that the path still
+//! names that file (device and inode); if not, it creates a new file at the
+//! path and writes there:
+//!
+//! * rename rotation (logrotate's `create`, `mv`): lines up to the rename
+//!   are in the old file and the next group starts the new one, no signal
+//!   needed; only a group being written during the rename itself can still
+//!   land in the old file (keep `delaycompress`);
+//! * `copytruncate`: writes go on at the new end of the same file (no
+//!   hole); lines written between logrotate's copy and its truncation are
+//!   lost from both files, which the store cannot see (logrotate's own
+//!   caveat): prefer rename rotation;
+//! * the file is the only record of where the mirror stopped: a restart
+//!   after a rotation, before any line reached the new file, finds it empty
+//!   (or missing) and rebuilds the whole log into it. Consumers can drop
+//!   repeats by `seq` and `hash`.
+//!
+//! The mirror must be a regular file (the catch-up reads it). A relative
+//! path is relative to the process's working directory; the gateway
+//! resolves `audit.jsonl` against the config file's folder.
+//!
 //! # Migrations
 //!
 //! [`SqliteStore::open`] creates `schema_migrations` and applies every
@@ -203,6 +295,7 @@
 //! `checkpoints` table and chains the existing audit records (see "The hash
 //! chain").
 
+mod mirror;
 mod read;
 mod rows;
 mod schema;
@@ -217,6 +310,8 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params, params_from_iter};
 use tokio::sync::{mpsc, oneshot};
 
+pub use self::mirror::CATCH_UP_PAGE;
+use self::mirror::{Mirror, MirrorStatus};
 use self::read::ReadPool;
 use self::rows::{
     CHECKPOINT_COLUMNS, ELEVATION_COLUMNS, REFRESH_COLUMNS, RawCheckpoint, RawElevation, RawEvent,
@@ -244,6 +339,11 @@ pub struct SqliteOptions {
     /// How long a connection waits for a lock held by another process before
     /// failing with [`StoreError::Unavailable`]. Default 5 s.
     pub busy_timeout: Duration,
+    /// A JSON Lines mirror of the audit log at this path (`audit.jsonl`),
+    /// appended to by the writer thread after each commit; see "The JSON
+    /// Lines mirror" in the module doc. A relative path is relative to the
+    /// process's working directory. Default `None` (no mirror).
+    pub jsonl_mirror: Option<PathBuf>,
 }
 
 impl Default for SqliteOptions {
@@ -252,6 +352,7 @@ impl Default for SqliteOptions {
             synchronous_full: true,
             readers: 4,
             busy_timeout: Duration::from_secs(5),
+            jsonl_mirror: None,
         }
     }
 }
@@ -263,6 +364,7 @@ pub struct SqliteStore {
     writer: mpsc::Sender<Request>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<ReadPool>,
+    mirror: Option<Arc<MirrorStatus>>,
 }
 
 impl SqliteStore {
@@ -274,7 +376,15 @@ impl SqliteStore {
     }
 
     /// Opens (creating if needed) the database at `path`.
+    ///
+    /// A [`jsonl_mirror`](SqliteOptions::jsonl_mirror) that names the
+    /// database or one of its companion files is refused
+    /// ([`StoreError::Unavailable`]); any other mirror problem never fails
+    /// the open (it is counted, see [`mirror_failures`](Self::mirror_failures)).
     pub fn open_with(path: &Path, options: &SqliteOptions) -> Result<Self> {
+        if let Some(mirror) = &options.jsonl_mirror {
+            check_mirror_path(path, mirror)?;
+        }
         let mut conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -292,10 +402,20 @@ impl SqliteStore {
             options.busy_timeout,
         )?);
 
+        let status = options
+            .jsonl_mirror
+            .as_ref()
+            .map(|_| Arc::new(MirrorStatus::default()));
+        let mirror = options
+            .jsonl_mirror
+            .clone()
+            .zip(status.clone())
+            .map(|(mirror, status)| Mirror::new(mirror, options.synchronous_full, status));
+
         let (writer, requests) = mpsc::channel(QUEUE_DEPTH);
         let thread = std::thread::Builder::new()
             .name("portcullis-store-writer".into())
-            .spawn(move || writer::run(conn, requests))
+            .spawn(move || writer::run(conn, requests, mirror))
             .map_err(|e| StoreError::Unavailable(format!("spawn writer thread: {e}")))?;
 
         Ok(Self {
@@ -303,7 +423,28 @@ impl SqliteStore {
             writer,
             writer_thread: Mutex::new(Some(thread)),
             readers,
+            mirror: status,
         })
+    }
+
+    /// How many times writing the JSON Lines mirror failed (0 without a
+    /// mirror): every failed attempt counts, including the retry of each
+    /// later group while the cause lasts. A failure never fails a commit.
+    pub fn mirror_failures(&self) -> u64 {
+        self.mirror.as_ref().map_or(0, |m| m.failures())
+    }
+
+    /// The most recent mirror failure's message (kept after the mirror
+    /// recovers; `None` if it never failed or there is no mirror).
+    pub fn mirror_last_error(&self) -> Option<String> {
+        self.mirror.as_ref().and_then(|m| m.last_error())
+    }
+
+    /// The highest audit seq known to be in the JSON Lines mirror (0 before
+    /// its first line), `None` without a mirror. Compared with
+    /// [`Store::chain_head`], it is how far the mirror lags.
+    pub fn mirror_seq(&self) -> Option<u64> {
+        self.mirror.as_ref().map(|m| m.seq())
     }
 
     /// The database file.
@@ -333,6 +474,26 @@ impl SqliteStore {
             .await
             .map_err(|_| StoreError::Unavailable("store writer is gone".into()))
     }
+}
+
+/// Refuses a mirror that would write into the database's own files.
+fn check_mirror_path(database: &Path, mirror: &Path) -> Result<()> {
+    let companions = ["", "-wal", "-shm", "-journal"].map(|suffix| {
+        let mut name = database.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
+    });
+    if companions
+        .iter()
+        .any(|file| mirror::same_file(file, mirror))
+    {
+        return Err(StoreError::Unavailable(format!(
+            "the audit JSON Lines mirror {} is the database {} or one of its files",
+            mirror.display(),
+            database.display()
+        )));
+    }
+    Ok(())
 }
 
 fn configure_writer(conn: &Connection, options: &SqliteOptions) -> Result<()> {

@@ -2,8 +2,10 @@
 //! with group commit (see the [`super`] module doc).
 
 use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
+use super::mirror::{Line, Mirror};
 use super::rows::{CHECKPOINT_COLUMNS, RawCheckpoint, TaskRow, to_int};
 use super::sql_error;
 use crate::model::{check_decision, check_new_elevation};
@@ -31,12 +33,34 @@ pub enum Request {
 }
 
 /// The thread's body: runs until every sender is gone or [`Request::Close`].
-pub fn run(mut conn: Connection, mut requests: mpsc::Receiver<Request>) {
+///
+/// With a JSON Lines `mirror`, the thread also keeps it up to date: a
+/// mirror in sync gets each group's lines after its COMMIT; a mirror behind
+/// (at open, after a failure) catches up one page per turn of the loop,
+/// after each group and whenever no request is waiting, and once more at
+/// the end.
+pub fn run(
+    mut conn: Connection,
+    mut requests: mpsc::Receiver<Request>,
+    mut mirror: Option<Mirror>,
+) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     let mut closing = false;
     while !closing {
-        let Some(first) = requests.blocking_recv() else {
-            break;
+        let first = if let Some(mirror) = mirror.as_mut().filter(|m| m.wants_work()) {
+            match requests.try_recv() {
+                Ok(request) => request,
+                Err(TryRecvError::Empty) => {
+                    mirror.step(&conn);
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => break,
+            }
+        } else {
+            let Some(first) = requests.blocking_recv() else {
+                break;
+            };
+            first
         };
         group.push(first);
         // Group commit: everything already queued rides on the same
@@ -47,7 +71,14 @@ pub fn run(mut conn: Connection, mut requests: mpsc::Receiver<Request>) {
                 Err(_) => break,
             }
         }
-        closing = process(&mut conn, &mut group);
+        closing = process(&mut conn, &mut group, mirror.as_mut());
+        // Under steady load the queue never empties: catch up here too.
+        if let Some(mirror) = mirror.as_mut() {
+            mirror.step(&conn);
+        }
+    }
+    if let Some(mirror) = mirror.as_mut() {
+        mirror.finish(&conn);
     }
     // Dropping `requests` here fails every request still queued (their reply
     // senders drop, callers see `Unavailable`); dropping `conn` closes the
@@ -55,7 +86,7 @@ pub fn run(mut conn: Connection, mut requests: mpsc::Receiver<Request>) {
 }
 
 /// Applies one group. Returns true when a [`Request::Close`] was seen.
-fn process(conn: &mut Connection, group: &mut Vec<Request>) -> bool {
+fn process(conn: &mut Connection, group: &mut Vec<Request>, mirror: Option<&mut Mirror>) -> bool {
     let mut batches = Vec::new();
     let mut pings = Vec::new();
     let mut closing = false;
@@ -67,7 +98,7 @@ fn process(conn: &mut Connection, group: &mut Vec<Request>) -> bool {
         }
     }
     if !batches.is_empty() {
-        commit_group(conn, batches);
+        commit_group(conn, batches, mirror);
     }
     for reply in pings {
         let result = conn
@@ -93,7 +124,11 @@ struct Failed {
     group_intact: bool,
 }
 
-fn commit_group(conn: &mut Connection, batches: Vec<(Vec<Op>, Reply)>) {
+fn commit_group(
+    conn: &mut Connection,
+    batches: Vec<(Vec<Op>, Reply)>,
+    mirror: Option<&mut Mirror>,
+) {
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let error = sql_error("begin", &e);
         for (_, reply) in batches {
@@ -106,12 +141,14 @@ fn commit_group(conn: &mut Connection, batches: Vec<(Vec<Op>, Reply)>) {
     // before it is durable.
     let mut applied: Vec<(Reply, Committed)> = Vec::with_capacity(batches.len());
     let mut lost: Option<String> = None;
+    // The mirror's lines of the applied batches, in commit order.
+    let mut lines: Option<Vec<Line>> = mirror.is_some().then(Vec::new);
     for (ops, reply) in batches {
         if let Some(why) = &lost {
             let _ = reply.send(Err(StoreError::Unavailable(why.clone())));
             continue;
         }
-        match apply_batch(conn, ops) {
+        match apply_batch(conn, ops, lines.as_mut()) {
             Ok(committed) => applied.push((reply, committed)),
             Err(Failed {
                 error,
@@ -137,6 +174,11 @@ fn commit_group(conn: &mut Connection, batches: Vec<(Vec<Op>, Reply)>) {
             for (reply, committed) in applied {
                 let _ = reply.send(Ok(committed));
             }
+            // After the replies: the mirror never delays an acknowledgement,
+            // and its failure cannot undo one.
+            if let (Some(mirror), Some(lines)) = (mirror, lines) {
+                mirror.committed(&lines);
+            }
         }
         Err(why) => {
             if !conn.is_autocommit() {
@@ -152,15 +194,23 @@ fn commit_group(conn: &mut Connection, batches: Vec<(Vec<Op>, Reply)>) {
 }
 
 /// Applies one batch inside its own savepoint, so that its failure undoes
-/// only its own ops.
-fn apply_batch(conn: &Connection, ops: Vec<Op>) -> std::result::Result<Committed, Failed> {
+/// only its own ops. Its mirror lines go to `lines` (none if it fails).
+fn apply_batch(
+    conn: &Connection,
+    ops: Vec<Op>,
+    mut lines: Option<&mut Vec<Line>>,
+) -> std::result::Result<Committed, Failed> {
     conn.execute_batch("SAVEPOINT batch").map_err(|e| Failed {
         error: sql_error("savepoint", &e),
         group_intact: false,
     })?;
+    let mark = lines.as_ref().map_or(0, |lines| lines.len());
     let mut committed = Committed::default();
     for op in ops {
-        if let Err(error) = apply(conn, op, &mut committed) {
+        if let Err(error) = apply(conn, op, &mut committed, lines.as_deref_mut()) {
+            if let Some(lines) = lines {
+                lines.truncate(mark);
+            }
             // INVARIANT: a failed batch leaves no trace, including no
             // consumed audit seq (sqlite_sequence is rolled back with it).
             let undone = conn.execute_batch("ROLLBACK TO batch; RELEASE batch");
@@ -178,7 +228,12 @@ fn apply_batch(conn: &Connection, ops: Vec<Op>) -> std::result::Result<Committed
     Ok(committed)
 }
 
-fn apply(conn: &Connection, op: Op, committed: &mut Committed) -> Result<()> {
+fn apply(
+    conn: &Connection,
+    op: Op,
+    committed: &mut Committed,
+    lines: Option<&mut Vec<Line>>,
+) -> Result<()> {
     match op {
         Op::InsertTask(record) => {
             let row = TaskRow::encode(&record)?;
@@ -373,10 +428,18 @@ fn apply(conn: &Connection, op: Op, committed: &mut Committed) -> Result<()> {
                 .map_err(|e| sql_error("spend refresh token", &e))?;
         }
         Op::Append(event) => {
-            let seq = append_event(conn, event)?;
+            let (seq, json) = append_event(conn, event)?;
             committed.seqs.push(seq);
+            if let Some(lines) = lines {
+                lines.push(Line::Record { seq, json });
+            }
         }
-        Op::AppendCheckpoint(checkpoint) => append_checkpoint(conn, &checkpoint)?,
+        Op::AppendCheckpoint(checkpoint) => {
+            let inserted = append_checkpoint(conn, &checkpoint)?;
+            if let Some(lines) = lines.filter(|_| inserted) {
+                lines.push(Line::Checkpoint(checkpoint));
+            }
+        }
         Op::InsertElevation(record) => {
             check_new_elevation(&record)?;
             let requested_at = to_int("elevation requested_at", record.requested_at.0)?;
@@ -420,8 +483,8 @@ fn apply(conn: &Connection, op: Op, committed: &mut Committed) -> Result<()> {
 /// [`Op::Append`]: the next seq and the chain head are read inside the
 /// current transaction (and savepoint), so a rolled-back batch or a failed
 /// group leaves nothing behind, and the chain continues across restarts
-/// from whatever the database holds. Returns the seq.
-fn append_event(conn: &Connection, event: NewEvent) -> Result<u64> {
+/// from whatever the database holds. Returns the seq and the stored JSON.
+fn append_event(conn: &Connection, event: NewEvent) -> Result<(u64, String)> {
     let ts = to_int("event ts", event.ts.0)?;
     // What AUTOINCREMENT would pick: above the highest seq ever used, even
     // if the newest rows were deleted since.
@@ -468,13 +531,13 @@ fn append_event(conn: &Connection, event: NewEvent) -> Result<u64> {
         ])
     })
     .map_err(|e| sql_error("append audit event", &e))?;
-    Ok(record.seq)
+    Ok((record.seq, json))
 }
 
 /// [`Op::AppendCheckpoint`]: only of a stored record, with its hash; the
 /// same checkpoint again is a no-op, a different one of the same seq a
-/// conflict.
-fn append_checkpoint(conn: &Connection, checkpoint: &Checkpoint) -> Result<()> {
+/// conflict. Returns true when it was stored now (false for the no-op).
+fn append_checkpoint(conn: &Connection, checkpoint: &Checkpoint) -> Result<bool> {
     let row = RawCheckpoint::encode(checkpoint)?;
     let context = || format!("append checkpoint of seq {}", checkpoint.seq);
     let stored: Option<String> = conn
@@ -496,7 +559,7 @@ fn append_checkpoint(conn: &Connection, checkpoint: &Checkpoint) -> Result<()> {
         .and_then(|mut stmt| stmt.execute(params![row.seq, row.hash, row.ts, row.kid, row.sig]))
         .map_err(|e| sql_error(&context(), &e))?;
     if inserted > 0 {
-        return Ok(());
+        return Ok(true);
     }
     let existing = conn
         .prepare_cached(&format!(
@@ -508,7 +571,7 @@ fn append_checkpoint(conn: &Connection, checkpoint: &Checkpoint) -> Result<()> {
         })
         .map_err(|e| sql_error(&context(), &e))?;
     if existing.as_ref() == Some(&row) {
-        Ok(())
+        Ok(false)
     } else {
         Err(StoreError::Conflict(CHECKPOINT_EXISTS.to_owned()))
     }
