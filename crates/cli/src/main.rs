@@ -51,6 +51,10 @@ enum Command {
         /// The configuration file.
         #[arg(long)]
         config: PathBuf,
+        /// Log format on stderr: `text` or `json` (one object per line, with
+        /// the request's `request_id` on every line logged while serving it).
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
     },
     /// Verify, export or follow the audit log.
     Audit {
@@ -124,7 +128,7 @@ fn main() -> ExitCode {
             run_scenarios(&config, &scenarios)
         }
         Command::Demo => demo(),
-        Command::Serve { config } => serve(&config),
+        Command::Serve { config, log_format } => serve(&config, log_format == "json"),
         Command::Audit { command } => audit(command),
         Command::Keygen { out } => portcullis_gateway::run::keygen(&out)
             .map(|kid| {
@@ -142,14 +146,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: &Path) -> anyhow::Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+fn serve(config: &Path, json_logs: bool) -> anyhow::Result<ExitCode> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json_logs {
+        logs.json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
+    } else {
+        logs.init();
+    }
     runtime()?.block_on(portcullis_gateway::run::serve_config(config))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -94,6 +94,7 @@ impl Gateway {
                     .await
                     .map_err(|e| ApiError::unavailable(e.to_string()))?;
                 let reason = decision.reason.unwrap_or(Reason::InternalError);
+                tracing::info!(task_id, tool, reason = reason.as_str(), "call denied");
                 return Err(
                     ApiError::denied(reason, decision.detail).with_policies(decision.policy_ids)
                 );

@@ -45,7 +45,9 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
 async fn request_id(mut req: Request, next: Next) -> Response {
     let id = portcullis_token::random_id("req_").unwrap_or_else(|_| "req_unavailable".to_owned());
     req.extensions_mut().insert(RequestId(id.clone()));
-    let mut response = next.run(req).await;
+    // Every line logged while serving this request carries its id.
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let mut response = tracing::Instrument::instrument(next.run(req), span).await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", v);
     }

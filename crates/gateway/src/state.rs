@@ -109,6 +109,7 @@ pub(crate) struct Settings {
     pub task_max_ms: u64,
     pub redact: Vec<String>,
     pub elevation_ttl_ms: u64,
+    pub sample_low_risk: f64,
 }
 
 /// Everything a request handler needs. Shared behind an `Arc`.
@@ -174,6 +175,7 @@ impl Gateway {
             task_max_ms: t.task_max_lifetime.as_millis(),
             redact: cfg.audit.redact.iter().map(|k| k.to_lowercase()).collect(),
             elevation_ttl_ms: cfg.elevation.ttl.as_millis(),
+            sample_low_risk: cfg.audit.sample_low_risk,
         };
         Ok(Self {
             engine,
@@ -357,7 +359,19 @@ impl Gateway {
         );
         event.reason = decision.reason.map(|r| r.as_str().to_owned());
         event.policy_ids = decision.policy_ids.clone();
-        event.args = Some(bounded(redact(args, &self.settings.redact)));
+        // Allowed low-risk calls of tasks outside the sample keep the
+        // compact form: every field but the arguments. Denials, high-risk
+        // calls and transitions are always kept whole.
+        let low_risk = self
+            .engine
+            .tool(&decision.tool)
+            .is_some_and(|t| t.risk == portcullis_config::Risk::Low);
+        if decision.is_allowed() && low_risk && !in_sample(&task.id, self.settings.sample_low_risk)
+        {
+            event.detail = Some("arguments not kept (audit.sample_low_risk)".to_owned());
+        } else {
+            event.args = Some(bounded(redact(args, &self.settings.redact)));
+        }
         if let Some(t) = &decision.transition {
             event.state_from = Some(t.from.clone());
             event.state_to = Some(t.to.clone());
@@ -372,6 +386,32 @@ impl Gateway {
 /// The hard end of a task: `task_max_lifetime` after it started.
 pub(crate) fn deadline_of(task: &Task, task_max_ms: u64) -> Timestamp {
     task.started_at.plus_millis(task_max_ms)
+}
+
+/// Whether the full records of task `task_id` are in the sample of share
+/// `rate` (0.0–1.0): a deterministic function of the task id (the first 8
+/// bytes of its SHA-256), so a task is in or out for its whole life and
+/// every replica agrees.
+pub(crate) fn in_sample(task_id: &str, rate: f64) -> bool {
+    if rate >= 1.0 {
+        return true;
+    }
+    if rate <= 0.0 {
+        return false;
+    }
+    let digest = portcullis_token::sha256_hex(task_id.as_bytes());
+    let head = digest
+        .get(..16)
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .unwrap_or(0);
+    // Compare in the integer domain: head / 2^64 < rate.
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "rate is in (0, 1), so rate * 2^64 is within u64"
+    )]
+    let threshold = (rate * 18_446_744_073_709_551_616.0) as u64;
+    head < threshold
 }
 
 /// Largest argument object kept whole in an audit record, in bytes of JSON.
@@ -450,6 +490,20 @@ mod tests {
         }
         assert_eq!(out["keep"], "d");
         assert_eq!(out["db"]["rows"][0]["x"], 1);
+    }
+
+    #[test]
+    fn sampling_is_deterministic_and_close_to_the_rate() {
+        assert!(in_sample("any", 1.0));
+        assert!(!in_sample("any", 0.0));
+        let kept = (0..10_000)
+            .filter(|i| in_sample(&format!("task_{i}"), 0.25))
+            .count();
+        assert!((2_200..2_800).contains(&kept), "{kept}");
+        for i in 0..100 {
+            let id = format!("task_{i}");
+            assert_eq!(in_sample(&id, 0.5), in_sample(&id, 0.5));
+        }
     }
 
     #[test]
