@@ -6,6 +6,9 @@
 //! 2. [`bind_task`]: the `{task_id}` of the path must be the token's task
 //!    (`task_mismatch`, 403).
 //!
+//! Both refusals are audited (`call.denied` with the reason) before the
+//! answer goes out, like every other denial.
+//!
 //! They wrap every route that only a task's own token may call. What
 //! follows — the decision, the per-hop credential, the write-ahead record,
 //! forwarding and the outcome — runs in `pipeline`, in that order, because
@@ -19,6 +22,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use portcullis_token::Claims;
 
+use portcullis_store::{EventKind, NewEvent, Op};
+
+use crate::error::ApiError;
 use crate::pipeline::bind;
 use crate::server::RequestId;
 use crate::state::Gateway;
@@ -34,9 +40,11 @@ fn request_id(req: &Request) -> RequestId {
         .unwrap_or(RequestId(String::new()))
 }
 
-/// Step 1: authenticate the task token.
+/// Step 1: authenticate the task token. A refusal is audited against the
+/// task the path names (the caller is unknown).
 pub(crate) async fn authenticate(
     State(gw): State<Arc<Gateway>>,
+    Path(params): Path<HashMap<String, String>>,
     mut req: Request,
     next: Next,
 ) -> Response {
@@ -46,12 +54,39 @@ pub(crate) async fn authenticate(
             req.extensions_mut().insert(TaskCaller(Arc::new(claims)));
             next.run(req).await
         }
-        Err(e) => e.with_request_id(&rid.0).into_response(),
+        Err(e) => {
+            let answer = audit_refusal(&gw, params.get("task_id"), None, &e).await;
+            answer.with_request_id(&rid.0).into_response()
+        }
+    }
+}
+
+/// Records a refusal that happened before a call was decided (a failed
+/// authentication, a token of another task) as `call.denied`. If the
+/// record cannot be written, the answer becomes the ledger failure: no
+/// refusal goes unrecorded silently.
+async fn audit_refusal(
+    gw: &Gateway,
+    task_id: Option<&String>,
+    agent_id: Option<&str>,
+    refusal: &ApiError,
+) -> ApiError {
+    let mut event = NewEvent::new(gw.now(), EventKind::CallDenied);
+    // Bounded: the path is the caller's input.
+    event.task_id = task_id.map(|t| t.chars().take(128).collect());
+    event.agent_id = agent_id.map(str::to_owned);
+    event.decision = Some("deny".to_owned());
+    event.reason = refusal.reason().map(|r| r.as_str().to_owned());
+    event.detail = Some(refusal.detail().chars().take(256).collect());
+    match gw.commit(vec![Op::Append(event)]).await {
+        Ok(_) => refusal.clone(),
+        Err(e) => ApiError::unavailable(e.to_string()),
     }
 }
 
 /// Step 2: bind the token to the task named in the path.
 pub(crate) async fn bind_task(
+    State(gw): State<Arc<Gateway>>,
     Path(params): Path<HashMap<String, String>>,
     req: Request,
     next: Next,
@@ -66,6 +101,13 @@ pub(crate) async fn bind_task(
     };
     match bound {
         Ok(()) => next.run(req).await,
-        Err(e) => e.with_request_id(&rid.0).into_response(),
+        Err(e) => {
+            let agent = req
+                .extensions()
+                .get::<TaskCaller>()
+                .map(|c| c.0.sub.clone());
+            let answer = audit_refusal(&gw, params.get("task_id"), agent.as_deref(), &e).await;
+            answer.with_request_id(&rid.0).into_response()
+        }
     }
 }

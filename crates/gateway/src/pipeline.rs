@@ -82,7 +82,26 @@ impl Gateway {
     ) -> Result<Authorized, ApiError> {
         // INVARIANT: the `bind_task` layer has bound `claims` to `task_id`.
         for _ in 0..CAS_ATTEMPTS {
-            let record = self.load_task(task_id).await?;
+            let record = match self.load_task(task_id).await {
+                Ok(r) => r,
+                Err(e) if e.reason() == Some(Reason::TaskNotActive) => {
+                    // A task that is gone or past its lifetime: still an
+                    // attempt, still recorded.
+                    let mut event = NewEvent::new(self.now(), EventKind::CallDenied);
+                    event.task_id = Some(task_id.to_owned());
+                    event.agent_id = Some(claims.sub.clone());
+                    event.tool = Some(tool.chars().take(256).collect());
+                    event.decision = Some("deny".to_owned());
+                    event.reason = Some(Reason::TaskNotActive.as_str().to_owned());
+                    event.detail = Some(e.detail().to_owned());
+                    self.commit(vec![Op::Append(event)])
+                        .await
+                        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+                    self.metrics.decision(Some(Reason::TaskNotActive));
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
             let now = self.now();
             let started = std::time::Instant::now();
             let decision = self.decide(claims, &record.task, tool, args);

@@ -103,7 +103,10 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/tasks/{task_id}/authorize", post(tasks::authorize))
         .route("/v1/tasks/{task_id}/transition", post(tasks::transition))
         .route("/v1/tasks/{task_id}/elevations", post(elevations::request))
-        .route_layer(middleware::from_fn(layers::bind_task))
+        .route_layer(middleware::from_fn_with_state(
+            gw.clone(),
+            layers::bind_task,
+        ))
         .route_layer(middleware::from_fn_with_state(
             gw.clone(),
             layers::authenticate,

@@ -2093,3 +2093,55 @@ async fn elevation_is_requested_by_the_task_and_decided_by_an_approver() {
         ],
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_before_the_decision_are_audited() {
+    let h = Harness::start().await;
+    let a = h.start_task(None).await;
+    let b = h.start_task(None).await;
+
+    // A token of task A on task B's path: task_mismatch, recorded on B.
+    let r = h
+        .call(&a.access, &b.task_id, "warehouse.connect", connect_args())
+        .await;
+    assert_error(&r, 403, "task_mismatch");
+    // No token, and a forged one: recorded on the task the path names.
+    let r = h
+        .post_json(
+            &format!("/v1/tasks/{}/calls", b.task_id),
+            None,
+            &json!({ "tool": "warehouse.connect", "arguments": connect_args() }),
+        )
+        .await;
+    assert_token_error(&r, "token_missing");
+    let forged = format!("{}x", &a.access[..a.access.len() - 1]);
+    let r = h
+        .call(&forged, &b.task_id, "warehouse.connect", connect_args())
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text);
+
+    let records = h.audit(&b.task_id).await;
+    let denied: Vec<(&str, &str)> = records
+        .iter()
+        .filter(|r| r["kind"] == "call.denied")
+        .map(|r| {
+            (
+                r["reason"].as_str().unwrap(),
+                r["agent_id"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert!(
+        denied.contains(&("task_mismatch", "ingest-bot")),
+        "{denied:?}"
+    );
+    assert!(denied.contains(&("token_missing", "")), "{denied:?}");
+    assert!(
+        denied.iter().any(|(r, _)| r.starts_with("token_")),
+        "{denied:?}"
+    );
+    // Nothing reached the upstream, and no secret reached the log.
+    assert_eq!(h.upstream_calls(), 0);
+    let text = serde_json::to_string(&records).unwrap();
+    assert!(!text.contains(&a.access) && !text.contains(&forged));
+}
