@@ -18,8 +18,11 @@
 //!
 //! Request bodies are read strictly (`body`): bounded size, depth and time,
 //! no duplicate keys, no unknown fields. Errors have one shape (`error`).
+//! Halts (and, later, anomalies) are POSTed to the alert webhook by
+//! [`alerts`], off the request path.
 
 mod admin;
+pub mod alerts;
 pub mod audit;
 mod auth;
 pub mod body;

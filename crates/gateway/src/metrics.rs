@@ -4,9 +4,12 @@
 //! known up front (decisions by outcome and reason, tokens by event).
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use portcullis_core::Reason;
+
+use crate::alerts::AlertCounters;
 
 /// Upper bounds of the latency histogram buckets, in microseconds.
 const BUCKETS_US: [u64; 18] = [
@@ -78,6 +81,8 @@ pub struct Metrics {
     pub call_latency: Histogram,
     /// Time of a ledger commit (the write-ahead record included).
     pub commit_latency: Histogram,
+    /// Alert webhook deliveries, shared with the delivery task.
+    pub alerts: Arc<AlertCounters>,
 }
 
 impl Default for Metrics {
@@ -92,6 +97,7 @@ impl Default for Metrics {
             decision_latency: Histogram::default(),
             call_latency: Histogram::default(),
             commit_latency: Histogram::default(),
+            alerts: Arc::default(),
         }
     }
 }
@@ -181,6 +187,27 @@ impl Metrics {
             "portcullis_upstream_errors_total {}",
             self.upstream_errors.load(Ordering::Relaxed)
         );
+        for (name, help, c) in [
+            (
+                "portcullis_alerts_delivered_total",
+                "Alerts the webhook accepted (2xx).",
+                &self.alerts.delivered,
+            ),
+            (
+                "portcullis_alerts_failed_total",
+                "Alerts given up after every delivery attempt failed.",
+                &self.alerts.failed,
+            ),
+            (
+                "portcullis_alerts_dropped_total",
+                "Alerts dropped because the delivery queue was full.",
+                &self.alerts.dropped,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", c.load(Ordering::Relaxed));
+        }
         self.decision_latency.render(
             &mut out,
             "portcullis_decision_seconds",

@@ -14,6 +14,7 @@ use portcullis_token::{Claims, KeyRing, VerifyCache};
 use serde_json::Value;
 use zeroize::Zeroizing;
 
+use crate::alerts::{Alert, Alerts, QUEUE_CAPACITY, RetryPolicy};
 use crate::credential::{CredentialProvider, JwtProvider};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -21,6 +22,9 @@ use crate::upstream::{Disconnected, Upstream};
 
 /// Most verified tokens kept in the signature cache.
 const VERIFY_CACHE_CAPACITY: usize = 65_536;
+/// Stripes of the per-task decision locks.
+const TASK_LOCK_STRIPES: usize = 64;
+
 /// Most access tokens remembered as live.
 const LIVE_CACHE_CAPACITY: usize = 65_536;
 
@@ -125,8 +129,14 @@ pub struct Gateway {
     pub(crate) settings: Settings,
     pub(crate) metrics: Metrics,
     pub(crate) live: LiveTokens,
+    /// Striped per-task locks: calls of one task are decided one at a time
+    /// in this process, so they do not spin on the ledger's compare-and-swap
+    /// (which still guards against other replicas).
+    pub(crate) task_locks: Vec<tokio::sync::Mutex<()>>,
     /// Per-hop tokens for token exchange, whatever an upstream's own kind.
     pub(crate) hop_jwt: JwtProvider,
+    /// The alert webhook (`audit.alert_webhook`), if configured.
+    pub(crate) alerts: Alerts,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -177,6 +187,17 @@ impl Gateway {
             elevation_ttl_ms: cfg.elevation.ttl.as_millis(),
             sample_low_risk: cfg.audit.sample_low_risk,
         };
+        let metrics = Metrics::default();
+        // An `https://` webhook is refused here: no TLS stack in this build.
+        let alerts = match &cfg.audit.alert_webhook {
+            Some(hook) => Alerts::new(
+                hook,
+                QUEUE_CAPACITY,
+                RetryPolicy::default(),
+                metrics.alerts.clone(),
+            )?,
+            None => Alerts::disabled(metrics.alerts.clone()),
+        };
         Ok(Self {
             engine,
             clock,
@@ -199,9 +220,13 @@ impl Gateway {
                 .filter_map(|a| a.bootstrap_sha256.clone().map(|h| (a.id.clone(), h)))
                 .collect(),
             settings,
-            metrics: Metrics::default(),
+            metrics,
             live: LiveTokens::new(single_writer),
+            task_locks: (0..TASK_LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             hop_jwt,
+            alerts,
         })
     }
 
@@ -219,6 +244,20 @@ impl Gateway {
         Ok(self)
     }
 
+    /// Sets how alert deliveries are retried (the default: 5 attempts of
+    /// 5 s, backoff from 0.5 s). Takes effect only before the first alert.
+    #[must_use]
+    pub fn with_alert_policy(self, policy: RetryPolicy) -> Self {
+        self.alerts.set_policy(policy);
+        self
+    }
+
+    /// Queues `alert` for the webhook; never waits, never fails (see
+    /// [`crate::alerts`]). A no-op when no webhook is configured.
+    pub fn alert(&self, alert: Alert) {
+        self.alerts.send(alert);
+    }
+
     /// The engine.
     pub fn engine(&self) -> &Engine {
         &self.engine
@@ -231,6 +270,17 @@ impl Gateway {
 
     pub(crate) fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    /// The lock that serializes decisions on `task_id` in this process.
+    pub(crate) fn task_lock(&self, task_id: &str) -> Option<&tokio::sync::Mutex<()>> {
+        let digest = portcullis_token::sha256_hex(task_id.as_bytes());
+        let stripe = digest
+            .get(..4)
+            .and_then(|h| usize::from_str_radix(h, 16).ok())
+            .unwrap_or(0)
+            % self.task_locks.len().max(1);
+        self.task_locks.get(stripe)
     }
 
     /// Commits `ops` to the ledger; the tokens the batch revoked stop

@@ -14,6 +14,7 @@ use portcullis_store::{EventKind, NewEvent, Op, StoreError, TaskRecord};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::alerts::{Alert, TASK_HALTED};
 use crate::error::ApiError;
 use crate::layers::TaskCaller;
 use crate::metrics::TokenEvent;
@@ -478,6 +479,13 @@ async fn end_task(
         ];
         match gw.commit(ops).await {
             Ok(done) => {
+                if status == TaskStatus::Halted {
+                    // After the commit: the halt stands whatever becomes of
+                    // the alert. Identifiers and who halted it only.
+                    gw.alert(
+                        Alert::for_task(TASK_HALTED, &task, now).detail(format!("halted by {by}")),
+                    );
+                }
                 return Ok(json!({
                     "task_id": task.id,
                     "status": task.status.as_str(),

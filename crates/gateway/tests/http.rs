@@ -2145,3 +2145,238 @@ async fn refusals_before_the_decision_are_audited() {
     let text = serde_json::to_string(&records).unwrap();
     assert!(!text.contains(&a.access) && !text.contains(&forged));
 }
+
+// ---------------------------------------------------------------------------
+// The alert webhook (`audit.alert_webhook`).
+// ---------------------------------------------------------------------------
+
+/// A webhook receiver on 127.0.0.1: it answers 500 to the first
+/// `failures` attempts, then 200 — or never answers at all (`hang`).
+struct Receiver {
+    url: String,
+    attempts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// `(content-type, body)` of every accepted alert.
+    accepted: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+impl Receiver {
+    async fn start(failures: usize, hang: bool) -> Self {
+        use axum::http::{HeaderMap as AxumHeaders, StatusCode as AxumStatus};
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::{Arc, Mutex};
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let (n, seen) = (attempts.clone(), accepted.clone());
+        let app = axum::Router::new().route(
+            "/alerts",
+            axum::routing::post(move |headers: AxumHeaders, body: String| {
+                let (n, seen) = (n.clone(), seen.clone());
+                async move {
+                    let i = n.fetch_add(1, Ordering::SeqCst);
+                    if hang {
+                        std::future::pending::<()>().await;
+                    }
+                    if i < failures {
+                        return AxumStatus::INTERNAL_SERVER_ERROR;
+                    }
+                    let ct = headers
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    seen.lock().unwrap().push((ct, body));
+                    AxumStatus::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/alerts", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self {
+            url,
+            attempts,
+            accepted,
+        }
+    }
+
+    fn accepted(&self) -> Vec<(String, String)> {
+        self.accepted.lock().unwrap().clone()
+    }
+}
+
+/// Fast retries, so a failing receiver is given up on within a second.
+fn quick_retries(attempts: u32) -> portcullis_gateway::alerts::RetryPolicy {
+    portcullis_gateway::alerts::RetryPolicy {
+        attempts,
+        timeout: Duration::from_millis(300),
+        backoff: Duration::from_millis(50),
+    }
+}
+
+async fn alerting_harness(url: String, attempts: u32) -> Harness {
+    Harness::with(Options {
+        alert_webhook: Some(url),
+        alert_policy: Some(quick_retries(attempts)),
+        ..Options::default()
+    })
+    .await
+}
+
+/// The value of the unlabelled series `name` in `/metrics`.
+async fn metric(h: &Harness, name: &str) -> u64 {
+    let a = h.get("/metrics", None).await;
+    a.text
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Waits (at most 5 s) until `metric` reaches `want`.
+async fn wait_for_metric(h: &Harness, name: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = metric(h, name).await;
+        if got >= want {
+            assert_eq!(got, want, "{name}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} stayed at {got}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Halts `task_id` as the admin and asserts it answered 200 within 1 s.
+async fn timed_halt(h: &Harness, task_id: &str) {
+    let started = Instant::now();
+    let a = h
+        .post_json(
+            &format!("/v1/tasks/{task_id}/halt"),
+            Some(ADMIN),
+            &json!({}),
+        )
+        .await;
+    let took = started.elapsed();
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert!(took < Duration::from_secs(1), "halt took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn halting_a_task_posts_exactly_one_alert() {
+    let r = Receiver::start(0, false).await;
+    let h = alerting_harness(r.url.clone(), 5).await;
+    // A completed task is no alert.
+    let done = h.start_task(None).await;
+    let a = h
+        .post_json(
+            &format!("/v1/tasks/{}/complete", done.task_id),
+            Some(ADMIN),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let s = h.start_task(None).await;
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    let before = portcullis_core::Clock::now(&*h.clock).0;
+    timed_halt(&h, &s.task_id).await;
+
+    wait_for_metric(&h, "portcullis_alerts_delivered_total", 1).await;
+    // Nothing more arrives.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let accepted = r.accepted();
+    assert_eq!(accepted.len(), 1, "{accepted:?}");
+    assert_eq!(r.attempts.load(Ordering::SeqCst), 1);
+    let (content_type, text) = &accepted[0];
+    assert_eq!(content_type, "application/json");
+    let body: Value = serde_json::from_str(text).unwrap();
+    assert_eq!(
+        body,
+        json!({
+            "kind": "task.halted",
+            "task_id": s.task_id,
+            "agent_id": "ingest-bot",
+            "reason": null,
+            "detail": "halted by admin ops",
+            "ts": before,
+        })
+    );
+    // Never a token nor an argument.
+    for secret in [&s.access, &s.refresh, "hunter2", "analytics"] {
+        assert!(!text.contains(secret), "{text}");
+    }
+    assert_eq!(metric(&h, "portcullis_alerts_failed_total").await, 0);
+    assert_eq!(metric(&h, "portcullis_alerts_dropped_total").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_delivery_is_retried_until_the_receiver_accepts() {
+    let r = Receiver::start(2, false).await;
+    let h = alerting_harness(r.url.clone(), 5).await;
+    let s = h.start_task(None).await;
+    timed_halt(&h, &s.task_id).await;
+    wait_for_metric(&h, "portcullis_alerts_delivered_total", 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(r.attempts.load(Ordering::SeqCst), 3);
+    assert_eq!(r.accepted().len(), 1);
+    assert_eq!(metric(&h, "portcullis_alerts_failed_total").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_alert_receiver_never_slows_a_halt() {
+    // A port with nothing listening.
+    let url = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        format!("http://{}/alerts", l.local_addr().unwrap())
+    };
+    let h = alerting_harness(url, 3).await;
+    let s = h.start_task(None).await;
+    let other = h.start_task(None).await;
+    timed_halt(&h, &s.task_id).await;
+    // Calls go on meanwhile.
+    h.call_ok(
+        &other.access,
+        &other.task_id,
+        "warehouse.connect",
+        connect_args(),
+    )
+    .await;
+    wait_for_metric(&h, "portcullis_alerts_failed_total", 1).await;
+    assert_eq!(metric(&h, "portcullis_alerts_delivered_total").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_alert_receiver_never_slows_a_halt() {
+    let r = Receiver::start(0, true).await;
+    let h = alerting_harness(r.url.clone(), 2).await;
+    let s = h.start_task(None).await;
+    let other = h.start_task(None).await;
+    timed_halt(&h, &s.task_id).await;
+    let started = Instant::now();
+    h.call_ok(
+        &other.access,
+        &other.task_id,
+        "warehouse.connect",
+        connect_args(),
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // Two attempts of 300 ms, 50 ms apart, then given up.
+    wait_for_metric(&h, "portcullis_alerts_failed_total", 1).await;
+    assert_eq!(r.attempts.load(Ordering::SeqCst), 2);
+    assert!(r.accepted().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_alert_webhook_is_a_setup_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        alert_webhook: Some("https://alerts.example/hook".to_owned()),
+        ..Options::default()
+    };
+    let config = write_config(dir.path(), "127.0.0.1:1", &opts);
+    let err = portcullis_gateway::run::build(&config).await.unwrap_err();
+    assert!(err.to_string().contains("TLS"), "{err}");
+}

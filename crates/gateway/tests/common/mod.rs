@@ -23,6 +23,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use portcullis_core::{Clock, ManualClock};
+use portcullis_gateway::alerts::RetryPolicy;
 use portcullis_gateway::upstream::{HopCredential, InProcess, UpstreamCall, UpstreamError};
 use portcullis_gateway::{Gateway, router, serve};
 use portcullis_store::{
@@ -66,6 +67,10 @@ pub struct Options {
     pub refresh_idle_ttl: &'static str,
     pub task_max_lifetime: &'static str,
     pub max_calls_per_task: u64,
+    /// `audit.alert_webhook`, when set.
+    pub alert_webhook: Option<String>,
+    /// How alert deliveries are retried (the gateway's default if `None`).
+    pub alert_policy: Option<RetryPolicy>,
 }
 
 impl Default for Options {
@@ -76,6 +81,8 @@ impl Default for Options {
             refresh_idle_ttl: "15m",
             task_max_lifetime: "8h",
             max_calls_per_task: 500,
+            alert_webhook: None,
+            alert_policy: None,
         }
     }
 }
@@ -125,6 +132,7 @@ signing_key = "keys/k1.ed25519"
 
 [audit]
 redact = ["password", "secret", "token", "authorization"]
+{webhook}
 
 [[admins]]
 name = "ops"
@@ -240,6 +248,11 @@ cedar = ["policies/*.cedar"]
         bootstrap = sha(BOOTSTRAP),
         other = sha(OTHER_BOOTSTRAP),
         max_calls = opts.max_calls_per_task,
+        webhook = opts
+            .alert_webhook
+            .as_ref()
+            .map(|u| format!("alert_webhook = {u:?}"))
+            .unwrap_or_default(),
     )
 }
 
@@ -434,6 +447,10 @@ impl Harness {
             .unwrap()
             .with_upstream("files", files.clone())
             .unwrap();
+        let gw = match opts.alert_policy.clone() {
+            Some(policy) => gw.with_alert_policy(policy),
+            None => gw,
+        };
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(serve(listener, router(Arc::new(gw)), async move {
             let _ = rx.await;

@@ -1,0 +1,444 @@
+//! The alert webhook (`audit.alert_webhook`, DESIGN sections 3, 7 and 9).
+//!
+//! When a webhook is configured, the gateway POSTs a JSON alert
+//! `{kind, task_id, agent_id, reason, detail, ts}` (`ts` in unix
+//! milliseconds) to it on halts and, later, anomalies. An alert carries
+//! identifiers, a reason code and a short human detail — never a token nor
+//! a call's arguments.
+//!
+//! Delivery never holds up a request: [`Alerts::send`] only `try_send`s into
+//! a bounded queue ([`QUEUE_CAPACITY`]); when the queue is full the alert is
+//! dropped and `portcullis_alerts_dropped_total` counts it. One background
+//! task drains the queue in order, each alert with up to
+//! [`RetryPolicy::attempts`] HTTP/1.1 POSTs, a timeout per attempt and
+//! exponential backoff between attempts; a 2xx answer is a delivery
+//! (`portcullis_alerts_delivered_total`), an alert that exhausted its
+//! attempts is counted in `portcullis_alerts_failed_total`.
+//!
+//! The delivery task is spawned lazily, on the first `send`, on the tokio
+//! runtime of the caller (a request handler). So a [`crate::Gateway`] can be
+//! assembled with or without a runtime (`serve`, the test harness, benches)
+//! and no task runs when nothing is ever alerted. The task ends when the
+//! gateway (the last sender) is dropped; alerts still queued at shutdown
+//! are lost.
+//!
+//! Only `http://` webhooks are supported: no TLS stack is compiled in, so an
+//! `https://` URL is a setup error at [`crate::Gateway::new`]. Point it at
+//! a relay on a trusted network (a local Vector or Alertmanager sidecar).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use portcullis_core::{Task, Timestamp};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::state::SetupError;
+
+/// Alerts waiting for delivery, at most.
+pub const QUEUE_CAPACITY: usize = 1024;
+
+/// Alert kind: a task was halted (by an admin or an anomaly rule).
+pub const TASK_HALTED: &str = "task.halted";
+
+/// One alert, the webhook body of DESIGN section 9.
+///
+/// Build it from identifiers, a reason code and a short detail only: no
+/// tokens, no arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Alert {
+    /// What happened, e.g. [`TASK_HALTED`].
+    pub kind: &'static str,
+    /// The task concerned, if any.
+    pub task_id: Option<String>,
+    /// Its agent, if any.
+    pub agent_id: Option<String>,
+    /// A reason code (DESIGN section 2) when a rule fired; `null` for a
+    /// human's action.
+    pub reason: Option<String>,
+    /// A short human-readable detail.
+    pub detail: Option<String>,
+    /// When, in unix milliseconds.
+    pub ts: u64,
+}
+
+impl Alert {
+    /// An alert of `kind` about `task` at `now`.
+    pub fn for_task(kind: &'static str, task: &Task, now: Timestamp) -> Self {
+        Self {
+            kind,
+            task_id: Some(task.id.clone()),
+            agent_id: Some(task.agent_id.clone()),
+            reason: None,
+            detail: None,
+            ts: now.0,
+        }
+    }
+
+    /// With a reason code.
+    #[must_use]
+    pub fn reason(mut self, reason: impl Into<String>) -> Self {
+        self.reason = Some(reason.into());
+        self
+    }
+
+    /// With a detail.
+    #[must_use]
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+}
+
+/// How hard a delivery is tried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// POSTs per alert, at least 1.
+    pub attempts: u32,
+    /// Timeout of one attempt (connect, request and answer).
+    pub timeout: Duration,
+    /// Wait before the second attempt; doubled before each later one.
+    pub backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// 5 attempts, 5 s each, waiting 0.5 s, 1 s, 2 s and 4 s between them.
+    fn default() -> Self {
+        Self {
+            attempts: 5,
+            timeout: Duration::from_secs(5),
+            backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after failed attempt `n` (1-based).
+    fn wait_after(&self, n: u32) -> Duration {
+        self.backoff
+            .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+    }
+}
+
+/// Delivery counters, shared with [`crate::metrics::Metrics`].
+#[derive(Debug, Default)]
+pub struct AlertCounters {
+    /// Alerts a receiver accepted (2xx).
+    pub delivered: AtomicU64,
+    /// Alerts given up after every attempt failed.
+    pub failed: AtomicU64,
+    /// Alerts dropped because the queue was full.
+    pub dropped: AtomicU64,
+}
+
+/// The delivery task before it starts.
+struct Worker {
+    rx: mpsc::Receiver<Alert>,
+    uri: Uri,
+    policy: RetryPolicy,
+}
+
+struct Inner {
+    tx: mpsc::Sender<Alert>,
+    /// `Some` until the delivery task is spawned.
+    worker: Mutex<Option<Worker>>,
+}
+
+/// The gateway's alert sender. Cheap to call from any handler or rule.
+pub struct Alerts {
+    /// `None` when no webhook is configured.
+    inner: Option<Inner>,
+    counters: Arc<AlertCounters>,
+}
+
+impl std::fmt::Debug for Alerts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Alerts")
+            .field("enabled", &self.inner.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Alerts {
+    /// Alerts that go nowhere (no webhook configured).
+    pub fn disabled(counters: Arc<AlertCounters>) -> Self {
+        Self {
+            inner: None,
+            counters,
+        }
+    }
+
+    /// Alerts to `webhook` (an `http://` URL) through a queue of
+    /// `capacity`.
+    pub fn new(
+        webhook: &str,
+        capacity: usize,
+        policy: RetryPolicy,
+        counters: Arc<AlertCounters>,
+    ) -> Result<Self, SetupError> {
+        let uri = parse_webhook(webhook)?;
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        Ok(Self {
+            inner: Some(Inner {
+                tx,
+                worker: Mutex::new(Some(Worker { rx, uri, policy })),
+            }),
+            counters,
+        })
+    }
+
+    /// Whether a webhook is configured.
+    pub fn enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Replaces the retry policy; only before the first alert is sent.
+    pub fn set_policy(&self, policy: RetryPolicy) {
+        if let Some(inner) = &self.inner
+            && let Some(w) = lock(&inner.worker).as_mut()
+        {
+            w.policy = policy;
+        }
+    }
+
+    /// Queues `alert` for delivery without ever waiting: when the queue is
+    /// full (a slow or dead receiver), it is dropped and counted.
+    pub fn send(&self, alert: Alert) {
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        self.start(inner);
+        match inner.tx.try_send(alert) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(a) | mpsc::error::TrySendError::Closed(a)) => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(kind = a.kind, task_id = ?a.task_id, "alert dropped: queue full");
+            }
+        }
+    }
+
+    /// Spawns the delivery task on the current runtime, once.
+    fn start(&self, inner: &Inner) {
+        let mut slot = lock(&inner.worker);
+        if slot.is_none() {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            // No runtime here: alerts wait in the queue until a send from
+            // inside one starts the task.
+            return;
+        };
+        if let Some(worker) = slot.take() {
+            handle.spawn(deliver_all(worker, self.counters.clone()));
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Checks the webhook URL: `http://host[:port]/path` only.
+fn parse_webhook(webhook: &str) -> Result<Uri, SetupError> {
+    let err = |why: &str| SetupError(format!("audit.alert_webhook {webhook:?}: {why}"));
+    let uri: Uri = webhook
+        .parse()
+        .map_err(|e| err(&format!("not a URL: {e}")))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(err("https is not supported: this build has no TLS stack; \
+                 use an http:// receiver or a local relay on a trusted network"));
+        }
+        _ => return Err(err("not an http:// URL")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(err("no host"));
+    }
+    Ok(uri)
+}
+
+/// The delivery task: one alert at a time, in order.
+async fn deliver_all(mut worker: Worker, counters: Arc<AlertCounters>) {
+    let mut connector = HttpConnector::new();
+    connector.enforce_http(true);
+    connector.set_connect_timeout(Some(worker.policy.timeout));
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(connector);
+    while let Some(alert) = worker.rx.recv().await {
+        let body = match serde_json::to_vec(&alert) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => {
+                tracing::error!(error = %e, "alert not serializable");
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        };
+        let policy = &worker.policy;
+        let attempts = policy.attempts.max(1);
+        let mut delivered = false;
+        for n in 1..=attempts {
+            match attempt(&client, &worker.uri, body.clone(), policy.timeout).await {
+                Ok(()) => {
+                    delivered = true;
+                    break;
+                }
+                Err(why) => {
+                    tracing::warn!(kind = alert.kind, attempt = n, %why, "alert delivery failed");
+                }
+            }
+            if n < attempts {
+                tokio::time::sleep(policy.wait_after(n)).await;
+            }
+        }
+        let c = if delivered {
+            &counters.delivered
+        } else {
+            tracing::error!(kind = alert.kind, task_id = ?alert.task_id, "alert given up");
+            &counters.failed
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One POST; `Ok` on a 2xx answer within `timeout`.
+async fn attempt(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    uri: &Uri,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<(), String> {
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(uri.clone())
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::USER_AGENT, "portcullis-alerts")
+        .body(Full::new(body))
+        .map_err(|e| e.to_string())?;
+    let exchange = async {
+        let response = client.request(request).await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        // Read the (small) answer so the connection can be reused.
+        let _ = response.into_body().collect().await;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("receiver answered {status}"))
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))?
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    fn alert(i: u64) -> Alert {
+        Alert {
+            kind: TASK_HALTED,
+            task_id: Some(format!("task_{i}")),
+            agent_id: Some("bot".to_owned()),
+            reason: None,
+            detail: Some("halted by admin ops".to_owned()),
+            ts: i,
+        }
+    }
+
+    #[test]
+    fn only_plain_http_webhooks_are_accepted() {
+        let counters = Arc::new(AlertCounters::default());
+        let ok = |u: &str| Alerts::new(u, 4, RetryPolicy::default(), counters.clone());
+        assert!(ok("http://127.0.0.1:9999/alerts").unwrap().enabled());
+        let e = ok("https://alerts.example/hook").unwrap_err().to_string();
+        assert!(e.contains("TLS"), "{e}");
+        assert!(ok("ftp://x/").is_err());
+        assert!(ok("not a url").is_err());
+        assert!(!Alerts::disabled(counters).enabled());
+    }
+
+    #[test]
+    fn backoff_doubles() {
+        let p = RetryPolicy::default();
+        let waits: Vec<_> = (1..5).map(|n| p.wait_after(n).as_millis()).collect();
+        assert_eq!(waits, [500, 1000, 2000, 4000]);
+    }
+
+    #[test]
+    fn the_body_has_the_contract_fields() {
+        let v = serde_json::to_value(alert(7)).unwrap();
+        let mut keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["agent_id", "detail", "kind", "reason", "task_id", "ts"]
+        );
+        assert_eq!(v["reason"], serde_json::Value::Null);
+    }
+
+    /// A full queue drops and counts, without waiting. Sent outside a
+    /// runtime, so nothing drains the queue.
+    #[test]
+    fn a_flood_beyond_the_queue_is_dropped_and_counted() {
+        let counters = Arc::new(AlertCounters::default());
+        let alerts = Alerts::new(
+            "http://127.0.0.1:9/alerts",
+            3,
+            RetryPolicy::default(),
+            counters.clone(),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        for i in 0..10 {
+            alerts.send(alert(i));
+        }
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(counters.dropped.load(Ordering::Relaxed), 7);
+    }
+
+    /// The same inside a runtime whose receiver never answers: the worker
+    /// holds one alert, the queue the next ones, the rest are dropped.
+    #[tokio::test]
+    async fn a_flood_with_a_stuck_receiver_is_dropped_and_counted() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accepts and never answers.
+        let keep = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let counters = Arc::new(AlertCounters::default());
+        let policy = RetryPolicy {
+            attempts: 1,
+            timeout: Duration::from_secs(30),
+            backoff: Duration::ZERO,
+        };
+        let alerts = Alerts::new(
+            &format!("http://{addr}/alerts"),
+            4,
+            policy,
+            counters.clone(),
+        )
+        .unwrap();
+        alerts.send(alert(0));
+        // Let the worker take the first alert off the queue.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for i in 1..=20 {
+            alerts.send(alert(i));
+        }
+        assert_eq!(counters.dropped.load(Ordering::Relaxed), 16);
+        assert_eq!(counters.delivered.load(Ordering::Relaxed), 0);
+        keep.abort();
+    }
+}
