@@ -34,21 +34,16 @@
 )]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
-/// The bootstrap secret of `ingest-bot`; its SHA-256 is in the configuration.
-const BOOTSTRAP: &str = "serve-test-bootstrap-secret";
-const BOOTSTRAP_SHA256: &str = "84f0fe75f625a4767155cc0ae0d00f5138abb6efcfa88e1a5815e6cc698ed7be";
-/// The admin token; its SHA-256 is in the configuration.
-const ADMIN: &str = "serve-test-admin-token";
-const ADMIN_SHA256: &str = "96f9892bad2b8acea814818036e836f8e46a18435431b6ec5f247146ad9c4a42";
+mod common;
+
+use common::{ADMIN, BOOTSTRAP, free_port, portcullis, start_server};
 
 /// Long-lived tasks the call clients share.
 const TASKS: usize = 8;
@@ -58,138 +53,6 @@ const CLIENTS: usize = 16;
 const KILL_AFTER: Duration = Duration::from_millis(1000);
 /// The longest the load runs (it stops at the kill).
 const LOAD_FOR: Duration = Duration::from_secs(2);
-
-/// The server process, killed when the test ends, however it ends.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// The configuration of `serve.rs`, with checkpoints every 200 records so
-/// that the load crosses a few of them.
-fn write_config(dir: &Path, listen: &str) {
-    std::fs::create_dir_all(dir.join("policies")).unwrap();
-    std::fs::write(
-        dir.join("policies/ingestion.cedar"),
-        r#"
-@id("no-sql-wildcards")
-forbid(principal, action, resource == Tool::"warehouse.query")
-when { context.args.sql like "*\**" };
-"#,
-    )
-    .unwrap();
-    let config = format!(
-        r#"
-[server]
-listen = "{listen}"
-issuer = "http://{listen}"
-
-[store]
-url = "sqlite://ledger.db"
-
-[tokens]
-access_ttl = "10m"
-refresh_idle_ttl = "30m"
-task_max_lifetime = "8h"
-signing_key = "keys/k1.ed25519"
-
-[audit]
-checkpoint_every = 200
-checkpoint_interval = "1s"
-
-[[admins]]
-name = "ops"
-roles = ["admin", "auditor"]
-token_sha256 = "{ADMIN_SHA256}"
-
-[[upstreams]]
-name = "warehouse"
-transport = "stdio"
-command = ["portcullis", "demo-server", "warehouse"]
-credential = {{ kind = "jwt" }}
-
-[[tools]]
-name = "warehouse.connect"
-upstream = "warehouse"
-risk = "low"
-access = "read"
-args_schema = {{ type = "object", properties = {{ database = {{ type = "string" }} }}, required = ["database"], additionalProperties = false }}
-
-[[tools]]
-name = "warehouse.query"
-upstream = "warehouse"
-risk = "low"
-access = "read"
-args_schema = {{ type = "object", properties = {{ sql = {{ type = "string" }} }}, required = ["sql"], additionalProperties = false }}
-
-[[agent_types]]
-name = "ingestion"
-initial = "connect"
-auto_advance = true
-states = [
-  {{ name = "connect", tools = ["warehouse.connect"], next = ["query"] }},
-  {{ name = "query",   tools = ["warehouse.query"], next = ["done"] }},
-  {{ name = "done",    final = true }},
-]
-
-[[agents]]
-id = "ingest-bot"
-type = "ingestion"
-tools = ["warehouse.connect", "warehouse.query"]
-bootstrap_sha256 = "{BOOTSTRAP_SHA256}"
-
-[policies]
-cedar = ["policies/*.cedar"]
-"#
-    );
-    std::fs::write(dir.join("portcullis.toml"), config).unwrap();
-}
-
-/// Starts `portcullis serve` and waits for `/readyz`.
-async fn start_server(dir: &Path, base: &str, client: &reqwest::Client, log: &str) -> Server {
-    let log_path = dir.join(log);
-    let log = std::fs::File::create(&log_path).unwrap();
-    let child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(dir.join("portcullis.toml"))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut server = Server(child);
-    let server_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    for _ in 0..300 {
-        if let Some(status) = server.0.try_wait().unwrap() {
-            panic!("serve exited early ({status}):\n{}", server_log());
-        }
-        if let Ok(r) = client.get(format!("{base}/readyz")).send().await
-            && r.status() == 200
-        {
-            return server;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("not ready after 15 s:\n{}", server_log());
-}
-
-/// Runs the CLI in `dir`.
-fn portcullis(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
-}
 
 fn text(out: &Output) -> String {
     format!(
@@ -476,7 +339,11 @@ async fn acknowledged_calls_survive_kill_9() {
     );
     assert!(keygen.status.success(), "keygen: {}", text(&keygen));
     let listen = format!("127.0.0.1:{}", free_port());
-    write_config(dir, &listen);
+    common::write_config(
+        dir,
+        &listen,
+        "checkpoint_every = 200\ncheckpoint_interval = \"1s\"",
+    );
     let base = format!("http://{listen}");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))

@@ -10,111 +10,14 @@
     clippy::indexing_slicing
 )]
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
-/// The bootstrap secret of `ingest-bot`; its SHA-256 is in the configuration.
-const BOOTSTRAP: &str = "serve-test-bootstrap-secret";
-const BOOTSTRAP_SHA256: &str = "84f0fe75f625a4767155cc0ae0d00f5138abb6efcfa88e1a5815e6cc698ed7be";
-/// The admin token; its SHA-256 is in the configuration.
-const ADMIN: &str = "serve-test-admin-token";
-const ADMIN_SHA256: &str = "96f9892bad2b8acea814818036e836f8e46a18435431b6ec5f247146ad9c4a42";
+mod common;
 
-/// The server process, killed when the test ends, however it ends.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-fn write_config(dir: &Path, listen: &str) {
-    std::fs::create_dir_all(dir.join("policies")).unwrap();
-    std::fs::write(
-        dir.join("policies/ingestion.cedar"),
-        r#"
-@id("no-sql-wildcards")
-forbid(principal, action, resource == Tool::"warehouse.query")
-when { context.args.sql like "*\**" };
-"#,
-    )
-    .unwrap();
-    let config = format!(
-        r#"
-[server]
-listen = "{listen}"
-issuer = "http://{listen}"
-
-[store]
-url = "sqlite://ledger.db"
-
-[tokens]
-access_ttl = "10m"
-refresh_idle_ttl = "30m"
-task_max_lifetime = "8h"
-signing_key = "keys/k1.ed25519"
-
-[audit]
-jsonl = "mirror.jsonl"
-
-[[admins]]
-name = "ops"
-roles = ["admin", "auditor"]
-token_sha256 = "{ADMIN_SHA256}"
-
-[[upstreams]]
-name = "warehouse"
-transport = "stdio"
-command = ["portcullis", "demo-server", "warehouse"]
-credential = {{ kind = "jwt" }}
-
-[[tools]]
-name = "warehouse.connect"
-upstream = "warehouse"
-risk = "low"
-access = "read"
-args_schema = {{ type = "object", properties = {{ database = {{ type = "string" }} }}, required = ["database"], additionalProperties = false }}
-
-[[tools]]
-name = "warehouse.query"
-upstream = "warehouse"
-risk = "low"
-access = "read"
-args_schema = {{ type = "object", properties = {{ sql = {{ type = "string" }} }}, required = ["sql"], additionalProperties = false }}
-
-[[agent_types]]
-name = "ingestion"
-initial = "connect"
-auto_advance = true
-states = [
-  {{ name = "connect", tools = ["warehouse.connect"], next = ["query"] }},
-  {{ name = "query",   tools = ["warehouse.query"], next = ["done"] }},
-  {{ name = "done",    final = true }},
-]
-
-[[agents]]
-id = "ingest-bot"
-type = "ingestion"
-tools = ["warehouse.connect", "warehouse.query"]
-bootstrap_sha256 = "{BOOTSTRAP_SHA256}"
-
-[policies]
-cedar = ["policies/*.cedar"]
-"#
-    );
-    std::fs::write(dir.join("portcullis.toml"), config).unwrap();
-}
+use common::{ADMIN, BIN, BOOTSTRAP, Server, free_port, write_config};
 
 fn b64url_json(segment: &str) -> Value {
     // Tiny base64url decoder, to read the token header without a dependency.
@@ -148,7 +51,7 @@ async fn serve_runs_a_task_end_to_end() {
     assert!(!kid.is_empty());
 
     let listen = format!("127.0.0.1:{}", free_port());
-    write_config(dir.path(), &listen);
+    write_config(dir.path(), &listen, "jsonl = \"mirror.jsonl\"");
     let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
     let child = Command::new(BIN)
         .args(["serve", "--config"])
