@@ -112,8 +112,20 @@ pub async fn all_checkpoints(store: &dyn Store) -> Result<Vec<Checkpoint>, Strin
     }
 }
 
-/// One line of an export: a record, or a checkpoint (`{"checkpoint": …}`)
-/// written right after the record it covers.
+/// The records after `after` (exclusive), one page of at most [`PAGE`].
+async fn page_after(store: &dyn Store, after: u64) -> Result<Vec<AuditEvent>, String> {
+    store
+        .audit(&AuditQuery {
+            since_seq: Some(after),
+            limit: Some(PAGE),
+            ..AuditQuery::default()
+        })
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// One record as an export line (checkpoint lines are
+/// `{"checkpoint": …}`, written by [`export`] after the record they cover).
 pub fn export_line(event: &AuditEvent) -> Result<String, String> {
     serde_json::to_string(event).map_err(|e| e.to_string())
 }
@@ -127,14 +139,7 @@ pub async fn export(store: &dyn Store, since_seq: u64, out: &mut dyn Write) -> R
     let mut after = since_seq;
     let mut written = 0u64;
     loop {
-        let page = store
-            .audit(&AuditQuery {
-                since_seq: Some(after),
-                limit: Some(PAGE),
-                ..AuditQuery::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
+        let page = page_after(store, after).await?;
         let Some(last) = page.last().map(|e| e.seq) else {
             return Ok(written);
         };
@@ -162,14 +167,7 @@ pub async fn verify_store(
     // Pages are streamed into the verifier in order; only one page is held.
     let mut verifier = chain::Verifier::new(&checkpoints);
     loop {
-        let page = store
-            .audit(&AuditQuery {
-                since_seq: Some(after),
-                limit: Some(PAGE),
-                ..AuditQuery::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
+        let page = page_after(store, after).await?;
         let Some(last) = page.last().map(|e| e.seq) else {
             break;
         };
@@ -282,14 +280,7 @@ pub async fn tail(
             .map_or(0, |(seq, _)| seq.saturating_sub(20)),
     };
     loop {
-        let page = store
-            .audit(&AuditQuery {
-                since_seq: Some(after),
-                limit: Some(PAGE),
-                ..AuditQuery::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
+        let page = page_after(store, after).await?;
         match page.last().map(|e| e.seq) {
             Some(last) => {
                 for e in page.iter().filter(|e| filter.matches(e)) {
