@@ -706,7 +706,7 @@ fn check_sections(loaded: &LoadedConfig, r: &mut Reporter<'_>) {
             // forwarder (see docs/operations.md, Alerts).
             r.at(
                 &audit.key("alert_webhook"),
-                "https webhooks are not supported by this build; use an http:// receiver",
+                "https webhooks are not supported (no TLS client in this build); use an http:// receiver",
             );
         } else if !hook.starts_with("http://") {
             r.at(
