@@ -260,7 +260,7 @@ pub fn encode_header_value(value: &str) -> String {
     let plain = value.bytes().all(|b| (0x20..0x7f).contains(&b))
         && !value.starts_with(' ')
         && !value.ends_with(' ')
-        && !(value.starts_with("=?base64?") && value.ends_with("?="));
+        && (!value.starts_with("=?base64?") || !value.ends_with("?="));
     if plain {
         value.to_owned()
     } else {
@@ -311,8 +311,12 @@ mod tests {
     #[test]
     fn a_coherent_request_passes() {
         let p = params("fs.read");
-        let env = check_modern("tools/call", Some(&p), Some(&headers("tools/call", Some("fs.read"))))
-            .unwrap();
+        let env = check_modern(
+            "tools/call",
+            Some(&p),
+            Some(&headers("tools/call", Some("fs.read"))),
+        )
+        .unwrap();
         assert_eq!(env.protocol_version, MODERN_VERSION);
     }
 
@@ -352,9 +356,16 @@ mod tests {
     #[test]
     fn header_values_round_trip() {
         for v in ["plain.tool", "naïve", " spaced", "=?base64?eA==?="] {
-            assert_eq!(decode_header_value(&encode_header_value(v)).as_deref(), Some(v));
+            assert_eq!(
+                decode_header_value(&encode_header_value(v)).as_deref(),
+                Some(v)
+            );
         }
         assert_eq!(decode_header_value("=?base64?not base64?="), None);
-        assert_eq!(decode_header_value("=?base64?eB==?="), None, "non-canonical");
+        assert_eq!(
+            decode_header_value("=?base64?eB==?="),
+            None,
+            "non-canonical"
+        );
     }
 }

@@ -456,7 +456,10 @@ mod tests {
         for (s, id) in [
             (r#"{"jsonrpc":"2.0","id":null,"method":"ping"}"#, None),
             (r#"{"jsonrpc":"2.0","id":1.5,"method":"ping"}"#, None),
-            (r#"{"jsonrpc":"1.0","id":3,"method":"ping"}"#, Some(Id::from(3))),
+            (
+                r#"{"jsonrpc":"1.0","id":3,"method":"ping"}"#,
+                Some(Id::from(3)),
+            ),
             (r#"{"jsonrpc":"2.0","id":3,"method":7}"#, Some(Id::from(3))),
             (r#"{"jsonrpc":"2.0","id":3,"method":""}"#, Some(Id::from(3))),
             (
@@ -482,10 +485,7 @@ mod tests {
 
     #[test]
     fn bounds_and_garbage() {
-        assert_eq!(
-            parse(b"{}", 1),
-            Err(ParseError::TooLarge { limit: 1 })
-        );
+        assert_eq!(parse(b"{}", 1), Err(ParseError::TooLarge { limit: 1 }));
         assert!(matches!(parse(b"{", 10), Err(ParseError::NotJson(_))));
         assert_eq!(parse(b"[]", 10), Err(ParseError::BadBatch));
         let deep = "[".repeat(10_000);

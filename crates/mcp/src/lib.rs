@@ -9,6 +9,7 @@
 //! Everything that arrives from a peer is untrusted: every parser here has
 //! a size bound and never panics.
 
+pub mod client;
 pub mod era;
 pub mod jsonrpc;
 pub mod sse;

@@ -169,7 +169,9 @@ mod tests {
     #[test]
     fn encode_decodes_back() {
         let mut d = Decoder::new(1024);
-        let got = d.feed(encode("line1\nline2", Some("4")).as_bytes()).unwrap();
+        let got = d
+            .feed(encode("line1\nline2", Some("4")).as_bytes())
+            .unwrap();
         assert_eq!(got[0].data, "line1\nline2");
         assert_eq!(got[0].id.as_deref(), Some("4"));
     }
