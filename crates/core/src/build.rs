@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::Clock;
 use crate::args::Shape;
-use crate::engine::{AgentDef, Engine, StateDef, ToolDef, Workflow};
+use crate::engine::{AgentDef, Engine, PinState, StateDef, ToolDef, Workflow};
 use crate::policy::{PolicyIndex, ToolFacts};
 
 /// Shortest and longest accepted `tokens.access_ttl` (DESIGN section 5).
@@ -203,6 +203,7 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
             access: tool.access,
             shape: Shape::of_args(&schema),
             args_schema: schema,
+            schema_configured: tool.args_schema.is_some(),
             validator,
         });
     }
@@ -347,6 +348,7 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
             b.line.unwrap_or(0),
         ))
     });
+    let n_tools = tools.len();
     match policies {
         Some(policies) if findings.is_empty() => Ok(Engine {
             tools,
@@ -355,6 +357,7 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
             workflow_index,
             agents,
             policies,
+            pins: std::sync::RwLock::new(vec![PinState::default(); n_tools]),
             clock,
             slice_policies: true,
         }),
@@ -546,7 +549,7 @@ fn check_credential(r: &mut Reporter<'_>, cred: &KeyPath, c: &Credential, store_
 }
 
 /// Compiles an argument schema, explaining failures in the user's terms.
-fn compile_schema(schema: &Value) -> Result<jsonschema::Validator, String> {
+pub(crate) fn compile_schema(schema: &Value) -> Result<jsonschema::Validator, String> {
     jsonschema::validator_for(schema).map_err(|e| {
         if matches!(
             e.kind(),

@@ -8,8 +8,9 @@
 //! 3. ACL .................... `tool_not_granted` (allowlist ∩ task grant, ∪ live elevations)
 //! 4. workflow state ......... `state_violation` (with `auto_advance` to a `next` state)
 //! 5. budgets ................ `limit_exceeded`
-//! 6. argument bounds, schema  `args_invalid`
-//! 7. Cedar forbid policies .. `policy_forbid`
+//! 6. pinned definition ...... `tool_definition_changed` (MCP upstreams)
+//! 7. argument bounds, schema  `args_invalid`
+//! 8. Cedar forbid policies .. `policy_forbid`
 //!
 //! Any inconsistency (a task whose agent or state is not configured, a
 //! policy evaluation error) is `internal_error`: a denial.
@@ -18,7 +19,7 @@
 //! credentials, forwarding, audit) belong to the service around the engine.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use cedar_policy::{Context, RestrictedExpression};
 use portcullis_config::{Access, Risk};
@@ -43,6 +44,9 @@ pub struct ToolDef {
     pub access: Access,
     /// The argument schema (as configured, or `{"type": "object"}`).
     pub args_schema: Value,
+    /// Whether `args_schema` was configured; if not, the upstream's pinned
+    /// `inputSchema` is checked too, once it is known.
+    pub schema_configured: bool,
     pub(crate) validator: jsonschema::Validator,
     pub(crate) shape: Shape,
 }
@@ -123,6 +127,38 @@ pub struct Engine {
     pub(crate) policies: PolicyIndex,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) slice_policies: bool,
+    /// Per tool (by index): what is known of its pinned upstream definition.
+    pub(crate) pins: RwLock<Vec<PinState>>,
+}
+
+/// What the service reports about an upstream tool's definition, compared
+/// with its pin (see [`Engine::set_pin`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PinStatus {
+    /// Not compared yet (no upstream listing seen, or no upstream at all,
+    /// as in the embedded library): only the configured schema applies.
+    Unchecked,
+    /// The upstream advertises exactly the pinned definition; its
+    /// `inputSchema` (checked when no `args_schema` is configured).
+    Pinned {
+        /// The pinned `inputSchema`, if the definition has one.
+        input_schema: Option<Value>,
+    },
+    /// The upstream's definition differs from the pin, or is gone: every
+    /// call is `tool_definition_changed` until an admin re-approves it.
+    Changed {
+        /// What changed, for the denial's detail.
+        detail: String,
+    },
+}
+
+/// The engine's compiled form of a [`PinStatus`].
+#[derive(Debug, Clone, Default)]
+pub(crate) enum PinState {
+    #[default]
+    Unchecked,
+    Pinned(Option<Arc<jsonschema::Validator>>),
+    Changed(String),
 }
 
 impl std::fmt::Debug for Engine {
@@ -150,6 +186,63 @@ impl Engine {
     /// The time now, from the engine's clock.
     pub fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    /// Records what is known of `tool`'s upstream definition. A pinned
+    /// `inputSchema` that does not compile (or is not bounded) makes the
+    /// tool `Changed`: a schema the gateway cannot check is not trusted.
+    /// Returns the status applied; `None` for a tool not registered.
+    pub fn set_pin(&self, tool: &str, status: PinStatus) -> Option<PinStatus> {
+        let &i = self.tool_index.get(tool)?;
+        let (state, applied) = match status {
+            PinStatus::Unchecked => (PinState::Unchecked, PinStatus::Unchecked),
+            PinStatus::Changed { detail } => (
+                PinState::Changed(detail.clone()),
+                PinStatus::Changed { detail },
+            ),
+            PinStatus::Pinned { input_schema } => {
+                let compiled = match &input_schema {
+                    None => Ok(None),
+                    Some(schema) => args::check_bounds(schema)
+                        .map_err(|why| format!("schema too large: {why}"))
+                        .and_then(|()| crate::build::compile_schema(schema))
+                        .map(|v| Some(Arc::new(v))),
+                };
+                match compiled {
+                    Ok(v) => (PinState::Pinned(v), PinStatus::Pinned { input_schema }),
+                    Err(why) => {
+                        let detail = format!("the pinned inputSchema cannot be checked: {why}");
+                        (
+                            PinState::Changed(detail.clone()),
+                            PinStatus::Changed { detail },
+                        )
+                    }
+                }
+            }
+        };
+        let mut pins = self.pins.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = pins.get_mut(i) {
+            *slot = state;
+        }
+        Some(applied)
+    }
+
+    /// Step 6 for tool `i`: the pinned validator to apply, or the denial.
+    fn pin_check(
+        &self,
+        i: usize,
+        tool: &str,
+    ) -> Result<Option<Arc<jsonschema::Validator>>, Box<Decision>> {
+        let pins = self.pins.read().unwrap_or_else(PoisonError::into_inner);
+        match pins.get(i) {
+            None | Some(PinState::Unchecked) => Ok(None),
+            Some(PinState::Pinned(v)) => Ok(v.clone()),
+            Some(PinState::Changed(detail)) => Err(Box::new(Decision::deny(
+                tool,
+                Reason::ToolDefinitionChanged,
+                detail.clone(),
+            ))),
+        }
     }
 
     /// A registered tool by gateway name.
@@ -338,7 +431,10 @@ impl Engine {
     /// where no arguments exist yet, such as issuing a per-hop credential.
     pub fn check_tool(&self, task: &Task, tool: &str) -> Decision {
         match self.gate(task, tool) {
-            Ok(gate) => Decision::allow(tool, gate.transition),
+            Ok(gate) => match self.pin_check(gate.tool_i, tool) {
+                Ok(_) => Decision::allow(tool, gate.transition),
+                Err(denial) => *denial,
+            },
             Err(denial) => *denial,
         }
     }
@@ -350,7 +446,12 @@ impl Engine {
             Ok(gate) => (gate.tool_i, gate.def, gate.transition),
             Err(denial) => return *denial,
         };
-        // 6. Arguments: bounds, then the schema.
+        // 6. The upstream's definition is still the pinned one.
+        let pinned = match self.pin_check(tool_i, tool) {
+            Ok(v) => v,
+            Err(denial) => return *denial,
+        };
+        // 7. Arguments: bounds, then the schema (configured, else pinned).
         if let Err(why) = args::check_bounds(args) {
             return Decision::deny(
                 tool,
@@ -361,7 +462,11 @@ impl Engine {
         if !args.is_object() {
             return Decision::deny(tool, Reason::ArgsInvalid, "arguments must be a JSON object");
         }
-        if let Err(err) = def.validator.validate(args) {
+        let validator = match (&pinned, def.schema_configured) {
+            (Some(v), false) => v.as_ref(),
+            _ => &def.validator,
+        };
+        if let Err(err) = validator.validate(args) {
             let keyword = err.kind().keyword().to_owned();
             let at = err.instance_path().to_string();
             return Decision::deny(
@@ -374,7 +479,7 @@ impl Engine {
             );
         }
 
-        // 7. Cedar.
+        // 8. Cedar.
         let whole = !self.slice_policies;
         if self.policies.applies(tool_i, whole) {
             let state_name = transition

@@ -69,7 +69,7 @@ mod task;
 pub use build::{ACCESS_TTL_RANGE, build, check};
 pub use clock::{Clock, ManualClock, Timestamp};
 pub use decision::{Decision, Outcome, Transition};
-pub use engine::{Denial, Engine, ToolDef};
+pub use engine::{Denial, Engine, PinStatus, ToolDef};
 pub use portcullis_config as config;
 pub use reason::{Reason, UnknownReason};
 pub use task::{Grant, Task, TaskStatus};

@@ -440,3 +440,79 @@ fn phase_tools_are_the_state_and_everything_after_it() {
     );
     assert!(engine.phase_tools("etl", "nowhere").is_none());
 }
+
+#[test]
+fn step6_pinned_definitions_block_changed_tools_and_supply_the_schema() {
+    use portcullis_core::PinStatus;
+    let (engine, _, _dir) = common::engine();
+    let task = started(&engine, "bot");
+    // `wh.check` has no configured schema: until pinned, any object passes.
+    assert_eq!(
+        reason(&engine.decide(&task, "wh.check", &json!({"x": 1}))),
+        "allow"
+    );
+    // Pinned with an inputSchema: that schema now applies.
+    let schema = json!({"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"], "additionalProperties": false});
+    engine.set_pin(
+        "wh.check",
+        PinStatus::Pinned {
+            input_schema: Some(schema),
+        },
+    );
+    assert_eq!(
+        reason(&engine.decide(&task, "wh.check", &json!({"x": 1}))),
+        "args_invalid"
+    );
+    assert_eq!(
+        reason(&engine.decide(&task, "wh.check", &json!({"id": 1}))),
+        "allow"
+    );
+    // A configured schema wins over the pinned one.
+    engine.set_pin(
+        "wh.read",
+        PinStatus::Pinned {
+            input_schema: Some(json!({"type": "object", "required": ["nope"]})),
+        },
+    );
+    assert_eq!(
+        reason(&engine.decide(&task, "wh.read", &json!({"q": "s"}))),
+        "allow"
+    );
+    // A changed definition blocks the tool, after the ACL and state checks
+    // (a tool outside the state still says so), before the arguments.
+    engine.set_pin(
+        "wh.check",
+        PinStatus::Changed {
+            detail: "description changed".into(),
+        },
+    );
+    let d = engine.decide(&task, "wh.check", &json!({"id": 1}));
+    assert_eq!(reason(&d), "tool_definition_changed");
+    assert_eq!(d.detail, "description changed");
+    assert_eq!(
+        reason(&engine.check_tool(&task, "wh.check")),
+        "tool_definition_changed"
+    );
+    engine.set_pin("wh.admin", PinStatus::Changed { detail: "x".into() });
+    assert_eq!(
+        reason(&engine.decide(&task, "wh.admin", &json!({}))),
+        "tool_not_granted"
+    );
+    // An uncompilable pinned schema is not trusted: the tool is blocked.
+    let applied = engine.set_pin("wh.check", PinStatus::Pinned { input_schema: Some(json!({"type": "object", "properties": {"a": {"$ref": "http://example.invalid/s.json"}}})) });
+    assert!(
+        matches!(applied, Some(PinStatus::Changed { .. })),
+        "{applied:?}"
+    );
+    assert_eq!(
+        reason(&engine.decide(&task, "wh.check", &json!({"id": 1}))),
+        "tool_definition_changed"
+    );
+    // Re-approval clears it.
+    engine.set_pin("wh.check", PinStatus::Pinned { input_schema: None });
+    assert_eq!(
+        reason(&engine.decide(&task, "wh.check", &json!({"x": 1}))),
+        "allow"
+    );
+    assert_eq!(engine.set_pin("nope.tool", PinStatus::Unchecked), None);
+}
