@@ -1,6 +1,6 @@
 //! The Portcullis ledger (DESIGN section 6): tasks with their workflow state,
-//! token metadata, refresh-token hashes, revocations, elevation requests and
-//! the audit log, behind one [`Store`] trait.
+//! token metadata, refresh-token hashes, revocations, elevation requests,
+//! pinned tool definitions and the audit log, behind one [`Store`] trait.
 //!
 //! # How callers use it
 //!
@@ -57,9 +57,9 @@ pub use canonical::canonical_json;
 pub use model::{
     AuditEvent, AuditQuery, CHECKPOINT_EXISTS, CHECKPOINT_HASH_MISMATCH, CHECKPOINT_NO_SUCH_RECORD,
     Checkpoint, Committed, DEFAULT_AUDIT_LIMIT, ELEVATION_ALREADY_DECIDED, ElevationRecord,
-    ElevationStatus, EventKind, MAX_AUDIT_LIMIT, MAX_ROWS, NO_SUCH_ELEVATION, NewEvent, Op,
-    RefreshRecord, TaskRecord, TokenKind, TokenRecord, UnknownElevationStatus, UnknownEventKind,
-    UnknownTokenKind, checkpoint_message,
+    ElevationStatus, EventKind, MAX_AUDIT_LIMIT, MAX_PIN_DEFINITION_BYTES, MAX_ROWS,
+    NO_SUCH_ELEVATION, NewEvent, Op, RefreshRecord, TaskRecord, TokenKind, TokenRecord, ToolPin,
+    UnknownElevationStatus, UnknownEventKind, UnknownTokenKind, checkpoint_message,
 };
 pub use sqlite::{SqliteOptions, SqliteStore};
 
@@ -78,7 +78,9 @@ pub enum StoreError {
     /// pending (or does not exist), an [`Op::AppendCheckpoint`] that does not
     /// match a stored record, a duplicate key on insert, an insert that
     /// names a task that does not exist, or an op that is invalid in itself
-    /// (a non-increasing version, an elevation decided as pending).
+    /// (a non-increasing version, an elevation decided as pending, an
+    /// [`Op::PinTool`] with an empty name, a malformed hash or a definition
+    /// that is not a bounded JSON object).
     #[error("store conflict: {0}")]
     Conflict(String),
     /// [`Op::SpendRefresh`]: no refresh token has this hash.
@@ -154,6 +156,15 @@ pub trait Store: Send + Sync + 'static {
     /// The newest audit record's `seq` and `hash` (what a checkpoint
     /// signs); `None` while the log is empty.
     async fn chain_head(&self) -> Result<Option<(u64, String)>>;
+
+    /// Every pinned tool definition ([`Op::PinTool`]), ordered by
+    /// [`ToolPin::tool`] (byte order). Not capped at [`MAX_ROWS`]: a pin
+    /// left out would read as a tool never pinned.
+    async fn pins(&self) -> Result<Vec<ToolPin>>;
+
+    /// The pinned definition of this tool (`<upstream>.<tool>`), if it has
+    /// one.
+    async fn pin(&self, tool: &str) -> Result<Option<ToolPin>>;
 
     /// A real round trip to the database (for `/readyz`).
     async fn ping(&self) -> Result<()>;

@@ -13,8 +13,10 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_AUDIT_LIMIT: usize = 100;
 /// Most audit events one [`AuditQuery`] returns, whatever it asks for.
 pub const MAX_AUDIT_LIMIT: usize = 1000;
-/// Most rows any list query returns ([`crate::Store::task_tokens`],
-/// [`crate::Store::elevations`]).
+/// Most rows any paged or capped list query returns
+/// ([`crate::Store::task_tokens`], [`crate::Store::elevations`],
+/// [`crate::Store::checkpoints`]). [`crate::Store::pins`] is not capped: a
+/// pin left out would read as a tool never pinned.
 pub const MAX_ROWS: usize = 1000;
 
 /// The [`crate::StoreError::Conflict`] message of an
@@ -489,6 +491,80 @@ pub const CHECKPOINT_HASH_MISMATCH: &str = "checkpoint hash is not the record's 
 /// checkpoint.
 pub const CHECKPOINT_EXISTS: &str = "a different checkpoint of this seq exists";
 
+/// Largest [`ToolPin::definition`] the ledger stores, in bytes of its
+/// serialized JSON (1 MiB). A larger definition is refused
+/// ([`crate::StoreError::Conflict`]).
+pub const MAX_PIN_DEFINITION_BYTES: usize = 1024 * 1024;
+
+/// A pinned tool definition: what an admin (or first use) approved.
+///
+/// The gateway pins each upstream tool's full definition when it first sees
+/// it and compares later listings against [`hash`](Self::hash); a changed
+/// definition is not used until re-approved ([`Op::PinTool`] again, which
+/// replaces the pin). Serializes as one flat JSON object with these field
+/// names (`pinned_at` in Unix milliseconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolPin {
+    /// The gateway's tool name (`<upstream>.<tool>`).
+    pub tool: String,
+    /// The upstream it comes from.
+    pub upstream: String,
+    /// SHA-256 hex of the canonical JSON of `definition`: 64 lowercase hex
+    /// digits. The store checks the form, not the digest; computing it is
+    /// the caller's business.
+    pub hash: String,
+    /// The definition as pinned (name, title, description, inputSchema,
+    /// outputSchema, annotations): a JSON object of at most
+    /// [`MAX_PIN_DEFINITION_BYTES`] serialized.
+    pub definition: serde_json::Value,
+    /// When it was pinned or last re-approved.
+    pub pinned_at: Timestamp,
+    /// Who approved it: "first-use" or an admin's name.
+    pub approved_by: String,
+}
+
+/// Refuses an [`Op::PinTool`] that cannot be a pin; returns the
+/// definition's serialized JSON (what backends store) when it can.
+pub(crate) fn check_pin(pin: &ToolPin) -> Result<String, crate::StoreError> {
+    let refuse = |why: String| {
+        Err(crate::StoreError::Conflict(format!(
+            "pin tool {:?}: {why}",
+            pin.tool.chars().take(128).collect::<String>()
+        )))
+    };
+    if pin.tool.is_empty() {
+        return refuse("the tool name is empty".into());
+    }
+    if pin.upstream.is_empty() {
+        return refuse("the upstream is empty".into());
+    }
+    if pin.approved_by.is_empty() {
+        return refuse("approved_by is empty".into());
+    }
+    let hex = pin.hash.len() == 64
+        && pin
+            .hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !hex {
+        return refuse("the hash is not 64 lowercase hex digits".into());
+    }
+    if !pin.definition.is_object() {
+        return refuse("the definition is not a JSON object".into());
+    }
+    let json = match serde_json::to_string(&pin.definition) {
+        Ok(json) => json,
+        Err(e) => return refuse(format!("the definition does not serialize: {e}")),
+    };
+    if json.len() > MAX_PIN_DEFINITION_BYTES {
+        return refuse(format!(
+            "the definition is {} bytes, more than {MAX_PIN_DEFINITION_BYTES}",
+            json.len()
+        ));
+    }
+    Ok(json)
+}
+
 /// Which audit events to read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditQuery {
@@ -608,6 +684,13 @@ pub enum Op {
         /// `None` for a denial.
         expires_at: Option<Timestamp>,
     },
+    /// Stores a pinned tool definition, replacing the stored pin of the same
+    /// [`ToolPin::tool`] if there is one (an upsert: re-approval replaces
+    /// the pin whole). A [`crate::StoreError::Conflict`] (and the whole
+    /// batch rolls back) when `tool`, `upstream` or `approved_by` is empty,
+    /// `hash` is not 64 lowercase hex digits, or `definition` is not a JSON
+    /// object of at most [`MAX_PIN_DEFINITION_BYTES`] serialized.
+    PinTool(ToolPin),
 }
 
 /// What a committed batch produced.
@@ -764,6 +847,89 @@ mod tests {
         assert!(!ok(ElevationStatus::Approved, None));
         assert!(!ok(ElevationStatus::Approved, Some(at)));
         assert!(!ok(ElevationStatus::Denied, Some(Timestamp(11))));
+    }
+
+    fn sample_pin() -> ToolPin {
+        ToolPin {
+            tool: "warehouse.query".into(),
+            upstream: "warehouse".into(),
+            hash: "0123456789abcdef".repeat(4),
+            definition: serde_json::json!({
+                "name": "query",
+                "inputSchema": {"type": "object"},
+            }),
+            pinned_at: Timestamp(7),
+            approved_by: "first-use".into(),
+        }
+    }
+
+    #[test]
+    fn tool_pin_serializes_flat() {
+        let pin = sample_pin();
+        let json = serde_json::to_value(&pin).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "tool": "warehouse.query", "upstream": "warehouse",
+                "hash": "0123456789abcdef".repeat(4),
+                "definition": {"name": "query", "inputSchema": {"type": "object"}},
+                "pinned_at": 7, "approved_by": "first-use",
+            })
+        );
+        assert_eq!(serde_json::from_value::<ToolPin>(json).unwrap(), pin);
+    }
+
+    #[test]
+    fn pins_are_checked_before_storage() {
+        let ok = sample_pin();
+        assert_eq!(
+            check_pin(&ok).unwrap(),
+            serde_json::to_string(&ok.definition).unwrap()
+        );
+        let bad = |change: fn(&mut ToolPin)| {
+            let mut pin = sample_pin();
+            change(&mut pin);
+            match check_pin(&pin) {
+                Err(crate::StoreError::Conflict(message)) => message,
+                other => panic!("{pin:?} must be refused: {other:?}"),
+            }
+        };
+        assert!(bad(|p| p.tool.clear()).contains("tool name is empty"));
+        assert!(bad(|p| p.upstream.clear()).contains("upstream is empty"));
+        assert!(bad(|p| p.approved_by.clear()).contains("approved_by"));
+        for hash in [
+            String::new(),
+            "0".repeat(63),
+            "0".repeat(65),
+            "A".repeat(64),
+            "g".repeat(64),
+            format!("{}é", "0".repeat(62)),
+        ] {
+            let mut pin = sample_pin();
+            pin.hash = hash;
+            assert!(
+                matches!(check_pin(&pin), Err(crate::StoreError::Conflict(_))),
+                "{:?}",
+                pin.hash
+            );
+        }
+        for definition in [
+            serde_json::json!(null),
+            serde_json::json!([1]),
+            serde_json::json!("tool"),
+        ] {
+            let mut pin = sample_pin();
+            pin.definition = definition;
+            assert!(check_pin(&pin).unwrap_err().to_string().contains("object"));
+        }
+        // The size bound is on the serialized JSON, inclusive.
+        let mut pin = sample_pin();
+        let overhead = r#"{"d":""}"#.len();
+        pin.definition = serde_json::json!({"d": "x".repeat(MAX_PIN_DEFINITION_BYTES - overhead)});
+        assert_eq!(check_pin(&pin).unwrap().len(), MAX_PIN_DEFINITION_BYTES);
+        pin.definition =
+            serde_json::json!({"d": "x".repeat(MAX_PIN_DEFINITION_BYTES - overhead + 1)});
+        assert!(check_pin(&pin).unwrap_err().to_string().contains("bytes"));
     }
 
     #[test]

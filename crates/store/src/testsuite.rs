@@ -26,8 +26,9 @@ use crate::chain::{self, Report, Verifier};
 use crate::{
     AuditEvent, AuditQuery, CHECKPOINT_EXISTS, CHECKPOINT_HASH_MISMATCH, CHECKPOINT_NO_SUCH_RECORD,
     Checkpoint, ELEVATION_ALREADY_DECIDED, ElevationRecord, ElevationStatus, EventKind,
-    MAX_AUDIT_LIMIT, MAX_ROWS, NO_SUCH_ELEVATION, NewEvent, Op, RefreshRecord, Store, StoreError,
-    TaskRecord, TokenKind, TokenRecord, checkpoint_message,
+    MAX_AUDIT_LIMIT, MAX_PIN_DEFINITION_BYTES, MAX_ROWS, NO_SUCH_ELEVATION, NewEvent, Op,
+    RefreshRecord, Store, StoreError, TaskRecord, TokenKind, TokenRecord, ToolPin, canonical_json,
+    checkpoint_message,
 };
 
 /// The instant the checks pretend it is.
@@ -68,6 +69,10 @@ pub async fn run_all(store: &dyn Store) {
     elevation_decide_pending(store).await;
     elevation_decision_checks(store).await;
     elevation_decisions_race(store).await;
+    pin_round_trip(store).await;
+    pin_upsert_replaces(store).await;
+    pins_ordered_by_tool(store).await;
+    pin_invalid_rolls_back(store).await;
     // Last: it leaves MAX_ROWS + 5 pending elevations behind.
     elevation_list_limits(store).await;
 }
@@ -207,6 +212,42 @@ pub fn decided(record: &ElevationRecord, decision: &Op) -> ElevationRecord {
         note: note.clone(),
         expires_at: *expires_at,
         ..record.clone()
+    }
+}
+
+/// The pin of `tool` (`<upstream>.<name>`) approved by `approved_by` at
+/// `T0`: a small MCP tool definition, its `hash` the SHA-256 hex of its
+/// [`canonical_json`].
+pub fn sample_pin(tool: &str, approved_by: &str) -> ToolPin {
+    let (upstream, name) = tool.split_once('.').unwrap_or((tool, tool));
+    let definition = serde_json::json!({
+        "name": name,
+        "title": "Query the warehouse",
+        "description": "Runs a read-only query. é \u{1} 日本",
+        "inputSchema": {
+            "type": "object",
+            "properties": {"sql": {"type": "string", "maxLength": 4096}},
+            "required": ["sql"],
+        },
+        "annotations": {"readOnlyHint": true, "ratio": 0.1},
+    });
+    pin_of(tool, upstream, definition, approved_by)
+}
+
+/// A pin of `definition` with its true hash, pinned at `T0`.
+pub fn pin_of(
+    tool: &str,
+    upstream: &str,
+    definition: serde_json::Value,
+    approved_by: &str,
+) -> ToolPin {
+    ToolPin {
+        tool: tool.to_owned(),
+        upstream: upstream.to_owned(),
+        hash: format!("{:x}", Sha256::digest(canonical_json(&definition))),
+        definition,
+        pinned_at: T0,
+        approved_by: approved_by.to_owned(),
     }
 }
 
@@ -1818,4 +1859,245 @@ pub async fn checkpoints_round_trip(store: &dyn Store) {
     let report = verify_log(store).await;
     assert!(report.is_ok(), "{report:?}");
     assert!(report.checkpoints_verified >= 2, "{report:?}");
+}
+
+/// A pin reads back exactly as stored, by name and in [`Store::pins`]; an
+/// unknown tool has none. A definition of exactly
+/// [`MAX_PIN_DEFINITION_BYTES`] is accepted.
+pub async fn pin_round_trip(store: &dyn Store) {
+    let upstream = unique("pinned");
+    let tool = format!("{upstream}.query");
+    let pin = sample_pin(&tool, "first-use");
+    assert_eq!(store.pin(&tool).await.expect("read pin"), None);
+    commit_ok(store, vec![Op::PinTool(pin.clone())]).await;
+    assert_eq!(store.pin(&tool).await.expect("read pin"), Some(pin.clone()));
+    let all = store.pins().await.expect("read pins");
+    assert_eq!(
+        all.iter().filter(|p| p.tool == tool).collect::<Vec<_>>(),
+        vec![&pin]
+    );
+    assert_eq!(store.pin(&unique("missing")).await.expect("read pin"), None);
+    // Only the exact name.
+    assert_eq!(store.pin(&upstream).await.expect("read pin"), None);
+
+    let big_tool = format!("{upstream}.big");
+    let overhead = r#"{"d":""}"#.len();
+    let big = pin_of(
+        &big_tool,
+        &upstream,
+        serde_json::json!({"d": "x".repeat(MAX_PIN_DEFINITION_BYTES - overhead)}),
+        "alice",
+    );
+    commit_ok(store, vec![Op::PinTool(big.clone())]).await;
+    assert_eq!(store.pin(&big_tool).await.expect("read pin"), Some(big));
+}
+
+/// Pinning a tool again replaces its pin whole (re-approval of a changed
+/// definition), leaving one pin per tool.
+pub async fn pin_upsert_replaces(store: &dyn Store) {
+    let upstream = unique("repinned");
+    let tool = format!("{upstream}.query");
+    let first = sample_pin(&tool, "first-use");
+    commit_ok(store, vec![Op::PinTool(first.clone())]).await;
+
+    let mut definition = first.definition.clone();
+    if let Some(map) = definition.as_object_mut() {
+        map.insert("description".into(), "Runs any query.".into());
+    }
+    let mut second = pin_of(&tool, &format!("{upstream}-2"), definition, "alice");
+    second.pinned_at = T0.plus_millis(60_000);
+    assert_ne!(second.hash, first.hash);
+    commit_ok(store, vec![Op::PinTool(second.clone())]).await;
+    assert_eq!(
+        store.pin(&tool).await.expect("read pin"),
+        Some(second.clone())
+    );
+    let all = store.pins().await.expect("read pins");
+    assert_eq!(
+        all.iter().filter(|p| p.tool == tool).collect::<Vec<_>>(),
+        vec![&second]
+    );
+
+    // Twice in one batch: the later one wins.
+    let mut third = first.clone();
+    third.approved_by = "bob".into();
+    third.pinned_at = T0.plus_millis(120_000);
+    commit_ok(
+        store,
+        vec![Op::PinTool(first.clone()), Op::PinTool(third.clone())],
+    )
+    .await;
+    assert_eq!(store.pin(&tool).await.expect("read pin"), Some(third));
+}
+
+/// [`Store::pins`] is ordered by tool name (byte order), whatever the
+/// order the pins were stored in.
+pub async fn pins_ordered_by_tool(store: &dyn Store) {
+    let upstream = unique("ordered");
+    let names = ["b", "a.x", "a", "C", "é", "a-b"];
+    let pins: Vec<ToolPin> = names
+        .iter()
+        .map(|name| sample_pin(&format!("{upstream}.{name}"), "first-use"))
+        .collect();
+    commit_ok(store, pins.iter().cloned().map(Op::PinTool).collect()).await;
+    let mut expected = pins;
+    expected.sort_by(|a, b| a.tool.cmp(&b.tool));
+    let all = store.pins().await.expect("read pins");
+    let ours: Vec<ToolPin> = all
+        .iter()
+        .filter(|p| p.upstream == upstream)
+        .cloned()
+        .collect();
+    assert_eq!(ours, expected);
+    assert_eq!(
+        ours.iter()
+            .map(|p| p.tool.trim_start_matches(&upstream))
+            .collect::<Vec<_>>(),
+        [".C", ".a", ".a-b", ".a.x", ".b", ".é"]
+    );
+    assert!(
+        all.windows(2)
+            .all(|w| matches!(w, [x, y] if x.tool < y.tool)),
+        "pins in tool order, one per tool"
+    );
+}
+
+/// An invalid pin is a conflict and takes its whole batch with it: no
+/// audit record, no seq consumed, no other pin stored, the stored pin of
+/// the tool untouched.
+pub async fn pin_invalid_rolls_back(store: &dyn Store) {
+    let upstream = unique("badpin");
+    let tool = format!("{upstream}.query");
+    let good = sample_pin(&tool, "first-use");
+    let marker = unique("pin-marker");
+    let before = commit_ok(
+        store,
+        vec![
+            Op::PinTool(good.clone()),
+            Op::Append(sample_event(EventKind::ConfigLoaded, &marker)),
+        ],
+    )
+    .await;
+
+    let other = sample_pin(&format!("{upstream}.other"), "first-use");
+    let mut replacement = good.clone();
+    replacement.approved_by = "mallory".into();
+    let bad: Vec<(&str, ToolPin)> = vec![
+        (
+            "empty tool",
+            ToolPin {
+                tool: String::new(),
+                ..good.clone()
+            },
+        ),
+        (
+            "empty upstream",
+            ToolPin {
+                upstream: String::new(),
+                ..good.clone()
+            },
+        ),
+        (
+            "empty approver",
+            ToolPin {
+                approved_by: String::new(),
+                ..good.clone()
+            },
+        ),
+        (
+            "short hash",
+            ToolPin {
+                hash: good.hash.chars().skip(1).collect(),
+                ..good.clone()
+            },
+        ),
+        (
+            "long hash",
+            ToolPin {
+                hash: format!("{}0", good.hash),
+                ..good.clone()
+            },
+        ),
+        (
+            "uppercase hash",
+            ToolPin {
+                hash: good.hash.to_uppercase(),
+                ..good.clone()
+            },
+        ),
+        (
+            "non-hex hash",
+            ToolPin {
+                hash: "z".repeat(64),
+                ..good.clone()
+            },
+        ),
+        (
+            "array definition",
+            ToolPin {
+                definition: serde_json::json!([good.definition.clone()]),
+                ..good.clone()
+            },
+        ),
+        (
+            "null definition",
+            ToolPin {
+                definition: serde_json::Value::Null,
+                ..good.clone()
+            },
+        ),
+        (
+            "string definition",
+            ToolPin {
+                definition: serde_json::json!("a tool"),
+                ..good.clone()
+            },
+        ),
+        (
+            "oversized definition",
+            ToolPin {
+                definition: serde_json::json!({"d": "x".repeat(MAX_PIN_DEFINITION_BYTES)}),
+                ..good.clone()
+            },
+        ),
+    ];
+    for (why, pin) in bad {
+        let result = store
+            .commit(vec![
+                Op::Append(sample_event(EventKind::ConfigLoaded, &upstream)),
+                Op::PinTool(other.clone()),
+                Op::PinTool(replacement.clone()),
+                Op::PinTool(pin),
+            ])
+            .await;
+        assert!(
+            matches!(result, Err(StoreError::Conflict(_))),
+            "{why}: {result:?}"
+        );
+    }
+
+    let events = store
+        .audit(&AuditQuery {
+            task_id: Some(upstream.clone()),
+            ..AuditQuery::default()
+        })
+        .await
+        .expect("read audit");
+    assert!(
+        events.is_empty(),
+        "audit events of failed batches: {events:?}"
+    );
+    assert_eq!(store.pin(&other.tool).await.expect("read pin"), None);
+    assert_eq!(store.pin(&tool).await.expect("read pin"), Some(good));
+    let after = commit_ok(
+        store,
+        vec![Op::Append(sample_event(EventKind::ConfigLoaded, &marker))],
+    )
+    .await;
+    assert_eq!(
+        after.seqs.first().copied(),
+        before.seqs.first().map(|seq| seq + 1),
+        "failed batches must not consume seqs"
+    );
+    assert_log_is_valid(store).await;
 }

@@ -80,6 +80,10 @@ suite!(
     elevation_decide_pending,
     elevation_decision_checks,
     elevation_decisions_race,
+    pin_round_trip,
+    pin_upsert_replaces,
+    pins_ordered_by_tool,
+    pin_invalid_rolls_back,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,8 +272,8 @@ async fn migrations_are_idempotent_on_reopen() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn schema_is_version_3_with_elevations_and_the_audit_chain() {
-    assert_eq!(SCHEMA_VERSION, 3);
+async fn schema_is_version_4_with_elevations_the_audit_chain_and_tool_pins() {
+    assert_eq!(SCHEMA_VERSION, 4);
     let dir = temp_dir();
     let path = dir.path().join("ledger.db");
     SqliteStore::open(&path).unwrap().close().await;
@@ -278,7 +282,8 @@ async fn schema_is_version_3_with_elevations_and_the_audit_chain() {
         vec![
             (1, "ledger".to_owned()),
             (2, "elevations".to_owned()),
-            (3, "audit chain".to_owned())
+            (3, "audit chain".to_owned()),
+            (4, "tool pins".to_owned())
         ]
     );
     let conn = rusqlite::Connection::open(&path).unwrap();
@@ -322,6 +327,99 @@ async fn schema_is_version_3_with_elevations_and_the_audit_chain() {
         [&hash],
     )
     .unwrap_err();
+    let columns: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('tool_pins') ORDER BY cid")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        columns,
+        [
+            "tool",
+            "upstream",
+            "hash",
+            "definition",
+            "pinned_at",
+            "approved_by"
+        ]
+    );
+    conn.execute(
+        "INSERT INTO tool_pins (tool, upstream, hash, definition, pinned_at, approved_by) \
+         VALUES ('u.t', 'u', ?1, '{}', 0, 'x')",
+        [&hash[..63]],
+    )
+    .unwrap_err();
+    conn.execute(
+        "INSERT INTO tool_pins (tool, upstream, hash, definition, pinned_at, approved_by) \
+         VALUES ('u.t', 'u', ?1, '{}', 'now', 'x')",
+        [&hash],
+    )
+    .unwrap_err();
+}
+
+/// Pins survive close and reopen; a stored pin row that does not decode is
+/// an error, never a panic or a default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_survive_close_and_reopen() {
+    let dir = temp_dir();
+    let path = dir.path().join("ledger.db");
+    let first = testsuite::sample_pin("warehouse.query", "first-use");
+    let other = testsuite::sample_pin("files.read", "alice");
+    let store = SqliteStore::open(&path).unwrap();
+    store
+        .commit(vec![Op::PinTool(first.clone()), Op::PinTool(other.clone())])
+        .await
+        .unwrap();
+    store.close().await;
+    drop(store);
+
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(
+        store.pins().await.unwrap(),
+        vec![other.clone(), first.clone()]
+    );
+    let mut approved = first.clone();
+    approved.approved_by = "alice".into();
+    approved.pinned_at = T0.plus_millis(1);
+    store
+        .commit(vec![Op::PinTool(approved.clone())])
+        .await
+        .unwrap();
+    // Dropping without close persists too.
+    drop(store);
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(
+        store.pin("warehouse.query").await.unwrap(),
+        Some(approved.clone())
+    );
+
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    for bad in [
+        "UPDATE tool_pins SET definition = '[]' WHERE tool = 'files.read'",
+        "UPDATE tool_pins SET definition = '{' WHERE tool = 'files.read'",
+        "UPDATE tool_pins SET pinned_at = -5 WHERE tool = 'files.read'",
+    ] {
+        conn.execute_batch(&format!(
+            "UPDATE tool_pins SET definition = '{{}}', pinned_at = 0 WHERE tool = 'files.read'; \
+             {bad}"
+        ))
+        .unwrap();
+        assert!(
+            matches!(store.pin("files.read").await, Err(StoreError::Corrupt(_))),
+            "{bad}"
+        );
+        assert!(
+            matches!(store.pins().await, Err(StoreError::Corrupt(_))),
+            "{bad}"
+        );
+        assert_eq!(
+            store.pin("warehouse.query").await.unwrap(),
+            Some(approved.clone())
+        );
+    }
+    store.close().await;
 }
 
 /// The table's own checks back the op's: a row cannot be decided without a

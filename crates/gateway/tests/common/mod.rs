@@ -334,6 +334,14 @@ impl Store for Outage {
         self.check()?;
         self.inner.chain_head().await
     }
+    async fn pins(&self) -> Result<Vec<portcullis_store::ToolPin>, StoreError> {
+        self.check()?;
+        self.inner.pins().await
+    }
+    async fn pin(&self, tool: &str) -> Result<Option<portcullis_store::ToolPin>, StoreError> {
+        self.check()?;
+        self.inner.pin(tool).await
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.check()?;
         self.inner.ping().await

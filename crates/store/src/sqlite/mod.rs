@@ -7,7 +7,7 @@
 //! `sqlite3 <db> ".backup <copy>"` (or stop the gateway first), never by
 //! copying the main file alone while it runs.
 //!
-//! # Schema (version 3)
+//! # Schema (version 4)
 //!
 //! All tables are `STRICT`, so a column holds only its declared type.
 //! Times are unix **milliseconds** ([`Timestamp`](portcullis_core::Timestamp))
@@ -116,6 +116,22 @@
 //! [`Op::DecideElevation`] is `UPDATE … WHERE id = ? AND status = 'pending'`:
 //! the writer thread applies batches one after the other, so of two racing
 //! decisions the second finds the row decided and conflicts.
+//!
+//! `tool_pins` (migration 4), one row per pinned tool definition
+//! ([`ToolPin`]):
+//!
+//! | column | meaning |
+//! |---|---|
+//! | `tool` TEXT PK | the gateway's tool name, `<upstream>.<tool>` |
+//! | `upstream` TEXT | the upstream it comes from |
+//! | `hash` TEXT | SHA-256 of the canonical JSON of `definition`, 64 lowercase hex digits (the form is checked, the digest is the gateway's) |
+//! | `definition` TEXT | the pinned definition, a JSON object (at most [`MAX_PIN_DEFINITION_BYTES`](crate::MAX_PIN_DEFINITION_BYTES)) |
+//! | `pinned_at` INTEGER | when it was pinned or last re-approved |
+//! | `approved_by` TEXT | `first-use` or the approving admin's name |
+//!
+//! [`Op::PinTool`] is `INSERT … ON CONFLICT (tool) DO UPDATE`: a
+//! re-approval replaces the whole row. [`Store::pins`] reads every row,
+//! ordered by `tool` (binary collation, i.e. byte order).
 //!
 //! # The hash chain
 //!
@@ -293,7 +309,7 @@
 //! layout. Older databases are upgraded in place on open: migration 2 only
 //! adds a table and its indexes; migration 3 adds the chain columns and the
 //! `checkpoints` table and chains the existing audit records (see "The hash
-//! chain").
+//! chain"); migration 4 only adds the `tool_pins` table.
 
 mod mirror;
 mod read;
@@ -314,15 +330,16 @@ pub use self::mirror::CATCH_UP_PAGE;
 use self::mirror::{Mirror, MirrorStatus};
 use self::read::ReadPool;
 use self::rows::{
-    CHECKPOINT_COLUMNS, ELEVATION_COLUMNS, REFRESH_COLUMNS, RawCheckpoint, RawElevation, RawEvent,
-    RawRefresh, RawTask, RawToken, TASK_COLUMNS, TOKEN_COLUMNS, to_uint,
+    CHECKPOINT_COLUMNS, ELEVATION_COLUMNS, PIN_COLUMNS, REFRESH_COLUMNS, RawCheckpoint,
+    RawElevation, RawEvent, RawPin, RawRefresh, RawTask, RawToken, TASK_COLUMNS, TOKEN_COLUMNS,
+    to_uint,
 };
 pub use self::schema::LATEST_VERSION as SCHEMA_VERSION;
 pub use self::writer::MAX_GROUP;
 use self::writer::Request;
 use crate::{
     AuditEvent, AuditQuery, Checkpoint, Committed, ElevationRecord, ElevationStatus, MAX_ROWS, Op,
-    RefreshRecord, Result, Store, StoreError, TaskRecord, TokenRecord,
+    RefreshRecord, Result, Store, StoreError, TaskRecord, TokenRecord, ToolPin,
 };
 
 /// Batches that may wait for the writer before callers are held back.
@@ -761,6 +778,37 @@ impl Store for SqliteStore {
                     })
                     .map_err(|e| sql_error("read the chain head", &e))?
                     .map(|(seq, hash)| Ok((to_uint("audit seq", seq)?, hash)))
+                    .transpose()
+            })
+            .await
+    }
+
+    async fn pins(&self) -> Result<Vec<ToolPin>> {
+        self.readers
+            .run(|conn| {
+                let sql = format!("SELECT {PIN_COLUMNS} FROM tool_pins ORDER BY tool");
+                conn.prepare_cached(&sql)
+                    .and_then(|mut stmt| {
+                        stmt.query_map([], RawPin::from_row)?
+                            .collect::<rusqlite::Result<Vec<_>>>()
+                    })
+                    .map_err(|e| sql_error("read tool pins", &e))?
+                    .into_iter()
+                    .map(RawPin::decode)
+                    .collect()
+            })
+            .await
+    }
+
+    async fn pin(&self, tool: &str) -> Result<Option<ToolPin>> {
+        let tool = tool.to_owned();
+        self.readers
+            .run(move |conn| {
+                let sql = format!("SELECT {PIN_COLUMNS} FROM tool_pins WHERE tool = ?1");
+                conn.prepare_cached(&sql)
+                    .and_then(|mut stmt| stmt.query_row([&tool], RawPin::from_row).optional())
+                    .map_err(|e| sql_error("read tool pin", &e))?
+                    .map(RawPin::decode)
                     .transpose()
             })
             .await

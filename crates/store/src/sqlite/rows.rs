@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     AuditEvent, Checkpoint, ElevationRecord, ElevationStatus, RefreshRecord, Result, StoreError,
-    TaskRecord, TokenKind, TokenRecord,
+    TaskRecord, TokenKind, TokenRecord, ToolPin,
 };
 
 /// A `u64` as SQLite's `INTEGER` (`i64`); larger values are refused.
@@ -379,6 +379,55 @@ impl RawElevation {
             reason: self.reason,
             decided_by: self.decided_by,
             note: self.note,
+        })
+    }
+}
+
+/// The column list [`RawPin::from_row`] expects.
+pub const PIN_COLUMNS: &str = "tool, upstream, hash, definition, pinned_at, approved_by";
+
+/// The raw columns of `SELECT` [`PIN_COLUMNS`].
+#[derive(Debug)]
+pub struct RawPin {
+    tool: String,
+    upstream: String,
+    hash: String,
+    definition: String,
+    pinned_at: i64,
+    approved_by: String,
+}
+
+impl RawPin {
+    pub fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            tool: row.get(0)?,
+            upstream: row.get(1)?,
+            hash: row.get(2)?,
+            definition: row.get(3)?,
+            pinned_at: row.get(4)?,
+            approved_by: row.get(5)?,
+        })
+    }
+
+    /// The `definition` column must hold a JSON object, as written.
+    pub fn decode(self) -> Result<ToolPin> {
+        let definition: serde_json::Value =
+            serde_json::from_str(&self.definition).map_err(|e| {
+                StoreError::Corrupt(format!("pin of tool {}: definition: {e}", self.tool))
+            })?;
+        if !definition.is_object() {
+            return Err(StoreError::Corrupt(format!(
+                "pin of tool {}: the definition is not a JSON object",
+                self.tool
+            )));
+        }
+        Ok(ToolPin {
+            definition,
+            pinned_at: to_ts("pin pinned_at", self.pinned_at)?,
+            tool: self.tool,
+            upstream: self.upstream,
+            hash: self.hash,
+            approved_by: self.approved_by,
         })
     }
 }

@@ -116,10 +116,25 @@ CREATE TABLE checkpoints (
 ",
         rows: Some(chain_existing_events),
     },
+    Migration {
+        version: 4,
+        name: "tool pins",
+        sql: "
+CREATE TABLE tool_pins (
+    tool         TEXT    NOT NULL PRIMARY KEY,
+    upstream     TEXT    NOT NULL,
+    hash         TEXT    NOT NULL CHECK (length(hash) = 64),
+    definition   TEXT    NOT NULL,
+    pinned_at    INTEGER NOT NULL,
+    approved_by  TEXT    NOT NULL
+) STRICT;
+",
+        rows: None,
+    },
 ];
 
 /// The schema version this build writes and understands.
-pub const LATEST_VERSION: i64 = 3;
+pub const LATEST_VERSION: i64 = 4;
 
 /// Rows read per step when migration 3 chains existing events.
 const CHAIN_PAGE: i64 = 1000;
@@ -252,7 +267,9 @@ fn now_millis() -> i64 {
 mod tests {
     use super::*;
     use crate::sqlite::{SqliteOptions, SqliteStore, configure_writer};
-    use crate::testsuite::{approve, decided, sample_elevation, sample_event, sample_task};
+    use crate::testsuite::{
+        approve, decided, sample_elevation, sample_event, sample_pin, sample_task,
+    };
     use crate::{AuditQuery, ElevationStatus, EventKind, Op, Store};
 
     fn tables(conn: &Connection) -> Vec<String> {
@@ -379,7 +396,8 @@ mod tests {
             vec![
                 (1, "ledger".to_owned()),
                 (2, "elevations".to_owned()),
-                (3, "audit chain".to_owned())
+                (3, "audit chain".to_owned()),
+                (4, "tool pins".to_owned())
             ]
         );
         drop(conn);
@@ -391,7 +409,52 @@ mod tests {
         );
         store.close().await;
         let conn = Connection::open(&path).unwrap();
-        assert_eq!(migration_rows(&conn).len(), 3);
+        assert_eq!(migration_rows(&conn).len(), 4);
+        assert_eq!(current_version(&conn).unwrap(), LATEST_VERSION);
+    }
+
+    /// A version-3 database (chained log, checkpoints) gains `tool_pins`
+    /// on open, keeps its log and chain, and then stores pins.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_version_3_database_gains_tool_pins_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let mut conn = Connection::open(&path).unwrap();
+        configure_writer(&conn, &SqliteOptions::default()).unwrap();
+        apply_up_to(&mut conn, 2).unwrap();
+        write_old_rows(
+            &conn,
+            &sample_task("old"),
+            &[sample_event(EventKind::TaskStarted, "old")],
+        );
+        apply_up_to(&mut conn, 3).unwrap();
+        assert_eq!(current_version(&conn).unwrap(), 3);
+        assert!(!tables(&conn).contains(&"tool_pins".to_owned()));
+        drop(conn);
+
+        let store = SqliteStore::open(&path).unwrap();
+        assert!(store.pins().await.unwrap().is_empty());
+        let pin = sample_pin("warehouse.query", "first-use");
+        let committed = store
+            .commit(vec![
+                Op::PinTool(pin.clone()),
+                Op::Append(sample_event(EventKind::ConfigLoaded, "old")),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(committed.seqs, vec![2], "seqs continue across the upgrade");
+        assert_eq!(store.pin("warehouse.query").await.unwrap(), Some(pin));
+        let records = all_records(&store).await;
+        let report = chain::verify(records.into_iter().map(Ok), &[], &|_| false);
+        assert!(report.is_ok(), "{report:?}");
+        store.close().await;
+
+        let conn = Connection::open(&path).unwrap();
+        assert!(tables(&conn).contains(&"tool_pins".to_owned()));
+        assert_eq!(
+            migration_rows(&conn).last(),
+            Some(&(4, "tool pins".to_owned()))
+        );
         assert_eq!(current_version(&conn).unwrap(), LATEST_VERSION);
     }
 

@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::mirror::{Line, Mirror};
 use super::rows::{CHECKPOINT_COLUMNS, RawCheckpoint, TaskRow, to_int};
 use super::sql_error;
-use crate::model::{check_decision, check_new_elevation};
+use crate::model::{check_decision, check_new_elevation, check_pin};
 use crate::{
     AuditEvent, CHECKPOINT_EXISTS, CHECKPOINT_HASH_MISMATCH, CHECKPOINT_NO_SUCH_RECORD, Checkpoint,
     Committed, ELEVATION_ALREADY_DECIDED, ElevationStatus, NO_SUCH_ELEVATION, NewEvent, Op, Result,
@@ -476,6 +476,28 @@ fn apply(
             note,
             expires_at,
         } => decide_elevation(conn, &id, status, &by, at, note, expires_at)?,
+        Op::PinTool(pin) => {
+            let definition = check_pin(&pin)?;
+            let pinned_at = to_int("pin pinned_at", pin.pinned_at.0)?;
+            conn.prepare_cached(
+                "INSERT INTO tool_pins (tool, upstream, hash, definition, pinned_at, \
+                 approved_by) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                 ON CONFLICT (tool) DO UPDATE SET upstream = excluded.upstream, \
+                 hash = excluded.hash, definition = excluded.definition, \
+                 pinned_at = excluded.pinned_at, approved_by = excluded.approved_by",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    pin.tool,
+                    pin.upstream,
+                    pin.hash,
+                    definition,
+                    pinned_at,
+                    pin.approved_by
+                ])
+            })
+            .map_err(|e| sql_error(&format!("pin tool {:?}", pin.tool), &e))?;
+        }
     }
     Ok(())
 }
