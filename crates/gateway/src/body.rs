@@ -58,6 +58,13 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_value(value).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))
 }
 
+/// Parses `bytes` as a JSON value under the rules above (depth, duplicate
+/// keys), without a target type.
+pub fn parse_any(bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
+    check_depth(bytes)?;
+    parse_value(bytes)
+}
+
 /// Reads and parses a JSON body.
 pub async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
     let bytes = read_bytes(body, limit).await?;

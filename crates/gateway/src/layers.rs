@@ -65,7 +65,7 @@ pub(crate) async fn authenticate(
 /// authentication, a token of another task) as `call.denied`. If the
 /// record cannot be written, the answer becomes the ledger failure: no
 /// refusal goes unrecorded silently.
-async fn audit_refusal(
+pub(crate) async fn audit_refusal(
     gw: &Gateway,
     task_id: Option<&String>,
     agent_id: Option<&str>,

@@ -15,6 +15,7 @@
 //! | per-hop credential | [`credential`] (one `CredentialProvider` per upstream) |
 //! | write-ahead record (with the task update) | `pipeline` (`commit_allowed`) |
 //! | forward, record the outcome | `pipeline` (`forward`) |
+//! | MCP upstreams, pinned definitions | [`federation`] |
 //!
 //! Request bodies are read strictly (`body`): bounded size, depth and time,
 //! no duplicate keys, no unknown fields. Errors have one shape (`error`).
@@ -29,7 +30,9 @@ pub mod body;
 pub mod credential;
 mod elevations;
 pub mod error;
+pub mod federation;
 mod layers;
+mod mcp;
 mod metrics;
 mod oauth;
 mod pipeline;

@@ -83,6 +83,8 @@ pub struct Metrics {
     pub commit_latency: Histogram,
     /// Alert webhook deliveries, shared with the delivery task.
     pub alerts: Arc<AlertCounters>,
+    /// Whether each MCP upstream is connected.
+    upstreams: std::sync::Mutex<std::collections::BTreeMap<String, bool>>,
 }
 
 impl Default for Metrics {
@@ -98,6 +100,7 @@ impl Default for Metrics {
             call_latency: Histogram::default(),
             commit_latency: Histogram::default(),
             alerts: Arc::default(),
+            upstreams: std::sync::Mutex::default(),
         }
     }
 }
@@ -145,9 +148,34 @@ impl Metrics {
         self.upstream_errors.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Records whether upstream `name` is connected.
+    pub fn upstream_connected(&self, name: &str, up: bool) {
+        self.upstreams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.to_owned(), up);
+    }
+
     /// The exposition text.
     pub fn render(&self) -> String {
         let mut out = String::new();
+        {
+            let ups = self
+                .upstreams
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !ups.is_empty() {
+                out.push_str("# HELP portcullis_upstream_up Whether an MCP upstream is connected (1) or not (0).\n");
+                out.push_str("# TYPE portcullis_upstream_up gauge\n");
+                for (name, up) in ups.iter() {
+                    let _ = writeln!(
+                        out,
+                        "portcullis_upstream_up{{upstream=\"{name}\"}} {}",
+                        u8::from(*up)
+                    );
+                }
+            }
+        }
         out.push_str(
             "# HELP portcullis_decisions_total Tool-call decisions by outcome and reason.\n",
         );

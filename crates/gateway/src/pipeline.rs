@@ -108,8 +108,14 @@ impl Gateway {
             };
             let now = self.now();
             let started = std::time::Instant::now();
-            let decision = self.decide(claims, &record.task, tool, args);
+            let mut decision = self.decide(claims, &record.task, tool, args);
             self.metrics.decision_latency.observe(started.elapsed());
+            if decision.reason == Some(Reason::ToolDefinitionChanged)
+                && self.recheck_pin(tool).await
+            {
+                // An admin re-approved the definition the upstream has now.
+                decision = self.decide(claims, &record.task, tool, args);
+            }
             if !decision.is_allowed() {
                 self.metrics.decision(decision.reason);
                 let event = self.call_event(&record.task, &decision, args, now);

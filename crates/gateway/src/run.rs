@@ -185,8 +185,15 @@ pub async fn build(
         .commit(vec![Op::Append(event)])
         .await
         .map_err(|e| RunError::Store(e.to_string()))?;
-    Ok((Arc::new(gateway), loaded, sqlite))
+    let gateway = Arc::new(gateway);
+    // Connect to the MCP upstreams (each tries once before serving; a slow
+    // or dead one keeps retrying in the background).
+    gateway.start_upstreams(UPSTREAM_FIRST_WAIT).await;
+    Ok((gateway, loaded, sqlite))
 }
+
+/// How long `serve` waits for each upstream's first connection attempt.
+const UPSTREAM_FIRST_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Runs `portcullis serve --config F` until Ctrl-C or SIGTERM.
 pub async fn serve_config(config: &Path) -> Result<(), RunError> {

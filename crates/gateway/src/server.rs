@@ -94,7 +94,7 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
         .into_response()
 }
 
-/// The whole HTTP surface of DESIGN section 9 (but `/mcp`).
+/// The whole HTTP surface of DESIGN section 9.
 pub fn router(gw: Arc<Gateway>) -> Router {
     // Routes only a task's own token may call: authenticate, then bind the
     // token to the path's task (the last layer added runs first).
@@ -134,6 +134,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             "/.well-known/oauth-protected-resource",
             get(oauth::protected_resource),
         )
+        .route("/mcp", axum::routing::any(crate::mcp::endpoint))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

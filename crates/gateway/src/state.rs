@@ -18,7 +18,7 @@ use crate::alerts::{Alert, Alerts, QUEUE_CAPACITY, RetryPolicy};
 use crate::credential::{CredentialProvider, JwtProvider};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::upstream::{Disconnected, Upstream};
+use crate::upstream::Upstream;
 
 /// Most verified tokens kept in the signature cache.
 const VERIFY_CACHE_CAPACITY: usize = 65_536;
@@ -137,6 +137,12 @@ pub struct Gateway {
     pub(crate) hop_jwt: JwtProvider,
     /// The alert webhook (`audit.alert_webhook`), if configured.
     pub(crate) alerts: Alerts,
+    /// The MCP upstreams, for their supervisors.
+    pub(crate) mcp: Vec<Arc<crate::federation::McpUpstream>>,
+    /// The current definitions of federated tools, against their pins.
+    pub(crate) pins: crate::federation::PinBook,
+    /// Live legacy-era `/mcp` sessions.
+    pub(crate) mcp_sessions: crate::mcp::Sessions,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -168,12 +174,16 @@ impl Gateway {
         let cfg = &loaded.config;
         let single_writer = store.backend() == "sqlite";
         let mut upstreams = HashMap::new();
+        let mut mcp = Vec::new();
         let hop_jwt = JwtProvider::new(ring.clone(), cfg.server.issuer.clone());
         for up in &cfg.upstreams {
             let provider = crate::credential::from_config(loaded, up, &hop_jwt)?;
-            let upstream: Arc<dyn Upstream> = Arc::new(Disconnected {
-                why: format!("no transport for upstream {} in this build", up.name),
-            });
+            let client = Arc::new(crate::federation::McpUpstream::new(
+                &up.name,
+                crate::federation::transport_of(up, &loaded.base_dir),
+            ));
+            mcp.push(client.clone());
+            let upstream: Arc<dyn Upstream> = client;
             upstreams.insert(up.name.clone(), UpstreamEntry { upstream, provider });
         }
         let t = &cfg.tokens;
@@ -227,6 +237,9 @@ impl Gateway {
                 .collect(),
             hop_jwt,
             alerts,
+            mcp,
+            pins: crate::federation::PinBook::default(),
+            mcp_sessions: crate::mcp::Sessions::default(),
         })
     }
 
@@ -241,6 +254,8 @@ impl Gateway {
             .get_mut(name)
             .ok_or_else(|| SetupError(format!("no upstream {name:?} in the configuration")))?;
         entry.upstream = upstream;
+        // Replaced by another transport: no MCP supervisor for it.
+        self.mcp.retain(|m| m.name() != name);
         Ok(self)
     }
 

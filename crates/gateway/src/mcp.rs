@@ -1,0 +1,639 @@
+//! `/mcp`: the gateway as an MCP server (Streamable HTTP), in both eras.
+//!
+//! Every request is authenticated with a task token first (a refusal is
+//! 401, audited, before any JSON-RPC is read). Then:
+//!
+//! - A POST whose `MCP-Protocol-Version` names a modern version takes the
+//!   **stateless** path (2026-07-28): the envelope and the routing headers
+//!   are checked (`Mcp-Method`/`Mcp-Name` disagreeing with the body: 400
+//!   with -32020), and `server/discover`, `ping`, `tools/list` and
+//!   `tools/call` are served. Nothing is remembered between requests.
+//! - Anything else takes the **session** path (2025-11-25): `initialize`
+//!   opens a session bound to the token's task (answered with
+//!   `Mcp-Session-Id`); later requests must name a live session, and a
+//!   token of another task on it is `task_mismatch`. GET answers 405 (the
+//!   gateway sends no server-initiated messages), DELETE ends the session.
+//!
+//! `tools/list` returns the tools of the agent's ACL that the task was
+//! granted (blocked definitions are left out), under their gateway names,
+//! with `cacheScope: "private"`. `tools/call` goes through the very
+//! pipeline of `POST /v1/tasks/{id}/calls` (`Gateway::authorize`, then
+//! `Gateway::forward`). Denials take the shapes of DESIGN section 10: a tool
+//! not on the agent's ACL, or unknown, is JSON-RPC error -32602
+//! `Unknown tool: NAME` with `data.reason = "tool_unknown"` either way (the
+//! audit keeps the true reason); any other denial is a result with
+//! `isError: true`, text `denied: <reason>: <detail>` and
+//! `_meta["portcullis/reason"]`. When a call enters a `reverify` state the
+//! task's tokens rotate, and the new ones ride in the result's `_meta`
+//! (`portcullis/access_token`, `portcullis/refresh_token`,
+//! `portcullis/expires_in`).
+//!
+//! Batches (JSON arrays) are refused whole (400, -32600): MCP dropped them
+//! in 2025-06-18, and checking each element on its own would let one
+//! request carry many calls past per-request limits. A request carrying an
+//! `Origin` header is served only when that origin is the gateway's own
+//! (`server.issuer`) or a loopback one (DNS-rebinding defence); otherwise
+//! 403.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use portcullis_core::Reason;
+use portcullis_mcp::era::{self, Era, RoutingHeaders};
+use portcullis_mcp::jsonrpc::{self, ErrorObject, Id, Message};
+use portcullis_token::Claims;
+use serde_json::{Map, Value, json};
+
+use crate::error::ApiError;
+use crate::server::RequestId;
+use crate::state::Gateway;
+
+/// Most live legacy sessions.
+pub const MAX_SESSIONS: usize = 10_000;
+/// A legacy session unused this long is forgotten.
+pub const SESSION_IDLE: Duration = Duration::from_secs(30 * 60);
+/// `_meta` key of a denial's reason code.
+pub const META_REASON: &str = "portcullis/reason";
+
+/// One legacy-era session.
+#[derive(Debug, Clone)]
+struct SessionInfo {
+    task_id: String,
+    protocol_version: String,
+    last_seen: Instant,
+}
+
+/// The live legacy sessions.
+#[derive(Debug, Default)]
+pub(crate) struct Sessions {
+    map: Mutex<HashMap<String, SessionInfo>>,
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionInfo>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn open(&self, task_id: &str, protocol_version: &str) -> Result<String, ApiError> {
+        let id = portcullis_token::random_id("mcp_").map_err(crate::state::internal)?;
+        let mut map = self.lock();
+        if map.len() >= MAX_SESSIONS {
+            map.retain(|_, s| s.last_seen.elapsed() < SESSION_IDLE);
+        }
+        if map.len() >= MAX_SESSIONS {
+            return Err(ApiError::unavailable("too many MCP sessions"));
+        }
+        map.insert(
+            id.clone(),
+            SessionInfo {
+                task_id: task_id.to_owned(),
+                protocol_version: protocol_version.to_owned(),
+                last_seen: Instant::now(),
+            },
+        );
+        Ok(id)
+    }
+
+    fn touch(&self, id: &str) -> Option<SessionInfo> {
+        let mut map = self.lock();
+        let s = map.get_mut(id)?;
+        if s.last_seen.elapsed() >= SESSION_IDLE {
+            map.remove(id);
+            return None;
+        }
+        s.last_seen = Instant::now();
+        Some(s.clone())
+    }
+
+    fn close(&self, id: &str) -> bool {
+        self.lock().remove(id).is_some()
+    }
+}
+
+/// What one POST answers: a JSON-RPC message with its HTTP status, or
+/// 202 with nothing.
+enum Answer {
+    Message(StatusCode, Message),
+    /// JSON-RPC error for a request whose id could not be read (`id: null`).
+    NullId(StatusCode, ErrorObject),
+    Accepted,
+}
+
+fn json_response(status: StatusCode, body: &Value, session: Option<&str>) -> Response {
+    let mut r = (status, body.to_string()).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(s) = session
+        && let Ok(v) = HeaderValue::from_str(s)
+    {
+        h.insert(era::HEADER_SESSION, v);
+    }
+    r
+}
+
+fn render(answer: Answer, session: Option<&str>) -> Response {
+    match answer {
+        Answer::Message(status, m) => json_response(status, &m.to_value(), session),
+        Answer::NullId(status, e) => json_response(
+            status,
+            &json!({ "jsonrpc": "2.0", "id": null, "error": e.to_value() }),
+            session,
+        ),
+        Answer::Accepted => {
+            let mut r = StatusCode::ACCEPTED.into_response();
+            if let Some(s) = session
+                && let Ok(v) = HeaderValue::from_str(s)
+            {
+                r.headers_mut().insert(era::HEADER_SESSION, v);
+            }
+            r
+        }
+    }
+}
+
+fn error_answer(id: Id, e: ErrorObject) -> Answer {
+    let status = StatusCode::from_u16(era::http_status_for(e.code)).unwrap_or(StatusCode::OK);
+    Answer::Message(status, Message::error(id, e))
+}
+
+/// Is `origin` one this gateway serves? Its own (the issuer's), or
+/// loopback.
+fn origin_allowed(origin: &str, issuer: &str) -> bool {
+    let own = issuer.trim_end_matches('/');
+    if origin == own {
+        return true;
+    }
+    let Some(rest) = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    let host = if let Some(v6) = rest.strip_prefix('[') {
+        v6.split(']').next().map(|h| format!("[{h}]"))
+    } else {
+        rest.split(':').next().map(str::to_owned)
+    };
+    matches!(host.as_deref(), Some("localhost" | "127.0.0.1" | "[::1]"))
+}
+
+fn routing_headers(headers: &HeaderMap) -> RoutingHeaders {
+    let mut out = RoutingHeaders::default();
+    for (name, slot) in [
+        (era::HEADER_PROTOCOL_VERSION, &mut out.protocol_version),
+        (era::HEADER_METHOD, &mut out.method),
+        (era::HEADER_NAME, &mut out.name),
+    ] {
+        let mut values = headers.get_all(name).iter();
+        *slot = values
+            .next()
+            .map(|v| v.to_str().map(str::to_owned).unwrap_or_default());
+        if values.next().is_some() && out.duplicated.is_none() {
+            out.duplicated = Some(name);
+        }
+    }
+    out
+}
+
+fn accepts(headers: &HeaderMap) -> bool {
+    let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    [
+        "application/json",
+        "text/event-stream",
+        "*/*",
+        "application/*",
+    ]
+    .iter()
+    .any(|t| accept.contains(t))
+}
+
+/// The `/mcp` endpoint, every method.
+pub(crate) async fn endpoint(
+    State(gw): State<Arc<Gateway>>,
+    rid: RequestId,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let ok = origin
+            .to_str()
+            .is_ok_and(|o| origin_allowed(o, &gw.settings.issuer));
+        if !ok {
+            return json_response(
+                StatusCode::FORBIDDEN,
+                &json!({"jsonrpc": "2.0", "id": null, "error": {"code": jsonrpc::INVALID_REQUEST, "message": "Origin not allowed"}}),
+                None,
+            );
+        }
+    }
+    let claims = match gw.authenticate(&headers).await {
+        Ok(c) => c,
+        Err(e) => {
+            let answer = crate::layers::audit_refusal(&gw, None, None, &e).await;
+            return answer.with_request_id(&rid.0).into_response();
+        }
+    };
+    let session_id = headers
+        .get(era::HEADER_SESSION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    match method {
+        Method::POST => post(&gw, &rid, &claims, &headers, session_id, body).await,
+        Method::DELETE => match session_id {
+            None => bad_request("Missing Mcp-Session-Id"),
+            Some(id) => match gw.mcp_sessions.touch(&id) {
+                None => not_found_session(),
+                Some(s) if s.task_id != claims.task_id => mismatch(&gw, &rid, &claims).await,
+                Some(_) => {
+                    gw.mcp_sessions.close(&id);
+                    StatusCode::OK.into_response()
+                }
+            },
+        },
+        _ => {
+            let mut r = StatusCode::METHOD_NOT_ALLOWED.into_response();
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST, DELETE"));
+            r
+        }
+    }
+}
+
+fn bad_request(message: &str) -> Response {
+    render(
+        Answer::NullId(
+            StatusCode::BAD_REQUEST,
+            ErrorObject::new(jsonrpc::INVALID_REQUEST, message),
+        ),
+        None,
+    )
+}
+
+fn not_found_session() -> Response {
+    render(
+        Answer::NullId(
+            StatusCode::NOT_FOUND,
+            ErrorObject::new(jsonrpc::INVALID_REQUEST, "Session not found"),
+        ),
+        None,
+    )
+}
+
+async fn mismatch(gw: &Gateway, rid: &RequestId, claims: &Claims) -> Response {
+    let e = ApiError::denied(
+        Reason::TaskMismatch,
+        "the MCP session belongs to another task",
+    );
+    let answer =
+        crate::layers::audit_refusal(gw, Some(&claims.task_id), Some(&claims.sub), &e).await;
+    answer.with_request_id(&rid.0).into_response()
+}
+
+async fn post(
+    gw: &Arc<Gateway>,
+    rid: &RequestId,
+    claims: &Claims,
+    headers: &HeaderMap,
+    session_id: Option<String>,
+    body: Body,
+) -> Response {
+    if !accepts(headers) {
+        return StatusCode::NOT_ACCEPTABLE.into_response();
+    }
+    let bytes = match crate::body::read_bytes(body, gw.settings.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return e.with_request_id(&rid.0).into_response(),
+    };
+    let value = match crate::body::parse_any(&bytes) {
+        Ok(v) => v,
+        Err(_) => {
+            return render(
+                Answer::NullId(
+                    StatusCode::BAD_REQUEST,
+                    ErrorObject::new(jsonrpc::PARSE_ERROR, "Parse error"),
+                ),
+                session_id.as_deref(),
+            );
+        }
+    };
+    let message = match jsonrpc::from_json(value) {
+        Ok(jsonrpc::Incoming::One(Ok(m))) => m,
+        Ok(jsonrpc::Incoming::One(Err(invalid))) => {
+            let answer = match invalid.id.clone() {
+                Some(id) => error_answer(id, invalid.to_error()),
+                None => Answer::NullId(StatusCode::BAD_REQUEST, invalid.to_error()),
+            };
+            return render(answer, session_id.as_deref());
+        }
+        Ok(jsonrpc::Incoming::Batch(_)) | Err(_) => {
+            return bad_request("batches are not supported: send one JSON-RPC message per request");
+        }
+    };
+    let routing = routing_headers(headers);
+    let modern = routing
+        .protocol_version
+        .as_deref()
+        .is_some_and(|v| !era::LEGACY_VERSIONS.contains(&v));
+    if modern {
+        let answer = stateless(gw, claims, &routing, message).await;
+        return render(answer, None);
+    }
+    // Legacy era.
+    match (&message, session_id) {
+        (Message::Request { id, method, params }, None) if method == "initialize" => {
+            let requested = params
+                .as_ref()
+                .and_then(|p| p.get("protocolVersion"))
+                .and_then(Value::as_str)
+                .unwrap_or(era::LEGACY_VERSION);
+            let version = if era::LEGACY_VERSIONS.contains(&requested) {
+                requested
+            } else {
+                era::LEGACY_VERSION
+            };
+            match gw.mcp_sessions.open(&claims.task_id, version) {
+                Ok(sid) => {
+                    let result = json!({
+                        "protocolVersion": version,
+                        "capabilities": { "tools": { "listChanged": false } },
+                        "serverInfo": server_info(),
+                        "instructions": "Portcullis gateway: tools are federated as <upstream>.<tool>; every call is checked against the task's policy.",
+                    });
+                    render(
+                        Answer::Message(StatusCode::OK, Message::result(id.clone(), result)),
+                        Some(&sid),
+                    )
+                }
+                Err(e) => e.with_request_id(&rid.0).into_response(),
+            }
+        }
+        (_, None) => bad_request("Missing Mcp-Session-Id (send initialize first)"),
+        (_, Some(sid)) => {
+            let Some(session) = gw.mcp_sessions.touch(&sid) else {
+                return not_found_session();
+            };
+            if session.task_id != claims.task_id {
+                return mismatch(gw, rid, claims).await;
+            }
+            if let Some(v) = routing.protocol_version.as_deref()
+                && v != session.protocol_version
+            {
+                return bad_request("MCP-Protocol-Version differs from the session's");
+            }
+            let answer = legacy(gw, claims, message).await;
+            render(answer, Some(&sid))
+        }
+    }
+}
+
+fn server_info() -> Value {
+    json!({ "name": "portcullis", "version": env!("CARGO_PKG_VERSION") })
+}
+
+async fn legacy(gw: &Arc<Gateway>, claims: &Claims, message: Message) -> Answer {
+    match message {
+        Message::Notification { .. } | Message::Response { .. } => Answer::Accepted,
+        Message::Request { id, method, params } => {
+            match serve(gw, claims, &method, params.as_ref(), Era::Legacy).await {
+                Ok(result) => Answer::Message(StatusCode::OK, Message::result(id, result)),
+                Err(e) => Answer::Message(StatusCode::OK, Message::error(id, e)),
+            }
+        }
+    }
+}
+
+async fn stateless(
+    gw: &Arc<Gateway>,
+    claims: &Claims,
+    routing: &RoutingHeaders,
+    message: Message,
+) -> Answer {
+    let (id, method, params) = match message {
+        Message::Notification { .. } => {
+            return match routing.protocol_version.as_deref() {
+                Some(v) if era::MODERN_VERSIONS.contains(&v) => Answer::Accepted,
+                v => Answer::NullId(
+                    StatusCode::BAD_REQUEST,
+                    era::unsupported_version(v.unwrap_or_default()),
+                ),
+            };
+        }
+        Message::Response { .. } => {
+            return Answer::NullId(
+                StatusCode::BAD_REQUEST,
+                ErrorObject::new(
+                    jsonrpc::INVALID_REQUEST,
+                    "a client does not POST responses on the stateless path",
+                ),
+            );
+        }
+        Message::Request { id, method, params } => (id, method, params),
+    };
+    if let Err(e) = era::check_modern(&method, params.as_ref(), Some(routing)) {
+        return error_answer(id, e);
+    }
+    match serve(gw, claims, &method, params.as_ref(), Era::Modern).await {
+        Ok(mut result) => {
+            if let Value::Object(o) = &mut result {
+                o.insert("resultType".to_owned(), json!("complete"));
+                let meta = o
+                    .entry("_meta".to_owned())
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if let Value::Object(m) = meta {
+                    m.insert(era::META_SERVER_INFO.to_owned(), server_info());
+                }
+            }
+            Answer::Message(StatusCode::OK, Message::result(id, result))
+        }
+        Err(e) => error_answer(id, e),
+    }
+}
+
+/// The methods both eras share.
+async fn serve(
+    gw: &Arc<Gateway>,
+    claims: &Claims,
+    method: &str,
+    params: Option<&Value>,
+    era: Era,
+) -> Result<Value, ErrorObject> {
+    match method {
+        "ping" => Ok(json!({})),
+        "server/discover" if era == Era::Modern => Ok(json!({
+            "supportedVersions": era::MODERN_VERSIONS,
+            "capabilities": { "tools": { "listChanged": false } },
+            "cacheScope": "private",
+            "ttlMs": 0,
+        })),
+        "initialize" => Err(ErrorObject::new(
+            jsonrpc::INVALID_REQUEST,
+            "the session is already initialized",
+        )),
+        "tools/list" => {
+            let tools = gw.mcp_tool_list(claims).await?;
+            let mut result = json!({ "tools": tools });
+            if era == Era::Modern {
+                crate::tasks::put(&mut result, "cacheScope", json!("private"));
+                crate::tasks::put(&mut result, "ttlMs", json!(0));
+            }
+            Ok(result)
+        }
+        "tools/call" => call(gw, claims, params).await,
+        _ => Err(ErrorObject::new(
+            jsonrpc::METHOD_NOT_FOUND,
+            format!(
+                "Method not found: {}",
+                method.chars().take(64).collect::<String>()
+            ),
+        )),
+    }
+}
+
+fn unknown_tool(name: &str) -> ErrorObject {
+    ErrorObject::new(
+        jsonrpc::INVALID_PARAMS,
+        format!(
+            "Unknown tool: {}",
+            name.chars().take(256).collect::<String>()
+        ),
+    )
+    .with_data(json!({ "reason": Reason::ToolUnknown.as_str() }))
+}
+
+fn denied_result(reason: Reason, detail: &str) -> Value {
+    json!({
+        "content": [{ "type": "text", "text": format!("denied: {}: {detail}", reason.as_str()) }],
+        "isError": true,
+        "_meta": { META_REASON: reason.as_str() },
+    })
+}
+
+async fn call(
+    gw: &Arc<Gateway>,
+    claims: &Claims,
+    params: Option<&Value>,
+) -> Result<Value, ErrorObject> {
+    let Some(name) = params.and_then(|p| p.get("name")).and_then(Value::as_str) else {
+        return Err(ErrorObject::new(
+            jsonrpc::INVALID_PARAMS,
+            "tools/call needs params.name (a string)",
+        ));
+    };
+    let arguments = match params.and_then(|p| p.get("arguments")) {
+        None | Some(Value::Null) => json!({}),
+        Some(a) => a.clone(),
+    };
+    let on_acl = gw
+        .engine
+        .allowlist(&claims.sub)
+        .is_some_and(|acl| acl.contains(&name));
+    let task_id = claims.task_id.clone();
+    let authorized = match gw.authorize(claims, &task_id, name, &arguments, true).await {
+        Ok(a) => a,
+        Err(e) => return denial(e, name, on_acl),
+    };
+    let Some((upstream, hop)) = authorized.forward else {
+        return Ok(denied_result(Reason::InternalError, "nothing to forward"));
+    };
+    let started = Instant::now();
+    let outcome = gw.forward(name, &upstream, hop, &authorized.task).await;
+    gw.metrics.call_latency.observe(started.elapsed());
+    let mut result = match outcome {
+        Ok(r) => as_call_result(r),
+        Err(e) => return denial(e, name, true),
+    };
+    if let Some(rotation) = &authorized.rotated
+        && let Value::Object(o) = &mut result
+    {
+        let meta = o
+            .entry("_meta".to_owned())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(m) = meta {
+            m.insert("portcullis/access_token".to_owned(), json!(rotation.access));
+            m.insert(
+                "portcullis/refresh_token".to_owned(),
+                json!(rotation.refresh.as_str()),
+            );
+            m.insert(
+                "portcullis/expires_in".to_owned(),
+                json!(rotation.expires_in),
+            );
+        }
+    }
+    Ok(result)
+}
+
+/// A denial in its MCP shape (section 10).
+fn denial(e: ApiError, name: &str, on_acl: bool) -> Result<Value, ErrorObject> {
+    match e.reason() {
+        Some(Reason::ToolUnknown) => Err(unknown_tool(name)),
+        Some(Reason::ToolNotGranted) if !on_acl => Err(unknown_tool(name)),
+        Some(reason) => Ok(denied_result(reason, e.detail())),
+        None => Ok(denied_result(Reason::InternalError, e.detail())),
+    }
+}
+
+/// An upstream's answer as a `CallToolResult`: MCP upstreams already give
+/// one; anything else (an in-process upstream) is wrapped.
+fn as_call_result(v: Value) -> Value {
+    if v.get("content").is_some_and(Value::is_array) {
+        v
+    } else {
+        json!({
+            "content": [{ "type": "text", "text": v.to_string() }],
+            "structuredContent": v,
+            "isError": false,
+        })
+    }
+}
+
+impl Gateway {
+    /// The tools a task token may see: the agent's ACL ∩ the task's grant
+    /// (∪ live elevations), minus tools whose definition is blocked.
+    async fn mcp_tool_list(&self, claims: &Claims) -> Result<Vec<Value>, ErrorObject> {
+        let record = self
+            .load_task(&claims.task_id)
+            .await
+            .map_err(|e| ErrorObject::new(jsonrpc::INTERNAL_ERROR, e.detail().to_owned()))?;
+        let now = self.now();
+        let task = &record.task;
+        let acl = self.engine.allowlist(&claims.sub).unwrap_or_default();
+        let mut out = Vec::new();
+        for def in self.engine.tools() {
+            let name = def.name.as_str();
+            let granted = task.tools.iter().any(|t| t == name)
+                || task
+                    .grants
+                    .iter()
+                    .any(|g| g.tool == name && g.expires_at > now);
+            if !acl.contains(&name) || !granted {
+                continue;
+            }
+            let Some(view) = self.pins.listing(name) else {
+                continue;
+            };
+            let mut tool = match view {
+                Value::Object(o) => o,
+                _ => Map::new(),
+            };
+            tool.insert("name".to_owned(), json!(name));
+            if def.schema_configured || !tool.contains_key("inputSchema") {
+                tool.insert("inputSchema".to_owned(), def.args_schema.clone());
+            }
+            out.push(Value::Object(tool));
+        }
+        Ok(out)
+    }
+}
