@@ -67,6 +67,24 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Run a built-in demo MCP server on stdio (or Streamable HTTP with --http).
+    DemoServer {
+        /// Which tool set: `warehouse` (SQLite) or `files` (a directory tree).
+        #[arg(value_parser = ["warehouse", "files"])]
+        name: String,
+        /// The warehouse's SQLite file (default: an in-memory database seeded with demo data).
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// The root of the files server's tree (default: the current directory).
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Serve Streamable HTTP at http://ADDR/mcp instead of stdio.
+        #[arg(long, value_name = "ADDR")]
+        http: Option<String>,
+        /// Change one tool's description, to simulate a changed tool definition.
+        #[arg(long)]
+        drift: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,6 +154,13 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
             .map_err(Into::into),
+        Command::DemoServer {
+            name,
+            db,
+            root,
+            http,
+            drift,
+        } => demo_server(&name, db, root, http.as_deref(), drift),
     };
     match result {
         Ok(code) => code,
@@ -161,6 +186,30 @@ fn serve(config: &Path, json_logs: bool) -> anyhow::Result<ExitCode> {
         logs.init();
     }
     runtime()?.block_on(portcullis_gateway::run::serve_config(config))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn demo_server(
+    name: &str,
+    db: Option<PathBuf>,
+    root: Option<PathBuf>,
+    http: Option<&str>,
+    drift: bool,
+) -> anyhow::Result<ExitCode> {
+    // Logs go to stderr: on stdio, stdout carries the protocol.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let options = portcullis_demo::Options {
+        db,
+        root,
+        drift,
+        ..portcullis_demo::Options::new(name.parse()?)
+    };
+    runtime()?.block_on(portcullis_demo::run(&options, http))?;
     Ok(ExitCode::SUCCESS)
 }
 
