@@ -4,6 +4,8 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod demo;
+
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use portcullis::LoadedConfig;
@@ -44,7 +46,8 @@ enum Command {
         #[arg(long)]
         scenarios: Option<PathBuf>,
     },
-    /// Show the ingestion example's decisions through the embedded engine.
+    /// Start the gateway on a temporary embedded store with the built-in
+    /// demo upstreams, and run a scripted agent over MCP through it.
     Demo,
     /// Run the gateway service.
     Serve {
@@ -60,6 +63,20 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Compare each tool's pinned definition with what its upstream
+    /// advertises now; exit 1 if any changed, vanished or cannot be read.
+    Drift {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Re-approve (pin) the definition the upstream advertises now for
+        /// this tool; repeatable.
+        #[arg(long, value_name = "TOOL")]
+        approve: Vec<String>,
+        /// Who approves, as recorded in the ledger and the audit log.
+        #[arg(long, default_value = "admin-cli")]
+        by: String,
     },
     /// Write a new Ed25519 signing key (mode 0600) and print its kid.
     Keygen {
@@ -154,6 +171,11 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
             .map_err(Into::into),
+        Command::Drift {
+            config,
+            approve,
+            by,
+        } => drift(&config, &approve, &by),
         Command::DemoServer {
             name,
             db,
@@ -211,6 +233,29 @@ fn demo_server(
     };
     runtime()?.block_on(portcullis_demo::run(&options, http))?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn drift(config: &Path, approve: &[String], by: &str) -> anyhow::Result<ExitCode> {
+    let rt = runtime()?;
+    let lines = rt.block_on(async {
+        let loaded = LoadedConfig::load(config)?;
+        let store = portcullis_gateway::run::open_store(&loaded)?;
+        let now = portcullis_core::Clock::now(&portcullis::SystemClock);
+        let lines =
+            portcullis_gateway::federation::drift(&loaded, store.as_ref(), approve, by, now)
+                .await
+                .map_err(anyhow::Error::msg)?;
+        anyhow::Ok(lines)
+    })?;
+    let width = lines.iter().map(|l| l.tool.len()).max().unwrap_or(0);
+    for l in &lines {
+        outln!("{:width$}  {:11}  {}", l.tool, l.status, l.detail);
+    }
+    Ok(if lines.iter().any(|l| l.is_drift()) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -394,37 +439,11 @@ fn print_outcomes(outcomes: &[StepOutcome]) -> ExitCode {
 }
 
 /// The ingestion example, compiled in so the demo runs from anywhere.
-const DEMO_FILES: [(&str, &str); 3] = [
-    (
-        "portcullis.toml",
-        include_str!("../../../examples/ingestion/portcullis.toml"),
-    ),
-    (
-        "policies/ingestion.cedar",
-        include_str!("../../../examples/ingestion/policies/ingestion.cedar"),
-    ),
-    (
-        "scenarios.toml",
-        include_str!("../../../examples/ingestion/scenarios.toml"),
-    ),
-];
-
 fn demo() -> anyhow::Result<ExitCode> {
-    let dir = std::env::temp_dir().join(format!("portcullis-demo-{}", std::process::id()));
-    let result = (|| {
-        for (name, text) in DEMO_FILES {
-            let path = dir.join(name);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("creating {}", parent.display()))?;
-            }
-            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-        }
-        outln!("Portcullis demo: the ingestion agent (connect -> validate -> transform -> write)");
-        outln!("through the embedded decision engine. Each line is one call or transition.");
-        run_scenarios(&dir.join("portcullis.toml"), &dir.join("scenarios.toml"))
-    })();
-    // Best effort: the folder holds only copies of the example.
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    let ok = runtime()?.block_on(demo::run())?;
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

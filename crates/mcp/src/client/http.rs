@@ -36,6 +36,9 @@ pub struct HttpOptions {
     pub response_timeout: Duration,
     /// Most idle keep-alive connections kept to the server.
     pub max_idle: usize,
+    /// Headers sent with every request (name, value), e.g. a client's own
+    /// `Authorization` when the gateway's `/mcp` is the server.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Default for HttpOptions {
@@ -43,6 +46,7 @@ impl Default for HttpOptions {
         Self {
             response_timeout: Duration::from_secs(30),
             max_idle: 64,
+            headers: Vec::new(),
         }
     }
 }
@@ -154,7 +158,7 @@ impl HttpConn {
                 }
             }
         }
-        for (k, v) in &extras.headers {
+        for (k, v) in self.options.headers.iter().chain(&extras.headers) {
             b = b.header(k.as_str(), v.as_str());
         }
         b.body(Full::new(body.unwrap_or_default()))

@@ -210,6 +210,24 @@ pub enum SessionEvent {
 impl Session {
     /// Starts the transport and negotiates the era.
     pub async fn connect(name: &str, transport: &Transport) -> Result<Self, ClientError> {
+        Self::open(name, transport, None).await
+    }
+
+    /// Starts the transport and speaks `era` without probing (a client
+    /// that knows its server, or one that wants the handshake era).
+    pub async fn connect_as(
+        name: &str,
+        transport: &Transport,
+        era: Era,
+    ) -> Result<Self, ClientError> {
+        Self::open(name, transport, Some(era)).await
+    }
+
+    async fn open(
+        name: &str,
+        transport: &Transport,
+        era: Option<Era>,
+    ) -> Result<Self, ClientError> {
         let shared = Arc::new(Shared::default());
         let conn = match transport {
             Transport::Stdio { command, cwd, env } => Conn::Stdio(Box::new(
@@ -229,7 +247,14 @@ impl Session {
             meta: era::client_meta("portcullis", env!("CARGO_PKG_VERSION")),
             server_info: None,
         };
-        match tokio::time::timeout(CONNECT_TIMEOUT, session.negotiate()).await {
+        let negotiated = async {
+            match era {
+                None => session.negotiate().await,
+                Some(Era::Legacy) => session.handshake().await,
+                Some(Era::Modern) => Ok(()),
+            }
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, negotiated).await {
             Ok(Ok(())) => Ok(session),
             Ok(Err(e)) => {
                 session.close().await;
