@@ -28,6 +28,12 @@
 //! (`portcullis/access_token`, `portcullis/refresh_token`,
 //! `portcullis/expires_in`).
 //!
+//! `ping` is answered here. Cancellation passes through: a legacy client's
+//! `notifications/cancelled` naming a call in flight on its session, or a
+//! modern client closing its request, drops the upstream request, which
+//! sends `notifications/cancelled` to the upstream; the call's outcome is
+//! recorded as cancelled.
+//!
 //! Batches (JSON arrays) are refused whole (400, -32600): MCP dropped them
 //! in 2025-06-18, and checking each element on its own would let one
 //! request carry many calls past per-request limits. A request carrying an
@@ -68,13 +74,47 @@ struct SessionInfo {
     last_seen: Instant,
 }
 
-/// The live legacy sessions.
+/// The live legacy sessions, and their requests in flight.
 #[derive(Debug, Default)]
 pub(crate) struct Sessions {
     map: Mutex<HashMap<String, SessionInfo>>,
+    inflight: Mutex<HashMap<(String, Id), Arc<tokio::sync::Notify>>>,
 }
 
+/// Most requests in flight tracked for cancellation, over all sessions.
+const MAX_INFLIGHT: usize = 65_536;
+
 impl Sessions {
+    fn track(&self, sid: &str, id: &Id) -> Arc<tokio::sync::Notify> {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let mut map = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() < MAX_INFLIGHT {
+            map.insert((sid.to_owned(), id.clone()), notify.clone());
+        }
+        notify
+    }
+
+    fn untrack(&self, sid: &str, id: &Id) {
+        self.inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(sid.to_owned(), id.clone()));
+    }
+
+    fn cancel(&self, sid: &str, id: &Id) {
+        let found = self
+            .inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(sid.to_owned(), id.clone()))
+            .cloned();
+        if let Some(n) = found {
+            // A stored permit: the cancel holds even if the call has not
+            // reached its wait yet.
+            n.notify_one();
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionInfo>> {
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -392,7 +432,7 @@ async fn post(
             {
                 return bad_request("MCP-Protocol-Version differs from the session's");
             }
-            let answer = legacy(gw, claims, message).await;
+            let answer = legacy(gw, claims, &sid, message).await;
             render(answer, Some(&sid))
         }
     }
@@ -402,11 +442,35 @@ fn server_info() -> Value {
     json!({ "name": "portcullis", "version": env!("CARGO_PKG_VERSION") })
 }
 
-async fn legacy(gw: &Arc<Gateway>, claims: &Claims, message: Message) -> Answer {
+async fn legacy(gw: &Arc<Gateway>, claims: &Claims, sid: &str, message: Message) -> Answer {
     match message {
-        Message::Notification { .. } | Message::Response { .. } => Answer::Accepted,
+        Message::Notification { method, params } => {
+            if method == "notifications/cancelled"
+                && let Some(id) = params
+                    .as_ref()
+                    .and_then(|p| p.get("requestId"))
+                    .and_then(Id::from_value)
+            {
+                gw.mcp_sessions.cancel(sid, &id);
+            }
+            Answer::Accepted
+        }
+        Message::Response { .. } => Answer::Accepted,
         Message::Request { id, method, params } => {
-            match serve(gw, claims, &method, params.as_ref(), Era::Legacy).await {
+            // A call in flight can be cancelled from another POST of the
+            // same session (`notifications/cancelled` naming its id).
+            let cancel = gw.mcp_sessions.track(sid, &id);
+            let served = serve(
+                gw,
+                claims,
+                &method,
+                params.as_ref(),
+                Era::Legacy,
+                Some(cancel.clone()),
+            )
+            .await;
+            gw.mcp_sessions.untrack(sid, &id);
+            match served {
                 Ok(result) => Answer::Message(StatusCode::OK, Message::result(id, result)),
                 Err(e) => Answer::Message(StatusCode::OK, Message::error(id, e)),
             }
@@ -444,7 +508,9 @@ async fn stateless(
     if let Err(e) = era::check_modern(&method, params.as_ref(), Some(routing)) {
         return error_answer(id, e);
     }
-    match serve(gw, claims, &method, params.as_ref(), Era::Modern).await {
+    // Stateless: a client cancels by closing its request, which drops this
+    // future and the upstream request with it.
+    match serve(gw, claims, &method, params.as_ref(), Era::Modern, None).await {
         Ok(mut result) => {
             if let Value::Object(o) = &mut result {
                 o.insert("resultType".to_owned(), json!("complete"));
@@ -468,6 +534,7 @@ async fn serve(
     method: &str,
     params: Option<&Value>,
     era: Era,
+    cancel: Option<Arc<tokio::sync::Notify>>,
 ) -> Result<Value, ErrorObject> {
     match method {
         "ping" => Ok(json!({})),
@@ -490,7 +557,7 @@ async fn serve(
             }
             Ok(result)
         }
-        "tools/call" => call(gw, claims, params).await,
+        "tools/call" => call(gw, claims, params, cancel).await,
         _ => Err(ErrorObject::new(
             jsonrpc::METHOD_NOT_FOUND,
             format!(
@@ -524,6 +591,7 @@ async fn call(
     gw: &Arc<Gateway>,
     claims: &Claims,
     params: Option<&Value>,
+    cancel: Option<Arc<tokio::sync::Notify>>,
 ) -> Result<Value, ErrorObject> {
     let Some(name) = params.and_then(|p| p.get("name")).and_then(Value::as_str) else {
         return Err(ErrorObject::new(
@@ -548,7 +616,15 @@ async fn call(
         return Ok(denied_result(Reason::InternalError, "nothing to forward"));
     };
     let started = Instant::now();
-    let outcome = gw.forward(name, &upstream, hop, &authorized.task).await;
+    let cancelled = async move {
+        match cancel {
+            Some(n) => n.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    let outcome = gw
+        .forward_until(name, &upstream, hop, &authorized.task, cancelled)
+        .await;
     gw.metrics.call_latency.observe(started.elapsed());
     let mut result = match outcome {
         Ok(r) => as_call_result(r),

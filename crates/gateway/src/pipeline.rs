@@ -313,16 +313,34 @@ impl Gateway {
         call: UpstreamCall,
         task: &Task,
     ) -> Result<Value, ApiError> {
+        self.forward_until(tool, upstream, call, task, std::future::pending())
+            .await
+    }
+
+    /// [`Gateway::forward`], given up when `cancel` resolves first (the
+    /// client cancelled): the upstream request is dropped, which tells the
+    /// upstream (`notifications/cancelled`), and the outcome is recorded
+    /// as an error "cancelled by the client".
+    pub(crate) async fn forward_until(
+        &self,
+        tool: &str,
+        upstream: &str,
+        call: UpstreamCall,
+        task: &Task,
+        cancel: impl std::future::Future<Output = ()>,
+    ) -> Result<Value, ApiError> {
         let entry = self
             .upstreams
             .get(upstream)
             .ok_or_else(|| internal("tool's upstream is not configured"))?;
         let started = Instant::now();
-        let outcome = match tokio::time::timeout(UPSTREAM_TIMEOUT, entry.upstream.call(call)).await
-        {
-            Ok(Ok(result)) => Ok(result),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {}s", UPSTREAM_TIMEOUT.as_secs())),
+        let outcome = tokio::select! {
+            answer = tokio::time::timeout(UPSTREAM_TIMEOUT, entry.upstream.call(call)) => match answer {
+                Ok(Ok(result)) => Ok(result),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {}s", UPSTREAM_TIMEOUT.as_secs())),
+            },
+            () = cancel => Err("cancelled by the client".to_owned()),
         };
         let latency = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let mut event = NewEvent::new(self.now(), EventKind::CallCompleted);

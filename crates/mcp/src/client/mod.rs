@@ -165,19 +165,49 @@ impl Shared {
     }
 }
 
-/// Removes a pending request if its caller gives up (timeout, drop).
+/// Removes a pending request if its caller gives up (timeout, drop) and,
+/// when it was still unanswered, tells the server with
+/// `notifications/cancelled` so it can stop the work: a downstream client
+/// that cancels (or disconnects) cancels upstream too.
 struct PendingGuard<'a> {
     shared: &'a Shared,
     id: u64,
+    conn: &'a Arc<Conn>,
+    era: Era,
 }
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.shared
+        let unanswered = self
+            .shared
             .pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.id);
+            .remove(&self.id)
+            .is_some();
+        if !unanswered || self.shared.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let conn = self.conn.clone();
+        let era = self.era;
+        let params = json!({ "requestId": self.id, "reason": "cancelled by the gateway's client" });
+        let params = match era {
+            Era::Modern => era::with_client_meta(
+                Some(params),
+                &era::client_meta("portcullis", env!("CARGO_PKG_VERSION")),
+            ),
+            Era::Legacy => params,
+        };
+        let message = Message::notification("notifications/cancelled", Some(params));
+        rt.spawn(async move {
+            let _ = match conn.as_ref() {
+                Conn::Stdio(s) => s.send(&message).await,
+                Conn::Http(h) => h.send(&message, era, &CallExtras::default()).await,
+            };
+        });
     }
 }
 
@@ -190,7 +220,7 @@ enum Conn {
 /// A connected, negotiated session with one upstream.
 #[derive(Debug)]
 pub struct Session {
-    conn: Conn,
+    conn: Arc<Conn>,
     shared: Arc<Shared>,
     next_id: AtomicU64,
     era: Era,
@@ -240,7 +270,7 @@ impl Session {
             )?)),
         };
         let mut session = Self {
-            conn,
+            conn: Arc::new(conn),
             shared,
             next_id: AtomicU64::new(1),
             era: Era::Modern,
@@ -316,12 +346,12 @@ impl Session {
                 "initialize answered protocol version {version:?}, which this gateway does not speak"
             )));
         }
-        if let Conn::Http(h) = &self.conn {
+        if let Conn::Http(h) = self.conn.as_ref() {
             h.set_protocol_version(version);
         }
         self.server_info = result.get("serverInfo").cloned();
         self.notify("notifications/initialized", None).await?;
-        if let Conn::Http(h) = &self.conn {
+        if let Conn::Http(h) = self.conn.as_ref() {
             h.listen();
         }
         Ok(())
@@ -407,9 +437,11 @@ impl Session {
         let _guard = PendingGuard {
             shared: &self.shared,
             id: n,
+            conn: &self.conn,
+            era: self.era,
         };
         let message = Message::request(Id::from(n), method, params);
-        match &self.conn {
+        match self.conn.as_ref() {
             Conn::Stdio(s) => s.send(&message).await?,
             Conn::Http(h) => h.send(&message, self.era, extras).await?,
         }
@@ -430,7 +462,7 @@ impl Session {
             Era::Legacy => params,
         };
         let message = Message::notification(method, params);
-        match &self.conn {
+        match self.conn.as_ref() {
             Conn::Stdio(s) => s.send(&message).await,
             Conn::Http(h) => h.send(&message, self.era, &CallExtras::default()).await,
         }
@@ -441,7 +473,7 @@ impl Session {
             Era::Modern => Some(era::with_client_meta(params, &self.meta)),
             Era::Legacy => params,
         };
-        if !extras.meta.is_empty() && matches!(self.conn, Conn::Stdio(_)) {
+        if !extras.meta.is_empty() && matches!(self.conn.as_ref(), Conn::Stdio(_)) {
             let mut obj = match params.take() {
                 Some(Value::Object(o)) => o,
                 _ => Map::new(),
@@ -499,7 +531,7 @@ impl Session {
 
     /// Ends the session: a stdio child is killed, an HTTP session deleted.
     pub async fn close(&self) {
-        match &self.conn {
+        match self.conn.as_ref() {
             Conn::Stdio(s) => s.kill().await,
             Conn::Http(h) => h.end_session().await,
         }
