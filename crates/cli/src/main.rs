@@ -78,6 +78,17 @@ enum Command {
         #[arg(long, default_value = "admin-cli")]
         by: String,
     },
+    /// Serve MCP on stdio, relaying to a gateway's /mcp with a task token
+    /// (for desktop clients that only start MCP servers as processes).
+    Connect {
+        /// The gateway's MCP endpoint, e.g. http://127.0.0.1:8787/mcp.
+        #[arg(long)]
+        url: String,
+        /// The task's access token (default: the PORTCULLIS_TOKEN
+        /// environment variable, which keeps it out of process listings).
+        #[arg(long, env = "PORTCULLIS_TOKEN", hide_env_values = true)]
+        token: String,
+    },
     /// Write a new Ed25519 signing key (mode 0600) and print its kid.
     Keygen {
         /// Where to write it; an existing file is never overwritten.
@@ -171,6 +182,9 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
             .map_err(Into::into),
+        Command::Connect { url, token } => runtime()
+            .and_then(|rt| Ok(rt.block_on(portcullis_mcp::bridge::run(&url, &token))?))
+            .map(|()| ExitCode::SUCCESS),
         Command::Drift {
             config,
             approve,

@@ -27,6 +27,7 @@ use crate::era::{self, Era};
 use crate::jsonrpc::{ErrorObject, Id, Message};
 
 pub use http::HttpOptions;
+pub(crate) use stdio::read_line_bounded as read_line;
 
 /// Largest message accepted from an upstream, in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
