@@ -233,9 +233,15 @@ pub fn transport_of(up: &portcullis_config::Upstream, base: &std::path::Path) ->
             {
                 *first = me.display().to_string();
             }
+            // `--config portcullis.toml` (a bare file name) leaves `base`
+            // empty, and a child started in the directory "" fails with
+            // ENOENT ("cannot start \"node\": No such file or directory"):
+            // an empty base is the current directory, which the child
+            // inherits anyway.
+            let cwd = (!base.as_os_str().is_empty()).then(|| base.to_path_buf());
             Transport::Stdio {
                 command,
-                cwd: Some(base.to_path_buf()),
+                cwd,
                 env: Vec::new(),
             }
         }
@@ -710,5 +716,56 @@ pub fn describe_change(pinned: &Value, current: &Value) -> String {
         "hash differs".to_owned()
     } else {
         parts.join("; ")
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn stdio_upstream() -> portcullis_config::Upstream {
+        portcullis_config::Upstream {
+            name: "fs".to_owned(),
+            transport: portcullis_config::Transport::Stdio,
+            command: vec!["node".to_owned(), "server.js".to_owned()],
+            url: None,
+            credential: portcullis_config::Credential::default(),
+        }
+    }
+
+    /// Regression: `--config portcullis.toml` (a bare file name) gives an
+    /// empty base directory; the child must then inherit the current one,
+    /// not be started in "" (which fails with ENOENT).
+    #[test]
+    fn an_empty_base_directory_is_the_current_one() {
+        match transport_of(&stdio_upstream(), std::path::Path::new("")) {
+            Transport::Stdio { cwd, command, .. } => {
+                assert_eq!(cwd, None);
+                assert_eq!(command, ["node", "server.js"]);
+            }
+            Transport::Http { .. } => panic!("stdio expected"),
+        }
+        match transport_of(&stdio_upstream(), std::path::Path::new("/etc/portcullis")) {
+            Transport::Stdio { cwd, .. } => {
+                assert_eq!(cwd, Some(std::path::PathBuf::from("/etc/portcullis")));
+            }
+            Transport::Http { .. } => panic!("stdio expected"),
+        }
+    }
+
+    /// And a child started that way really runs.
+    #[tokio::test]
+    async fn a_stdio_child_starts_with_an_empty_base_directory() {
+        let up = portcullis_config::Upstream {
+            command: vec!["sh".to_owned(), "-c".to_owned(), "exit 0".to_owned()],
+            ..stdio_upstream()
+        };
+        let err = Session::connect("sh", &transport_of(&up, std::path::Path::new("")))
+            .await
+            .unwrap_err()
+            .to_string();
+        // It started (and then closed its stdout without answering).
+        assert!(!err.contains("cannot start"), "{err}");
     }
 }

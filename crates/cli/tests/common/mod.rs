@@ -119,11 +119,35 @@ cedar = ["policies/*.cedar"]
 
 /// Starts `portcullis serve` and waits for `/readyz`.
 pub async fn start_server(dir: &Path, base: &str, client: &reqwest::Client, log: &str) -> Server {
+    start_server_within(
+        dir,
+        &dir.join("portcullis.toml"),
+        base,
+        client,
+        log,
+        Duration::from_secs(15),
+    )
+    .await
+}
+
+/// Starts `portcullis serve --config CONFIG` in `dir` (its output in
+/// `dir/log`; a relative CONFIG is relative to `dir`) and waits up to
+/// `within` for `/readyz` (a gateway with MCP upstreams is ready once each
+/// has had its first connection attempt).
+pub async fn start_server_within(
+    dir: &Path,
+    config: &Path,
+    base: &str,
+    client: &reqwest::Client,
+    log: &str,
+    within: Duration,
+) -> Server {
     let log_path = dir.join(log);
     let log = std::fs::File::create(&log_path).unwrap();
     let child = Command::new(BIN)
         .args(["serve", "--config"])
-        .arg(dir.join("portcullis.toml"))
+        .arg(config)
+        .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -131,7 +155,8 @@ pub async fn start_server(dir: &Path, base: &str, client: &reqwest::Client, log:
         .unwrap();
     let mut server = Server(child);
     let server_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    for _ in 0..300 {
+    let started = std::time::Instant::now();
+    while started.elapsed() < within {
         if let Some(status) = server.0.try_wait().unwrap() {
             panic!("serve exited early ({status}):\n{}", server_log());
         }
@@ -142,7 +167,7 @@ pub async fn start_server(dir: &Path, base: &str, client: &reqwest::Client, log:
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("not ready after 15 s:\n{}", server_log());
+    panic!("not ready after {within:?}:\n{}", server_log());
 }
 
 /// Runs the CLI in `dir`.
