@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 mod demo;
+mod elevations;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -78,6 +79,12 @@ enum Command {
         #[arg(long, default_value = "admin-cli")]
         by: String,
     },
+    /// List, approve or deny elevation requests through a running gateway's
+    /// API (its address is the configuration's `server.issuer`).
+    Elevations {
+        #[command(subcommand)]
+        command: ElevationsCommand,
+    },
     /// Serve MCP on stdio, relaying to a gateway's /mcp with a task token
     /// (for desktop clients that only start MCP servers as processes).
     Connect {
@@ -112,6 +119,53 @@ enum Command {
         /// Change one tool's description, to simulate a changed tool definition.
         #[arg(long)]
         drift: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ElevationsCommand {
+    /// Print elevation requests (pending ones by default).
+    List {
+        /// The configuration file (for the gateway's address).
+        #[arg(long)]
+        config: PathBuf,
+        /// pending, approved or denied.
+        #[arg(long, default_value = "pending", value_parser = ["pending", "approved", "denied"])]
+        status: String,
+        /// Keep watching: print each new request as it arrives.
+        #[arg(long)]
+        watch: bool,
+        /// An approver's admin token (default: PORTCULLIS_ADMIN_TOKEN).
+        #[arg(long, env = "PORTCULLIS_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+    },
+    /// Approve a pending request: the task may use the tool until `elevation.ttl`.
+    Approve {
+        /// The elevation id.
+        id: String,
+        /// The configuration file (for the gateway's address).
+        #[arg(long)]
+        config: PathBuf,
+        /// A note kept with the decision.
+        #[arg(long)]
+        note: Option<String>,
+        /// An approver's admin token (default: PORTCULLIS_ADMIN_TOKEN).
+        #[arg(long, env = "PORTCULLIS_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+    },
+    /// Deny a pending request.
+    Deny {
+        /// The elevation id.
+        id: String,
+        /// The configuration file (for the gateway's address).
+        #[arg(long)]
+        config: PathBuf,
+        /// A note kept with the decision.
+        #[arg(long)]
+        note: Option<String>,
+        /// An approver's admin token (default: PORTCULLIS_ADMIN_TOKEN).
+        #[arg(long, env = "PORTCULLIS_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
     },
 }
 
@@ -182,6 +236,31 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
             .map_err(Into::into),
+        Command::Elevations { command } => runtime().and_then(|rt| {
+            rt.block_on(async {
+                match command {
+                    ElevationsCommand::List {
+                        config,
+                        status,
+                        watch,
+                        token,
+                    } => elevations::list(&config, &token, &status, watch).await,
+                    ElevationsCommand::Approve {
+                        id,
+                        config,
+                        note,
+                        token,
+                    } => elevations::decide(&config, &token, &id, true, note.as_deref()).await,
+                    ElevationsCommand::Deny {
+                        id,
+                        config,
+                        note,
+                        token,
+                    } => elevations::decide(&config, &token, &id, false, note.as_deref()).await,
+                }
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }),
         Command::Connect { url, token } => runtime()
             .and_then(|rt| Ok(rt.block_on(portcullis_mcp::bridge::run(&url, &token))?))
             .map(|()| ExitCode::SUCCESS),
