@@ -168,7 +168,7 @@ async fn approvers_list_approve_deny_and_watch() {
     let _ = watch.wait();
     assert!(seen, "--watch never printed {third}");
 
-    // An agent's token is not an approver's.
+    // An agent's token is not an approver's: 403, and the request stays pending.
     let r = http
         .post(format!("{base}/v1/elevations/{third}/approve"))
         .bearer_auth(token)
@@ -176,5 +176,10 @@ async fn approvers_list_approve_deny_and_watch() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 401);
+    assert_eq!(r.status(), 403);
+    let (_, out) = cli(
+        dir.path(),
+        &["elevations", "list", "--config", "portcullis.toml"],
+    );
+    assert!(out.contains(&third), "{out}");
 }

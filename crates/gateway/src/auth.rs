@@ -94,6 +94,17 @@ impl Gateway {
         }
     }
 
+    /// Whether `token` is an access token this gateway signed (signature and
+    /// claims only; revocation does not matter to the question).
+    fn is_task_token(&self, token: &str) -> bool {
+        let expect = Expect {
+            issuer: &self.settings.issuer,
+            audience: &self.settings.issuer,
+            now: self.now().as_secs(),
+        };
+        self.cache.verify(&self.ring, token, &expect).is_ok()
+    }
+
     /// Authenticates the bearer access token of a request.
     pub(crate) async fn authenticate(&self, headers: &HeaderMap) -> Result<Claims, ApiError> {
         let token = bearer(headers)?
@@ -128,10 +139,17 @@ impl Gateway {
                 Kind::Forbidden,
                 format!("admin {} lacks the {role:?} role", admin.name).to_lowercase(),
             )),
-            None if bearer(headers)?.is_none() => {
-                Err(ApiError::denied(Reason::TokenMissing, "no bearer token"))
-            }
-            None => Err(ApiError::denied(Reason::TokenInvalid, "not an admin token")),
+            None => match bearer(headers)? {
+                None => Err(ApiError::denied(Reason::TokenMissing, "no bearer token")),
+                // A genuine task token is authenticated, just not allowed
+                // here: 403, so an agent can never act as an admin (and in
+                // particular never approve its own elevation).
+                Some(token) if self.is_task_token(token) => Err(ApiError::new(
+                    Kind::Forbidden,
+                    "a task token cannot call the admin API",
+                )),
+                Some(_) => Err(ApiError::denied(Reason::TokenInvalid, "not an admin token")),
+            },
         }
     }
 

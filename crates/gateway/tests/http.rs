@@ -367,7 +367,7 @@ async fn task_lifecycle_end_to_end() {
     // The audit log: auditors only, in seq order, arguments redacted.
     let q = format!("/v1/audit?task_id={task_id}");
     assert_token_error(&h.get(&q, None).await, "token_missing");
-    assert_token_error(&h.get(&q, Some(&access)).await, "token_invalid");
+    assert_error(&h.get(&q, Some(&access)).await, 403, "forbidden");
     let a = h.get(&q, Some(APPROVER)).await;
     assert_error(&a, 403, "forbidden");
     let records = h.audit(&task_id).await;
@@ -761,7 +761,7 @@ async fn introspection_needs_an_admin_and_tells_the_truth() {
             &[("token", &s.access)],
         )
         .await;
-    assert_token_error(&a, "token_invalid");
+    assert_error(&a, 403, "forbidden");
     let a = h
         .post_form("/oauth/introspect", Some("nope"), &[("token", &s.access)])
         .await;
@@ -1705,9 +1705,10 @@ async fn halt_and_resume_are_for_admins_and_rotate_everything() {
     let resume = format!("/v1/tasks/{}/resume", s.task_id);
 
     assert_token_error(&h.post_json(&halt, None, &json!({})).await, "token_missing");
-    assert_token_error(
+    assert_error(
         &h.post_json(&halt, Some(&s.access), &json!({})).await,
-        "token_invalid",
+        403,
+        "forbidden",
     );
     assert_error(
         &h.post_json(&halt, Some(AUDITOR), &json!({})).await,
@@ -2007,9 +2008,10 @@ async fn elevation_is_requested_by_the_task_and_decided_by_an_approver() {
             .any(|e| e["id"] == id.as_str() && e["tool"] == "files.read")
     );
     let approve = format!("/v1/elevations/{id}/approve");
-    // The agent cannot approve its own request: its token is no admin token.
+    // The agent cannot approve its own request: its token is no admin
+    // token, and a genuine task token on the admin API is 403.
     let a = h.post_json(&approve, Some(&s.access), &json!({})).await;
-    assert_token_error(&a, "token_invalid");
+    assert_error(&a, 403, "forbidden");
     let a = h.post_json(&approve, Some(AUDITOR), &json!({})).await;
     assert_error(&a, 403, "forbidden");
     let a = h
