@@ -38,6 +38,9 @@ pub struct LoadedConfig {
     /// load, so `check` can list them with every other finding; an engine
     /// is never built while there are any.
     pub policy_findings: Vec<Finding>,
+    /// The text of `[elevation] auto_approve`, when configured: `Ok(text)`,
+    /// or why it could not be read.
+    pub auto_approve: Option<Result<String, String>>,
 }
 
 impl LoadedConfig {
@@ -65,8 +68,15 @@ impl LoadedConfig {
             base_dir,
             policies: Vec::new(),
             policy_findings: Vec::new(),
+            auto_approve: None,
         };
         loaded.read_policies();
+        loaded.auto_approve = loaded
+            .config
+            .elevation
+            .auto_approve
+            .clone()
+            .map(|f| read_bounded(&loaded.resolve(&f)));
         Ok(loaded)
     }
 

@@ -344,6 +344,29 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
         .map(|a| (a.id.as_str(), a.agent_type.as_str()))
         .collect();
     let policies = PolicyIndex::build(loaded, &facts, &agent_facts, r);
+    let auto_approve = match &loaded.auto_approve {
+        None => None,
+        Some(Err(_)) => None, // reported by the `[elevation]` checks
+        Some(Ok(text)) => {
+            let tool_attrs: Vec<crate::auto_approve::ToolAttrs<'_>> = facts
+                .iter()
+                .map(|t| (t.name, t.risk, t.access, t.upstream))
+                .collect();
+            match crate::auto_approve::AutoApprove::build(text, &tool_attrs, &agent_facts) {
+                Ok(a) => Some(a),
+                Err(errors) => {
+                    let file = cfg.elevation.auto_approve.clone().unwrap_or_default();
+                    for e in errors {
+                        r.at(
+                            &root().key("elevation").key("auto_approve"),
+                            format!("{file}: {e}"),
+                        );
+                    }
+                    None
+                }
+            }
+        }
+    };
 
     let mut findings = report.into_findings();
     // Per file, in line order; the configuration file first.
@@ -364,6 +387,7 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
             agents,
             policies,
             pins: std::sync::RwLock::new(vec![PinState::default(); n_tools]),
+            auto_approve,
             clock,
             slice_policies: true,
         }),
@@ -782,12 +806,7 @@ fn check_sections(loaded: &LoadedConfig, r: &mut Reporter<'_>) {
     if ttl < Duration::from_secs(60) || ttl > Duration::from_secs(86_400) {
         r.at(&elevation.key("ttl"), format!("{ttl} is outside 1m..1d"));
     }
-    if let Some(file) = &cfg.elevation.auto_approve
-        && !loaded.resolve(file).is_file()
-    {
-        r.at(
-            &elevation.key("auto_approve"),
-            format!("{file:?} is not a file"),
-        );
+    if let (Some(file), Some(Err(why))) = (&cfg.elevation.auto_approve, &loaded.auto_approve) {
+        r.at(&elevation.key("auto_approve"), format!("{file:?}: {why}"));
     }
 }

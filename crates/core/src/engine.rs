@@ -129,6 +129,8 @@ pub struct Engine {
     pub(crate) slice_policies: bool,
     /// Per tool (by index): what is known of its pinned upstream definition.
     pub(crate) pins: RwLock<Vec<PinState>>,
+    /// `[elevation] auto_approve`, compiled.
+    pub(crate) auto_approve: Option<crate::auto_approve::AutoApprove>,
 }
 
 /// What the service reports about an upstream tool's definition, compared
@@ -243,6 +245,20 @@ impl Engine {
                 detail.clone(),
             ))),
         }
+    }
+
+    /// Whether the `auto_approve` policies approve `task`'s request for
+    /// `tool` (with the agent's stated `reason`): the ids of the permits
+    /// that do, or `None` — the request then waits for a human.
+    pub fn auto_approve(&self, task: &Task, tool: &str, reason: &str) -> Option<Vec<String>> {
+        self.tool_index.get(tool)?;
+        self.auto_approve.as_ref()?.decide(
+            &task.agent_id,
+            &task.agent_type,
+            tool,
+            reason,
+            &task.state,
+        )
     }
 
     /// A registered tool by gateway name.

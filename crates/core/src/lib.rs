@@ -58,6 +58,7 @@
 //! ```
 
 pub mod args;
+mod auto_approve;
 mod build;
 mod clock;
 mod decision;

@@ -11,8 +11,9 @@
 //!   version) and `elevation.approved`. A grant lets the tool pass the ACL
 //!   step and the token-scope check; the workflow state, budgets, arguments
 //!   and policies still apply.
-//! - Automatic approval by Cedar policies, approval on `reverify` states and
-//!   per-call approval of high-risk tools come with continuous verification.
+//! - `[elevation] auto_approve` Cedar policies may approve a request at
+//!   once (recorded as decided by `policy <ids>`); otherwise it waits, and
+//!   the alert webhook is told (`elevation.requested`, with its id).
 
 use std::sync::Arc;
 
@@ -34,6 +35,9 @@ use crate::layers::TaskCaller;
 use crate::server::RequestId;
 use crate::state::{Gateway, internal};
 use crate::tasks::respond;
+
+/// Alert kind for a request that waits for a human.
+pub const ELEVATION_REQUESTED: &str = "elevation.requested";
 
 /// Longest accepted reason or note, in bytes.
 const MAX_REASON_BYTES: usize = 2048;
@@ -72,6 +76,7 @@ pub(crate) async fn request(
             return Err(ApiError::denied(Reason::ToolUnknown, "no such tool"));
         }
         let now = gw.now();
+        let (req_tool, req_reason) = (req.tool.clone(), req.reason.clone());
         let id = portcullis_token::random_id("elv_").map_err(internal)?;
         let elevation = ElevationRecord {
             id: id.clone(),
@@ -94,6 +99,21 @@ pub(crate) async fn request(
         gw.commit(vec![Op::InsertElevation(elevation), Op::Append(event)])
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        // The `auto_approve` policies may decide at once; otherwise the
+        // request waits for a human (and the approvers hear of it).
+        if let Some(ids) = gw.engine.auto_approve(&record.task, &req_tool, &req_reason) {
+            let by = format!("policy {}", ids.join(", "));
+            let done = decide_elevation(&gw, &id, ElevationStatus::Approved, by, None).await?;
+            return Ok((StatusCode::ACCEPTED, Json(done)).into_response());
+        }
+        gw.alert(crate::alerts::Alert {
+            kind: ELEVATION_REQUESTED,
+            task_id: Some(task_id.clone()),
+            agent_id: Some(record.task.agent_id.clone()),
+            reason: None,
+            detail: Some(format!("{id}: {req_tool}: {req_reason}")),
+            ts: now.0,
+        });
         Ok((
             StatusCode::ACCEPTED,
             Json(json!({ "elevation_id": id, "status": "pending" })),
@@ -196,6 +216,21 @@ async fn decide(
             "note longer than {MAX_REASON_BYTES} bytes"
         )));
     }
+    let done = decide_elevation(gw, id, status, format!("admin {approver}"), req.note).await?;
+    Ok(Json(done).into_response())
+}
+
+/// Decides a pending elevation, exactly once: the decision, and for an
+/// approval a grant on the task until now + `elevation.ttl` (bounded by the
+/// task's deadline), in one transaction with the audit record. `by` is who
+/// decided (`admin NAME`, or `policy ID…` for an automatic approval).
+pub(crate) async fn decide_elevation(
+    gw: &Gateway,
+    id: &str,
+    status: ElevationStatus,
+    by: String,
+    note: Option<String>,
+) -> Result<serde_json::Value, ApiError> {
     for _ in 0..8 {
         let elevation = gw
             .store
@@ -210,7 +245,6 @@ async fn decide(
             ));
         }
         let now = gw.now();
-        let by = format!("admin {approver}");
         let kind = match status {
             ElevationStatus::Approved => EventKind::ElevationApproved,
             _ => EventKind::ElevationDenied,
@@ -219,7 +253,7 @@ async fn decide(
         event.task_id = Some(elevation.task_id.clone());
         event.agent_id = Some(elevation.agent_id.clone());
         event.tool = Some(elevation.tool.clone());
-        event.detail = Some(match &req.note {
+        event.detail = Some(match &note {
             Some(note) => format!("{id} by {by}: {note}"),
             None => format!("{id} by {by}"),
         });
@@ -257,21 +291,21 @@ async fn decide(
             status,
             by: by.clone(),
             at: now,
-            note: req.note.clone(),
+            note: note.clone(),
             expires_at,
         }];
         all.extend(ops);
         all.push(Op::Append(event));
         match gw.commit(all).await {
             Ok(_) => {
-                return Ok(Json(json!({
+                return Ok(json!({
                     "elevation_id": id,
                     "status": status.as_str(),
                     "task_id": elevation.task_id,
                     "tool": elevation.tool,
+                    "decided_by": by,
                     "expires_at": expires_at.map(|t| t.as_millis()),
-                }))
-                .into_response());
+                }));
             }
             // Lost a race on the task's version: look again. A decision
             // that another approver made first shows up as not pending.

@@ -2382,3 +2382,97 @@ async fn an_https_alert_webhook_is_a_setup_error() {
     let err = portcullis_gateway::run::build(&config).await.unwrap_err();
     assert!(err.to_string().contains("TLS"), "{err}");
 }
+
+/// `[elevation] auto_approve`: a permit that matches approves at once
+/// (decided by the policy, audited, the grant usable); one that does not
+/// leaves the request pending for a human, and a `forbid` wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_approve_policies_decide_without_a_human() {
+    let h = Harness::with(Options {
+        auto_approve: Some(
+            r#"
+@id("reads-while-validating")
+permit(principal, action == Action::"elevate", resource)
+when { resource.access == "read" && context.state == "validate" };
+
+@id("never-for-exports")
+forbid(principal, action, resource) when { context.reason like "*export*" };
+"#,
+        ),
+        ..Options::default()
+    })
+    .await;
+    let s = other_bot_in_validate(&h).await;
+    let path = format!("/v1/tasks/{}/elevations", s.task_id);
+
+    // A forbid wins: pending.
+    let a = h
+        .post_json(
+            &path,
+            Some(&s.access),
+            &json!({ "tool": "files.read", "reason": "export it all" }),
+        )
+        .await;
+    assert_eq!(a.body["status"], "pending", "{}", a.text);
+    // A high-risk write matches no permit: pending.
+    let a = h
+        .post_json(
+            &path,
+            Some(&s.access),
+            &json!({ "tool": "warehouse.drop", "reason": "cleanup" }),
+        )
+        .await;
+    assert_eq!(a.body["status"], "pending", "{}", a.text);
+    let a = h
+        .call(
+            &s.access,
+            &s.task_id,
+            "files.read",
+            json!({ "path": "/data/x.csv" }),
+        )
+        .await;
+    assert_error(&a, 403, "tool_not_granted");
+
+    // A read while validating: approved by the policy, usable at once.
+    let a = h
+        .post_json(
+            &path,
+            Some(&s.access),
+            &json!({ "tool": "files.read", "reason": "need the extract" }),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.text);
+    assert_eq!(a.body["status"], "approved", "{}", a.text);
+    assert_eq!(a.body["decided_by"], "policy reads-while-validating");
+    let id = a.body["elevation_id"].as_str().unwrap().to_owned();
+    h.call_ok(
+        &s.access,
+        &s.task_id,
+        "files.read",
+        json!({ "path": "/data/x.csv" }),
+    )
+    .await;
+    let approved: Vec<Value> = h
+        .audit(&s.task_id)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "elevation.approved")
+        .collect();
+    assert_eq!(approved.len(), 1);
+    assert!(approved[0]["detail"].as_str().unwrap().contains(&id));
+    assert!(
+        approved[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("policy reads-while-validating")
+    );
+    // Decided once: a human cannot decide it again.
+    let a = h
+        .post_json(
+            &format!("/v1/elevations/{id}/deny"),
+            Some(ADMIN),
+            &json!({}),
+        )
+        .await;
+    assert_error(&a, 409, "conflict");
+}

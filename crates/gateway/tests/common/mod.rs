@@ -71,6 +71,8 @@ pub struct Options {
     pub alert_webhook: Option<String>,
     /// How alert deliveries are retried (the gateway's default if `None`).
     pub alert_policy: Option<RetryPolicy>,
+    /// `[elevation] auto_approve` policies, when set.
+    pub auto_approve: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -83,6 +85,7 @@ impl Default for Options {
             max_calls_per_task: 500,
             alert_webhook: None,
             alert_policy: None,
+            auto_approve: None,
         }
     }
 }
@@ -237,6 +240,7 @@ bootstrap_sha256 = "{other}"
 
 [policies]
 cedar = ["policies/*.cedar"]
+{elevation}
 "#,
         max_body = opts.max_body_bytes,
         access = opts.access_ttl,
@@ -248,6 +252,11 @@ cedar = ["policies/*.cedar"]
         bootstrap = sha(BOOTSTRAP),
         other = sha(OTHER_BOOTSTRAP),
         max_calls = opts.max_calls_per_task,
+        elevation = if opts.auto_approve.is_some() {
+            "[elevation]\nauto_approve = \"elevation/auto.cedar\""
+        } else {
+            ""
+        },
         webhook = opts
             .alert_webhook
             .as_ref()
@@ -261,6 +270,10 @@ cedar = ["policies/*.cedar"]
 pub fn write_config(dir: &Path, listen: &str, opts: &Options) -> std::path::PathBuf {
     std::fs::create_dir_all(dir.join("policies")).unwrap();
     std::fs::write(dir.join("policies/ingestion.cedar"), POLICIES).unwrap();
+    if let Some(text) = opts.auto_approve {
+        std::fs::create_dir_all(dir.join("elevation")).unwrap();
+        std::fs::write(dir.join("elevation/auto.cedar"), text).unwrap();
+    }
     portcullis_gateway::run::keygen(&dir.join("keys/k1.ed25519")).unwrap();
     let path = dir.join("portcullis.toml");
     std::fs::write(&path, config_toml(listen, opts)).unwrap();
