@@ -388,6 +388,7 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
             policies,
             pins: std::sync::RwLock::new(vec![PinState::default(); n_tools]),
             auto_approve,
+            anomaly: crate::anomaly::Rules::new(&cfg.anomaly),
             clock,
             slice_policies: true,
         }),

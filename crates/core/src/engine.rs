@@ -131,6 +131,8 @@ pub struct Engine {
     pub(crate) pins: RwLock<Vec<PinState>>,
     /// `[elevation] auto_approve`, compiled.
     pub(crate) auto_approve: Option<crate::auto_approve::AutoApprove>,
+    /// `[anomaly]`.
+    pub(crate) anomaly: crate::anomaly::Rules,
 }
 
 /// What the service reports about an upstream tool's definition, compared
@@ -259,6 +261,11 @@ impl Engine {
             reason,
             &task.state,
         )
+    }
+
+    /// The `[anomaly]` rules.
+    pub fn anomaly(&self) -> &crate::anomaly::Rules {
+        &self.anomaly
     }
 
     /// A registered tool by gateway name.
@@ -396,6 +403,7 @@ impl Engine {
             tool_calls: Default::default(),
             version: 0,
             started_at: self.clock.now(),
+            watch: crate::anomaly::Watch::default(),
         })
     }
 

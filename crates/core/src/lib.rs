@@ -57,6 +57,7 @@
 //! assert_eq!(bad.reason, Some(Reason::ArgsInvalid));
 //! ```
 
+pub mod anomaly;
 pub mod args;
 mod auto_approve;
 mod build;

@@ -69,6 +69,10 @@ pub struct Task {
     pub version: u64,
     /// When the task started.
     pub started_at: Timestamp,
+    /// What the anomaly rules remember of this task (recent calls,
+    /// denials); kept in the task so it shares its compare-and-swap.
+    #[serde(default)]
+    pub watch: crate::anomaly::Watch,
 }
 
 impl Task {

@@ -47,6 +47,8 @@ pub const QUEUE_CAPACITY: usize = 1024;
 
 /// Alert kind: a task was halted (by an admin or an anomaly rule).
 pub const TASK_HALTED: &str = "task.halted";
+/// Alert kind: an anomaly rule fired (deny or require_approval).
+pub const ANOMALY: &str = "anomaly";
 
 /// One alert, the webhook body of DESIGN section 9.
 ///

@@ -79,10 +79,28 @@ impl Gateway {
                 Reason::TokenRevoked,
                 "token is not in the ledger",
             )),
-            Some(r) if r.revoked_at.is_some() => Err(ApiError::denied(
-                Reason::TokenRevoked,
-                format!("token revoked: {}", r.revoke_reason.unwrap_or_default()),
-            )),
+            // A token revoked by a halt of a task still halted says so
+            // (only an admin can resume it); after a resume it is just a
+            // revoked token.
+            Some(r) if r.revoked_at.is_some() => {
+                let why = r.revoke_reason.unwrap_or_default();
+                let halted = why.starts_with("halted by")
+                    && matches!(
+                        self.store.task(&r.task_id).await,
+                        Ok(Some(t)) if t.task.status == portcullis_core::TaskStatus::Halted
+                    );
+                if halted {
+                    Err(ApiError::denied(
+                        Reason::AnomalyHalt,
+                        format!("the task is halted: {why}"),
+                    ))
+                } else {
+                    Err(ApiError::denied(
+                        Reason::TokenRevoked,
+                        format!("token revoked: {why}"),
+                    ))
+                }
+            }
             Some(r) if r.kind != TokenKind::Access => Err(ApiError::denied(
                 Reason::TokenInvalid,
                 "not an access token",

@@ -302,6 +302,7 @@ mod tests {
             tool_calls: Default::default(),
             version: 0,
             started_at: Timestamp(0),
+            watch: Default::default(),
         }
     }
 

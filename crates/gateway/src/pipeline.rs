@@ -14,6 +14,8 @@
 
 use std::time::{Duration, Instant};
 
+use portcullis_config::AnomalyAction;
+use portcullis_core::anomaly::Fired;
 use portcullis_core::{Decision, Reason, Task, TaskStatus, Timestamp};
 use portcullis_store::{EventKind, NewEvent, Op, StoreError, TaskRecord};
 use portcullis_token::Claims;
@@ -116,17 +118,39 @@ impl Gateway {
                 // An admin re-approved the definition the upstream has now.
                 decision = self.decide(claims, &record.task, tool, args);
             }
-            if !decision.is_allowed() {
-                self.metrics.decision(decision.reason);
-                let event = self.call_event(&record.task, &decision, args, now);
-                self.commit(vec![Op::Append(event)])
-                    .await
-                    .map_err(|e| ApiError::unavailable(e.to_string()))?;
-                let reason = decision.reason.unwrap_or(Reason::InternalError);
-                tracing::info!(task_id, tool, reason = reason.as_str(), "call denied");
-                return Err(
-                    ApiError::denied(reason, decision.detail).with_policies(decision.policy_ids)
+            // Last step before forwarding: the anomaly rules.
+            let mut fired = None;
+            if decision.is_allowed() {
+                let approved = record
+                    .task
+                    .grants
+                    .iter()
+                    .any(|g| g.tool == tool && g.expires_at > now);
+                fired = self.engine.anomaly().check_call(
+                    &record.task.watch,
+                    tool,
+                    now,
+                    false,
+                    approved,
                 );
+                if let Some(f) = &fired {
+                    decision = Decision::deny(tool, anomaly_reason(f.action), f.detail.clone());
+                }
+            }
+            if !decision.is_allowed() {
+                match self
+                    .commit_denial(&record, &decision, args, now, fired)
+                    .await
+                {
+                    Ok(answer) => {
+                        self.metrics.decision(decision.reason);
+                        let reason = decision.reason.unwrap_or(Reason::InternalError);
+                        tracing::info!(task_id, tool, reason = reason.as_str(), "call denied");
+                        return Err(answer);
+                    }
+                    Err(CommitError::Lost) => continue,
+                    Err(CommitError::Api(e)) => return Err(e),
+                }
             }
             match self
                 .commit_allowed(claims, record, decision, args, forward, now)
@@ -143,6 +167,152 @@ impl Gateway {
         Err(ApiError::unavailable(
             "task is changing too fast; try again",
         ))
+    }
+
+    /// Records a denial — and, when the anomaly rules say so, counts it,
+    /// holds the call as an elevation request, or halts the task — in one
+    /// transaction (compare-and-swap on the task when it changes). Returns
+    /// the answer for the caller.
+    async fn commit_denial(
+        &self,
+        record: &TaskRecord,
+        decision: &Decision,
+        args: &Value,
+        now: Timestamp,
+        call_rule: Option<Fired>,
+    ) -> Result<ApiError, CommitError> {
+        let rules = self.engine.anomaly();
+        let mut task = record.task.clone();
+        let mut events = vec![self.call_event(&record.task, decision, args, now)];
+        let mut ops = Vec::new();
+        let mut fired: Vec<Fired> = call_rule.into_iter().collect();
+        let active = task.status == TaskStatus::Active;
+        let counted = active && rules.counts_denials();
+        if counted && let Some(f) = rules.record_denial(&mut task.watch) {
+            fired.push(f);
+        }
+        for f in &fired {
+            let mut e = NewEvent::new(now, EventKind::Anomaly);
+            e.task_id = Some(task.id.clone());
+            e.agent_id = Some(task.agent_id.clone());
+            e.tool = Some(decision.tool.clone());
+            e.decision = Some("deny".to_owned());
+            e.reason = Some(anomaly_reason(f.action).as_str().to_owned());
+            e.detail =
+                Some(format!("rule {}: {} ({:?})", f.rule, f.detail, f.action).to_lowercase());
+            events.push(e);
+        }
+        let mut elevation_id = None;
+        if let Some(f) = fired
+            .iter()
+            .find(|f| f.action == AnomalyAction::RequireApproval)
+        {
+            let id =
+                portcullis_token::random_id("elv_").map_err(|e| CommitError::Api(internal(e)))?;
+            let reason = format!("anomaly rule {}: {}", f.rule, f.detail);
+            ops.push(Op::InsertElevation(portcullis_store::ElevationRecord {
+                id: id.clone(),
+                task_id: task.id.clone(),
+                agent_id: task.agent_id.clone(),
+                tool: decision.tool.clone(),
+                reason: reason.clone(),
+                status: portcullis_store::ElevationStatus::Pending,
+                requested_at: now,
+                decided_at: None,
+                decided_by: None,
+                note: None,
+                expires_at: None,
+            }));
+            let mut e = NewEvent::new(now, EventKind::ElevationRequested);
+            e.task_id = Some(task.id.clone());
+            e.agent_id = Some(task.agent_id.clone());
+            e.tool = Some(decision.tool.clone());
+            e.detail = Some(format!("{id}: {reason}"));
+            events.push(e);
+            elevation_id = Some(id);
+        }
+        let halt = active && fired.iter().any(|f| f.action == AnomalyAction::Halt);
+        if halt {
+            let why = format!(
+                "halted by anomaly rule {}",
+                fired
+                    .iter()
+                    .filter(|f| f.action == AnomalyAction::Halt)
+                    .map(|f| f.rule)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            task.status = TaskStatus::Halted;
+            ops.push(Op::RevokeTaskTokens {
+                task_id: task.id.clone(),
+                at: now,
+                reason: why.clone(),
+            });
+            let mut halted = NewEvent::new(now, EventKind::TaskHalted);
+            halted.task_id = Some(task.id.clone());
+            halted.agent_id = Some(task.agent_id.clone());
+            halted.reason = Some(Reason::AnomalyHalt.as_str().to_owned());
+            halted.detail = Some(why.clone());
+            events.push(halted);
+            let mut revoked = NewEvent::new(now, EventKind::TokenRevoked);
+            revoked.task_id = Some(task.id.clone());
+            revoked.agent_id = Some(task.agent_id.clone());
+            revoked.detail = Some(format!("every token of the task: {why}"));
+            events.push(revoked);
+        }
+        if counted || halt {
+            task.version = task.version.saturating_add(1);
+            ops.insert(
+                0,
+                Op::UpdateTask {
+                    record: TaskRecord {
+                        task: task.clone(),
+                        deadline: record.deadline,
+                    },
+                    expected_version: record.task.version,
+                },
+            );
+        }
+        ops.extend(events.into_iter().map(Op::Append));
+        match self.commit(ops).await {
+            Ok(_) => {}
+            Err(StoreError::Conflict(_)) if counted || halt => return Err(CommitError::Lost),
+            Err(e) => return Err(CommitError::Api(ApiError::unavailable(e.to_string()))),
+        }
+        // After the commit: the halt and the request stand whatever becomes
+        // of the alerts.
+        for f in &fired {
+            let kind = if halt && f.action == AnomalyAction::Halt {
+                crate::alerts::TASK_HALTED
+            } else {
+                crate::alerts::ANOMALY
+            };
+            self.alert(crate::alerts::Alert {
+                kind,
+                task_id: Some(task.id.clone()),
+                agent_id: Some(task.agent_id.clone()),
+                reason: Some(anomaly_reason(f.action).as_str().to_owned()),
+                detail: Some(match &elevation_id {
+                    Some(id) if f.action == AnomalyAction::RequireApproval => {
+                        format!(
+                            "rule {}: {}; elevation {id} awaits an approver",
+                            f.rule, f.detail
+                        )
+                    }
+                    _ => format!("rule {}: {}", f.rule, f.detail),
+                }),
+                ts: now.0,
+            });
+        }
+        let reason = decision.reason.unwrap_or(Reason::InternalError);
+        let mut detail = decision.detail.clone();
+        if let Some(id) = &elevation_id {
+            detail = format!("{detail}; held as elevation request {id}");
+        }
+        if halt && reason != Reason::AnomalyHalt {
+            detail = format!("{detail}; the task is now halted (anomaly rule denials)");
+        }
+        Ok(ApiError::denied(reason, detail).with_policies(decision.policy_ids.clone()))
     }
 
     /// The engine's decision, after the token's own scope.
@@ -176,6 +346,9 @@ impl Gateway {
         let before = record.task.version;
         let mut task = record.task.clone();
         task.apply(&decision);
+        self.engine
+            .anomaly()
+            .record_call(&mut task.watch, &decision.tool, now);
         let mut ops = vec![
             Op::UpdateTask {
                 record: TaskRecord {
@@ -365,6 +538,18 @@ impl Gateway {
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         outcome.map_err(|why| ApiError::denied(Reason::UpstreamUnavailable, why))
+    }
+}
+
+/// The reason code an anomaly rule's action answers with: `deny` is
+/// `rate_limited` (refused for its pattern, not its content; the audit
+/// names the rule), `require_approval` is `approval_required`, `halt` is
+/// `anomaly_halt`.
+fn anomaly_reason(action: AnomalyAction) -> Reason {
+    match action {
+        AnomalyAction::Deny => Reason::RateLimited,
+        AnomalyAction::RequireApproval => Reason::ApprovalRequired,
+        AnomalyAction::Halt => Reason::AnomalyHalt,
     }
 }
 

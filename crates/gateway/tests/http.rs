@@ -1727,7 +1727,7 @@ async fn halt_and_resume_are_for_admins_and_rotate_everything() {
     let a = h
         .call(&s.access, &s.task_id, "warehouse.connect", connect_args())
         .await;
-    assert_token_error(&a, "token_revoked");
+    assert_error(&a, 403, "anomaly_halt");
     assert_oauth_error(&h.refresh(&s.refresh).await, "invalid_grant", None);
     assert_eq!(h.task(&s.task_id).await["status"], "halted");
 
@@ -2151,60 +2151,6 @@ async fn refusals_before_the_decision_are_audited() {
 // ---------------------------------------------------------------------------
 // The alert webhook (`audit.alert_webhook`).
 // ---------------------------------------------------------------------------
-
-/// A webhook receiver on 127.0.0.1: it answers 500 to the first
-/// `failures` attempts, then 200 — or never answers at all (`hang`).
-struct Receiver {
-    url: String,
-    attempts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    /// `(content-type, body)` of every accepted alert.
-    accepted: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
-}
-
-impl Receiver {
-    async fn start(failures: usize, hang: bool) -> Self {
-        use axum::http::{HeaderMap as AxumHeaders, StatusCode as AxumStatus};
-        use std::sync::atomic::AtomicUsize;
-        use std::sync::{Arc, Mutex};
-        let attempts = Arc::new(AtomicUsize::new(0));
-        let accepted = Arc::new(Mutex::new(Vec::new()));
-        let (n, seen) = (attempts.clone(), accepted.clone());
-        let app = axum::Router::new().route(
-            "/alerts",
-            axum::routing::post(move |headers: AxumHeaders, body: String| {
-                let (n, seen) = (n.clone(), seen.clone());
-                async move {
-                    let i = n.fetch_add(1, Ordering::SeqCst);
-                    if hang {
-                        std::future::pending::<()>().await;
-                    }
-                    if i < failures {
-                        return AxumStatus::INTERNAL_SERVER_ERROR;
-                    }
-                    let ct = headers
-                        .get("content-type")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_owned();
-                    seen.lock().unwrap().push((ct, body));
-                    AxumStatus::OK
-                }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/alerts", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Self {
-            url,
-            attempts,
-            accepted,
-        }
-    }
-
-    fn accepted(&self) -> Vec<(String, String)> {
-        self.accepted.lock().unwrap().clone()
-    }
-}
 
 /// Fast retries, so a failing receiver is given up on within a second.
 fn quick_retries(attempts: u32) -> portcullis_gateway::alerts::RetryPolicy {

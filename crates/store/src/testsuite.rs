@@ -110,6 +110,7 @@ pub fn sample_task(id: &str) -> TaskRecord {
             tool_calls: BTreeMap::from([("db.read".to_owned(), 3)]),
             version: 1,
             started_at: T0,
+            watch: portcullis_core::anomaly::Watch::default(),
         },
         deadline: T0.plus_millis(3_600_000),
     }

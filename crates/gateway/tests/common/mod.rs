@@ -73,6 +73,8 @@ pub struct Options {
     pub alert_policy: Option<RetryPolicy>,
     /// `[elevation] auto_approve` policies, when set.
     pub auto_approve: Option<&'static str>,
+    /// The body of an `[anomaly]` table, when set.
+    pub anomaly: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -86,6 +88,7 @@ impl Default for Options {
             alert_webhook: None,
             alert_policy: None,
             auto_approve: None,
+            anomaly: None,
         }
     }
 }
@@ -241,6 +244,7 @@ bootstrap_sha256 = "{other}"
 [policies]
 cedar = ["policies/*.cedar"]
 {elevation}
+{anomaly}
 "#,
         max_body = opts.max_body_bytes,
         access = opts.access_ttl,
@@ -252,6 +256,10 @@ cedar = ["policies/*.cedar"]
         bootstrap = sha(BOOTSTRAP),
         other = sha(OTHER_BOOTSTRAP),
         max_calls = opts.max_calls_per_task,
+        anomaly = opts
+            .anomaly
+            .map(|a| format!("[anomaly]\n{a}"))
+            .unwrap_or_default(),
         elevation = if opts.auto_approve.is_some() {
             "[elevation]\nauto_approve = \"elevation/auto.cedar\""
         } else {
@@ -783,5 +791,59 @@ pub fn assert_in_order(records: &[Value], expected: &[&str]) {
             Some(i) => at += i + 1,
             None => panic!("{want} missing (in order) from {all:?}"),
         }
+    }
+}
+
+/// A webhook receiver on 127.0.0.1: it answers 500 to the first
+/// `failures` attempts, then 200 — or never answers at all (`hang`).
+pub struct Receiver {
+    pub url: String,
+    pub attempts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// `(content-type, body)` of every accepted alert.
+    pub accepted: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+impl Receiver {
+    pub async fn start(failures: usize, hang: bool) -> Self {
+        use axum::http::{HeaderMap as AxumHeaders, StatusCode as AxumStatus};
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::{Arc, Mutex};
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let (n, seen) = (attempts.clone(), accepted.clone());
+        let app = axum::Router::new().route(
+            "/alerts",
+            axum::routing::post(move |headers: AxumHeaders, body: String| {
+                let (n, seen) = (n.clone(), seen.clone());
+                async move {
+                    let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if hang {
+                        std::future::pending::<()>().await;
+                    }
+                    if i < failures {
+                        return AxumStatus::INTERNAL_SERVER_ERROR;
+                    }
+                    let ct = headers
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    seen.lock().unwrap().push((ct, body));
+                    AxumStatus::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/alerts", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self {
+            url,
+            attempts,
+            accepted,
+        }
+    }
+
+    pub fn accepted(&self) -> Vec<(String, String)> {
+        self.accepted.lock().unwrap().clone()
     }
 }

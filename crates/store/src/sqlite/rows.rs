@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use portcullis_core::anomaly::Watch;
 use portcullis_core::{Grant, Task, TaskStatus, Timestamp};
 use rusqlite::Row;
 use serde::{Deserialize, Serialize};
@@ -35,6 +36,7 @@ struct TaskBodyRef<'a> {
     grants: &'a [Grant],
     calls: u64,
     tool_calls: &'a BTreeMap<String, u64>,
+    watch: &'a Watch,
 }
 
 #[derive(Deserialize)]
@@ -44,6 +46,9 @@ struct TaskBody {
     grants: Vec<Grant>,
     calls: u64,
     tool_calls: BTreeMap<String, u64>,
+    /// Absent in rows written before the anomaly rules existed.
+    #[serde(default)]
+    watch: Watch,
 }
 
 /// The columns of one `tasks` row, in table order.
@@ -70,6 +75,7 @@ impl TaskRow {
             grants: &task.grants,
             calls: task.calls,
             tool_calls: &task.tool_calls,
+            watch: &task.watch,
         })
         .map_err(|e| StoreError::Corrupt(format!("encode task {}: {e}", task.id)))?;
         Ok(Self {
@@ -89,15 +95,15 @@ impl TaskRow {
 /// The raw columns of `SELECT` [`TASK_COLUMNS`].
 #[derive(Debug)]
 pub struct RawTask {
-    id: String,
-    agent_id: String,
-    agent_type: String,
-    state: String,
-    status: String,
-    version: i64,
-    deadline: i64,
-    started_at: i64,
-    body: String,
+    pub(crate) id: String,
+    pub(crate) agent_id: String,
+    pub(crate) agent_type: String,
+    pub(crate) state: String,
+    pub(crate) status: String,
+    pub(crate) version: i64,
+    pub(crate) deadline: i64,
+    pub(crate) started_at: i64,
+    pub(crate) body: String,
 }
 
 /// The column list [`RawTask::from_row`] expects.
@@ -148,6 +154,7 @@ impl RawTask {
                 grants: body.grants,
                 calls: body.calls,
                 tool_calls: body.tool_calls,
+                watch: body.watch,
             },
         })
     }
@@ -160,14 +167,14 @@ pub const TOKEN_COLUMNS: &str =
 /// The raw columns of `SELECT` [`TOKEN_COLUMNS`].
 #[derive(Debug)]
 pub struct RawToken {
-    jti: String,
-    task_id: String,
-    agent_id: String,
-    kind: String,
-    issued_at: i64,
-    expires_at: i64,
-    revoked_at: Option<i64>,
-    revoke_reason: Option<String>,
+    pub(crate) jti: String,
+    pub(crate) task_id: String,
+    pub(crate) agent_id: String,
+    pub(crate) kind: String,
+    pub(crate) issued_at: i64,
+    pub(crate) expires_at: i64,
+    pub(crate) revoked_at: Option<i64>,
+    pub(crate) revoke_reason: Option<String>,
 }
 
 impl RawToken {
@@ -211,12 +218,12 @@ pub const REFRESH_COLUMNS: &str = "hash, task_id, agent_id, issued_at, idle_expi
 /// The raw columns of `SELECT` [`REFRESH_COLUMNS`].
 #[derive(Debug)]
 pub struct RawRefresh {
-    hash: String,
-    task_id: String,
-    agent_id: String,
-    issued_at: i64,
-    idle_expires_at: i64,
-    spent_at: Option<i64>,
+    pub(crate) hash: String,
+    pub(crate) task_id: String,
+    pub(crate) agent_id: String,
+    pub(crate) issued_at: i64,
+    pub(crate) idle_expires_at: i64,
+    pub(crate) spent_at: Option<i64>,
 }
 
 impl RawRefresh {
@@ -249,8 +256,8 @@ impl RawRefresh {
 /// The raw columns of `SELECT seq, event FROM audit_events`.
 #[derive(Debug)]
 pub struct RawEvent {
-    seq: i64,
-    event: String,
+    pub(crate) seq: i64,
+    pub(crate) event: String,
 }
 
 impl RawEvent {
@@ -326,17 +333,17 @@ pub const ELEVATION_COLUMNS: &str = "id, task_id, agent_id, tool, reason, status
 /// The raw columns of `SELECT` [`ELEVATION_COLUMNS`].
 #[derive(Debug)]
 pub struct RawElevation {
-    id: String,
-    task_id: String,
-    agent_id: String,
-    tool: String,
-    reason: String,
-    status: String,
-    requested_at: i64,
-    decided_at: Option<i64>,
-    decided_by: Option<String>,
-    note: Option<String>,
-    expires_at: Option<i64>,
+    pub(crate) id: String,
+    pub(crate) task_id: String,
+    pub(crate) agent_id: String,
+    pub(crate) tool: String,
+    pub(crate) reason: String,
+    pub(crate) status: String,
+    pub(crate) requested_at: i64,
+    pub(crate) decided_at: Option<i64>,
+    pub(crate) decided_by: Option<String>,
+    pub(crate) note: Option<String>,
+    pub(crate) expires_at: Option<i64>,
 }
 
 impl RawElevation {
@@ -389,12 +396,12 @@ pub const PIN_COLUMNS: &str = "tool, upstream, hash, definition, pinned_at, appr
 /// The raw columns of `SELECT` [`PIN_COLUMNS`].
 #[derive(Debug)]
 pub struct RawPin {
-    tool: String,
-    upstream: String,
-    hash: String,
-    definition: String,
-    pinned_at: i64,
-    approved_by: String,
+    pub(crate) tool: String,
+    pub(crate) upstream: String,
+    pub(crate) hash: String,
+    pub(crate) definition: String,
+    pub(crate) pinned_at: i64,
+    pub(crate) approved_by: String,
 }
 
 impl RawPin {
