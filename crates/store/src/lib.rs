@@ -31,7 +31,18 @@
 //!
 //! * [`SqliteStore`]: embedded, WAL, one writer thread with group commit
 //!   (see the [`sqlite`] module for its file format and concurrency model).
-//! * PostgreSQL: to come; it must pass [`testsuite::run_all`] unchanged.
+//! * [`PostgresStore`]: one database shared by the replicas of a cluster
+//!   (see the [`postgres`] module and `docs/postgres.md`): versioned
+//!   migrations under an advisory lock, a writer task per replica with
+//!   group commit, the hash chain serialized across replicas on the
+//!   `chain_head` row lock, compare-and-swap and exactly-once decisions
+//!   decided by the database, and revocations announced with
+//!   `NOTIFY portcullis_revoked` and received with
+//!   [`PostgresStore::listen_revocations`] (wiring that into the gateway's
+//!   token cache is the gateway's part).
+//!
+//! Both pass [`testsuite::run_all`] unchanged (`tests/sqlite.rs`,
+//! `tests/postgres.rs`).
 //!
 //! [`testsuite`] holds the backend-independent contract tests, so every
 //! backend is held to the same semantics.
@@ -50,6 +61,7 @@
 pub mod canonical;
 pub mod chain;
 mod model;
+pub mod postgres;
 pub mod sqlite;
 pub mod testsuite;
 
@@ -61,6 +73,7 @@ pub use model::{
     NO_SUCH_ELEVATION, NewEvent, Op, RefreshRecord, TaskRecord, TokenKind, TokenRecord, ToolPin,
     UnknownElevationStatus, UnknownEventKind, UnknownTokenKind, checkpoint_message,
 };
+pub use postgres::{PostgresOptions, PostgresStore, Revocation};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// The result of every store operation.

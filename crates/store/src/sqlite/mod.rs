@@ -313,7 +313,7 @@
 
 mod mirror;
 mod read;
-mod rows;
+pub(crate) mod rows;
 mod schema;
 mod writer;
 
