@@ -388,6 +388,10 @@ pub struct Tool {
     /// JSON Schema of the arguments (an object schema).
     #[serde(default)]
     pub args_schema: Option<serde_json::Value>,
+    /// Every call needs a human's (or an `auto_approve` policy's)
+    /// approval, good for that one call.
+    #[serde(default)]
+    pub approval: bool,
 }
 
 /// A tool's risk level.
@@ -444,6 +448,9 @@ pub struct AgentType {
     /// check has passed.
     #[serde(default)]
     pub auto_advance: bool,
+    /// Entering any `reverify` state of this type needs approval.
+    #[serde(default)]
+    pub approval: bool,
 }
 
 /// One state of a workflow.
@@ -464,6 +471,10 @@ pub struct State {
     /// A task in this state is finished.
     #[serde(default, rename = "final")]
     pub is_final: bool,
+    /// Entering this state needs approval (the move waits as an elevation
+    /// request until someone approves it).
+    #[serde(default)]
+    pub approval: bool,
 }
 
 /// `[[agents]]`
@@ -486,6 +497,9 @@ pub struct Agent {
     /// Budgets.
     #[serde(default)]
     pub limits: Limits,
+    /// Every call of a `risk = "high"` tool needs approval, per call.
+    #[serde(default)]
+    pub approve_high_risk: bool,
 }
 
 /// An OIDC identity accepted as an agent's bootstrap credential.

@@ -210,6 +210,7 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
             shape: Shape::of_args(&schema),
             args_schema: schema,
             schema_configured: tool.args_schema.is_some(),
+            approval: tool.approval,
             validator,
         });
     }
@@ -322,6 +323,7 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
                     acl,
                     max_calls: agent.limits.max_calls_per_task,
                     per_tool,
+                    approve_high_risk: agent.approve_high_risk,
                 },
             );
         }
@@ -453,6 +455,7 @@ fn build_workflow(
             next,
             reverify: st.reverify,
             is_final: st.is_final,
+            approval: st.approval || (ty.approval && st.reverify),
         });
     }
     if !states.iter().any(|s| s.is_final) {

@@ -26,6 +26,8 @@ pub struct Transition {
     pub reverify: bool,
     /// The new state is final: the task is finished.
     pub is_final: bool,
+    /// Entering the new state needs approval.
+    pub approval: bool,
 }
 
 /// The engine's answer for one call.

@@ -47,6 +47,8 @@ pub struct ToolDef {
     /// Whether `args_schema` was configured; if not, the upstream's pinned
     /// `inputSchema` is checked too, once it is known.
     pub schema_configured: bool,
+    /// Every call needs its own approval.
+    pub approval: bool,
     pub(crate) validator: jsonschema::Validator,
     pub(crate) shape: Shape,
 }
@@ -59,6 +61,9 @@ pub(crate) struct StateDef {
     pub next: Vec<usize>,
     pub reverify: bool,
     pub is_final: bool,
+    /// Entering it needs approval (the state's flag, or its agent type's
+    /// for a `reverify` state).
+    pub approval: bool,
 }
 
 /// The workflow of one agent type.
@@ -84,6 +89,7 @@ impl Workflow {
             to: to.name.clone(),
             reverify: to.reverify,
             is_final: to.is_final,
+            approval: to.approval,
         })
     }
 }
@@ -95,6 +101,7 @@ pub(crate) struct AgentDef {
     pub acl: HashSet<usize>,
     pub max_calls: Option<u64>,
     pub per_tool: HashMap<usize, u64>,
+    pub approve_high_risk: bool,
 }
 
 /// Why a task could not be started or moved.
@@ -261,6 +268,28 @@ impl Engine {
             reason,
             &task.state,
         )
+    }
+
+    /// Why an allowed `decision` of `task` still needs an approval before
+    /// it may run — a tool with `approval = true`, a high-risk tool of an
+    /// agent with `approve_high_risk`, or a move into a state that needs
+    /// approval — or `None`.
+    pub fn approval_needed(&self, task: &Task, decision: &Decision) -> Option<String> {
+        if let Some(t) = decision.transition.as_ref().filter(|t| t.approval) {
+            return Some(format!("entering state {} needs approval", t.to));
+        }
+        let def = self.tool(&decision.tool)?;
+        let agent = self.agents.get(&task.agent_id)?;
+        if def.approval {
+            return Some(format!("every call of {} needs approval", def.name));
+        }
+        if agent.approve_high_risk && def.risk == Risk::High {
+            return Some(format!(
+                "every high-risk call of agent {} needs approval",
+                task.agent_id
+            ));
+        }
+        None
     }
 
     /// The `[anomaly]` rules.

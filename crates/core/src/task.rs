@@ -39,6 +39,11 @@ pub struct Grant {
     pub tool: String,
     /// When the grant lapses.
     pub expires_at: Timestamp,
+    /// An approval good for one call only (per-call approval of a
+    /// high-risk tool, or entering a state that needs approval): the call
+    /// that uses it removes it.
+    #[serde(default)]
+    pub once: bool,
 }
 
 /// One task of one agent.

@@ -99,6 +99,7 @@ fn step3_tool_not_granted() {
     task.grants.push(Grant {
         tool: "wh.admin".to_owned(),
         expires_at: portcullis_core::Clock::now(&*clock).plus_millis(1000),
+        once: false,
     });
     assert_eq!(
         reason(&engine.decide(&task, "wh.admin", &json!({}))),

@@ -220,6 +220,51 @@ async fn decide(
     Ok(Json(done).into_response())
 }
 
+impl Gateway {
+    /// Files a pending approval request for `what` (a tool, or
+    /// `state:<name>`), audited and alerted; returns its id.
+    pub(crate) async fn request_approval(
+        &self,
+        task: &portcullis_core::Task,
+        what: &str,
+        now: portcullis_core::Timestamp,
+    ) -> Result<String, ApiError> {
+        let id = portcullis_token::random_id("elv_").map_err(internal)?;
+        let reason = format!("approval required for {what}");
+        let elevation = ElevationRecord {
+            id: id.clone(),
+            task_id: task.id.clone(),
+            agent_id: task.agent_id.clone(),
+            tool: what.to_owned(),
+            reason: reason.clone(),
+            status: ElevationStatus::Pending,
+            requested_at: now,
+            decided_at: None,
+            decided_by: None,
+            note: None,
+            expires_at: None,
+        };
+        let mut event = NewEvent::new(now, EventKind::ElevationRequested);
+        event.task_id = Some(task.id.clone());
+        event.agent_id = Some(task.agent_id.clone());
+        event.tool = Some(what.to_owned());
+        event.reason = Some(Reason::ApprovalRequired.as_str().to_owned());
+        event.detail = Some(format!("{id}: {reason}"));
+        self.commit(vec![Op::InsertElevation(elevation), Op::Append(event)])
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        self.alert(crate::alerts::Alert {
+            kind: ELEVATION_REQUESTED,
+            task_id: Some(task.id.clone()),
+            agent_id: Some(task.agent_id.clone()),
+            reason: Some(Reason::ApprovalRequired.as_str().to_owned()),
+            detail: Some(format!("{id}: {reason}")),
+            ts: now.0,
+        });
+        Ok(id)
+    }
+}
+
 /// Decides a pending elevation, exactly once: the decision, and for an
 /// approval a grant on the task until now + `elevation.ttl` (bounded by the
 /// task's deadline), in one transaction with the audit record. `by` is who
@@ -273,9 +318,14 @@ pub(crate) async fn decide_elevation(
             expires_at = Some(until);
             let mut task = record.task.clone();
             task.grants.retain(|g| g.expires_at > now);
+            // An approval the configuration asks for per call (or for
+            // entering a state) is good for one call; an elevation beyond
+            // the allowlist lasts until `until`.
+            let once = gw.approval_is_per_call(&record.task, &elevation.tool);
             task.grants.push(Grant {
                 tool: elevation.tool.clone(),
                 expires_at: until,
+                once,
             });
             task.version = task.version.saturating_add(1);
             ops.push(Op::UpdateTask {

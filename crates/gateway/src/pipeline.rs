@@ -118,8 +118,26 @@ impl Gateway {
                 // An admin re-approved the definition the upstream has now.
                 decision = self.decide(claims, &record.task, tool, args);
             }
-            // Last step before forwarding: the anomaly rules.
+            // A call (or a move into a state) the configuration wants
+            // approved first waits as an elevation request, unless a
+            // one-call approval for it is in hand.
             let mut fired = None;
+            if decision.is_allowed()
+                && let Some(why) = self.engine.approval_needed(&record.task, &decision)
+                && !record
+                    .task
+                    .grants
+                    .iter()
+                    .any(|g| g.tool == tool && g.once && g.expires_at > now)
+            {
+                fired = Some(Fired {
+                    rule: APPROVAL_RULE,
+                    action: AnomalyAction::RequireApproval,
+                    detail: why.clone(),
+                });
+                decision = Decision::deny(tool, Reason::ApprovalRequired, why);
+            }
+            // Last step before forwarding: the anomaly rules.
             if decision.is_allowed() {
                 let approved = record
                     .task
@@ -191,7 +209,7 @@ impl Gateway {
         if counted && let Some(f) = rules.record_denial(&mut task.watch) {
             fired.push(f);
         }
-        for f in &fired {
+        for f in fired.iter().filter(|f| f.rule != APPROVAL_RULE) {
             let mut e = NewEvent::new(now, EventKind::Anomaly);
             e.task_id = Some(task.id.clone());
             e.agent_id = Some(task.agent_id.clone());
@@ -209,7 +227,11 @@ impl Gateway {
         {
             let id =
                 portcullis_token::random_id("elv_").map_err(|e| CommitError::Api(internal(e)))?;
-            let reason = format!("anomaly rule {}: {}", f.rule, f.detail);
+            let reason = if f.rule == APPROVAL_RULE {
+                f.detail.clone()
+            } else {
+                format!("anomaly rule {}: {}", f.rule, f.detail)
+            };
             ops.push(Op::InsertElevation(portcullis_store::ElevationRecord {
                 id: id.clone(),
                 task_id: task.id.clone(),
@@ -284,6 +306,8 @@ impl Gateway {
         for f in &fired {
             let kind = if halt && f.action == AnomalyAction::Halt {
                 crate::alerts::TASK_HALTED
+            } else if f.rule == APPROVAL_RULE {
+                crate::elevations::ELEVATION_REQUESTED
             } else {
                 crate::alerts::ANOMALY
             };
@@ -345,6 +369,18 @@ impl Gateway {
     ) -> Result<Authorized, CommitError> {
         let before = record.task.version;
         let mut task = record.task.clone();
+        // A one-call approval is spent by the call it approved.
+        if self
+            .engine
+            .approval_needed(&record.task, &decision)
+            .is_some()
+            && let Some(i) = task
+                .grants
+                .iter()
+                .position(|g| g.tool == decision.tool && g.once && g.expires_at > now)
+        {
+            task.grants.remove(i);
+        }
         task.apply(&decision);
         self.engine
             .anomaly()
@@ -538,6 +574,32 @@ impl Gateway {
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         outcome.map_err(|why| ApiError::denied(Reason::UpstreamUnavailable, why))
+    }
+}
+
+/// The pseudo-rule of a configured approval (not an anomaly: no `anomaly`
+/// record, but an elevation request like `require_approval`).
+const APPROVAL_RULE: &str = "approval";
+
+/// The elevation "tool" of an explicit move into a state that needs
+/// approval: `state:<name>`.
+pub(crate) const STATE_APPROVAL_PREFIX: &str = "state:";
+
+impl Gateway {
+    /// Whether an approval of `tool` for `task` is good for one call only:
+    /// the configuration asks for approval per call, or the call would
+    /// enter a state that needs approval.
+    pub(crate) fn approval_is_per_call(&self, task: &Task, tool: &str) -> bool {
+        if tool.starts_with(STATE_APPROVAL_PREFIX) {
+            return true;
+        }
+        let checked = self.engine.check_tool(task, tool);
+        let probe = if checked.is_allowed() {
+            checked
+        } else {
+            Decision::allow(tool, None)
+        };
+        self.engine.approval_needed(task, &probe).is_some()
     }
 }
 

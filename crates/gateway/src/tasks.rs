@@ -385,6 +385,30 @@ pub(crate) async fn transition(
                 }
             };
             let mut task = record.task.clone();
+            if t.approval {
+                // The move waits as an elevation request until approved;
+                // the approval is good for this one move.
+                let marker = format!("{}{}", crate::pipeline::STATE_APPROVAL_PREFIX, t.to);
+                match task
+                    .grants
+                    .iter()
+                    .position(|g| g.tool == marker && g.once && g.expires_at > now)
+                {
+                    Some(i) => {
+                        task.grants.remove(i);
+                    }
+                    None => {
+                        let id = gw.request_approval(&record.task, &marker, now).await?;
+                        return Err(ApiError::denied(
+                            Reason::ApprovalRequired,
+                            format!(
+                                "entering state {} needs approval; held as elevation request {id}",
+                                t.to
+                            ),
+                        ));
+                    }
+                }
+            }
             task.apply_transition(&t);
             let mut ops = vec![
                 Op::UpdateTask {

@@ -105,6 +105,7 @@ pub fn sample_task(id: &str) -> TaskRecord {
             grants: vec![Grant {
                 tool: "s3.get".into(),
                 expires_at: T0.plus_millis(60_000),
+                once: false,
             }],
             calls: 3,
             tool_calls: BTreeMap::from([("db.read".to_owned(), 3)]),
@@ -1208,6 +1209,7 @@ pub async fn elevation_decided_once(store: &dyn Store) {
     granted.task.grants.push(portcullis_core::Grant {
         tool: record.tool.clone(),
         expires_at: T0.plus_millis(900_000),
+        once: false,
     });
     granted.task.version = task.task.version + 1;
     let mut approved_event = sample_event(EventKind::ElevationApproved, &task_id);

@@ -75,6 +75,9 @@ pub struct Options {
     pub auto_approve: Option<&'static str>,
     /// The body of an `[anomaly]` table, when set.
     pub anomaly: Option<&'static str>,
+    /// The `write` state needs approval, and ingest-bot's high-risk calls
+    /// need approval per call.
+    pub approval: bool,
 }
 
 impl Default for Options {
@@ -89,6 +92,7 @@ impl Default for Options {
             alert_policy: None,
             auto_approve: None,
             anomaly: None,
+            approval: false,
         }
     }
 }
@@ -224,7 +228,7 @@ states = [
   {{ name = "connect",   tools = ["warehouse.connect"], next = ["validate"] }},
   {{ name = "validate",  tools = ["warehouse.query", "files.read", "warehouse.validate"], next = ["transform"] }},
   {{ name = "transform", tools = ["warehouse.transform"], next = ["write"] }},
-  {{ name = "write",     tools = ["warehouse.insert"], next = ["done"], reverify = true }},
+  {{ name = "write",     tools = ["warehouse.insert"], next = ["done"], reverify = true{write_approval} }},
   {{ name = "done",      final = true }},
 ]
 
@@ -233,7 +237,7 @@ id = "ingest-bot"
 type = "ingestion"
 tools = ["warehouse.connect", "warehouse.query", "files.read", "warehouse.validate", "warehouse.transform", "warehouse.insert"]
 bootstrap_sha256 = "{bootstrap}"
-limits = {{ max_calls_per_task = {max_calls} }}
+limits = {{ max_calls_per_task = {max_calls} }}{approve_high_risk}
 
 [[agents]]
 id = "other-bot"
@@ -256,6 +260,16 @@ cedar = ["policies/*.cedar"]
         bootstrap = sha(BOOTSTRAP),
         other = sha(OTHER_BOOTSTRAP),
         max_calls = opts.max_calls_per_task,
+        write_approval = if opts.approval {
+            ", approval = true"
+        } else {
+            ""
+        },
+        approve_high_risk = if opts.approval {
+            "\napprove_high_risk = true"
+        } else {
+            ""
+        },
         anomaly = opts
             .anomaly
             .map(|a| format!("[anomaly]\n{a}"))
