@@ -332,7 +332,7 @@ fn drift(config: &Path, approve: &[String], by: &str) -> anyhow::Result<ExitCode
     let rt = runtime()?;
     let lines = rt.block_on(async {
         let loaded = LoadedConfig::load(config)?;
-        let store = portcullis_gateway::run::open_store(&loaded)?;
+        let store = portcullis_gateway::run::open_store(&loaded).await?;
         let now = portcullis_core::Clock::now(&portcullis::SystemClock);
         let lines =
             portcullis_gateway::federation::drift(&loaded, store.as_ref(), approve, by, now)
@@ -385,7 +385,7 @@ fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
                 }
                 (Some(config), _, _) => rt.block_on(async {
                     let loaded = LoadedConfig::load(&config)?;
-                    let store = portcullis_gateway::run::open_store(&loaded)?;
+                    let store = portcullis_gateway::run::open_store(&loaded).await?;
                     let ring = portcullis_gateway::run::load_keys(&loaded)?;
                     log::verify_store(store.as_ref(), &ring, &mut progress)
                         .await
@@ -418,7 +418,7 @@ fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
         }
         AuditCommand::Export { config, since_seq } => rt.block_on(async {
             let loaded = LoadedConfig::load(&config)?;
-            let store = portcullis_gateway::run::open_store(&loaded)?;
+            let store = portcullis_gateway::run::open_store(&loaded).await?;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             log::export(store.as_ref(), since_seq, &mut out)
                 .await
@@ -434,7 +434,7 @@ fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
             since_seq,
         } => rt.block_on(async {
             let loaded = LoadedConfig::load(&config)?;
-            let store = portcullis_gateway::run::open_store(&loaded)?;
+            let store = portcullis_gateway::run::open_store(&loaded).await?;
             let filter = log::TailFilter {
                 task,
                 agent,

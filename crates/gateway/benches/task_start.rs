@@ -68,7 +68,8 @@ fn gateway(dir: &std::path::Path) -> Arc<Gateway> {
     let loaded = LoadedConfig::load(&dir.join("portcullis.toml")).unwrap();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let engine = portcullis_core::build(&loaded, clock.clone()).unwrap();
-    let store = portcullis_gateway::run::open_store(&loaded).unwrap();
+    let store: Arc<dyn portcullis_store::Store> =
+        portcullis_gateway::run::open_sqlite(&loaded, false).unwrap();
     let ring = portcullis_gateway::run::load_keys(&loaded).unwrap();
     Arc::new(Gateway::new(&loaded, engine, store, ring, clock).unwrap())
 }

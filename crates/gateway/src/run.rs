@@ -7,7 +7,9 @@ use std::sync::Arc;
 use portcullis::SystemClock;
 use portcullis_config::LoadedConfig;
 use portcullis_core::Clock;
-use portcullis_store::{EventKind, NewEvent, Op, SqliteOptions, SqliteStore, Store};
+use portcullis_store::{
+    EventKind, NewEvent, Op, PostgresOptions, PostgresStore, SqliteOptions, SqliteStore, Store,
+};
 use portcullis_token::{KeyRing, LEEWAY_SECS, SigningKey};
 
 use crate::state::Gateway;
@@ -37,8 +39,63 @@ pub enum RunError {
 
 /// Opens the store named by `store.url`, without the JSON Lines mirror (for
 /// tools that only read the ledger: `audit verify`, `export`, `tail`).
-pub fn open_store(loaded: &LoadedConfig) -> Result<Arc<dyn Store>, RunError> {
-    Ok(open_sqlite(loaded, false)?)
+pub async fn open_store(loaded: &LoadedConfig) -> Result<Arc<dyn Store>, RunError> {
+    Ok(open_ledger(loaded, false).await?.store())
+}
+
+/// The ledger a gateway runs on: the embedded SQLite file, or PostgreSQL
+/// shared by a cluster of replicas.
+#[derive(Debug, Clone)]
+pub enum Ledger {
+    /// `sqlite://…`
+    Sqlite(Arc<SqliteStore>),
+    /// `postgres://…` (or `postgresql://…`)
+    Postgres(Arc<PostgresStore>),
+}
+
+impl Ledger {
+    /// The store behind the ledger.
+    pub fn store(&self) -> Arc<dyn Store> {
+        match self {
+            Self::Sqlite(s) => s.clone(),
+            Self::Postgres(p) => p.clone(),
+        }
+    }
+
+    /// Flushes what is queued and stops the backend's tasks.
+    pub async fn close(&self) {
+        match self {
+            Self::Sqlite(s) => {
+                s.close().await;
+                if s.mirror_failures() > 0 {
+                    tracing::warn!(
+                        failures = s.mirror_failures(),
+                        last_error = s.mirror_last_error().unwrap_or_default(),
+                        "the audit JSON Lines mirror had write failures"
+                    );
+                }
+            }
+            Self::Postgres(p) => p.close().await,
+        }
+    }
+}
+
+/// Opens the ledger of `store.url`; with `mirror`, also SQLite's
+/// `audit.jsonl` mirror (PostgreSQL has none: export or tail the log).
+pub async fn open_ledger(loaded: &LoadedConfig, mirror: bool) -> Result<Ledger, RunError> {
+    let url = &loaded.config.store.url;
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        if mirror && loaded.config.audit.jsonl.is_some() {
+            tracing::warn!(
+                "audit.jsonl is ignored on PostgreSQL: ship the log with `portcullis audit tail` or `export`"
+            );
+        }
+        let store = PostgresStore::connect(url, &PostgresOptions::default())
+            .await
+            .map_err(|e| RunError::Store(e.to_string()))?;
+        return Ok(Ledger::Postgres(Arc::new(store)));
+    }
+    Ok(Ledger::Sqlite(open_sqlite(loaded, mirror)?))
 }
 
 /// Opens the SQLite ledger of `store.url`; with `mirror`, also the
@@ -47,7 +104,7 @@ pub fn open_sqlite(loaded: &LoadedConfig, mirror: bool) -> Result<Arc<SqliteStor
     let url = &loaded.config.store.url;
     let Some(path) = url.strip_prefix("sqlite://") else {
         return Err(RunError::Store(format!(
-            "{} is not supported by this build (only sqlite:// is)",
+            "{} is not supported (use sqlite:// or postgres://)",
             url.split("://").next().unwrap_or("this scheme")
         )));
     };
@@ -161,14 +218,12 @@ pub fn keygen(out: &Path) -> Result<String, RunError> {
 
 /// Builds the gateway of the configuration at `config` (engine, store,
 /// keys), and records `config.loaded` in the ledger.
-pub async fn build(
-    config: &Path,
-) -> Result<(Arc<Gateway>, LoadedConfig, Arc<SqliteStore>), RunError> {
+pub async fn build(config: &Path) -> Result<(Arc<Gateway>, LoadedConfig, Ledger), RunError> {
     let loaded = LoadedConfig::load(config)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let engine = portcullis_core::build(&loaded, clock.clone())?;
-    let sqlite = open_sqlite(&loaded, true)?;
-    let store: Arc<dyn Store> = sqlite.clone();
+    let ledger = open_ledger(&loaded, true).await?;
+    let store: Arc<dyn Store> = ledger.store();
     let ring = load_keys(&loaded)?;
     let gateway = Gateway::new(&loaded, engine, store.clone(), ring, clock.clone())
         .map_err(|e| RunError::Other(e.to_string()))?;
@@ -186,10 +241,20 @@ pub async fn build(
         .await
         .map_err(|e| RunError::Store(e.to_string()))?;
     let gateway = Arc::new(gateway);
+    // A shared ledger: other replicas revoke tokens too. Their revocations
+    // arrive by LISTEN/NOTIFY and clear this replica's cache of live tokens
+    // (which is off until the listener runs).
+    if let Ledger::Postgres(pg) = &ledger {
+        let revocations = pg
+            .listen_revocations()
+            .await
+            .map_err(|e| RunError::Store(e.to_string()))?;
+        gateway.follow_revocations(revocations);
+    }
     // Connect to the MCP upstreams (each tries once before serving; a slow
     // or dead one keeps retrying in the background).
     gateway.start_upstreams(UPSTREAM_FIRST_WAIT).await;
-    Ok((gateway, loaded, sqlite))
+    Ok((gateway, loaded, ledger))
 }
 
 /// How long `serve` waits for each upstream's first connection attempt.
@@ -197,7 +262,7 @@ const UPSTREAM_FIRST_WAIT: std::time::Duration = std::time::Duration::from_secs(
 
 /// Runs `portcullis serve --config F` until Ctrl-C or SIGTERM.
 pub async fn serve_config(config: &Path) -> Result<(), RunError> {
-    let (gateway, loaded, sqlite) = build(config).await?;
+    let (gateway, loaded, ledger) = build(config).await?;
     let listen = &loaded.config.server.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -219,15 +284,8 @@ pub async fn serve_config(config: &Path) -> Result<(), RunError> {
     })
     .await;
     let _ = checkpoints.await;
-    // Flush the ledger and bring the JSON Lines mirror in sync.
-    sqlite.close().await;
-    if sqlite.mirror_failures() > 0 {
-        tracing::warn!(
-            failures = sqlite.mirror_failures(),
-            last_error = sqlite.mirror_last_error().unwrap_or_default(),
-            "the audit JSON Lines mirror had write failures"
-        );
-    }
+    // Flush the ledger (and bring SQLite's JSON Lines mirror in sync).
+    ledger.close().await;
     served.map_err(|e| RunError::Other(e.to_string()))
 }
 

@@ -38,16 +38,35 @@ const LIVE_CACHE_CAPACITY: usize = 65_536;
 /// cross-process invalidation and runs with this cache off.
 #[derive(Debug)]
 pub(crate) struct LiveTokens {
-    enabled: bool,
+    /// On for a ledger only this process writes (SQLite), or once a shared
+    /// ledger's revocations are followed (`Gateway::follow_revocations`).
+    enabled: std::sync::atomic::AtomicBool,
     map: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 impl LiveTokens {
     fn new(enabled: bool) -> Self {
         Self {
-            enabled,
+            enabled: std::sync::atomic::AtomicBool::new(enabled),
             map: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    fn on(&self) -> bool {
+        self.enabled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Turns the cache on or off; off also forgets everything.
+    pub(crate) fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, std::sync::atomic::Ordering::SeqCst);
+        if !on {
+            self.lock().clear();
+        }
+    }
+
+    /// Forgets everything (revocations may have been missed).
+    pub(crate) fn clear(&self) {
+        self.lock().clear();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
@@ -58,12 +77,12 @@ impl LiveTokens {
 
     /// True when `jti` is known live (its expiry is checked by the caller).
     pub(crate) fn contains(&self, jti: &str) -> bool {
-        self.enabled && self.lock().contains_key(jti)
+        self.on() && self.lock().contains_key(jti)
     }
 
     /// Remembers `jti` as live until `exp` (unix seconds).
     pub(crate) fn insert(&self, jti: &str, exp: u64, now: u64) {
-        if !self.enabled {
+        if !self.on() {
             return;
         }
         let mut map = self.lock();
@@ -78,7 +97,7 @@ impl LiveTokens {
 
     /// Forgets revoked tokens.
     pub(crate) fn forget<'a>(&self, jtis: impl IntoIterator<Item = &'a String>) {
-        if !self.enabled {
+        if !self.on() {
             return;
         }
         let mut map = self.lock();
@@ -241,6 +260,32 @@ impl Gateway {
             pins: crate::federation::PinBook::default(),
             mcp_sessions: crate::mcp::Sessions::default(),
         })
+    }
+
+    /// Follows a shared ledger's revocations (PostgreSQL LISTEN/NOTIFY):
+    /// each revoked jti leaves the cache of live tokens at once, a possible
+    /// gap clears it, and a closed feed turns the cache off (every token is
+    /// then checked in the ledger again). The cache is on only while the
+    /// feed runs.
+    pub fn follow_revocations(
+        self: &Arc<Self>,
+        mut feed: tokio::sync::mpsc::Receiver<portcullis_store::Revocation>,
+    ) {
+        self.live.set_enabled(true);
+        let gw = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(event) = feed.recv().await {
+                let Some(gw) = gw.upgrade() else { return };
+                match event {
+                    portcullis_store::Revocation::Token(jti) => gw.live.forget(&[jti]),
+                    portcullis_store::Revocation::Resync => gw.live.clear(),
+                }
+            }
+            if let Some(gw) = gw.upgrade() {
+                tracing::warn!("revocation feed closed: checking every token in the ledger");
+                gw.live.set_enabled(false);
+            }
+        });
     }
 
     /// Attaches the transport of upstream `name`.

@@ -469,7 +469,7 @@ impl Harness {
         let clock = Arc::new(ManualClock::new(portcullis::SystemClock.now()));
         let engine = portcullis_core::build(&loaded, clock.clone()).unwrap();
         let store = Arc::new(Outage {
-            inner: portcullis_gateway::run::open_store(&loaded).unwrap(),
+            inner: portcullis_gateway::run::open_store(&loaded).await.unwrap(),
             down: AtomicBool::new(false),
         });
         let ring = portcullis_gateway::run::load_keys(&loaded).unwrap();
