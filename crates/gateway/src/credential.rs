@@ -12,7 +12,7 @@
 //! | `jwt` | [`JwtProvider`] | a token with `aud` = the upstream, `scope` = the tool, ≤ 60 s, never past the task's deadline |
 //! | `static` | [`StaticProvider`] | a configured secret as a header; the agent never sees it |
 //! | `none` | [`NoCredential`] | nothing |
-//! | `postgres-role` | [`NotAvailable`] | nothing: calls are `upstream_unavailable` until that provider exists |
+//! | `postgres-role` | [`crate::pgrole::PostgresRoleProvider`] | a database role for the task: `LOGIN`, random password, `VALID UNTIL`, only the configured grants; dropped when the task ends |
 
 use std::sync::Arc;
 
@@ -71,6 +71,17 @@ pub trait CredentialProvider: Send + Sync + std::fmt::Debug {
 
     /// A credential for `req`.
     async fn issue(&self, req: &HopRequest<'_>) -> Result<Issued, ProviderError>;
+
+    /// The task ended (completed, halted): revoke what was issued for it
+    /// that outlives the task on its own (database roles). Best effort; a
+    /// sweeper catches what this misses.
+    async fn release(&self, _task_id: &str) {}
+
+    /// Revokes what was issued for tasks no longer active (after a crash,
+    /// a timeout); returns how many. Called periodically.
+    async fn sweep(&self, _store: &dyn portcullis_store::Store) -> usize {
+        0
+    }
 }
 
 /// Signed per-hop tokens, verifiable by the upstream through the JWKS.
@@ -228,7 +239,21 @@ pub(crate) fn from_config(
     Ok(match c.kind {
         CredentialKind::Jwt => Arc::new(jwt.clone()),
         CredentialKind::None => Arc::new(NoCredential),
-        CredentialKind::PostgresRole => Arc::new(NotAvailable("postgres-role")),
+        CredentialKind::PostgresRole => {
+            let url = c
+                .url
+                .clone()
+                .unwrap_or_else(|| loaded.config.store.url.clone());
+            Arc::new(
+                crate::pgrole::PostgresRoleProvider::new(
+                    &up.name,
+                    &url,
+                    c.grants.clone().unwrap_or_default(),
+                    c.ttl.map(|t| t.to_std()),
+                )
+                .map_err(|e| SetupError(format!("upstream {}: {e}", up.name)))?,
+            )
+        }
         CredentialKind::Static => {
             let header = c.header.clone().unwrap_or_default();
             let value = match (&c.env, &c.file) {

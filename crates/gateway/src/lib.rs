@@ -35,6 +35,7 @@ mod layers;
 mod mcp;
 mod metrics;
 mod oauth;
+pub mod pgrole;
 mod pipeline;
 pub mod run;
 pub mod server;

@@ -6,8 +6,10 @@
 //! - A POST whose `MCP-Protocol-Version` names a modern version takes the
 //!   **stateless** path (2026-07-28): the envelope and the routing headers
 //!   are checked (`Mcp-Method`/`Mcp-Name` disagreeing with the body: 400
-//!   with -32020), and `server/discover`, `ping`, `tools/list` and
-//!   `tools/call` are served. Nothing is remembered between requests.
+//!   with -32020), and `server/discover`, `tools/list` and `tools/call`
+//!   are served; the methods 2026-07-28 removed (`initialize`, `ping`, …)
+//!   are "Method not found" (404, -32601). Nothing is remembered between
+//!   requests.
 //! - Anything else takes the **session** path (2025-11-25): `initialize`
 //!   opens a session bound to the token's task (answered with
 //!   `Mcp-Session-Id`); later requests must name a live session, and a
@@ -537,14 +539,18 @@ async fn serve(
     cancel: Option<Arc<tokio::sync::Notify>>,
 ) -> Result<Value, ErrorObject> {
     match method {
-        "ping" => Ok(json!({})),
+        // 2026-07-28 removed `ping` and `initialize` (with `logging/setLevel`
+        // and `resources/(un)subscribe`): on the stateless path they fall
+        // through to "Method not found" (-32601, HTTP 404), as SEP-2575
+        // requires (MCP conformance suite, server-stateless).
+        "ping" if era == Era::Legacy => Ok(json!({})),
         "server/discover" if era == Era::Modern => Ok(json!({
             "supportedVersions": era::MODERN_VERSIONS,
             "capabilities": { "tools": { "listChanged": false } },
             "cacheScope": "private",
             "ttlMs": 0,
         })),
-        "initialize" => Err(ErrorObject::new(
+        "initialize" if era == Era::Legacy => Err(ErrorObject::new(
             jsonrpc::INVALID_REQUEST,
             "the session is already initialized",
         )),

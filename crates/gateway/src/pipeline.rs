@@ -301,6 +301,9 @@ impl Gateway {
             Err(StoreError::Conflict(_)) if counted || halt => return Err(CommitError::Lost),
             Err(e) => return Err(CommitError::Api(ApiError::unavailable(e.to_string()))),
         }
+        if halt {
+            self.release_credentials(&task.id);
+        }
         // After the commit: the halt and the request stand whatever becomes
         // of the alerts.
         for f in &fired {

@@ -251,6 +251,7 @@ pub async fn build(config: &Path) -> Result<(Arc<Gateway>, LoadedConfig, Ledger)
             .map_err(|e| RunError::Store(e.to_string()))?;
         gateway.follow_revocations(revocations);
     }
+    gateway.start_credential_sweeper(crate::pgrole::SWEEP_EVERY);
     // Connect to the MCP upstreams (each tries once before serving; a slow
     // or dead one keeps retrying in the background).
     gateway.start_upstreams(UPSTREAM_FIRST_WAIT).await;

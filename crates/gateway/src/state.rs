@@ -31,25 +31,45 @@ const LIVE_CACHE_CAPACITY: usize = 65_536;
 /// Access tokens the ledger has confirmed live, so the per-call revocation
 /// check need not ask the ledger again.
 ///
-/// INVARIANT: only enabled when this process is the ledger's only writer
-/// (the embedded SQLite store): then every revocation goes through
-/// [`Gateway::commit`], which drops the revoked `jti`s from here as soon as
-/// the revocation is durable. A shared store (several replicas) needs
-/// cross-process invalidation and runs with this cache off.
+/// INVARIANT: enabled only when every revocation reaches this cache in
+/// time. With the embedded SQLite store this process is the only writer:
+/// every revocation goes through [`Gateway::commit`], which drops the
+/// revoked `jti`s as soon as the revocation is durable, and entries live
+/// until the token expires. With a shared store (replicas on PostgreSQL)
+/// other replicas' revocations arrive by LISTEN/NOTIFY
+/// ([`Gateway::follow_revocations`]), and each entry is also trusted for
+/// at most [`SHARED_LIVE_MAX_AGE`]: a lost notification can leave a
+/// revoked token usable here for no longer than that, and re-confirming an
+/// entry needs the ledger (unreachable: denied).
 #[derive(Debug)]
 pub(crate) struct LiveTokens {
     /// On for a ledger only this process writes (SQLite), or once a shared
     /// ledger's revocations are followed (`Gateway::follow_revocations`).
     enabled: std::sync::atomic::AtomicBool,
-    map: std::sync::Mutex<HashMap<String, u64>>,
+    /// How long an entry is trusted; `None`: until the token expires.
+    max_age: std::sync::Mutex<Option<std::time::Duration>>,
+    map: std::sync::Mutex<HashMap<String, (u64, std::time::Instant)>>,
 }
+
+/// How long a shared ledger's live-token entry is trusted without asking
+/// the ledger again (well under the one-second propagation bound).
+pub(crate) const SHARED_LIVE_MAX_AGE: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl LiveTokens {
     fn new(enabled: bool) -> Self {
         Self {
             enabled: std::sync::atomic::AtomicBool::new(enabled),
+            max_age: std::sync::Mutex::new(None),
             map: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Bounds how long an entry is trusted.
+    pub(crate) fn set_max_age(&self, age: Option<std::time::Duration>) {
+        *self
+            .max_age
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = age;
     }
 
     fn on(&self) -> bool {
@@ -69,7 +89,7 @@ impl LiveTokens {
         self.lock().clear();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, std::time::Instant)>> {
         self.map
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -77,7 +97,17 @@ impl LiveTokens {
 
     /// True when `jti` is known live (its expiry is checked by the caller).
     pub(crate) fn contains(&self, jti: &str) -> bool {
-        self.on() && self.lock().contains_key(jti)
+        if !self.on() {
+            return false;
+        }
+        let max_age = *self
+            .max_age
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match self.lock().get(jti) {
+            None => false,
+            Some((_, at)) => max_age.is_none_or(|m| at.elapsed() < m),
+        }
     }
 
     /// Remembers `jti` as live until `exp` (unix seconds).
@@ -87,12 +117,12 @@ impl LiveTokens {
         }
         let mut map = self.lock();
         if map.len() >= LIVE_CACHE_CAPACITY {
-            map.retain(|_, e| *e >= now);
+            map.retain(|_, (e, _)| *e >= now);
             if map.len() >= LIVE_CACHE_CAPACITY {
                 map.clear();
             }
         }
-        map.insert(jti.to_owned(), exp);
+        map.insert(jti.to_owned(), (exp, std::time::Instant::now()));
     }
 
     /// Forgets revoked tokens.
@@ -262,6 +292,41 @@ impl Gateway {
         })
     }
 
+    /// Revokes, through every upstream's credential provider, what was
+    /// issued for `task_id` (database roles), off the request path.
+    pub(crate) fn release_credentials(&self, task_id: &str) {
+        let providers: Vec<Arc<dyn CredentialProvider>> = self
+            .upstreams
+            .values()
+            .map(|e| e.provider.clone())
+            .collect();
+        let task_id = task_id.to_owned();
+        tokio::spawn(async move {
+            for p in providers {
+                p.release(&task_id).await;
+            }
+        });
+    }
+
+    /// Periodically asks every credential provider to revoke what it issued
+    /// for tasks no longer active (roles orphaned by a crash or a timeout).
+    pub fn start_credential_sweeper(self: &Arc<Self>, every: std::time::Duration) {
+        let gw = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(g) = gw.upgrade() else { return };
+                let providers: Vec<Arc<dyn CredentialProvider>> =
+                    g.upstreams.values().map(|e| e.provider.clone()).collect();
+                let store = g.store.clone();
+                drop(g);
+                for p in providers {
+                    p.sweep(store.as_ref()).await;
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+
     /// Follows a shared ledger's revocations (PostgreSQL LISTEN/NOTIFY):
     /// each revoked jti leaves the cache of live tokens at once, a possible
     /// gap clears it, and a closed feed turns the cache off (every token is
@@ -271,6 +336,7 @@ impl Gateway {
         self: &Arc<Self>,
         mut feed: tokio::sync::mpsc::Receiver<portcullis_store::Revocation>,
     ) {
+        self.live.set_max_age(Some(SHARED_LIVE_MAX_AGE));
         self.live.set_enabled(true);
         let gw = Arc::downgrade(self);
         tokio::spawn(async move {

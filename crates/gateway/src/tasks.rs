@@ -503,6 +503,7 @@ async fn end_task(
         ];
         match gw.commit(ops).await {
             Ok(done) => {
+                gw.release_credentials(&task.id);
                 if status == TaskStatus::Halted {
                     // After the commit: the halt stands whatever becomes of
                     // the alert. Identifiers and who halted it only.

@@ -459,3 +459,37 @@ async fn reverify_rotation_rides_in_meta() {
     let ok = modern(&h, &fresh, "tools/list", json!({})).await;
     assert_eq!(ok.status, 200, "{}", ok.text);
 }
+
+// ---- MCP conformance suite regressions (scripts/conformance.sh, docs/mcp-conformance.md) ----
+
+/// server-stateless (SEP-2575): the methods 2026-07-28 removed are "Method
+/// not found" on the stateless path — HTTP 404, JSON-RPC -32601, the
+/// request's id kept — while the session path still serves `ping`.
+#[tokio::test]
+async fn conformance_removed_methods_are_404_on_the_stateless_path() {
+    let h = Harness::start().await;
+    let t = h.start_task(None).await;
+    for method in [
+        "initialize",
+        "ping",
+        "logging/setLevel",
+        "resources/subscribe",
+        "resources/unsubscribe",
+    ] {
+        let a = modern(&h, &t.access, method, json!({})).await;
+        assert_eq!(a.status, 404, "{method}: {}", a.text);
+        assert_eq!(a.body["error"]["code"], -32601, "{method}: {}", a.text);
+        assert_eq!(a.body["id"], 1, "{method}: {}", a.text);
+    }
+    let sid = open_session(&h, &t.access).await;
+    let p = legacy_post(
+        &h,
+        &t.access,
+        Some(&sid),
+        &json!({"jsonrpc": "2.0", "id": 2, "method": "ping"}),
+    )
+    .await;
+    assert_eq!(p.status, 200, "{}", p.text);
+    assert_eq!(p.body["result"], json!({}));
+    assert_eq!(h.upstream_calls(), 0);
+}
