@@ -144,11 +144,13 @@ impl Gateway {
                     .grants
                     .iter()
                     .any(|g| g.tool == tool && g.expires_at > now);
+                let first_use = self.engine.anomaly().watches_new_tools()
+                    && !self.agent_used_tool(&record.task.agent_id, tool).await?;
                 fired = self.engine.anomaly().check_call(
                     &record.task.watch,
                     tool,
                     now,
-                    false,
+                    first_use,
                     approved,
                 );
                 if let Some(f) = &fired {
@@ -388,6 +390,8 @@ impl Gateway {
         self.engine
             .anomaly()
             .record_call(&mut task.watch, &decision.tool, now);
+        let note_use = self.engine.anomaly().watches_new_tools()
+            && !self.known_tool_use(&task.agent_id, &decision.tool);
         let mut ops = vec![
             Op::UpdateTask {
                 record: TaskRecord {
@@ -446,13 +450,25 @@ impl Gateway {
         } else {
             None
         };
+        if note_use {
+            ops.push(Op::RecordToolUse {
+                agent_id: task.agent_id.clone(),
+                tool: decision.tool.clone(),
+                at: now,
+            });
+        }
         match self.commit(ops).await {
-            Ok(_) => Ok(Authorized {
-                task,
-                decision,
-                rotated,
-                forward,
-            }),
+            Ok(_) => {
+                if note_use {
+                    self.remember_tool_use(&task.agent_id, &decision.tool);
+                }
+                Ok(Authorized {
+                    task,
+                    decision,
+                    rotated,
+                    forward,
+                })
+            }
             Err(StoreError::Conflict(_)) => Err(CommitError::Lost),
             Err(e) => Err(CommitError::Api(ApiError::unavailable(e.to_string()))),
         }
@@ -589,6 +605,41 @@ const APPROVAL_RULE: &str = "approval";
 pub(crate) const STATE_APPROVAL_PREFIX: &str = "state:";
 
 impl Gateway {
+    /// Whether `agent` has ever had `tool` allowed (ledger history, with
+    /// the positive answers cached: a first use never un-happens).
+    async fn agent_used_tool(&self, agent: &str, tool: &str) -> Result<bool, ApiError> {
+        if self.known_tool_use(agent, tool) {
+            return Ok(true);
+        }
+        let used = self
+            .store
+            .tool_used(agent, tool)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        if used {
+            self.remember_tool_use(agent, tool);
+        }
+        Ok(used)
+    }
+
+    fn known_tool_use(&self, agent: &str, tool: &str) -> bool {
+        self.tool_uses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&(agent.to_owned(), tool.to_owned()))
+    }
+
+    fn remember_tool_use(&self, agent: &str, tool: &str) {
+        let mut known = self
+            .tool_uses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if known.len() >= 65_536 {
+            known.clear();
+        }
+        known.insert((agent.to_owned(), tool.to_owned()));
+    }
+
     /// Whether an approval of `tool` for `task` is good for one call only:
     /// the configuration asks for approval per call, or the call would
     /// enter a state that needs approval.

@@ -192,6 +192,8 @@ pub struct Gateway {
     pub(crate) pins: crate::federation::PinBook,
     /// Live legacy-era `/mcp` sessions.
     pub(crate) mcp_sessions: crate::mcp::Sessions,
+    /// (agent, tool) pairs known to have been used (for `new_tool`).
+    pub(crate) tool_uses: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -289,6 +291,7 @@ impl Gateway {
             mcp,
             pins: crate::federation::PinBook::default(),
             mcp_sessions: crate::mcp::Sessions::default(),
+            tool_uses: std::sync::Mutex::default(),
         })
     }
 

@@ -239,3 +239,62 @@ async fn racing_calls_never_exceed_the_rule() {
     assert_eq!(h.upstream_calls(), 10);
     assert_eq!(h.task(&s.task_id).await["calls"], 10);
 }
+
+/// `new_tool`: the first call of a tool by an agent — judged from the
+/// ledger across tasks — waits for approval; once used, later tasks of the
+/// agent call it freely.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_use_of_a_tool_needs_approval_once_per_agent() {
+    let h = Harness::with(Options {
+        anomaly: Some(r#"new_tool = "require_approval""#),
+        ..Options::default()
+    })
+    .await;
+    let s = h.start_task(None).await;
+    let a = h
+        .call(&s.access, &s.task_id, "warehouse.connect", connect())
+        .await;
+    assert_error(&a, 403, "approval_required");
+    assert_eq!(h.upstream_calls(), 0);
+    let pending = h.get("/v1/elevations?status=pending", Some(ADMIN)).await;
+    let id = pending.body["elevations"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        pending.body["elevations"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("new_tool"),
+        "{}",
+        pending.text
+    );
+    let a = h
+        .post_json(
+            &format!("/v1/elevations/{id}/approve"),
+            Some(ADMIN),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect())
+        .await;
+    // A new task of the same agent: the tool is no longer new.
+    let t = h.start_task(None).await;
+    h.call_ok(&t.access, &t.task_id, "warehouse.connect", connect())
+        .await;
+    // Another agent's first use is its own.
+    let o = h
+        .post_json(
+            "/v1/tasks",
+            Some(OTHER_BOOTSTRAP),
+            &json!({ "agent_id": "other-bot", "goal": "g" }),
+        )
+        .await;
+    let (oid, otok) = (
+        o.body["task_id"].as_str().unwrap(),
+        o.body["access_token"].as_str().unwrap(),
+    );
+    let a = h.call(otok, oid, "warehouse.connect", connect()).await;
+    assert_error(&a, 403, "approval_required");
+}

@@ -173,6 +173,10 @@ pub trait Store: Send + Sync + 'static {
     /// Every pinned tool definition ([`Op::PinTool`]), ordered by
     /// [`ToolPin::tool`] (byte order). Not capped at [`MAX_ROWS`]: a pin
     /// left out would read as a tool never pinned.
+    /// Whether `agent_id` has ever had a call of `tool` allowed (the
+    /// ledger's history across tasks; see [`Op::RecordToolUse`]).
+    async fn tool_used(&self, agent_id: &str, tool: &str) -> Result<bool>;
+
     async fn pins(&self) -> Result<Vec<ToolPin>>;
 
     /// The pinned definition of this tool (`<upstream>.<tool>`), if it has

@@ -654,6 +654,16 @@ pub enum Op {
     /// `expires_at`), its task must exist and its id must be new; anything
     /// else is a [`crate::StoreError::Conflict`].
     InsertElevation(ElevationRecord),
+    /// Records that `agent_id` has called `tool` (for the `new_tool`
+    /// anomaly rule); a no-op when it already has.
+    RecordToolUse {
+        /// The agent.
+        agent_id: String,
+        /// The tool.
+        tool: String,
+        /// When (kept only for the first use).
+        at: Timestamp,
+    },
     /// Decides a pending elevation, exactly once. A
     /// [`crate::StoreError::Conflict`] (and the whole batch rolls back) when:
     ///

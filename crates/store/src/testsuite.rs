@@ -70,6 +70,7 @@ pub async fn run_all(store: &dyn Store) {
     elevation_decision_checks(store).await;
     elevation_decisions_race(store).await;
     pin_round_trip(store).await;
+    tool_use_is_remembered(store).await;
     pin_upsert_replaces(store).await;
     pins_ordered_by_tool(store).await;
     pin_invalid_rolls_back(store).await;
@@ -1862,6 +1863,37 @@ pub async fn checkpoints_round_trip(store: &dyn Store) {
     let report = verify_log(store).await;
     assert!(report.is_ok(), "{report:?}");
     assert!(report.checkpoints_verified >= 2, "{report:?}");
+}
+
+/// [`Op::RecordToolUse`]: a use is remembered per (agent, tool), a second
+/// record is a no-op, other pairs stay unused, and it rolls back with its
+/// batch.
+pub async fn tool_use_is_remembered(store: &dyn Store) {
+    let agent = unique("agent");
+    let other = unique("agent");
+    assert!(!store.tool_used(&agent, "db.read").await.expect("read use"));
+    let record = |agent: &str, tool: &str| Op::RecordToolUse {
+        agent_id: agent.to_owned(),
+        tool: tool.to_owned(),
+        at: T0,
+    };
+    commit_ok(store, vec![record(&agent, "db.read")]).await;
+    commit_ok(store, vec![record(&agent, "db.read")]).await;
+    assert!(store.tool_used(&agent, "db.read").await.expect("read use"));
+    assert!(!store.tool_used(&agent, "db.write").await.expect("read use"));
+    assert!(!store.tool_used(&other, "db.read").await.expect("read use"));
+    // A batch that fails records nothing.
+    let bad = Op::UpdateTask {
+        record: sample_task(&unique("missing-task")),
+        expected_version: 0,
+    };
+    assert!(
+        store
+            .commit(vec![record(&other, "db.read"), bad])
+            .await
+            .is_err()
+    );
+    assert!(!store.tool_used(&other, "db.read").await.expect("read use"));
 }
 
 /// A pin reads back exactly as stored, by name and in [`Store::pins`]; an

@@ -81,6 +81,7 @@ suite!(
     elevation_decision_checks,
     elevation_decisions_race,
     pin_round_trip,
+    tool_use_is_remembered,
     pin_upsert_replaces,
     pins_ordered_by_tool,
     pin_invalid_rolls_back,
@@ -272,8 +273,8 @@ async fn migrations_are_idempotent_on_reopen() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn schema_is_version_4_with_elevations_the_audit_chain_and_tool_pins() {
-    assert_eq!(SCHEMA_VERSION, 4);
+async fn schema_is_version_5_with_elevations_the_audit_chain_tool_pins_and_tool_use() {
+    assert_eq!(SCHEMA_VERSION, 5);
     let dir = temp_dir();
     let path = dir.path().join("ledger.db");
     SqliteStore::open(&path).unwrap().close().await;
@@ -283,7 +284,8 @@ async fn schema_is_version_4_with_elevations_the_audit_chain_and_tool_pins() {
             (1, "ledger".to_owned()),
             (2, "elevations".to_owned()),
             (3, "audit chain".to_owned()),
-            (4, "tool pins".to_owned())
+            (4, "tool pins".to_owned()),
+            (5, "agent tool use".to_owned())
         ]
     );
     let conn = rusqlite::Connection::open(&path).unwrap();

@@ -369,6 +369,11 @@ impl Store for Outage {
         self.check()?;
         self.inner.chain_head().await
     }
+    async fn tool_used(&self, agent_id: &str, tool: &str) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.tool_used(agent_id, tool).await
+    }
+
     async fn pins(&self) -> Result<Vec<portcullis_store::ToolPin>, StoreError> {
         self.check()?;
         self.inner.pins().await

@@ -635,6 +635,13 @@ impl Store for PostgresStore {
             .await
     }
 
+    async fn tool_used(&self, agent_id: &str, tool: &str) -> Result<bool> {
+        self.read("read tool use", async |conn| {
+            read::tool_used(conn, agent_id, tool).await
+        })
+        .await
+    }
+
     async fn pin(&self, tool: &str) -> Result<Option<ToolPin>> {
         self.read("read tool pin", async |conn| read::pin(conn, tool).await)
             .await

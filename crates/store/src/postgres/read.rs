@@ -382,6 +382,20 @@ pub(super) async fn pins(conn: &mut Conn) -> Result<Vec<ToolPin>> {
     decode_all(context, &rows, pin_row, RawPin::decode)
 }
 
+pub(super) async fn tool_used(conn: &mut Conn, agent_id: &str, tool: &str) -> Result<bool> {
+    if !storable(agent_id) || !storable(tool) {
+        return Ok(false);
+    }
+    let row = query_opt(
+        conn,
+        "read tool use",
+        "SELECT 1 FROM agent_tools WHERE agent_id = $1 AND tool = $2",
+        &[&agent_id, &tool],
+    )
+    .await?;
+    Ok(row.is_some())
+}
+
 pub(super) async fn pin(conn: &mut Conn, tool: &str) -> Result<Option<ToolPin>> {
     if !storable(tool) {
         return Ok(None);

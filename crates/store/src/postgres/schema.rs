@@ -15,7 +15,7 @@ struct Migration {
 }
 
 /// The schema version this build writes and understands.
-pub const LATEST_VERSION: i64 = 1;
+pub const LATEST_VERSION: i64 = 2;
 
 /// First half of the key of the advisory lock taken while migrating
 /// (`'pcul'` as an integer); the second half is a hash of the schema, so
@@ -26,10 +26,11 @@ const MIGRATION_LOCK: i32 = 0x7063_756c;
 // Rust orders strings, whatever the database's default collation.
 //
 // INVARIANT: never edit or reorder a released migration; add a new one.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "ledger",
-    sql: r#"
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "ledger",
+        sql: r#"
 CREATE TABLE tasks (
     id          TEXT   COLLATE "C" NOT NULL PRIMARY KEY,
     agent_id    TEXT   NOT NULL,
@@ -119,7 +120,28 @@ CREATE TABLE tool_pins (
     approved_by  TEXT   NOT NULL
 );
 "#,
-}];
+    },
+    Migration {
+        version: 2,
+        name: "agent tool use",
+        sql: r#"
+CREATE TABLE agent_tools (
+    agent_id    TEXT   COLLATE "C" NOT NULL,
+    tool        TEXT   COLLATE "C" NOT NULL,
+    first_used  BIGINT NOT NULL,
+    PRIMARY KEY (agent_id, tool)
+);
+INSERT INTO agent_tools (agent_id, tool, first_used)
+    SELECT event::jsonb ->> 'agent_id', event::jsonb ->> 'tool', min(ts)
+    FROM audit_events
+    WHERE kind = 'call.allowed'
+      AND jsonb_typeof(event::jsonb -> 'agent_id') = 'string'
+      AND jsonb_typeof(event::jsonb -> 'tool') = 'string'
+    GROUP BY 1, 2
+    ON CONFLICT DO NOTHING;
+"#,
+    },
+];
 
 /// Brings the schema up to [`LATEST_VERSION`] in one transaction, under a
 /// transaction-scoped advisory lock: of replicas starting together, one

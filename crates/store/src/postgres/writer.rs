@@ -638,6 +638,20 @@ async fn apply(conn: &mut Conn, op: &Op, committed: &mut Committed, chain: &mut 
             note,
             expires_at,
         } => decide_elevation(conn, id, *status, by, *at, note.as_deref(), *expires_at).await?,
+        Op::RecordToolUse { agent_id, tool, at } => {
+            let at = to_int("tool use at", at.0)?;
+            let statement = conn
+                .statement(
+                    "INSERT INTO agent_tools (agent_id, tool, first_used) VALUES ($1, $2, $3) \
+                     ON CONFLICT (agent_id, tool) DO NOTHING",
+                )
+                .await
+                .map_err(|e| db("record tool use", &e))?;
+            conn.client
+                .execute(&statement, &[agent_id, tool, &at])
+                .await
+                .map_err(|e| db("record tool use", &e))?;
+        }
         Op::PinTool(pin) => {
             let definition = check_pin(pin)?;
             let pinned_at = to_int("pin pinned_at", pin.pinned_at.0)?;

@@ -800,6 +800,17 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn tool_used(&self, agent_id: &str, tool: &str) -> Result<bool> {
+        let (agent_id, tool) = (agent_id.to_owned(), tool.to_owned());
+        self.readers
+            .run(move |conn| {
+                conn.prepare_cached("SELECT 1 FROM agent_tools WHERE agent_id = ?1 AND tool = ?2")
+                    .and_then(|mut stmt| stmt.exists([&agent_id, &tool]))
+                    .map_err(|e| sql_error("read tool use", &e))
+            })
+            .await
+    }
+
     async fn pin(&self, tool: &str) -> Result<Option<ToolPin>> {
         let tool = tool.to_owned();
         self.readers

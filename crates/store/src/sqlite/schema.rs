@@ -131,10 +131,30 @@ CREATE TABLE tool_pins (
 ",
         rows: None,
     },
+    Migration {
+        version: 5,
+        name: "agent tool use",
+        sql: "
+CREATE TABLE agent_tools (
+    agent_id    TEXT    NOT NULL,
+    tool        TEXT    NOT NULL,
+    first_used  INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, tool)
+) STRICT;
+INSERT OR IGNORE INTO agent_tools (agent_id, tool, first_used)
+    SELECT json_extract(event, '$.agent_id'), json_extract(event, '$.tool'), min(ts)
+    FROM audit_events
+    WHERE kind = 'call.allowed'
+      AND json_type(event, '$.agent_id') = 'text'
+      AND json_type(event, '$.tool') = 'text'
+    GROUP BY 1, 2;
+",
+        rows: None,
+    },
 ];
 
 /// The schema version this build writes and understands.
-pub const LATEST_VERSION: i64 = 4;
+pub const LATEST_VERSION: i64 = 5;
 
 /// Rows read per step when migration 3 chains existing events.
 const CHAIN_PAGE: i64 = 1000;
@@ -397,7 +417,8 @@ mod tests {
                 (1, "ledger".to_owned()),
                 (2, "elevations".to_owned()),
                 (3, "audit chain".to_owned()),
-                (4, "tool pins".to_owned())
+                (4, "tool pins".to_owned()),
+                (5, "agent tool use".to_owned())
             ]
         );
         drop(conn);
@@ -409,7 +430,7 @@ mod tests {
         );
         store.close().await;
         let conn = Connection::open(&path).unwrap();
-        assert_eq!(migration_rows(&conn).len(), 4);
+        assert_eq!(migration_rows(&conn).len(), 5);
         assert_eq!(current_version(&conn).unwrap(), LATEST_VERSION);
     }
 
@@ -453,7 +474,7 @@ mod tests {
         assert!(tables(&conn).contains(&"tool_pins".to_owned()));
         assert_eq!(
             migration_rows(&conn).last(),
-            Some(&(4, "tool pins".to_owned()))
+            Some(&(5, "agent tool use".to_owned()))
         );
         assert_eq!(current_version(&conn).unwrap(), LATEST_VERSION);
     }

@@ -476,6 +476,15 @@ fn apply(
             note,
             expires_at,
         } => decide_elevation(conn, &id, status, &by, at, note, expires_at)?,
+        Op::RecordToolUse { agent_id, tool, at } => {
+            let at = to_int("tool use at", at.0)?;
+            conn.prepare_cached(
+                "INSERT INTO agent_tools (agent_id, tool, first_used) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (agent_id, tool) DO NOTHING",
+            )
+            .and_then(|mut stmt| stmt.execute(params![agent_id, tool, at]))
+            .map_err(|e| sql_error("record tool use", &e))?;
+        }
         Op::PinTool(pin) => {
             let definition = check_pin(&pin)?;
             let pinned_at = to_int("pin pinned_at", pin.pinned_at.0)?;
