@@ -87,7 +87,10 @@ pub(crate) struct PolicyIndex {
     count: usize,
     /// Per tool: what its slice reads of the context.
     context_use: Vec<ContextUse>,
-    /// The same over every policy, for the unsliced set.
+    /// Per tool, for the unsliced set: what the policies whose scope admits
+    /// the tool read (its slice, plus those proved impossible for it).
+    context_use_scoped: Vec<ContextUse>,
+    /// The same over every policy (the fallback for a tool out of range).
     context_use_whole: ContextUse,
 }
 
@@ -217,9 +220,15 @@ impl PolicyIndex {
         }
         let mut slices = Vec::with_capacity(tools.len());
         let mut context_use = Vec::with_capacity(tools.len());
+        let mut context_use_scoped = Vec::with_capacity(tools.len());
         let none = HashSet::new();
         for (tool, own) in per_tool.into_iter().enumerate() {
             let never = impossible.get(&tool).unwrap_or(&none);
+            // The unsliced set reaches the condition of these policies only:
+            // the others are scoped to other tools. Building what only they
+            // read made it deny calls the slice allows (an argument out of
+            // Cedar's range that no policy of this tool reads).
+            context_use_scoped.push(context_read_by(own.iter().chain(universal.iter())));
             let applicable: Vec<Policy> = own
                 .into_iter()
                 .chain(universal.iter().cloned())
@@ -268,6 +277,7 @@ impl PolicyIndex {
             authorizer: Authorizer::new(),
             count: policies.len(),
             context_use,
+            context_use_scoped,
             context_use_whole: context_read_by(policies.iter().map(|p| &p.policy)),
         })
     }
@@ -557,13 +567,12 @@ impl PolicyIndex {
 
     /// What the policies evaluated for `tool` read of the context.
     pub(crate) fn context_use(&self, tool: usize, whole: bool) -> &ContextUse {
-        if whole {
-            &self.context_use_whole
+        let per_tool = if whole {
+            &self.context_use_scoped
         } else {
-            self.context_use
-                .get(tool)
-                .unwrap_or(&self.context_use_whole)
-        }
+            &self.context_use
+        };
+        per_tool.get(tool).unwrap_or(&self.context_use_whole)
     }
 
     /// Number of user policies.
@@ -874,6 +883,85 @@ mod tests {
                 .unwrap(),
             Vec::<String>::new()
         );
+    }
+
+    /// Found by the `tools_call_args` fuzz target (fuzz/): the unsliced set
+    /// built every argument any policy reads, so an integer out of Cedar's
+    /// range in `timeout_ms` of `wh.read`, read only by a policy scoped to
+    /// `wh.query`, made it `args_invalid` where the index decided on the
+    /// policies of `wh.read` (allow, or `policy_forbid`).
+    #[test]
+    fn unsliced_set_ignores_arguments_only_other_tools_policies_read() {
+        use portcullis_config::PolicyFile;
+
+        let config = r#"
+[[upstreams]]
+name = "wh"
+transport = "stdio"
+command = ["wh-server"]
+
+[[tools]]
+name = "wh.read"
+upstream = "wh"
+risk = "low"
+access = "read"
+args_schema = { type = "object", properties = { path = { type = "string" }, timeout_ms = { type = "integer" } }, required = ["path"] }
+
+[[tools]]
+name = "wh.query"
+upstream = "wh"
+risk = "low"
+access = "read"
+args_schema = { type = "object", properties = { sql = { type = "string" }, timeout_ms = { type = "integer" } }, required = ["sql"] }
+
+[[agent_types]]
+name = "reader"
+initial = "read"
+states = [
+  { name = "read", tools = ["wh.read", "wh.query"], next = ["done"] },
+  { name = "done", final = true },
+]
+
+[[agents]]
+id = "bot"
+type = "reader"
+tools = ["wh.read", "wh.query"]
+bootstrap_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+"#;
+        let policies = r#"
+@id("query-timeout")
+forbid(principal, action, resource == Tool::"wh.query")
+when { context.args has timeout_ms && context.args.timeout_ms > 60000 };
+
+@id("read-under-data")
+forbid(principal, action, resource == Tool::"wh.read")
+when { !(context.args.path like "/data/*") };
+"#;
+        let engine = || {
+            let mut loaded = LoadedConfig::parse(config, "portcullis.toml".as_ref()).unwrap();
+            loaded.policies.push(PolicyFile {
+                path: "policies/p.cedar".into(),
+                text: policies.to_owned(),
+                entry: 0,
+            });
+            let clock = std::sync::Arc::new(crate::ManualClock::new(crate::Timestamp(0)));
+            crate::build(&loaded, clock).unwrap()
+        };
+        let (indexed, whole) = (engine(), engine().without_policy_index());
+        let task = indexed.start_task("t", "bot", "read", None).unwrap();
+        for (tool, args) in [
+            // The minimised fuzz input.
+            (
+                "wh.read",
+                json!({ "path": "", "timeout_ms": 9_551_615_037_095_516_150_u64 }),
+            ),
+            ("wh.read", json!({ "path": "/data/a", "timeout_ms": 1e300 })),
+            ("wh.query", json!({ "sql": "x", "timeout_ms": 90_000 })),
+            ("wh.query", json!({ "sql": "x", "timeout_ms": 1e300 })),
+        ] {
+            let a = indexed.decide(&task, tool, &args);
+            assert_eq!(a, whole.decide(&task, tool, &args), "{tool} {args}");
+        }
     }
 
     #[test]
