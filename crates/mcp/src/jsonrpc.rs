@@ -445,9 +445,12 @@ mod tests {
     #[test]
     fn ids_are_echoed_exactly() {
         let m = one(r#"{"jsonrpc":"2.0","id":18446744073709551615,"method":"ping"}"#).unwrap();
-        assert_eq!(
-            m.to_json(),
-            r#"{"id":18446744073709551615,"jsonrpc":"2.0","method":"ping"}"#
+        // The digits as written, whatever the key order of the build's
+        // serde_json (`preserve_order` may be on through another crate).
+        assert!(
+            m.to_json().contains(r#""id":18446744073709551615"#),
+            "{}",
+            m.to_json()
         );
     }
 
