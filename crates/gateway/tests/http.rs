@@ -2422,3 +2422,35 @@ forbid(principal, action, resource) when { context.reason like "*export*" };
         .await;
     assert_error(&a, 409, "conflict");
 }
+
+/// An approval belongs to its task: a new task of the same agent starts
+/// without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_does_not_carry_over_to_a_new_task() {
+    let h = Harness::start().await;
+    let s = other_bot_in_validate(&h).await;
+    let a = h
+        .post_json(
+            &format!("/v1/tasks/{}/elevations", s.task_id),
+            Some(&s.access),
+            &json!({ "tool": "files.read", "reason": "extract" }),
+        )
+        .await;
+    let id = a.body["elevation_id"].as_str().unwrap().to_owned();
+    let a = h
+        .post_json(
+            &format!("/v1/elevations/{id}/approve"),
+            Some(ADMIN),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let read = json!({ "path": "/data/x.csv" });
+    h.call_ok(&s.access, &s.task_id, "files.read", read.clone())
+        .await;
+    let t = other_bot_in_validate(&h).await;
+    let before = h.upstream_calls();
+    let a = h.call(&t.access, &t.task_id, "files.read", read).await;
+    assert_error(&a, 403, "tool_not_granted");
+    assert_eq!(h.upstream_calls(), before);
+}
