@@ -77,26 +77,8 @@ pub(crate) async fn request(
         }
         let now = gw.now();
         let (req_tool, req_reason) = (req.tool.clone(), req.reason.clone());
-        let id = portcullis_token::random_id("elv_").map_err(internal)?;
-        let elevation = ElevationRecord {
-            id: id.clone(),
-            task_id: task_id.clone(),
-            agent_id: record.task.agent_id.clone(),
-            tool: req.tool.clone(),
-            reason: req.reason.clone(),
-            status: ElevationStatus::Pending,
-            requested_at: now,
-            decided_at: None,
-            decided_by: None,
-            note: None,
-            expires_at: None,
-        };
-        let mut event = NewEvent::new(now, EventKind::ElevationRequested);
-        event.task_id = Some(task_id.clone());
-        event.agent_id = Some(record.task.agent_id.clone());
-        event.tool = Some(req.tool);
-        event.detail = Some(format!("{id}: {}", req.reason));
-        gw.commit(vec![Op::InsertElevation(elevation), Op::Append(event)])
+        let (id, ops) = pending_request(&record.task, &req.tool, &req.reason, now)?;
+        gw.commit(ops.into())
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         // The `auto_approve` policies may decide at once; otherwise the
@@ -220,6 +202,37 @@ async fn decide(
     Ok(Json(done).into_response())
 }
 
+/// A new pending elevation request of `task` for `tool` (a tool, or
+/// `state:<name>`): its id, and the ledger ops that record it (the request
+/// and its `elevation.requested` audit record).
+pub(crate) fn pending_request(
+    task: &portcullis_core::Task,
+    tool: &str,
+    reason: &str,
+    now: portcullis_core::Timestamp,
+) -> Result<(String, [Op; 2]), ApiError> {
+    let id = portcullis_token::random_id("elv_").map_err(internal)?;
+    let elevation = ElevationRecord {
+        id: id.clone(),
+        task_id: task.id.clone(),
+        agent_id: task.agent_id.clone(),
+        tool: tool.to_owned(),
+        reason: reason.to_owned(),
+        status: ElevationStatus::Pending,
+        requested_at: now,
+        decided_at: None,
+        decided_by: None,
+        note: None,
+        expires_at: None,
+    };
+    let mut event = NewEvent::new(now, EventKind::ElevationRequested);
+    event.task_id = Some(task.id.clone());
+    event.agent_id = Some(task.agent_id.clone());
+    event.tool = Some(tool.to_owned());
+    event.detail = Some(format!("{id}: {reason}"));
+    Ok((id, [Op::InsertElevation(elevation), Op::Append(event)]))
+}
+
 impl Gateway {
     /// Files a pending approval request for `what` (a tool, or
     /// `state:<name>`), audited and alerted; returns its id.
@@ -229,28 +242,9 @@ impl Gateway {
         what: &str,
         now: portcullis_core::Timestamp,
     ) -> Result<String, ApiError> {
-        let id = portcullis_token::random_id("elv_").map_err(internal)?;
         let reason = format!("approval required for {what}");
-        let elevation = ElevationRecord {
-            id: id.clone(),
-            task_id: task.id.clone(),
-            agent_id: task.agent_id.clone(),
-            tool: what.to_owned(),
-            reason: reason.clone(),
-            status: ElevationStatus::Pending,
-            requested_at: now,
-            decided_at: None,
-            decided_by: None,
-            note: None,
-            expires_at: None,
-        };
-        let mut event = NewEvent::new(now, EventKind::ElevationRequested);
-        event.task_id = Some(task.id.clone());
-        event.agent_id = Some(task.agent_id.clone());
-        event.tool = Some(what.to_owned());
-        event.reason = Some(Reason::ApprovalRequired.as_str().to_owned());
-        event.detail = Some(format!("{id}: {reason}"));
-        self.commit(vec![Op::InsertElevation(elevation), Op::Append(event)])
+        let (id, ops) = pending_request(task, what, &reason, now)?;
+        self.commit(ops.into())
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         self.alert(crate::alerts::Alert {

@@ -609,14 +609,17 @@ async fn call(
         None | Some(Value::Null) => json!({}),
         Some(a) => a.clone(),
     };
-    let on_acl = gw
-        .engine
-        .allowlist(&claims.sub)
-        .is_some_and(|acl| acl.contains(&name));
     let task_id = claims.task_id.clone();
+    // Whether the tool is on the ACL matters only to the shape of a denial:
+    // not looked up on the allowed path.
+    let on_acl = || {
+        gw.engine
+            .allowlist(&claims.sub)
+            .is_some_and(|acl| acl.contains(&name))
+    };
     let authorized = match gw.authorize(claims, &task_id, name, &arguments, true).await {
         Ok(a) => a,
-        Err(e) => return denial(e, name, on_acl),
+        Err(e) => return denial(e, name, on_acl()),
     };
     let Some((upstream, hop)) = authorized.forward else {
         return Ok(denied_result(Reason::InternalError, "nothing to forward"));

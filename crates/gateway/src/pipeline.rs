@@ -203,8 +203,8 @@ impl Gateway {
     ) -> Result<ApiError, CommitError> {
         let rules = self.engine.anomaly();
         let mut task = record.task.clone();
+        // In audit order: the denial, the anomalies, then what they cause.
         let mut events = vec![self.call_event(&record.task, decision, args, now)];
-        let mut ops = Vec::new();
         let mut fired: Vec<Fired> = call_rule.into_iter().collect();
         let active = task.status == TaskStatus::Active;
         let counted = active && rules.counts_denials();
@@ -222,37 +222,20 @@ impl Gateway {
                 Some(format!("rule {}: {} ({:?})", f.rule, f.detail, f.action).to_lowercase());
             events.push(e);
         }
+        let mut ops: Vec<Op> = events.into_iter().map(Op::Append).collect();
         let mut elevation_id = None;
         if let Some(f) = fired
             .iter()
             .find(|f| f.action == AnomalyAction::RequireApproval)
         {
-            let id =
-                portcullis_token::random_id("elv_").map_err(|e| CommitError::Api(internal(e)))?;
             let reason = if f.rule == APPROVAL_RULE {
                 f.detail.clone()
             } else {
                 format!("anomaly rule {}: {}", f.rule, f.detail)
             };
-            ops.push(Op::InsertElevation(portcullis_store::ElevationRecord {
-                id: id.clone(),
-                task_id: task.id.clone(),
-                agent_id: task.agent_id.clone(),
-                tool: decision.tool.clone(),
-                reason: reason.clone(),
-                status: portcullis_store::ElevationStatus::Pending,
-                requested_at: now,
-                decided_at: None,
-                decided_by: None,
-                note: None,
-                expires_at: None,
-            }));
-            let mut e = NewEvent::new(now, EventKind::ElevationRequested);
-            e.task_id = Some(task.id.clone());
-            e.agent_id = Some(task.agent_id.clone());
-            e.tool = Some(decision.tool.clone());
-            e.detail = Some(format!("{id}: {reason}"));
-            events.push(e);
+            let (id, request) =
+                crate::elevations::pending_request(&task, &decision.tool, &reason, now)?;
+            ops.extend(request);
             elevation_id = Some(id);
         }
         let halt = active && fired.iter().any(|f| f.action == AnomalyAction::Halt);
@@ -267,22 +250,12 @@ impl Gateway {
                     .join(", ")
             );
             task.status = TaskStatus::Halted;
-            ops.push(Op::RevokeTaskTokens {
-                task_id: task.id.clone(),
-                at: now,
-                reason: why.clone(),
-            });
-            let mut halted = NewEvent::new(now, EventKind::TaskHalted);
-            halted.task_id = Some(task.id.clone());
-            halted.agent_id = Some(task.agent_id.clone());
-            halted.reason = Some(Reason::AnomalyHalt.as_str().to_owned());
-            halted.detail = Some(why.clone());
-            events.push(halted);
-            let mut revoked = NewEvent::new(now, EventKind::TokenRevoked);
-            revoked.task_id = Some(task.id.clone());
-            revoked.agent_id = Some(task.agent_id.clone());
-            revoked.detail = Some(format!("every token of the task: {why}"));
-            events.push(revoked);
+            ops.extend(crate::tasks::ending_ops(
+                &task,
+                &why,
+                Some(Reason::AnomalyHalt),
+                now,
+            ));
         }
         if counted || halt {
             task.version = task.version.saturating_add(1);
@@ -297,7 +270,6 @@ impl Gateway {
                 },
             );
         }
-        ops.extend(events.into_iter().map(Op::Append));
         match self.commit(ops).await {
             Ok(_) => {}
             Err(StoreError::Conflict(_)) if counted || halt => return Err(CommitError::Lost),

@@ -453,6 +453,39 @@ pub(crate) async fn transition(
     respond(&rid, result)
 }
 
+/// The ops that end `task` (already set to its new status) besides its
+/// update: every token revoked, the `task.completed` / `task.halted` record
+/// (with `reason` when a rule halted it) and the `token.revoked` record.
+pub(crate) fn ending_ops(
+    task: &portcullis_core::Task,
+    why: &str,
+    reason: Option<Reason>,
+    now: portcullis_core::Timestamp,
+) -> [Op; 3] {
+    let kind = match task.status {
+        TaskStatus::Halted => EventKind::TaskHalted,
+        _ => EventKind::TaskCompleted,
+    };
+    let mut ended = NewEvent::new(now, kind);
+    ended.task_id = Some(task.id.clone());
+    ended.agent_id = Some(task.agent_id.clone());
+    ended.reason = reason.map(|r| r.as_str().to_owned());
+    ended.detail = Some(why.to_owned());
+    let mut revoked = NewEvent::new(now, EventKind::TokenRevoked);
+    revoked.task_id = Some(task.id.clone());
+    revoked.agent_id = Some(task.agent_id.clone());
+    revoked.detail = Some(format!("every token of the task: {why}"));
+    [
+        Op::RevokeTaskTokens {
+            task_id: task.id.clone(),
+            at: now,
+            reason: why.to_owned(),
+        },
+        Op::Append(ended),
+        Op::Append(revoked),
+    ]
+}
+
 /// Ends a task (completed or halted): status, every token revoked, audit —
 /// one transaction.
 async fn end_task(
@@ -473,34 +506,18 @@ async fn end_task(
         let mut task = record.task.clone();
         task.status = status;
         task.version = task.version.saturating_add(1);
-        let (kind, why) = match status {
-            TaskStatus::Halted => (EventKind::TaskHalted, format!("halted by {by}")),
-            _ => (EventKind::TaskCompleted, format!("completed by {by}")),
+        let why = match status {
+            TaskStatus::Halted => format!("halted by {by}"),
+            _ => format!("completed by {by}"),
         };
-        let mut ended = NewEvent::new(now, kind);
-        ended.task_id = Some(task.id.clone());
-        ended.agent_id = Some(task.agent_id.clone());
-        ended.detail = Some(why.clone());
-        let mut revoked = NewEvent::new(now, EventKind::TokenRevoked);
-        revoked.task_id = Some(task.id.clone());
-        revoked.agent_id = Some(task.agent_id.clone());
-        revoked.detail = Some(format!("every token of the task: {why}"));
-        let ops = vec![
-            Op::UpdateTask {
-                record: TaskRecord {
-                    task: task.clone(),
-                    deadline: record.deadline,
-                },
-                expected_version: record.task.version,
+        let mut ops = vec![Op::UpdateTask {
+            record: TaskRecord {
+                task: task.clone(),
+                deadline: record.deadline,
             },
-            Op::RevokeTaskTokens {
-                task_id: task.id.clone(),
-                at: now,
-                reason: why,
-            },
-            Op::Append(ended),
-            Op::Append(revoked),
-        ];
+            expected_version: record.task.version,
+        }];
+        ops.extend(ending_ops(&task, &why, None, now));
         match gw.commit(ops).await {
             Ok(done) => {
                 gw.release_credentials(&task.id);
