@@ -16,9 +16,12 @@
 //! Records must come in log order. For each one:
 //!
 //! 1. its `seq` is the previous record's plus one, and the first record's is
-//!    1 (the whole log, from its start; pruned logs will need an explicit
-//!    start, later) — else the problem is reported at the seq that was
-//!    expected: a deleted record `k` is reported as `k`;
+//!    1 — or, for a log whose oldest records were archived or dropped
+//!    (tiering), the first record's `seq` is `a + 1` where a checkpoint of
+//!    seq `a` exists: the walk is *anchored* there and the first record's
+//!    `prev_hash` must be that checkpoint's `hash` — else the problem is
+//!    reported at the seq that was expected: a deleted record `k` is
+//!    reported as `k`;
 //! 2. its `hash` is the hash of its content — else reported at its `seq`
 //!    (an edit of any field, `seq` and `prev_hash` included);
 //! 3. its `prev_hash` is the previous record's `hash` ([`GENESIS`] for the
@@ -29,7 +32,13 @@
 //! At the end ([`Verifier::finish`]) every checkpoint's signature is
 //! checked with the caller's function, and a log that ends before the seq
 //! of a validly signed checkpoint is truncated (reported at the first
-//! missing seq). The report names the problem with the lowest seq; the walk
+//! missing seq). An anchored walk also needs the log to say why it starts
+//! late: a tiering record (`audit.archived` or `audit.dropped`; only
+//! `audit.dropped` for an archive, see [`Verifier::archive`]) whose
+//! `args.through_seq` is the anchor, itself covered by a validly signed
+//! checkpoint — else the problem is reported at the anchor's seq plus one.
+//! Cutting records off the front of a log therefore needs a forged,
+//! signed record, like any other edit. The report names the problem with the lowest seq; the walk
 //! stops at the first bad record, so nothing after it is checked.
 //!
 //! What no verifier can see: records after the newest checkpoint can be cut
@@ -111,6 +120,12 @@ pub struct Report {
     pub checkpoints_verified: u64,
     /// The seq of the last good record (0 if none).
     pub last_seq: u64,
+    /// The seq of the checkpoint the walk was anchored at (0: the log was
+    /// read from seq 1). Records up to it were archived or dropped.
+    pub anchor: u64,
+    /// The record that says why the log starts after [`anchor`](Self::anchor),
+    /// if one was found.
+    pub floor_declared_at: Option<u64>,
     /// Records after the newest verified checkpoint (all of them if none
     /// verified): the window a truncation or a rewrite can hide in. 0 when a
     /// problem was found.
@@ -177,6 +192,25 @@ pub struct Verifier<'a> {
     /// The last good record's seq and hash.
     last: Option<(u64, String)>,
     problem: Option<WalkProblem>,
+    floor: Floor,
+    /// The seq of the checkpoint an anchored walk starts after.
+    anchor: Option<u64>,
+    /// The first record that says why the log starts after `anchor`.
+    declared_at: Option<u64>,
+}
+
+/// Which tiering records may say why an anchored log starts late.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Floor {
+    /// The store or an export of it: `audit.archived` (moved to the
+    /// archive) or `audit.dropped` (deleted).
+    Store,
+    /// The archive: only `audit.dropped` (an `audit.archived` record says
+    /// where the records went, which is here).
+    Archive,
+    /// Not checked (an archive verified without the store, where the
+    /// record that says so may not be).
+    Unchecked,
 }
 
 #[derive(Debug)]
@@ -188,16 +222,43 @@ struct WalkProblem {
 }
 
 impl<'a> Verifier<'a> {
-    /// A verifier of a log that starts at seq 1, against `checkpoints`.
+    /// A verifier of the store's log, or of an export of it, against
+    /// `checkpoints`: from seq 1, or anchored at a checkpoint when an
+    /// `audit.archived` or `audit.dropped` record says the older records
+    /// went.
     pub fn new(checkpoints: &'a [Checkpoint]) -> Self {
+        Self::with_floor(checkpoints, Floor::Store)
+    }
+
+    /// A verifier of the archive (followed by the store): from seq 1, or
+    /// anchored at a checkpoint when an `audit.dropped` record says the
+    /// older records were deleted.
+    pub fn archive(checkpoints: &'a [Checkpoint]) -> Self {
+        Self::with_floor(checkpoints, Floor::Archive)
+    }
+
+    /// A verifier of the archive alone, where the record that says why an
+    /// anchored archive starts late may not be: the anchor is accepted on
+    /// its signed checkpoint only ([`Report::anchor`] tells).
+    pub fn archive_alone(checkpoints: &'a [Checkpoint]) -> Self {
+        Self::with_floor(checkpoints, Floor::Unchecked)
+    }
+
+    fn with_floor(checkpoints: &'a [Checkpoint], floor: Floor) -> Self {
         let mut sorted: Vec<&Checkpoint> = checkpoints.iter().collect();
         sorted.sort_by_key(|c| c.seq);
+        // The same checkpoint from two sources (an archive file and the
+        // store) counts once; two different ones of one seq both stay.
+        sorted.dedup_by(|a, b| a == b);
         Self {
             checkpoints: sorted,
             reached: 0,
             records: 0,
             last: None,
             problem: None,
+            floor,
+            anchor: None,
+            declared_at: None,
         }
     }
 
@@ -210,7 +271,10 @@ impl<'a> Verifier<'a> {
         match record {
             Ok(record) => {
                 let computed = record_hash(&record);
+                let through =
+                    tiering_through(record.event.kind.as_str(), record.event.args.as_ref());
                 self.check(record.seq, &record.prev_hash, &record.hash, computed)
+                    && self.declares(record.seq, through)
             }
             Err(why) => self.unreadable(&why),
         }
@@ -233,7 +297,26 @@ impl<'a> Verifier<'a> {
         };
         let field = |name: &str| map.get(name).and_then(Value::as_str).unwrap_or_default();
         let computed = json_record_hash(&map);
-        self.check(seq, field("prev_hash"), field("hash"), computed)
+        let through = tiering_through(field("kind"), map.get("args"));
+        self.check(seq, field("prev_hash"), field("hash"), computed) && self.declares(seq, through)
+    }
+
+    /// Notes a good record that says the records through `through` were
+    /// archived or dropped (`kind` and `through_seq` of
+    /// [`tiering_through`]), if that is where the walk is anchored.
+    fn declares(&mut self, seq: u64, through: Option<(&str, u64)>) -> bool {
+        let Some((kind, through)) = through else {
+            return true;
+        };
+        let counts = match self.floor {
+            Floor::Store => true,
+            Floor::Archive => kind == "audit.dropped",
+            Floor::Unchecked => false,
+        };
+        if counts && self.anchor == Some(through) && self.declared_at.is_none() {
+            self.declared_at = Some(seq);
+        }
+        true
     }
 
     /// Records pushed so far (up to and including the first bad one).
@@ -279,10 +362,17 @@ impl<'a> Verifier<'a> {
         computed: Result<String, String>,
     ) -> bool {
         self.records += 1;
+        if self.last.is_none() && seq > 1 {
+            self.anchor_before(seq);
+        }
         let expected = self.expected();
         if seq != expected {
             let what = match &self.last {
-                None => format!("the log starts at seq {seq}, not at 1"),
+                None => format!(
+                    "the log starts at seq {seq}, not at 1, and no checkpoint of seq {} anchors \
+                     it",
+                    seq - 1
+                ),
                 Some((last, _)) if seq > expected => format!(
                     "record {expected} is missing: record {last} is followed by record {seq}"
                 ),
@@ -353,6 +443,24 @@ impl<'a> Verifier<'a> {
         true
     }
 
+    /// Anchors the walk at the checkpoint of `first - 1`, if there is one:
+    /// the first record must then link to its hash. Checkpoints below it
+    /// are not compared with records (their signatures are still checked).
+    fn anchor_before(&mut self, first: u64) {
+        let at = first - 1;
+        let Some(index) = self.checkpoints.iter().position(|c| c.seq == at) else {
+            return;
+        };
+        let Some(checkpoint) = self.checkpoints.get(index) else {
+            return;
+        };
+        self.last = Some((at, checkpoint.hash.clone()));
+        self.anchor = Some(at);
+        // The anchor itself counts as reached: its hash is where the chain
+        // starts, by construction.
+        self.reached = index + 1;
+    }
+
     /// Checks every checkpoint's signature with `check_sig`, detects
     /// truncation, and reports.
     pub fn finish(self, check_sig: &dyn Fn(&Checkpoint) -> bool) -> Report {
@@ -400,19 +508,58 @@ impl<'a> Verifier<'a> {
             }
         }
 
+        let anchor = self.anchor.unwrap_or(0);
+        let verified_below = |below: u64| -> Vec<u64> {
+            self.checkpoints
+                .iter()
+                .take(self.reached)
+                .enumerate()
+                .filter(|&(i, c)| {
+                    is_valid(i) && c.seq >= anchor && c.seq < below && c.seq <= last_seq
+                })
+                .map(|(_, c)| c.seq)
+                .collect()
+        };
+        if let Some(anchor) = self.anchor
+            && self.floor != Floor::Unchecked
+        {
+            let covered_by = verified_below(u64::MAX).into_iter().max().unwrap_or(0);
+            let what = match self.declared_at {
+                None => Some(format!(
+                    "the log starts at seq {}: no record says that the records through seq \
+                     {anchor} were {}",
+                    anchor + 1,
+                    if self.floor == Floor::Archive {
+                        "dropped (audit.dropped)"
+                    } else {
+                        "archived or dropped (audit.archived, audit.dropped)"
+                    }
+                )),
+                Some(at) if at > covered_by => Some(format!(
+                    "the log starts at seq {}: record {at} says why, but no signed checkpoint \
+                     covers record {at} yet",
+                    anchor + 1
+                )),
+                Some(_) => None,
+            };
+            if let Some(what) = what {
+                consider(
+                    &mut first,
+                    Problem {
+                        seq: anchor + 1,
+                        what,
+                    },
+                );
+            }
+        }
         let below = first.as_ref().map_or(u64::MAX, |p| p.seq);
-        let verified: Vec<u64> = self
-            .checkpoints
-            .iter()
-            .take(self.reached)
-            .enumerate()
-            .filter(|&(i, c)| is_valid(i) && c.seq < below && c.seq <= last_seq)
-            .map(|(_, c)| c.seq)
-            .collect();
+        let verified = verified_below(below);
         let newest_verified = verified.iter().copied().max().unwrap_or(0);
         Report {
             records: self.records,
             checkpoints_verified: u64::try_from(verified.len()).unwrap_or(u64::MAX),
+            anchor,
+            floor_declared_at: self.declared_at,
             last_seq,
             uncovered: if first.is_none() {
                 last_seq.saturating_sub(newest_verified)
@@ -422,6 +569,16 @@ impl<'a> Verifier<'a> {
             first_bad: first,
         }
     }
+}
+
+/// For a tiering record (`audit.archived`, `audit.dropped`): its kind and
+/// `args.through_seq`, the last seq it says went.
+fn tiering_through<'k>(kind: &'k str, args: Option<&Value>) -> Option<(&'k str, u64)> {
+    if kind != "audit.archived" && kind != "audit.dropped" {
+        return None;
+    }
+    let through = args?.get("through_seq")?.as_u64()?;
+    Some((kind, through))
 }
 
 fn bad_signature(checkpoints: &[&Checkpoint], index: usize) -> Problem {
@@ -561,6 +718,8 @@ mod tests {
                 records: 10,
                 checkpoints_verified: 2,
                 last_seq: 10,
+                anchor: 0,
+                floor_declared_at: None,
                 uncovered: 2,
                 first_bad: None,
             }
@@ -822,5 +981,111 @@ mod tests {
                 v
             })
             .collect()
+    }
+
+    /// A log of `n` records where record `at` (not the last) is the
+    /// tiering record `kind` saying the records through `through` went.
+    fn chain_declaring(n: u64, at: u64, kind: EventKind, through: u64) -> Vec<AuditEvent> {
+        let mut records = chain(n);
+        let mut prev = GENESIS.to_owned();
+        for record in &mut records {
+            if record.seq == at {
+                record.event = NewEvent::new(Timestamp(1_000 + at), kind);
+                record.event.args = Some(json!({"first_seq": 1, "through_seq": through}));
+            }
+            *record = link(record.clone(), &prev);
+            prev.clone_from(&record.hash);
+        }
+        records
+    }
+
+    #[test]
+    fn a_log_whose_oldest_records_went_verifies_from_its_anchor() {
+        // Records 1..=4 archived (checkpoint 4 kept), the record saying so
+        // is 7, covered by checkpoint 8.
+        let all = chain_declaring(10, 7, EventKind::AuditArchived, 4);
+        let checkpoints = [checkpoint(&all[3]), checkpoint(&all[7])];
+        let kept = &all[4..];
+        let report = run(kept, &checkpoints);
+        assert!(report.is_ok(), "{report:?}");
+        assert_eq!((report.anchor, report.floor_declared_at), (4, Some(7)));
+        assert_eq!(
+            (report.records, report.last_seq, report.uncovered),
+            (6, 10, 2)
+        );
+        assert_eq!(report.checkpoints_verified, 2);
+        // The JSON walk agrees.
+        let values = kept.iter().map(|r| Ok(serde_json::to_value(r).unwrap()));
+        assert!(verify_json(values, &checkpoints, &check_sig).is_ok());
+    }
+
+    #[test]
+    fn cutting_the_front_off_needs_a_record_that_says_so() {
+        let all = chain_declaring(10, 7, EventKind::AuditArchived, 4);
+        let checkpoints = [
+            checkpoint(&all[3]),
+            checkpoint(&all[5]),
+            checkpoint(&all[7]),
+        ];
+        // Cut at checkpoint 6: the only declaration is about seq 4.
+        let report = run(&all[6..], &checkpoints);
+        assert_eq!(bad_at(&report), 7, "{report:?}");
+        assert!(report.first_bad.unwrap().what.contains("no record says"));
+        // Cut where no checkpoint anchors: reported where the log should start.
+        let report = run(&all[5..], &checkpoints);
+        assert_eq!(bad_at(&report), 1, "{report:?}");
+        // A declaration no checkpoint covers (the record after checkpoint 8)
+        // is not enough: it could have been appended by anyone.
+        let late = chain_declaring(10, 9, EventKind::AuditDropped, 4);
+        let checkpoints = [checkpoint(&late[3]), checkpoint(&late[7])];
+        let report = run(&late[4..], &checkpoints);
+        assert_eq!(bad_at(&report), 5, "{report:?}");
+        assert!(
+            report
+                .first_bad
+                .unwrap()
+                .what
+                .contains("no signed checkpoint covers record 9")
+        );
+        // An anchor with a bad signature is the anchor's fault.
+        let mut forged = checkpoint(&all[3]);
+        forged.sig = "forged".into();
+        let report = run(&all[4..], &[forged, checkpoint(&all[7])]);
+        assert_eq!(bad_at(&report), 4, "{report:?}");
+        assert!(report.first_bad.unwrap().what.contains("invalid signature"));
+        // A first record that does not link to its anchor.
+        let mut unlinked = all[4..].to_vec();
+        unlinked[0] = link(unlinked[0].clone(), &"f".repeat(64));
+        let report = run(&unlinked, &[checkpoint(&all[3]), checkpoint(&all[7])]);
+        assert_eq!(bad_at(&report), 5, "{report:?}");
+    }
+
+    #[test]
+    fn an_archive_starts_late_only_where_records_were_dropped() {
+        let archived = chain_declaring(10, 7, EventKind::AuditArchived, 4);
+        let checkpoints = [checkpoint(&archived[3]), checkpoint(&archived[7])];
+        let archive = |records: &[AuditEvent], checkpoints: &[Checkpoint]| {
+            let mut v = Verifier::archive(checkpoints);
+            for r in records {
+                v.push(Ok(r.clone()));
+            }
+            v.finish(&check_sig)
+        };
+        // "Archived through 4" says records 1..=4 are in the archive: an
+        // archive that starts at 5 lost them.
+        assert_eq!(bad_at(&archive(&archived[4..], &checkpoints)), 5);
+        let dropped = chain_declaring(10, 7, EventKind::AuditDropped, 4);
+        let checkpoints = [checkpoint(&dropped[3]), checkpoint(&dropped[7])];
+        let report = archive(&dropped[4..], &checkpoints);
+        assert!(report.is_ok(), "{report:?}");
+        // Alone, an archive is accepted on its anchor, and says where.
+        let checkpoints = [checkpoint(&archived[3]), checkpoint(&archived[7])];
+        let mut alone = Verifier::archive_alone(&checkpoints);
+        for r in &archived[4..] {
+            alone.push(Ok(r.clone()));
+        }
+        let report = alone.finish(&check_sig);
+        assert!(report.is_ok(), "{report:?}");
+        assert_eq!((report.anchor, report.floor_declared_at), (4, None));
     }
 }

@@ -70,8 +70,9 @@ pub use model::{
     AuditEvent, AuditQuery, CHECKPOINT_EXISTS, CHECKPOINT_HASH_MISMATCH, CHECKPOINT_NO_SUCH_RECORD,
     Checkpoint, Committed, DEFAULT_AUDIT_LIMIT, ELEVATION_ALREADY_DECIDED, ElevationRecord,
     ElevationStatus, EventKind, MAX_AUDIT_LIMIT, MAX_PIN_DEFINITION_BYTES, MAX_ROWS,
-    NO_SUCH_ELEVATION, NewEvent, Op, RefreshRecord, TaskRecord, TokenKind, TokenRecord, ToolPin,
-    UnknownElevationStatus, UnknownEventKind, UnknownTokenKind, checkpoint_message,
+    NO_SUCH_ELEVATION, NewEvent, Op, PRUNE_HEAD, PRUNE_MOVED, PRUNE_NOT_ANCHORED, RefreshRecord,
+    TaskRecord, TokenKind, TokenRecord, ToolPin, UnknownElevationStatus, UnknownEventKind,
+    UnknownTokenKind, checkpoint_message,
 };
 pub use postgres::{PostgresOptions, PostgresStore, Revocation};
 pub use sqlite::{SqliteOptions, SqliteStore};

@@ -221,6 +221,38 @@ pub(crate) fn check_new_elevation(record: &ElevationRecord) -> Result<(), crate:
     }
 }
 
+/// [`Op::PruneAudit`]: the span itself, before the database is read.
+pub(crate) fn check_prune_span(after_seq: u64, through_seq: u64) -> crate::Result<(u64, u64)> {
+    if through_seq <= after_seq {
+        return Err(crate::StoreError::Conflict(format!(
+            "cannot prune through seq {through_seq}: it is not after seq {after_seq}"
+        )));
+    }
+    Ok((after_seq, through_seq))
+}
+
+/// [`Op::PruneAudit`]: the span against the stored log (`oldest` and
+/// `newest` record, whether a checkpoint of the stored record covers
+/// `through`). The same checks, in the same order, for every backend.
+pub(crate) fn check_prune_bounds(
+    after: i64,
+    through: i64,
+    oldest: Option<i64>,
+    newest: Option<i64>,
+    anchored: bool,
+) -> crate::Result<()> {
+    if oldest.is_none() || oldest != after.checked_add(1) {
+        return Err(crate::StoreError::Conflict(PRUNE_MOVED.to_owned()));
+    }
+    if newest.is_none_or(|newest| newest <= through) {
+        return Err(crate::StoreError::Conflict(PRUNE_HEAD.to_owned()));
+    }
+    if !anchored {
+        return Err(crate::StoreError::Conflict(PRUNE_NOT_ANCHORED.to_owned()));
+    }
+    Ok(())
+}
+
 /// Refuses an [`Op::DecideElevation`] that is not a valid decision, before
 /// the stored record is looked at.
 pub(crate) fn check_decision(
@@ -293,11 +325,22 @@ pub enum EventKind {
     /// `config.loaded`
     #[serde(rename = "config.loaded")]
     ConfigLoaded,
+    /// `audit.archived`: the oldest records moved from the store to a
+    /// segment file of the archive (`args`: `first_seq`, `through_seq`,
+    /// `records`, `file`).
+    #[serde(rename = "audit.archived")]
+    AuditArchived,
+    /// `audit.dropped`: the oldest records deleted for good, older than the
+    /// retention window (`args`: `first_seq`, `through_seq`, `records`,
+    /// `from` = `"store"` or `"archive"`, `file` for the archive).
+    #[serde(rename = "audit.dropped")]
+    AuditDropped,
 }
 
 impl EventKind {
-    /// Every kind, in the order of DESIGN section 6.
-    pub const ALL: [Self; 15] = [
+    /// Every kind, in the order of DESIGN section 6, then the tiering
+    /// records (`docs/audit-format.md`, "Tiers").
+    pub const ALL: [Self; 17] = [
         Self::TaskStarted,
         Self::TaskCompleted,
         Self::TaskHalted,
@@ -313,6 +356,8 @@ impl EventKind {
         Self::ElevationDenied,
         Self::Anomaly,
         Self::ConfigLoaded,
+        Self::AuditArchived,
+        Self::AuditDropped,
     ];
 
     /// The stable string form, e.g. `"call.denied"`.
@@ -333,6 +378,8 @@ impl EventKind {
             Self::ElevationDenied => "elevation.denied",
             Self::Anomaly => "anomaly",
             Self::ConfigLoaded => "config.loaded",
+            Self::AuditArchived => "audit.archived",
+            Self::AuditDropped => "audit.dropped",
         }
     }
 }
@@ -701,7 +748,40 @@ pub enum Op {
     /// `hash` is not 64 lowercase hex digits, or `definition` is not a JSON
     /// object of at most [`MAX_PIN_DEFINITION_BYTES`] serialized.
     PinTool(ToolPin),
+    /// Deletes the oldest audit records, `after_seq + 1 ..= through_seq`,
+    /// and the checkpoints below `through_seq` (the one at `through_seq`
+    /// stays: it anchors the chain that remains). For tiering and
+    /// retention; the caller appends, in the same batch, the
+    /// `audit.archived` or `audit.dropped` record that says so. A
+    /// [`crate::StoreError::Conflict`] (and the whole batch rolls back)
+    /// when:
+    ///
+    /// * `through_seq <= after_seq`;
+    /// * the oldest stored record is not `after_seq + 1` (message
+    ///   [`PRUNE_MOVED`]): another pass pruned first, so of two replicas
+    ///   racing on one segment exactly one wins;
+    /// * no checkpoint is stored at `through_seq` with that record's hash
+    ///   (message [`PRUNE_NOT_ANCHORED`]): only whole checkpoint segments
+    ///   go;
+    /// * `through_seq` is the newest record (message [`PRUNE_HEAD`]): the
+    ///   chain's head always stays in the store.
+    PruneAudit {
+        /// The seq below the oldest stored record (0 before any pruning).
+        after_seq: u64,
+        /// The last record to delete; a checkpoint must cover exactly it.
+        through_seq: u64,
+    },
 }
+
+/// The [`crate::StoreError::Conflict`] message of an [`Op::PruneAudit`]
+/// whose `after_seq` is not where the stored log starts.
+pub const PRUNE_MOVED: &str = "the oldest audit records were pruned or moved meanwhile";
+/// The [`crate::StoreError::Conflict`] message of an [`Op::PruneAudit`]
+/// whose `through_seq` has no checkpoint of the stored record.
+pub const PRUNE_NOT_ANCHORED: &str = "no checkpoint covers the last record to prune";
+/// The [`crate::StoreError::Conflict`] message of an [`Op::PruneAudit`]
+/// that would delete the chain's head.
+pub const PRUNE_HEAD: &str = "the newest audit record cannot be pruned";
 
 /// What a committed batch produced.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -27,8 +27,8 @@ use crate::{
     AuditEvent, AuditQuery, CHECKPOINT_EXISTS, CHECKPOINT_HASH_MISMATCH, CHECKPOINT_NO_SUCH_RECORD,
     Checkpoint, ELEVATION_ALREADY_DECIDED, ElevationRecord, ElevationStatus, EventKind,
     MAX_AUDIT_LIMIT, MAX_PIN_DEFINITION_BYTES, MAX_ROWS, NO_SUCH_ELEVATION, NewEvent, Op,
-    RefreshRecord, Store, StoreError, TaskRecord, TokenKind, TokenRecord, ToolPin, canonical_json,
-    checkpoint_message,
+    PRUNE_HEAD, PRUNE_MOVED, PRUNE_NOT_ANCHORED, RefreshRecord, Store, StoreError, TaskRecord,
+    TokenKind, TokenRecord, ToolPin, canonical_json, checkpoint_message,
 };
 
 /// The instant the checks pretend it is.
@@ -74,6 +74,8 @@ pub async fn run_all(store: &dyn Store) {
     pin_upsert_replaces(store).await;
     pins_ordered_by_tool(store).await;
     pin_invalid_rolls_back(store).await;
+    // After every check that reads the log from its start.
+    prune_audit_segments(store).await;
     // Last: it leaves MAX_ROWS + 5 pending elevations behind.
     elevation_list_limits(store).await;
 }
@@ -2135,4 +2137,161 @@ pub async fn pin_invalid_rolls_back(store: &dyn Store) {
         "failed batches must not consume seqs"
     );
     assert_log_is_valid(store).await;
+}
+
+/// The seq below the oldest stored record (0 for a log never pruned).
+pub async fn audit_floor(store: &dyn Store) -> u64 {
+    store
+        .audit(&AuditQuery {
+            since_seq: Some(0),
+            limit: Some(1),
+            ..AuditQuery::default()
+        })
+        .await
+        .expect("audit")
+        .first()
+        .map_or(0, |e| e.seq - 1)
+}
+
+/// A tiering record (`audit.archived` or `audit.dropped`) saying the
+/// records `after + 1 ..= through` went.
+pub fn tiering_event(kind: EventKind, after: u64, through: u64) -> NewEvent {
+    let mut event = NewEvent::new(T0, kind);
+    event.args = Some(serde_json::json!({
+        "first_seq": after + 1,
+        "through_seq": through,
+        "records": through - after,
+    }));
+    event
+}
+
+/// [`Op::PruneAudit`] deletes whole checkpoint segments from the front of
+/// the log and nothing else: it refuses a span that does not start where
+/// the stored log starts, one no checkpoint ends, and the chain's head; a
+/// refused prune rolls its batch back; the checkpoint at the end of the
+/// span stays as the anchor and the rest of the log still verifies from
+/// it; of two prunes of the same span, exactly one wins.
+pub async fn prune_audit_segments(store: &dyn Store) {
+    let task_id = unique("prune");
+    let committed = commit_ok(
+        store,
+        (0..10)
+            .map(|_| Op::Append(sample_event(EventKind::CallAllowed, &task_id)))
+            .collect(),
+    )
+    .await;
+    let [_, _, _, s4, _, _, _, s8, _, s10] = committed.seqs[..] else {
+        panic!("ten seqs: {committed:?}");
+    };
+    for seq in [s4, s8, s10] {
+        let hash = record_at(store, seq).await.hash;
+        commit_ok(
+            store,
+            vec![Op::AppendCheckpoint(test_checkpoint(seq, &hash))],
+        )
+        .await;
+    }
+    let floor = audit_floor(store).await;
+    let head = store.chain_head().await.expect("chain head");
+    let prune = |after_seq, through_seq| Op::PruneAudit {
+        after_seq,
+        through_seq,
+    };
+    let refused = |result: crate::Result<crate::Committed>| match result {
+        Err(StoreError::Conflict(message)) => message,
+        other => panic!("expected a conflict, got {other:?}"),
+    };
+    assert!(!refused(store.commit(vec![prune(s4, s4)]).await).is_empty());
+    assert_eq!(
+        refused(store.commit(vec![prune(floor + 1, s4)]).await),
+        PRUNE_MOVED
+    );
+    assert_eq!(
+        refused(store.commit(vec![prune(floor, s4 - 1)]).await),
+        PRUNE_NOT_ANCHORED
+    );
+    assert_eq!(
+        refused(store.commit(vec![prune(floor, s10)]).await),
+        PRUNE_HEAD
+    );
+    // A refused prune takes its batch with it.
+    let refused_batch = store
+        .commit(vec![
+            Op::Append(tiering_event(EventKind::AuditArchived, floor, s4 - 1)),
+            prune(floor, s4 - 1),
+        ])
+        .await;
+    assert!(
+        is_conflict(&refused_batch, PRUNE_NOT_ANCHORED),
+        "{refused_batch:?}"
+    );
+    assert_eq!(store.chain_head().await.expect("chain head"), head);
+    assert_eq!(audit_floor(store).await, floor);
+
+    // Two prunes of the same span race: exactly one wins.
+    let batch = || {
+        vec![
+            Op::Append(tiering_event(EventKind::AuditArchived, floor, s4)),
+            prune(floor, s4),
+        ]
+    };
+    let (a, b) = tokio::join!(store.commit(batch()), store.commit(batch()));
+    let won: Vec<crate::Committed> = [a, b]
+        .into_iter()
+        .filter_map(|r| match r {
+            Ok(c) => Some(c),
+            Err(StoreError::Conflict(m)) if m == PRUNE_MOVED => None,
+            Err(e) => panic!("unexpected: {e}"),
+        })
+        .collect();
+    assert_eq!(won.len(), 1, "exactly one prune wins");
+    let declared = won
+        .first()
+        .and_then(|c| c.seqs.first().copied())
+        .expect("a seq");
+    assert_eq!(audit_floor(store).await, s4);
+    assert_eq!(
+        all_checkpoints(store)
+            .await
+            .iter()
+            .map(|c| c.seq)
+            .filter(|&seq| seq >= s4)
+            .collect::<Vec<_>>(),
+        vec![s4, s8, s10],
+        "the anchor and every later checkpoint stay"
+    );
+    assert!(
+        all_checkpoints(store).await.iter().all(|c| c.seq >= s4),
+        "checkpoints below the anchor go with their records"
+    );
+    // The chain continues; once a checkpoint covers the record that says
+    // why the log starts late, the log verifies from its anchor.
+    let next = commit_ok(
+        store,
+        vec![Op::Append(sample_event(EventKind::CallDenied, &task_id))],
+    )
+    .await;
+    let last = next.seqs.first().copied().expect("a seq");
+    assert_eq!(
+        record_at(store, last).await.prev_hash,
+        record_at(store, declared).await.hash
+    );
+    let report = verify_log(store).await;
+    assert_eq!(
+        report.first_bad.as_ref().map(|p| p.seq),
+        Some(s4 + 1),
+        "{report:?}"
+    );
+    let hash = record_at(store, last).await.hash;
+    commit_ok(
+        store,
+        vec![Op::AppendCheckpoint(test_checkpoint(last, &hash))],
+    )
+    .await;
+    let report = verify_log(store).await;
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(
+        (report.anchor, report.floor_declared_at),
+        (s4, Some(declared))
+    );
 }

@@ -190,6 +190,7 @@ suite!(
     pin_upsert_replaces,
     pins_ordered_by_tool,
     pin_invalid_rolls_back,
+    prune_audit_segments,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,9 @@ use tokio_postgres::error::SqlState;
 
 use super::pool::{Checks, Conn, connect};
 use super::{MAX_ATTEMPTS, corrupt, describe, store_error};
-use crate::model::{check_decision, check_new_elevation, check_pin};
+use crate::model::{
+    check_decision, check_new_elevation, check_pin, check_prune_bounds, check_prune_span,
+};
 use crate::sqlite::rows::{RawCheckpoint, TaskRow, to_int, to_uint};
 use crate::{
     AuditEvent, CHECKPOINT_EXISTS, CHECKPOINT_HASH_MISMATCH, CHECKPOINT_NO_SUCH_RECORD, Checkpoint,
@@ -600,6 +602,10 @@ async fn apply(conn: &mut Conn, op: &Op, committed: &mut Committed, chain: &mut 
             committed.seqs.push(seq);
         }
         Op::AppendCheckpoint(checkpoint) => append_checkpoint(conn, checkpoint).await?,
+        Op::PruneAudit {
+            after_seq,
+            through_seq,
+        } => prune_audit(conn, *after_seq, *through_seq).await?,
         Op::InsertElevation(record) => {
             check_new_elevation(record)?;
             let requested_at = to_int("elevation requested_at", record.requested_at.0)?;
@@ -843,6 +849,48 @@ async fn append_event(conn: &mut Conn, event: &NewEvent, chain: &mut Chain) -> S
     chain.prev_hash = record.hash;
     chain.appended = true;
     Ok(record.seq)
+}
+
+/// [`Op::PruneAudit`]: under the chain lock (every group holds it), checks
+/// where the stored log starts and ends and that a checkpoint covers
+/// `through_seq`, then deletes the records and the checkpoints below it.
+async fn prune_audit(conn: &mut Conn, after_seq: u64, through_seq: u64) -> Step<()> {
+    let context = format!("prune audit records {}..={through_seq}", after_seq + 1);
+    let span = check_prune_span(after_seq, through_seq)?;
+    let (after, through) = (
+        to_int("prune after_seq", span.0)?,
+        to_int("prune through_seq", span.1)?,
+    );
+    let statement = conn
+        .statement(
+            "SELECT (SELECT MIN(seq) FROM audit_events), (SELECT MAX(seq) FROM audit_events), \
+             EXISTS (SELECT 1 FROM checkpoints c JOIN audit_events e ON e.seq = c.seq \
+                     WHERE c.seq = $1 AND c.hash = e.hash)",
+        )
+        .await
+        .map_err(|e| db(&context, &e))?;
+    let row = conn
+        .client
+        .query_one(&statement, &[&through])
+        .await
+        .map_err(|e| db(&context, &e))?;
+    let read =
+        || -> std::result::Result<(Option<i64>, Option<i64>, bool), tokio_postgres::Error> {
+            Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
+        };
+    let (oldest, newest, anchored) = read().map_err(|e| bad_row(&context, &e))?;
+    check_prune_bounds(after, through, oldest, newest, anchored)?;
+    for sql in [
+        "DELETE FROM audit_events WHERE seq <= $1",
+        "DELETE FROM checkpoints WHERE seq < $1",
+    ] {
+        let statement = conn.statement(sql).await.map_err(|e| db(&context, &e))?;
+        conn.client
+            .execute(&statement, &[&through])
+            .await
+            .map_err(|e| db(&context, &e))?;
+    }
+    Ok(())
 }
 
 /// [`Op::AppendCheckpoint`]: only of a stored record, with its hash; the

@@ -8,7 +8,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::mirror::{Line, Mirror};
 use super::rows::{CHECKPOINT_COLUMNS, RawCheckpoint, TaskRow, to_int};
 use super::sql_error;
-use crate::model::{check_decision, check_new_elevation, check_pin};
+use crate::model::{
+    check_decision, check_new_elevation, check_pin, check_prune_bounds, check_prune_span,
+};
 use crate::{
     AuditEvent, CHECKPOINT_EXISTS, CHECKPOINT_HASH_MISMATCH, CHECKPOINT_NO_SUCH_RECORD, Checkpoint,
     Committed, ELEVATION_ALREADY_DECIDED, ElevationStatus, NO_SUCH_ELEVATION, NewEvent, Op, Result,
@@ -440,6 +442,10 @@ fn apply(
                 lines.push(Line::Checkpoint(checkpoint));
             }
         }
+        Op::PruneAudit {
+            after_seq,
+            through_seq,
+        } => prune_audit(conn, after_seq, through_seq)?,
         Op::InsertElevation(record) => {
             check_new_elevation(&record)?;
             let requested_at = to_int("elevation requested_at", record.requested_at.0)?;
@@ -606,6 +612,39 @@ fn append_checkpoint(conn: &Connection, checkpoint: &Checkpoint) -> Result<bool>
     } else {
         Err(StoreError::Conflict(CHECKPOINT_EXISTS.to_owned()))
     }
+}
+
+/// [`Op::PruneAudit`]: checks where the stored log starts and ends and that
+/// a checkpoint covers `through_seq`, then deletes the records and the
+/// checkpoints below it.
+fn prune_audit(conn: &Connection, after_seq: u64, through_seq: u64) -> Result<()> {
+    let context = || format!("prune audit records {}..={through_seq}", after_seq + 1);
+    let span = check_prune_span(after_seq, through_seq)?;
+    let (after, through) = (
+        to_int("prune after_seq", span.0)?,
+        to_int("prune through_seq", span.1)?,
+    );
+    let (oldest, newest): (Option<i64>, Option<i64>) = conn
+        .prepare_cached("SELECT MIN(seq), MAX(seq) FROM audit_events")
+        .and_then(|mut stmt| stmt.query_row([], |row| Ok((row.get(0)?, row.get(1)?))))
+        .map_err(|e| sql_error(&context(), &e))?;
+    let anchored: Option<i64> = conn
+        .prepare_cached(
+            "SELECT 1 FROM checkpoints c JOIN audit_events e ON e.seq = c.seq \
+             WHERE c.seq = ?1 AND c.hash = e.hash",
+        )
+        .and_then(|mut stmt| stmt.query_row([through], |row| row.get(0)).optional())
+        .map_err(|e| sql_error(&context(), &e))?;
+    check_prune_bounds(after, through, oldest, newest, anchored.is_some())?;
+    for sql in [
+        "DELETE FROM audit_events WHERE seq <= ?1",
+        "DELETE FROM checkpoints WHERE seq < ?1",
+    ] {
+        conn.prepare_cached(sql)
+            .and_then(|mut stmt| stmt.execute([through]))
+            .map_err(|e| sql_error(&context(), &e))?;
+    }
+    Ok(())
 }
 
 /// [`Op::DecideElevation`]: one conditional update, so that of two
