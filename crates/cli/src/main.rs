@@ -4,6 +4,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod audit;
 mod demo;
 mod elevations;
 
@@ -63,7 +64,7 @@ enum Command {
     /// Verify, export or follow the audit log.
     Audit {
         #[command(subcommand)]
-        command: AuditCommand,
+        command: audit::AuditCommand,
     },
     /// Compare each tool's pinned definition with what its upstream
     /// advertises now; exit 1 if any changed, vanished or cannot be read.
@@ -169,56 +170,6 @@ enum ElevationsCommand {
     },
 }
 
-#[derive(Debug, Subcommand)]
-enum AuditCommand {
-    /// Check the hash chain and every checkpoint signature; exit 1 on the
-    /// first bad record.
-    Verify {
-        /// The configuration (its store and keys); or use --jsonl and --jwks.
-        #[arg(long, required_unless_present = "jsonl")]
-        config: Option<PathBuf>,
-        /// An exported JSON Lines file to verify offline.
-        #[arg(long, requires = "jwks", conflicts_with = "config")]
-        jsonl: Option<PathBuf>,
-        /// The gateway's JWKS (a copy of /.well-known/jwks.json).
-        #[arg(long)]
-        jwks: Option<PathBuf>,
-        /// No progress output.
-        #[arg(long)]
-        quiet: bool,
-    },
-    /// Print the log as JSON Lines, checkpoints included.
-    Export {
-        /// The configuration.
-        #[arg(long)]
-        config: PathBuf,
-        /// Only records after this sequence number.
-        #[arg(long, default_value_t = 0)]
-        since_seq: u64,
-    },
-    /// Follow the log as it grows.
-    Tail {
-        /// The configuration.
-        #[arg(long)]
-        config: PathBuf,
-        /// Only this task.
-        #[arg(long)]
-        task: Option<String>,
-        /// Only this agent.
-        #[arg(long)]
-        agent: Option<String>,
-        /// Only this kind (e.g. call.denied).
-        #[arg(long)]
-        kind: Option<String>,
-        /// Only this decision (allow, deny, error).
-        #[arg(long)]
-        decision: Option<String>,
-        /// Start after this sequence number (default: the last 20 records).
-        #[arg(long)]
-        since_seq: Option<u64>,
-    },
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -229,7 +180,7 @@ fn main() -> ExitCode {
         }
         Command::Demo => demo(),
         Command::Serve { config, log_format } => serve(&config, log_format == "json"),
-        Command::Audit { command } => audit(command),
+        Command::Audit { command } => audit::run(command),
         Command::Keygen { out } => portcullis_gateway::run::keygen(&out)
             .map(|kid| {
                 outln!("{kid}");
@@ -357,98 +308,6 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("starting the async runtime")
-}
-
-fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
-    use portcullis_gateway::audit as log;
-    let rt = runtime()?;
-    match command {
-        AuditCommand::Verify {
-            config,
-            jsonl,
-            jwks,
-            quiet,
-        } => {
-            let mut progress = |n: u64| {
-                if !quiet {
-                    eprint!("\rverified {n} records");
-                }
-            };
-            let report = match (config, jsonl, jwks) {
-                (_, Some(file), Some(jwks)) => {
-                    let jwks: serde_json::Value = serde_json::from_str(
-                        &std::fs::read_to_string(&jwks)
-                            .with_context(|| format!("reading {}", jwks.display()))?,
-                    )
-                    .with_context(|| format!("parsing {}", jwks.display()))?;
-                    log::verify_jsonl(&file, &jwks, &mut progress).map_err(anyhow::Error::msg)?
-                }
-                (Some(config), _, _) => rt.block_on(async {
-                    let loaded = LoadedConfig::load(&config)?;
-                    let store = portcullis_gateway::run::open_store(&loaded).await?;
-                    let ring = portcullis_gateway::run::load_keys(&loaded)?;
-                    log::verify_store(store.as_ref(), &ring, &mut progress)
-                        .await
-                        .map_err(anyhow::Error::msg)
-                })?,
-                _ => anyhow::bail!("give --config, or --jsonl with --jwks"),
-            };
-            if !quiet {
-                eprintln!();
-            }
-            match &report.first_bad {
-                None => {
-                    outln!(
-                        "ok: {} records, {} checkpoints verified",
-                        report.records,
-                        report.checkpoints_verified
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                Some(problem) => {
-                    outln!("FAILED at seq {}: {}", problem.seq, problem.what);
-                    outln!(
-                        "({} records read, {} checkpoints verified before it)",
-                        report.records,
-                        report.checkpoints_verified
-                    );
-                    Ok(ExitCode::FAILURE)
-                }
-            }
-        }
-        AuditCommand::Export { config, since_seq } => rt.block_on(async {
-            let loaded = LoadedConfig::load(&config)?;
-            let store = portcullis_gateway::run::open_store(&loaded).await?;
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            log::export(store.as_ref(), since_seq, &mut out)
-                .await
-                .map_err(anyhow::Error::msg)?;
-            Ok(ExitCode::SUCCESS)
-        }),
-        AuditCommand::Tail {
-            config,
-            task,
-            agent,
-            kind,
-            decision,
-            since_seq,
-        } => rt.block_on(async {
-            let loaded = LoadedConfig::load(&config)?;
-            let store = portcullis_gateway::run::open_store(&loaded).await?;
-            let filter = log::TailFilter {
-                task,
-                agent,
-                kind,
-                decision,
-            };
-            log::tail(store.as_ref(), since_seq, &filter, &mut |line| {
-                outln!("{line}");
-            })
-            .await
-            .map_err(anyhow::Error::msg)?;
-            Ok(ExitCode::SUCCESS)
-        }),
-    }
 }
 
 fn check(config: &Path) -> anyhow::Result<ExitCode> {

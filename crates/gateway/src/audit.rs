@@ -7,7 +7,7 @@
 //! `audit.checkpoint_every` records or `audit.checkpoint_interval`,
 //! whichever comes first, and once more on shutdown.
 
-use std::io::{BufRead as _, Write};
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use portcullis_token::KeyRing;
 use serde_json::Value;
 
 use crate::state::Gateway;
+use crate::tiering::{BoundedLines, checkpoint_line, is_record_line};
 
 /// Records read per page when streaming the log.
 const PAGE: usize = 1000;
@@ -24,30 +25,49 @@ impl Gateway {
     /// Signs the chain's head if it has moved since `last_seq`; returns the
     /// checkpoint written, if any.
     pub async fn checkpoint(&self, last_seq: u64) -> Result<Option<Checkpoint>, String> {
-        let Some((seq, hash)) = self.store.chain_head().await.map_err(|e| e.to_string())? else {
-            return Ok(None);
-        };
-        if seq <= last_seq {
-            return Ok(None);
+        sign_checkpoint(self.store.as_ref(), &self.ring, self.now(), last_seq).await
+    }
+}
+
+/// Signs the chain's head with `ring`'s signing key, at `ts`, if it is
+/// past `last_seq`; returns the checkpoint written, if any. Signing a head
+/// that already has a checkpoint is a no-op (the same checkpoint again, or
+/// a [`CHECKPOINT_EXISTS`](portcullis_store::CHECKPOINT_EXISTS) conflict
+/// taken as done).
+pub async fn sign_checkpoint(
+    store: &dyn Store,
+    ring: &KeyRing,
+    ts: portcullis_core::Timestamp,
+    last_seq: u64,
+) -> Result<Option<Checkpoint>, String> {
+    let Some((seq, hash)) = store.chain_head().await.map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    if seq <= last_seq {
+        return Ok(None);
+    }
+    let message = portcullis_store::checkpoint_message(seq, &hash, ts);
+    let (kid, sig) = ring.sign_detached(&message).map_err(|e| e.to_string())?;
+    let checkpoint = Checkpoint {
+        seq,
+        hash,
+        ts,
+        kid,
+        sig,
+    };
+    match store
+        .commit(vec![Op::AppendCheckpoint(checkpoint.clone())])
+        .await
+    {
+        Ok(_) => Ok(Some(checkpoint)),
+        // Another writer (a replica, the tiering pass) signed this head
+        // first: it is covered.
+        Err(portcullis_store::StoreError::Conflict(m))
+            if m == portcullis_store::CHECKPOINT_EXISTS =>
+        {
+            Ok(None)
         }
-        let ts = self.now();
-        let message = portcullis_store::checkpoint_message(seq, &hash, ts);
-        let (kid, sig) = self
-            .ring
-            .sign_detached(&message)
-            .map_err(|e| e.to_string())?;
-        let checkpoint = Checkpoint {
-            seq,
-            hash,
-            ts,
-            kid,
-            sig,
-        };
-        self.store
-            .commit(vec![Op::AppendCheckpoint(checkpoint.clone())])
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(Some(checkpoint))
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -197,30 +217,24 @@ pub fn verify_jsonl(
 ) -> Result<chain::Report, String> {
     let open = || {
         std::fs::File::open(path)
-            .map(std::io::BufReader::new)
+            .map(|f| BoundedLines::new(std::io::BufReader::new(f)))
             .map_err(|e| format!("{}: {e}", path.display()))
     };
     let mut checkpoints: Vec<Checkpoint> = Vec::new();
-    for (n, line) in open()?.lines().enumerate() {
-        let line = line.map_err(|e| format!("line {}: {e}", n + 1))?;
-        if !line.starts_with("{\"checkpoint\"") {
-            continue;
+    for line in open()? {
+        if let Some(c) = checkpoint_line(&line?)? {
+            checkpoints.push(c);
         }
-        let value: Value =
-            serde_json::from_str(&line).map_err(|e| format!("line {}: {e}", n + 1))?;
-        let c = value.get("checkpoint").cloned().unwrap_or(Value::Null);
-        checkpoints.push(
-            serde_json::from_value(c).map_err(|e| format!("line {}: checkpoint: {e}", n + 1))?,
-        );
     }
     let mut verifier = chain::Verifier::new(&checkpoints);
-    for (n, line) in open()?.lines().enumerate() {
-        let line = line.map_err(|e| format!("line {}: {e}", n + 1))?;
-        if line.trim().is_empty() || line.starts_with("{\"checkpoint\"") {
-            continue;
-        }
-        let record =
-            serde_json::from_str::<Value>(&line).map_err(|e| format!("line {}: {e}", n + 1));
+    for line in open()? {
+        let record = match line {
+            Ok(line) if is_record_line(&line) => {
+                serde_json::from_str::<Value>(&line).map_err(|e| e.to_string())
+            }
+            Ok(_) => continue,
+            Err(e) => Err(e),
+        };
         verifier.push_json(record);
         if verifier.records() % 10_000 == 0 {
             progress(verifier.records());

@@ -41,6 +41,7 @@ pub mod run;
 pub mod server;
 mod state;
 mod tasks;
+pub mod tiering;
 pub mod upstream;
 
 pub use pipeline::UPSTREAM_TIMEOUT;

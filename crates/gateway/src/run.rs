@@ -279,12 +279,18 @@ pub async fn serve_config(config: &Path) -> Result<(), RunError> {
         audit.checkpoint_interval.to_std(),
         wait_for(stop_rx.clone()),
     ));
+    let tiering = tokio::spawn(crate::tiering::run_passes(
+        gateway.clone(),
+        crate::tiering::Tiers::from_config(&loaded),
+        wait_for(stop_rx.clone()),
+    ));
     let served = crate::server::serve(listener, crate::server::router(gateway), async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     })
     .await;
     let _ = checkpoints.await;
+    let _ = tiering.await;
     // Flush the ledger (and bring SQLite's JSON Lines mirror in sync).
     ledger.close().await;
     served.map_err(|e| RunError::Other(e.to_string()))
