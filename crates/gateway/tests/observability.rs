@@ -1,6 +1,7 @@
 //! What operators watch: the `/metrics` gauges read from the ledger (task
-//! counts by status, the writer queue) and how they behave when the ledger
-//! is down or hangs; and what the audit log keeps under
+//! counts by status, the writer queue), how they behave when the ledger is
+//! down or hangs, and that replicas on one PostgreSQL ledger agree on them
+//! (skipped without `PORTCULLIS_TEST_POSTGRES_URL`); and what the audit log keeps under
 //! `audit.sample_low_risk` (compact records for tasks outside the sample,
 //! never a reduced denial, high-risk call, token event, transition or
 //! halt; a choice fixed by the task id; a chain that still verifies).
@@ -460,4 +461,148 @@ async fn sampling_at_0_keeps_no_low_risk_arguments_and_at_1_all_of_them() {
         let report = portcullis_store::testsuite::verify_log(h.store.as_ref()).await;
         assert!(report.is_ok(), "rate {rate}: {report:?}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// A cluster: the task gauges are the shared ledger's.
+// ---------------------------------------------------------------------------
+
+const CLUSTER_BOOTSTRAP: &str = "observability-cluster-bootstrap";
+const CLUSTER_ADMIN: &str = "observability-cluster-admin";
+
+fn replica_config(listen: &str, url: &str) -> String {
+    let sha = |s: &str| portcullis_token::sha256_hex(s.as_bytes());
+    format!(
+        r#"
+[server]
+listen = "{listen}"
+issuer = "http://gateway.observability.test"
+[store]
+url = "{url}"
+[tokens]
+signing_key = "keys/k.ed25519"
+[[admins]]
+name = "ops"
+roles = ["admin"]
+token_sha256 = "{admin}"
+[[upstreams]]
+name = "wh"
+transport = "http"
+url = "http://127.0.0.1:9/mcp"
+credential = {{ kind = "none" }}
+[[tools]]
+name = "wh.read"
+upstream = "wh"
+risk = "low"
+access = "read"
+[[agent_types]]
+name = "t"
+initial = "work"
+states = [ {{ name = "work", tools = ["wh.read"], next = ["done"] }}, {{ name = "done", final = true }} ]
+[[agents]]
+id = "bot"
+type = "t"
+tools = ["wh.read"]
+bootstrap_sha256 = "{bootstrap}"
+"#,
+        admin = sha(CLUSTER_ADMIN),
+        bootstrap = sha(CLUSTER_BOOTSTRAP),
+    )
+}
+
+/// Two replicas on one PostgreSQL ledger show the same task counts, each
+/// counting the tasks the other started, halted and completed. Skips
+/// unless `PORTCULLIS_TEST_POSTGRES_URL` is set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_one_postgres_ledger_show_the_same_task_counts() {
+    let Ok(base_url) = std::env::var("PORTCULLIS_TEST_POSTGRES_URL") else {
+        eprintln!("SKIP: PORTCULLIS_TEST_POSTGRES_URL not set");
+        return;
+    };
+    let schema = format!(
+        "pc_obs_{}",
+        portcullis_token::random_id("")
+            .unwrap()
+            .to_lowercase()
+            .replace(['-', '_'], "")
+    );
+    let psql = |sql: &str| {
+        let out = std::process::Command::new("psql")
+            .args([&base_url, "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    psql(&format!("CREATE SCHEMA {schema}"));
+    let sep = if base_url.contains('?') { '&' } else { '?' };
+    let url = format!("{base_url}{sep}options=-c%20search_path%3D{schema}");
+    let dir = tempfile::tempdir().unwrap();
+    portcullis_gateway::run::keygen(&dir.path().join("keys/k.ed25519")).unwrap();
+    let mut bases = Vec::new();
+    for i in 0..2 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listen = listener.local_addr().unwrap().to_string();
+        let cfg = dir.path().join(format!("replica-{i}.toml"));
+        std::fs::write(&cfg, replica_config(&listen, &url)).unwrap();
+        let (gw, _, _) = portcullis_gateway::run::build(&cfg).await.unwrap();
+        tokio::spawn(portcullis_gateway::serve(
+            listener,
+            portcullis_gateway::router(gw),
+            std::future::pending(),
+        ));
+        bases.push(format!("http://{listen}"));
+    }
+    let (a, b) = (&bases[0], &bases[1]);
+    let http = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let started: Value = http
+            .post(format!("{a}/v1/tasks"))
+            .bearer_auth(CLUSTER_BOOTSTRAP)
+            .json(&json!({"agent_id": "bot", "goal": "g"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        tasks.push((
+            started["task_id"].as_str().unwrap().to_owned(),
+            started["access_token"].as_str().unwrap().to_owned(),
+        ));
+    }
+    // B halts one and completes another.
+    let r = http
+        .post(format!("{b}/v1/tasks/{}/halt", tasks[0].0))
+        .bearer_auth(CLUSTER_ADMIN)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .post(format!("{b}/v1/tasks/{}/complete", tasks[1].0))
+        .bearer_auth(&tasks[1].1)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for base in [a, b] {
+        let r = http.get(format!("{base}/metrics")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        assert_eq!(active(&text), Some(1), "{base}: {text}");
+        assert_eq!(halted(&text), Some(1), "{base}: {text}");
+        assert_eq!(
+            value(&text, "portcullis_audit_queue_depth"),
+            Some(0),
+            "{text}"
+        );
+    }
+    psql(&format!("DROP SCHEMA {schema} CASCADE"));
 }
