@@ -303,3 +303,205 @@ async fn serve_runs_a_task_end_to_end() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// A password argument, redacted by `audit.redact`, appears nowhere the
+/// gateway writes: not in its answers, the audit API, the JSON Lines
+/// mirror, nor its logs (`--log-format json` at `debug`) — for an allowed
+/// call, a call denied on that very argument, and a call denied by policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redacted_password_is_in_no_answer_record_mirror_or_log() {
+    const ALLOWED: &str = "pw-ok-7c1e9b";
+    const TOO_LONG: &str = "pw-denied-for-its-length-0a4f3d5e8b";
+    const POLICY: &str = "pw-pol-93b2aa";
+    let dir = tempfile::tempdir().unwrap();
+    let keygen = Command::new(BIN)
+        .args(["keygen", "--out"])
+        .arg(dir.path().join("keys/k1.ed25519"))
+        .output()
+        .unwrap();
+    assert!(keygen.status.success(), "keygen: {keygen:?}");
+    let listen = format!("127.0.0.1:{}", free_port());
+    write_config(
+        dir.path(),
+        &listen,
+        "redact = [\"password\"]\njsonl = \"mirror.jsonl\"",
+    );
+    // Both tools take a password (at most 16 characters).
+    let path = dir.path().join("portcullis.toml");
+    let config = std::fs::read_to_string(&path).unwrap();
+    let password = "password = { type = \"string\", maxLength = 16 }";
+    let patched = config
+        .replace(
+            "properties = { database = { type = \"string\" } }",
+            &format!("properties = {{ database = {{ type = \"string\" }}, {password} }}"),
+        )
+        .replace(
+            "properties = { sql = { type = \"string\" } }",
+            &format!("properties = {{ sql = {{ type = \"string\" }}, {password} }}"),
+        );
+    assert_eq!(patched.matches(password).count(), 2, "{patched}");
+    std::fs::write(&path, patched).unwrap();
+
+    let log_path = dir.path().join("serve.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let child = Command::new(BIN)
+        .args([
+            "serve",
+            "--config",
+            "portcullis.toml",
+            "--log-format",
+            "json",
+        ])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut server = Server(child);
+    let base = format!("http://{listen}");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let server_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let mut ready = false;
+    for _ in 0..300 {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            panic!("serve exited early ({status}):\n{}", server_log());
+        }
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await
+            && r.status() == 200
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "not ready after 30 s:\n{}", server_log());
+
+    let mut answers = Vec::new();
+    let r = client
+        .post(format!("{base}/v1/tasks"))
+        .bearer_auth(BOOTSTRAP)
+        .json(&json!({ "agent_id": "ingest-bot", "goal": "redaction test" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let started: Value = r.json().await.unwrap();
+    let task_id = started["task_id"].as_str().unwrap().to_owned();
+    let access = started["access_token"].as_str().unwrap().to_owned();
+    let call = |tool: &str, arguments: Value| {
+        client
+            .post(format!("{base}/v1/tasks/{task_id}/calls"))
+            .bearer_auth(&access)
+            .json(&json!({ "tool": tool, "arguments": arguments }))
+            .send()
+    };
+
+    // Allowed: forwarded (the demo upstream may refuse an argument it does
+    // not know, which is its business); the answer's `result` is the
+    // upstream's own and is not checked here.
+    let r = call(
+        "warehouse.connect",
+        json!({ "database": "analytics", "password": ALLOWED }),
+    )
+    .await
+    .unwrap();
+    let mut body: Value = r.json().await.unwrap();
+    if let Some(obj) = body.as_object_mut() {
+        obj.remove("result");
+    }
+    answers.push(body.to_string());
+    // Denied on the password itself: the detail names the argument, never
+    // its value.
+    let r = call(
+        "warehouse.connect",
+        json!({ "database": "analytics", "password": TOO_LONG }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403);
+    let text = r.text().await.unwrap();
+    let denied: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(denied["error"], "args_invalid", "{text}");
+    answers.push(text);
+    // Denied by a policy, with a password along.
+    let r = call(
+        "warehouse.query",
+        json!({ "sql": "select * from t", "password": POLICY }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("policy_forbid"), "{text}");
+    answers.push(text);
+
+    // The audit API: every call recorded, each password redacted.
+    let r = client
+        .get(format!("{base}/v1/audit?task_id={task_id}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let audit = r.text().await.unwrap();
+    let records: Value = serde_json::from_str(&audit).unwrap();
+    let redacted = records["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["args"]["password"] == "[redacted]")
+        .count();
+    assert_eq!(redacted, 3, "{audit}");
+    answers.push(audit);
+    let r = client
+        .get(format!("{base}/v1/tasks/{task_id}"))
+        .bearer_auth(&access)
+        .send()
+        .await
+        .unwrap();
+    answers.push(r.text().await.unwrap());
+
+    // Stop (SIGTERM), so the mirror and the logs are complete.
+    let pid = server.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut stopped = false;
+    for _ in 0..100 {
+        if server.0.try_wait().unwrap().is_some() {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(stopped, "serve did not stop on SIGTERM:\n{}", server_log());
+
+    let mirror = std::fs::read_to_string(dir.path().join("mirror.jsonl")).unwrap();
+    assert!(mirror.contains("[redacted]"), "{mirror}");
+    let logs = server_log();
+    // JSON logs: one object per line, request lines with their id.
+    assert!(
+        logs.lines()
+            .all(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v.is_object())),
+        "{logs}"
+    );
+    assert!(logs.contains("\"request_id\":\"req_"), "{logs}");
+    for secret in [ALLOWED, TOO_LONG, POLICY] {
+        for (what, text) in answers
+            .iter()
+            .map(|a| ("an answer", a.as_str()))
+            .chain([("the mirror", mirror.as_str()), ("the logs", logs.as_str())])
+        {
+            assert!(!text.contains(secret), "{secret} in {what}:\n{text}");
+        }
+    }
+}

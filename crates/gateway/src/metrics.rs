@@ -2,12 +2,22 @@
 //!
 //! Kept deliberately small and lock-free: one atomic per series, the series
 //! known up front (decisions by outcome and reason, tokens by event).
+//!
+//! Two gauges come from the ledger, not from this process's counters
+//! ([`LedgerGauges`]): the task counts by status, which must be right for a
+//! cluster (replicas on one PostgreSQL start and end each other's tasks),
+//! so they are read from the ledger, at most once per
+//! [`TASK_COUNTS_TTL`] and for at most [`TASK_COUNTS_TIMEOUT`]; and the
+//! depth of this process's ledger writer queue, an atomic read. A scrape
+//! never fails because of the ledger: counts it could not read are left out.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use portcullis_core::Reason;
+use portcullis_store::{Store, TaskCounts};
 
 use crate::alerts::AlertCounters;
 
@@ -66,6 +76,61 @@ impl Histogram {
     }
 }
 
+/// How long task counts read from the ledger are served again before the
+/// next scrape reads them anew.
+pub const TASK_COUNTS_TTL: Duration = Duration::from_secs(1);
+
+/// Longest a scrape waits for the ledger's task counts.
+pub const TASK_COUNTS_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The last read of the ledger's task counts (`None` inside: that read
+/// failed), shared by concurrent scrapes.
+#[derive(Debug, Default)]
+pub struct TaskCountsCache {
+    last: tokio::sync::Mutex<Option<(Instant, Option<TaskCounts>)>>,
+}
+
+impl TaskCountsCache {
+    /// The task counts, read from `store` unless the last read (failed or
+    /// not) is younger than [`TASK_COUNTS_TTL`]; `None` when the ledger did
+    /// not answer within [`TASK_COUNTS_TIMEOUT`]. Concurrent callers wait
+    /// for one read instead of each sending its own.
+    pub async fn read(&self, store: &dyn Store) -> Option<TaskCounts> {
+        let mut last = self.last.lock().await;
+        if let Some((at, counts)) = *last
+            && at.elapsed() < TASK_COUNTS_TTL
+        {
+            return counts;
+        }
+        let counts = match tokio::time::timeout(TASK_COUNTS_TIMEOUT, store.task_counts()).await {
+            Ok(Ok(counts)) => Some(counts),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "task counts unavailable: left out of /metrics");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    timeout = ?TASK_COUNTS_TIMEOUT,
+                    "task counts: no answer from the ledger in time, left out of /metrics"
+                );
+                None
+            }
+        };
+        *last = Some((Instant::now(), counts));
+        counts
+    }
+}
+
+/// What a scrape reads from the ledger.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LedgerGauges {
+    /// Active and halted tasks, ledger-wide; `None` when unavailable (the
+    /// series are then left out of the scrape).
+    pub tasks: Option<TaskCounts>,
+    /// Commits waiting for this process's ledger writer.
+    pub queue_depth: u64,
+}
+
 /// The gateway's counters.
 #[derive(Debug)]
 pub struct Metrics {
@@ -79,8 +144,11 @@ pub struct Metrics {
     pub decision_latency: Histogram,
     /// Time of a whole `POST …/calls`, from authentication to the answer.
     pub call_latency: Histogram,
-    /// Time of a ledger commit (the write-ahead record included).
+    /// Time of a ledger commit (the write-ahead record included): the
+    /// audit append latency.
     pub commit_latency: Histogram,
+    /// The ledger's task counts, read at most once per [`TASK_COUNTS_TTL`].
+    pub task_counts: TaskCountsCache,
     /// Alert webhook deliveries, shared with the delivery task.
     pub alerts: Arc<AlertCounters>,
     /// Whether each MCP upstream is connected.
@@ -99,6 +167,7 @@ impl Default for Metrics {
             decision_latency: Histogram::default(),
             call_latency: Histogram::default(),
             commit_latency: Histogram::default(),
+            task_counts: TaskCountsCache::default(),
             alerts: Arc::default(),
             upstreams: std::sync::Mutex::default(),
         }
@@ -156,9 +225,24 @@ impl Metrics {
             .insert(name.to_owned(), up);
     }
 
-    /// The exposition text.
-    pub fn render(&self) -> String {
+    /// The exposition text, with the gauges read from the ledger.
+    pub fn render(&self, ledger: &LedgerGauges) -> String {
         let mut out = String::new();
+        if let Some(tasks) = ledger.tasks {
+            out.push_str(
+                "# HELP portcullis_tasks Tasks in the ledger by status (every replica's).\n",
+            );
+            out.push_str("# TYPE portcullis_tasks gauge\n");
+            for (status, n) in [("active", tasks.active), ("halted", tasks.halted)] {
+                let _ = writeln!(out, "portcullis_tasks{{status=\"{status}\"}} {n}");
+            }
+        }
+        out.push_str(
+            "# HELP portcullis_audit_queue_depth Commits (audit records and their batch) waiting \
+             for this process's ledger writer.\n",
+        );
+        out.push_str("# TYPE portcullis_audit_queue_depth gauge\n");
+        let _ = writeln!(out, "portcullis_audit_queue_depth {}", ledger.queue_depth);
         {
             let ups = self
                 .upstreams
@@ -249,7 +333,7 @@ impl Metrics {
         self.commit_latency.render(
             &mut out,
             "portcullis_ledger_commit_seconds",
-            "Time of a ledger commit, audit records included.",
+            "Audit append latency: time of a ledger commit, its audit records included.",
         );
         out
     }

@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::error::{ApiError, Kind};
+use crate::metrics::LedgerGauges;
 use crate::state::Gateway;
 use crate::{admin, elevations, layers, oauth, tasks};
 
@@ -83,13 +84,19 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     }
 }
 
+/// Always 200: what the ledger cannot tell in time (the task counts) is
+/// left out rather than failing or holding up the scrape.
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    let ledger = LedgerGauges {
+        tasks: gw.metrics.task_counts.read(gw.store.as_ref()).await,
+        queue_depth: gw.store.queue_depth(),
+    };
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        gw.metrics.render(),
+        gw.metrics.render(&ledger),
     )
         .into_response()
 }

@@ -62,6 +62,7 @@ pub mod canonical;
 pub mod chain;
 mod model;
 pub mod postgres;
+mod queue;
 pub mod sqlite;
 pub mod testsuite;
 
@@ -117,6 +118,17 @@ pub enum StoreError {
     /// cannot hold (an integer above `i64::MAX`).
     #[error("store data corrupt: {0}")]
     Corrupt(String),
+}
+
+/// How many tasks of the ledger are in each unfinished status
+/// ([`Store::task_counts`]). Completed tasks are not counted: they only
+/// grow, and counting them would cost a scan of them all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TaskCounts {
+    /// Tasks with status `active`.
+    pub active: u64,
+    /// Tasks with status `halted`.
+    pub halted: u64,
 }
 
 /// The ledger. Implementations are shared across tasks (`Arc<dyn Store>`).
@@ -183,6 +195,18 @@ pub trait Store: Send + Sync + 'static {
     /// The pinned definition of this tool (`<upstream>.<tool>`), if it has
     /// one.
     async fn pin(&self, tool: &str) -> Result<Option<ToolPin>>;
+
+    /// How many tasks are active and halted now, ledger-wide (every
+    /// replica's tasks on a shared database), read with one indexed query
+    /// on the task status.
+    async fn task_counts(&self) -> Result<TaskCounts>;
+
+    /// Commit requests of this process waiting for the ledger writer: in
+    /// its queue, or waiting for room in it (`0` for a backend without a
+    /// queue). A cheap atomic read, never a query.
+    fn queue_depth(&self) -> u64 {
+        0
+    }
 
     /// A real round trip to the database (for `/readyz`).
     async fn ping(&self) -> Result<()>;

@@ -27,8 +27,8 @@ use crate::{
     AuditEvent, AuditQuery, CHECKPOINT_EXISTS, CHECKPOINT_HASH_MISMATCH, CHECKPOINT_NO_SUCH_RECORD,
     Checkpoint, ELEVATION_ALREADY_DECIDED, ElevationRecord, ElevationStatus, EventKind,
     MAX_AUDIT_LIMIT, MAX_PIN_DEFINITION_BYTES, MAX_ROWS, NO_SUCH_ELEVATION, NewEvent, Op,
-    PRUNE_HEAD, PRUNE_MOVED, PRUNE_NOT_ANCHORED, RefreshRecord, Store, StoreError, TaskRecord,
-    TokenKind, TokenRecord, ToolPin, canonical_json, checkpoint_message,
+    PRUNE_HEAD, PRUNE_MOVED, PRUNE_NOT_ANCHORED, RefreshRecord, Store, StoreError, TaskCounts,
+    TaskRecord, TokenKind, TokenRecord, ToolPin, canonical_json, checkpoint_message,
 };
 
 /// The instant the checks pretend it is.
@@ -71,6 +71,8 @@ pub async fn run_all(store: &dyn Store) {
     elevation_decisions_race(store).await;
     pin_round_trip(store).await;
     tool_use_is_remembered(store).await;
+    task_counts_follow_status(store).await;
+    queue_depth_returns_to_zero(store).await;
     pin_upsert_replaces(store).await;
     pins_ordered_by_tool(store).await;
     pin_invalid_rolls_back(store).await;
@@ -1896,6 +1898,115 @@ pub async fn tool_use_is_remembered(store: &dyn Store) {
             .is_err()
     );
     assert!(!store.tool_used(&other, "db.read").await.expect("read use"));
+}
+
+/// [`Store::task_counts`] counts active and halted tasks as their status
+/// moves (insert, halt, resume, complete), leaves completed ones out, and
+/// ignores a batch that rolled back. Other checks may share the store, so
+/// it compares against the counts read before it starts.
+pub async fn task_counts_follow_status(store: &dyn Store) {
+    let before = store.task_counts().await.expect("count tasks");
+    let with_status = |id: &str, status: TaskStatus| {
+        let mut record = sample_task(id);
+        record.task.status = status;
+        record
+    };
+    let ids: Vec<String> = (0..5).map(|_| unique("counted")).collect();
+    let [a, b, c, d, e] = ids.as_slice() else {
+        panic!("five ids");
+    };
+    commit_ok(
+        store,
+        vec![
+            Op::InsertTask(with_status(a, TaskStatus::Active)),
+            Op::InsertTask(with_status(b, TaskStatus::Active)),
+            Op::InsertTask(with_status(c, TaskStatus::Active)),
+            Op::InsertTask(with_status(d, TaskStatus::Halted)),
+            Op::InsertTask(with_status(e, TaskStatus::Completed)),
+        ],
+    )
+    .await;
+    let delta = |now: TaskCounts| {
+        (
+            now.active.checked_sub(before.active).expect("active count"),
+            now.halted.checked_sub(before.halted).expect("halted count"),
+        )
+    };
+    let counts = store.task_counts().await.expect("count tasks");
+    assert_eq!(delta(counts), (3, 1), "{before:?} then {counts:?}");
+
+    // Halt a, complete b, resume d.
+    let moved = |id: &str, status: TaskStatus| {
+        let mut record = with_status(id, status);
+        record.task.version = 2;
+        Op::UpdateTask {
+            record,
+            expected_version: 1,
+        }
+    };
+    commit_ok(
+        store,
+        vec![
+            moved(a, TaskStatus::Halted),
+            moved(b, TaskStatus::Completed),
+            moved(d, TaskStatus::Active),
+        ],
+    )
+    .await;
+    let counts = store.task_counts().await.expect("count tasks");
+    assert_eq!(delta(counts), (2, 1), "{before:?} then {counts:?}");
+
+    // A batch that fails changes no count.
+    let result = store
+        .commit(vec![
+            Op::InsertTask(with_status(&unique("counted"), TaskStatus::Halted)),
+            moved(c, TaskStatus::Completed),
+            Op::InsertTask(with_status(a, TaskStatus::Active)),
+        ])
+        .await;
+    assert!(
+        matches!(result, Err(StoreError::Conflict(_))),
+        "duplicate id: {result:?}"
+    );
+    let counts = store.task_counts().await.expect("count tasks");
+    assert_eq!(delta(counts), (2, 1), "{before:?} then {counts:?}");
+}
+
+/// [`Store::queue_depth`] is 0 when no commit is waiting, never counts more
+/// commits than are in flight, and comes back to 0 once they are answered
+/// (every commit leaves the gauge, acknowledged or refused).
+pub async fn queue_depth_returns_to_zero(store: &dyn Store) {
+    assert_eq!(store.queue_depth(), 0, "idle");
+    let task_id = unique("queued");
+    let done = AtomicU64::new(0);
+    let caller = |n: usize| {
+        let (task_id, done) = (task_id.clone(), &done);
+        async move {
+            for i in 0..20 {
+                let mut event = sample_event(EventKind::CallAllowed, &task_id);
+                event.detail = Some(format!("{n}/{i}"));
+                commit_ok(store, vec![Op::Append(event)]).await;
+            }
+            // A refused batch leaves the gauge too.
+            let bad = Op::UpdateTask {
+                record: sample_task(&unique("missing-task")),
+                expected_version: 0,
+            };
+            assert!(store.commit(vec![bad]).await.is_err());
+            done.fetch_add(1, Ordering::SeqCst);
+        }
+    };
+    let sampler = async {
+        let mut most = 0;
+        while done.load(Ordering::SeqCst) < 4 {
+            most = most.max(store.queue_depth());
+            tokio::task::yield_now().await;
+        }
+        most
+    };
+    let ((), (), (), (), most) = tokio::join!(caller(0), caller(1), caller(2), caller(3), sampler);
+    assert!(most <= 4, "at most one waiting commit per caller: {most}");
+    assert_eq!(store.queue_depth(), 0, "every commit answered");
 }
 
 /// A pin reads back exactly as stored, by name and in [`Store::pins`]; an

@@ -187,6 +187,8 @@ suite!(
     elevation_decisions_race,
     pin_round_trip,
     tool_use_is_remembered,
+    task_counts_follow_status,
+    queue_depth_returns_to_zero,
     pin_upsert_replaces,
     pins_ordered_by_tool,
     pin_invalid_rolls_back,
@@ -572,8 +574,11 @@ async fn migrations_are_idempotent_and_concurrent_starts_are_safe() {
             .map(|row| (row.get::<_, i64>(0), row.get::<_, String>(1)))
             .collect::<Vec<_>>()
     };
-    let expected: Vec<(i64, String)> =
-        vec![(1, "ledger".to_owned()), (2, "agent tool use".to_owned())];
+    let expected: Vec<(i64, String)> = vec![
+        (1, "ledger".to_owned()),
+        (2, "agent tool use".to_owned()),
+        (3, "task status index".to_owned()),
+    ];
     assert_eq!(expected.len(), usize::try_from(SCHEMA_VERSION).unwrap());
     assert_eq!(rows(schema.admin().await).await, expected);
 

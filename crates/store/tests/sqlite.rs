@@ -82,6 +82,8 @@ suite!(
     elevation_decisions_race,
     pin_round_trip,
     tool_use_is_remembered,
+    task_counts_follow_status,
+    queue_depth_returns_to_zero,
     pin_upsert_replaces,
     pins_ordered_by_tool,
     pin_invalid_rolls_back,
@@ -247,6 +249,34 @@ fn migration_rows(path: &Path) -> Vec<(i64, String)> {
         .unwrap()
 }
 
+/// The task counts (`/metrics`' `portcullis_tasks`) are read from the
+/// `tasks_status` index, never by a scan of every task ever run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_counts_use_the_status_index() {
+    let dir = temp_dir();
+    let path = dir.path().join("ledger.db");
+    SqliteStore::open(&path).unwrap().close().await;
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let plan: Vec<String> = conn
+        .prepare(
+            "EXPLAIN QUERY PLAN SELECT (SELECT count(*) FROM tasks WHERE status = 'active'), \
+             (SELECT count(*) FROM tasks WHERE status = 'halted')",
+        )
+        .unwrap()
+        .query_map([], |row| row.get::<_, String>(3))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let scans: Vec<&String> = plan.iter().filter(|l| l.contains("tasks")).collect();
+    assert_eq!(scans.len(), 2, "{plan:?}");
+    assert!(
+        scans
+            .iter()
+            .all(|l| l.contains("USING COVERING INDEX tasks_status")),
+        "{plan:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_are_idempotent_on_reopen() {
     let dir = temp_dir();
@@ -274,8 +304,8 @@ async fn migrations_are_idempotent_on_reopen() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn schema_is_version_5_with_elevations_the_audit_chain_tool_pins_and_tool_use() {
-    assert_eq!(SCHEMA_VERSION, 5);
+async fn schema_is_version_6_with_elevations_the_audit_chain_tool_pins_tool_use_and_task_status() {
+    assert_eq!(SCHEMA_VERSION, 6);
     let dir = temp_dir();
     let path = dir.path().join("ledger.db");
     SqliteStore::open(&path).unwrap().close().await;
@@ -286,7 +316,8 @@ async fn schema_is_version_5_with_elevations_the_audit_chain_tool_pins_and_tool_
             (2, "elevations".to_owned()),
             (3, "audit chain".to_owned()),
             (4, "tool pins".to_owned()),
-            (5, "agent tool use".to_owned())
+            (5, "agent tool use".to_owned()),
+            (6, "task status index".to_owned())
         ]
     );
     let conn = rusqlite::Connection::open(&path).unwrap();

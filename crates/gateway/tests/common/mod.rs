@@ -28,7 +28,7 @@ use portcullis_gateway::upstream::{HopCredential, InProcess, UpstreamCall, Upstr
 use portcullis_gateway::{Gateway, router, serve};
 use portcullis_store::{
     AuditEvent, AuditQuery, Committed, ElevationRecord, ElevationStatus, Op, RefreshRecord, Store,
-    StoreError, TaskRecord, TokenRecord,
+    StoreError, TaskCounts, TaskRecord, TokenRecord,
 };
 use portcullis_token::{Claims, Expect, KeyRing};
 use reqwest::StatusCode;
@@ -78,6 +78,8 @@ pub struct Options {
     /// The `write` state needs approval, and ingest-bot's high-risk calls
     /// need approval per call.
     pub approval: bool,
+    /// `audit.sample_low_risk`, when set.
+    pub sample_low_risk: Option<f64>,
 }
 
 impl Default for Options {
@@ -93,6 +95,7 @@ impl Default for Options {
             auto_approve: None,
             anomaly: None,
             approval: false,
+            sample_low_risk: None,
         }
     }
 }
@@ -143,6 +146,7 @@ signing_key = "keys/k1.ed25519"
 [audit]
 redact = ["password", "secret", "token", "authorization"]
 {webhook}
+{audit_extra}
 
 [[admins]]
 name = "ops"
@@ -279,6 +283,10 @@ cedar = ["policies/*.cedar"]
         } else {
             ""
         },
+        audit_extra = opts
+            .sample_low_risk
+            .map(|r| format!("sample_low_risk = {r:?}"))
+            .unwrap_or_default(),
         webhook = opts
             .alert_webhook
             .as_ref()
@@ -307,6 +315,9 @@ pub fn write_config(dir: &Path, listen: &str, opts: &Options) -> std::path::Path
 pub struct Outage {
     inner: Arc<dyn Store>,
     pub down: AtomicBool,
+    /// Reads of the task counts never answer (a database that accepts the
+    /// query and then hangs).
+    pub stalled: AtomicBool,
 }
 
 impl Outage {
@@ -381,6 +392,16 @@ impl Store for Outage {
     async fn pin(&self, tool: &str) -> Result<Option<portcullis_store::ToolPin>, StoreError> {
         self.check()?;
         self.inner.pin(tool).await
+    }
+    async fn task_counts(&self) -> Result<TaskCounts, StoreError> {
+        self.check()?;
+        if self.stalled.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        self.inner.task_counts().await
+    }
+    fn queue_depth(&self) -> u64 {
+        self.inner.queue_depth()
     }
     async fn ping(&self) -> Result<(), StoreError> {
         self.check()?;
@@ -476,6 +497,7 @@ impl Harness {
         let store = Arc::new(Outage {
             inner: portcullis_gateway::run::open_store(&loaded).await.unwrap(),
             down: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
         });
         let ring = portcullis_gateway::run::load_keys(&loaded).unwrap();
         // `validate` fails on table "boom", like an upstream that breaks.

@@ -8,7 +8,7 @@
 //! a small pool of connections. It passes the backend-independent
 //! [`testsuite`](crate::testsuite) unchanged (`tests/postgres.rs`).
 //!
-//! # Schema (version 1)
+//! # Schema (version 3)
 //!
 //! The tables, columns and meanings are those of the SQLite backend (see
 //! the [`sqlite`](crate::sqlite) module doc, which documents each column),
@@ -22,7 +22,7 @@
 //! | table | holds |
 //! |---|---|
 //! | `schema_migrations` | `version` BIGINT PK, `name`, `applied_at` (ms): one row per applied migration |
-//! | `tasks` | `id` PK, `agent_id`, `agent_type`, `state`, `status`, `version` (the CAS version), `deadline`, `started_at`, `body` (JSON of the other [`Task`](portcullis_core::Task) fields) |
+//! | `tasks` | `id` PK, `agent_id`, `agent_type`, `state`, `status`, `version` (the CAS version), `deadline`, `started_at`, `body` (JSON of the other [`Task`](portcullis_core::Task) fields); indexed on `status` (migration 3, for [`Store::task_counts`]) |
 //! | `tokens` | `jti` PK, `task_id` (FK `tasks`), `agent_id`, `kind`, `issued_at`, `expires_at`, `revoked_at`, `revoke_reason`; indexed on `(task_id, issued_at, jti)` |
 //! | `refresh_tokens` | `hash` PK (SHA-256 hex; never the token), `task_id` (FK), `agent_id`, `issued_at`, `idle_expires_at`, `spent_at`; indexed on `task_id` |
 //! | `audit_events` | `seq` BIGINT PK, copies of `ts`, `kind`, `task_id`, `prev_hash`, `hash` for indexes and lookups, and `event`: the whole record as JSON text, exactly as [`AuditEvent`] serializes (the authoritative record; read back with the row's `seq`); indexed on `(task_id, seq)` and `(kind, seq)` |
@@ -49,7 +49,9 @@
 //!
 //! Each store runs one writer task with a connection of its own.
 //! [`Store::commit`] sends its batch over a bounded channel
-//! ([`QUEUE_DEPTH`] batches) and waits for the reply. The task takes one
+//! ([`QUEUE_DEPTH`] batches) and waits for the reply ([`Store::queue_depth`]
+//! counts the batches sent, or waiting for room, and not yet taken by the
+//! task). The task takes one
 //! batch, plus whatever else is queued up to [`PostgresOptions::max_group`],
 //! and applies them all in **one** transaction, each batch inside its own
 //! savepoint:
@@ -218,9 +220,10 @@ pub use self::listen::{REVOCATION_QUEUE, Revocation};
 use self::pool::{Checks, Pool};
 pub use self::schema::LATEST_VERSION as SCHEMA_VERSION;
 use self::writer::Request;
+use crate::queue::QueueGauge;
 use crate::{
     AuditEvent, AuditQuery, Checkpoint, Committed, ElevationRecord, ElevationStatus, Op,
-    RefreshRecord, Result, Store, StoreError, TaskRecord, TokenRecord, ToolPin,
+    RefreshRecord, Result, Store, StoreError, TaskCounts, TaskRecord, TokenRecord, ToolPin,
 };
 
 /// The default revocation channel ([`PostgresOptions::notify_channel`]).
@@ -300,6 +303,7 @@ pub struct PostgresStore {
     listen: listen::Settings,
     operation_timeout: Duration,
     closed: watch::Sender<bool>,
+    queue: QueueGauge,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -388,6 +392,7 @@ impl PostgresStore {
             },
             operation_timeout: options.operation_timeout,
             closed: watch::Sender::new(false),
+            queue: QueueGauge::default(),
         })
     }
 
@@ -554,7 +559,9 @@ impl Store for PostgresStore {
     async fn commit(&self, ops: Vec<Op>) -> Result<Committed> {
         let (reply, answer) = oneshot::channel();
         let limit = self.operation_timeout;
-        let sent = tokio::time::timeout(limit, self.writer.send(Request::Commit { ops, reply }))
+        let queued = self.queue.ticket();
+        let request = Request::Commit { ops, reply, queued };
+        let sent = tokio::time::timeout(limit, self.writer.send(request))
             .await
             .map_err(|_| {
                 StoreError::Unavailable(format!("store writer queue still full after {limit:?}"))
@@ -645,6 +652,15 @@ impl Store for PostgresStore {
     async fn pin(&self, tool: &str) -> Result<Option<ToolPin>> {
         self.read("read tool pin", async |conn| read::pin(conn, tool).await)
             .await
+    }
+
+    async fn task_counts(&self) -> Result<TaskCounts> {
+        self.read("count tasks", async |conn| read::task_counts(conn).await)
+            .await
+    }
+
+    fn queue_depth(&self) -> u64 {
+        self.queue.depth()
     }
 
     async fn ping(&self) -> Result<()> {

@@ -13,7 +13,7 @@ use crate::sqlite::rows::{
 };
 use crate::{
     AuditEvent, AuditQuery, Checkpoint, ElevationRecord, ElevationStatus, MAX_ROWS, RefreshRecord,
-    Result, TaskRecord, TokenRecord, ToolPin,
+    Result, StoreError, TaskCounts, TaskRecord, TokenRecord, ToolPin,
 };
 
 /// A query bound as a `BIGINT`; anything past `i64::MAX` means "no bound",
@@ -410,4 +410,33 @@ pub(super) async fn pin(conn: &mut Conn, tool: &str) -> Result<Option<ToolPin>> 
     )
     .await?;
     decode_opt(context, row, pin_row, RawPin::decode)
+}
+
+pub(super) async fn task_counts(conn: &mut Conn) -> Result<TaskCounts> {
+    let context = "count tasks";
+    // One scan of the `tasks_status` index (migration 3) over the
+    // unfinished tasks only.
+    let row = query_opt(
+        conn,
+        context,
+        "SELECT count(*) FILTER (WHERE status = 'active'), \
+         count(*) FILTER (WHERE status = 'halted') \
+         FROM tasks WHERE status IN ('active', 'halted')",
+        &[],
+    )
+    .await?;
+    decode_opt(
+        context,
+        row,
+        |row| Ok((row.try_get::<_, i64>(0)?, row.try_get::<_, i64>(1)?)),
+        |(active, halted)| {
+            Ok(TaskCounts {
+                active: to_uint("active task count", active)?,
+                halted: to_uint("halted task count", halted)?,
+            })
+        },
+    )
+    .and_then(|counts| {
+        counts.ok_or_else(|| StoreError::Corrupt(format!("{context}: no row from an aggregate")))
+    })
 }

@@ -15,7 +15,7 @@ struct Migration {
 }
 
 /// The schema version this build writes and understands.
-pub const LATEST_VERSION: i64 = 2;
+pub const LATEST_VERSION: i64 = 3;
 
 /// First half of the key of the advisory lock taken while migrating
 /// (`'pcul'` as an integer); the second half is a hash of the schema, so
@@ -139,6 +139,15 @@ INSERT INTO agent_tools (agent_id, tool, first_used)
       AND jsonb_typeof(event::jsonb -> 'tool') = 'string'
     GROUP BY 1, 2
     ON CONFLICT DO NOTHING;
+"#,
+    },
+    Migration {
+        version: 3,
+        name: "task status index",
+        // For `Store::task_counts` (the `portcullis_tasks` gauges): counts
+        // by status without a scan of every task ever run.
+        sql: r#"
+CREATE INDEX tasks_status ON tasks (status);
 "#,
     },
 ];

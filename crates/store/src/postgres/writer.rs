@@ -16,6 +16,7 @@ use super::{MAX_ATTEMPTS, corrupt, describe, store_error};
 use crate::model::{
     check_decision, check_new_elevation, check_pin, check_prune_bounds, check_prune_span,
 };
+use crate::queue::Queued;
 use crate::sqlite::rows::{RawCheckpoint, TaskRow, to_int, to_uint};
 use crate::{
     AuditEvent, CHECKPOINT_EXISTS, CHECKPOINT_HASH_MISMATCH, CHECKPOINT_NO_SUCH_RECORD, Checkpoint,
@@ -82,7 +83,12 @@ type Reply = oneshot::Sender<Result<Committed>>;
 #[derive(Debug)]
 pub(super) enum Request {
     /// Apply a batch atomically and reply once it is committed.
-    Commit { ops: Vec<Op>, reply: Reply },
+    Commit {
+        ops: Vec<Op>,
+        reply: Reply,
+        /// Counts the request as waiting until the writer takes it.
+        queued: Queued,
+    },
     /// Finish what is queued before this request, then stop.
     Close,
 }
@@ -119,7 +125,10 @@ pub(super) async fn run(settings: Settings, mut requests: mpsc::Receiver<Request
         let mut next = Some(first);
         while let Some(request) = next.take() {
             match request {
-                Request::Commit { ops, reply } => batches.push((ops, reply)),
+                Request::Commit { ops, reply, queued } => {
+                    drop(queued);
+                    batches.push((ops, reply));
+                }
                 Request::Close => {
                     closing = true;
                     break;

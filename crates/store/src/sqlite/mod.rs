@@ -7,7 +7,7 @@
 //! `sqlite3 <db> ".backup <copy>"` (or stop the gateway first), never by
 //! copying the main file alone while it runs.
 //!
-//! # Schema (version 4)
+//! # Schema (version 6)
 //!
 //! All tables are `STRICT`, so a column holds only its declared type.
 //! Times are unix **milliseconds** ([`Timestamp`](portcullis_core::Timestamp))
@@ -22,7 +22,8 @@
 //! | `name` TEXT | short name of the migration |
 //! | `applied_at` INTEGER | wall-clock ms when it was applied (informational) |
 //!
-//! `tasks`, one row per task:
+//! `tasks`, one row per task, indexed on `status` (migration 6, for
+//! [`Store::task_counts`]):
 //!
 //! | column | meaning |
 //! |---|---|
@@ -170,7 +171,8 @@
 //! SQLite allows one writer at a time. A dedicated OS thread owns the only
 //! read-write connection; [`SqliteStore::commit`] sends its batch over a
 //! bounded channel ([`QUEUE_DEPTH`] batches; callers wait when it is full)
-//! with a tokio oneshot for the reply. The thread blocks for one request,
+//! with a tokio oneshot for the reply. [`Store::queue_depth`] counts the
+//! batches sent (or waiting for room) and not yet taken by the thread. The thread blocks for one request,
 //! then drains whatever else is queued, up to [`MAX_GROUP`] batches, and
 //! applies them all in **one** `BEGIN IMMEDIATE … COMMIT` transaction:
 //!
@@ -309,7 +311,9 @@
 //! layout. Older databases are upgraded in place on open: migration 2 only
 //! adds a table and its indexes; migration 3 adds the chain columns and the
 //! `checkpoints` table and chains the existing audit records (see "The hash
-//! chain"); migration 4 only adds the `tool_pins` table.
+//! chain"); migration 4 only adds the `tool_pins` table; migration 5 adds
+//! `agent_tools` and fills it from the allowed calls already logged;
+//! migration 6 only adds the `tasks_status` index.
 
 mod mirror;
 mod read;
@@ -337,9 +341,10 @@ use self::rows::{
 pub use self::schema::LATEST_VERSION as SCHEMA_VERSION;
 pub use self::writer::MAX_GROUP;
 use self::writer::Request;
+use crate::queue::QueueGauge;
 use crate::{
     AuditEvent, AuditQuery, Checkpoint, Committed, ElevationRecord, ElevationStatus, MAX_ROWS, Op,
-    RefreshRecord, Result, Store, StoreError, TaskRecord, TokenRecord, ToolPin,
+    RefreshRecord, Result, Store, StoreError, TaskCounts, TaskRecord, TokenRecord, ToolPin,
 };
 
 /// Batches that may wait for the writer before callers are held back.
@@ -382,6 +387,7 @@ pub struct SqliteStore {
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<ReadPool>,
     mirror: Option<Arc<MirrorStatus>>,
+    queue: QueueGauge,
 }
 
 impl SqliteStore {
@@ -441,6 +447,7 @@ impl SqliteStore {
             writer_thread: Mutex::new(Some(thread)),
             readers,
             mirror: status,
+            queue: QueueGauge::default(),
         })
     }
 
@@ -576,7 +583,8 @@ fn clamp_to_int<T: TryInto<i64>>(value: T) -> i64 {
 impl Store for SqliteStore {
     async fn commit(&self, ops: Vec<Op>) -> Result<Committed> {
         let (reply, answer) = oneshot::channel();
-        self.send(Request::Commit { ops, reply }).await?;
+        let queued = self.queue.ticket();
+        self.send(Request::Commit { ops, reply, queued }).await?;
         answer
             .await
             .map_err(|_| StoreError::Unavailable("store writer stopped before answering".into()))?
@@ -823,6 +831,32 @@ impl Store for SqliteStore {
                     .transpose()
             })
             .await
+    }
+
+    async fn task_counts(&self) -> Result<TaskCounts> {
+        self.readers
+            .run(|conn| {
+                // Two range counts on the `tasks_status` index (migration 6).
+                conn.prepare_cached(
+                    "SELECT (SELECT count(*) FROM tasks WHERE status = 'active'), \
+                     (SELECT count(*) FROM tasks WHERE status = 'halted')",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_row([], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)))
+                })
+                .map_err(|e| sql_error("count tasks", &e))
+                .and_then(|(active, halted)| {
+                    Ok(TaskCounts {
+                        active: to_uint("active task count", active)?,
+                        halted: to_uint("halted task count", halted)?,
+                    })
+                })
+            })
+            .await
+    }
+
+    fn queue_depth(&self) -> u64 {
+        self.queue.depth()
     }
 
     async fn ping(&self) -> Result<()> {

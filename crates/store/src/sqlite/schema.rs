@@ -151,10 +151,20 @@ INSERT OR IGNORE INTO agent_tools (agent_id, tool, first_used)
 ",
         rows: None,
     },
+    Migration {
+        version: 6,
+        name: "task status index",
+        // For `Store::task_counts` (the `portcullis_tasks` gauges): counts
+        // by status without a scan of every task ever run.
+        sql: "
+CREATE INDEX tasks_status ON tasks (status);
+",
+        rows: None,
+    },
 ];
 
 /// The schema version this build writes and understands.
-pub const LATEST_VERSION: i64 = 5;
+pub const LATEST_VERSION: i64 = 6;
 
 /// Rows read per step when migration 3 chains existing events.
 const CHAIN_PAGE: i64 = 1000;
@@ -418,7 +428,8 @@ mod tests {
                 (2, "elevations".to_owned()),
                 (3, "audit chain".to_owned()),
                 (4, "tool pins".to_owned()),
-                (5, "agent tool use".to_owned())
+                (5, "agent tool use".to_owned()),
+                (6, "task status index".to_owned())
             ]
         );
         drop(conn);
@@ -430,7 +441,7 @@ mod tests {
         );
         store.close().await;
         let conn = Connection::open(&path).unwrap();
-        assert_eq!(migration_rows(&conn).len(), 5);
+        assert_eq!(migration_rows(&conn).len(), 6);
         assert_eq!(current_version(&conn).unwrap(), LATEST_VERSION);
     }
 
@@ -474,7 +485,7 @@ mod tests {
         assert!(tables(&conn).contains(&"tool_pins".to_owned()));
         assert_eq!(
             migration_rows(&conn).last(),
-            Some(&(5, "agent tool use".to_owned()))
+            Some(&(6, "task status index".to_owned()))
         );
         assert_eq!(current_version(&conn).unwrap(), LATEST_VERSION);
     }

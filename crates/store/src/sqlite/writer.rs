@@ -11,6 +11,7 @@ use super::sql_error;
 use crate::model::{
     check_decision, check_new_elevation, check_pin, check_prune_bounds, check_prune_span,
 };
+use crate::queue::Queued;
 use crate::{
     AuditEvent, CHECKPOINT_EXISTS, CHECKPOINT_HASH_MISMATCH, CHECKPOINT_NO_SUCH_RECORD, Checkpoint,
     Committed, ELEVATION_ALREADY_DECIDED, ElevationStatus, NO_SUCH_ELEVATION, NewEvent, Op, Result,
@@ -27,6 +28,8 @@ pub enum Request {
     Commit {
         ops: Vec<Op>,
         reply: oneshot::Sender<Result<Committed>>,
+        /// Counts the request as waiting until the writer takes it.
+        queued: Queued,
     },
     /// Run a query on the write connection and reply.
     Ping { reply: oneshot::Sender<Result<()>> },
@@ -94,7 +97,10 @@ fn process(conn: &mut Connection, group: &mut Vec<Request>, mirror: Option<&mut 
     let mut closing = false;
     for request in group.drain(..) {
         match request {
-            Request::Commit { ops, reply } => batches.push((ops, reply)),
+            Request::Commit { ops, reply, queued } => {
+                drop(queued);
+                batches.push((ops, reply));
+            }
             Request::Ping { reply } => pings.push(reply),
             Request::Close => closing = true,
         }
