@@ -196,6 +196,7 @@ start_replica() {
   (cd "$WORK" && exec "$BIN" serve --config "$name.toml") >"$WORK/$name.log" 2>&1 &
   REPLICA_PID=$!
   PIDS+=("$REPLICA_PID")
+  GW_PIDS[${name%%-*}]+="$REPLICA_PID "
   REPLICA_BASE="http://127.0.0.1:$port"
 }
 
@@ -207,7 +208,7 @@ new_db() {
   DB_URL="$PG/$db"
 }
 
-declare -A URL TOKENS
+declare -A URL TOKENS GW_PIDS
 if wants sqlite; then
   start_replica sqlite "sqlite://sqlite-ledger.db" ""
   wait_ready "$REPLICA_PID" "$REPLICA_BASE/readyz" "$WORK/sqlite.log"
@@ -264,6 +265,24 @@ for s in "${SETUPS[@]}"; do echo "   $s: ${URL[$s]}/mcp"; done
 echo "   $TASKS tasks and connections per setup; rate $RATE/s and full speed; $WARMUP + $DURATION per phase; $ROUNDS rounds"
 echo "   uptime: $(uptime)"
 
+# CPU time (utime + stime, clock ticks) of processes, from /proc/<pid>/stat.
+ticks() {
+  local t=0 p
+  for p in "$@"; do
+    if [[ -r "/proc/$p/stat" ]]; then
+      t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat")))
+    fi
+  done
+  echo "$t"
+}
+nginx_workers() {
+  if [[ -s "$NGINX_DIR/nginx.pid" ]]; then pgrep -P "$(cat "$NGINX_DIR/nginx.pid")" || true; fi
+}
+# Every PostgreSQL process of the machine: the shared server also serves
+# other work, so this is an upper bound of what the setup cost it.
+postgres_pids() { pgrep -u postgres || true; }
+HZ=$(getconf CLK_TCK)
+
 rc=0
 for r in $(seq 1 "$ROUNDS"); do
   # Rotate the order: round 1 a b c, round 2 b c a, …
@@ -272,6 +291,12 @@ for r in $(seq 1 "$ROUNDS"); do
     s=${SETUPS[$(((k + r - 1) % n))]}
     export BENCH_TOKENS="${TOKENS[$s]}"
     json="$OUT_DIR/bench-cluster-$STAMP-$s-r$r.json"
+    # shellcheck disable=SC2086 # word splitting of the pid lists is wanted
+    {
+      g0=$(ticks ${GW_PIDS[$s]})
+      n0=$(ticks $(nginx_workers))
+      p0=$(ticks $(postgres_pids))
+    }
     if ! "$LOAD" --target "$s=${URL[$s]}/mcp" --token-env "$s=BENCH_TOKENS" \
       --tool demo.echo --args '{"text":"hi"}' --rates "$RATE" --full-speed \
       --duration "$DURATION" --warmup "$WARMUP" --rounds 1 --max-connections "$TASKS" \
@@ -280,7 +305,18 @@ for r in $(seq 1 "$ROUNDS"); do
       tail -n 20 "$WORK/load-$s-r$r.out" >&2
       rc=3
     fi
-    jq -r --arg s "$s" --arg r "$r" '.phases[] | "   round \($r) \($s) \(.mode): \(.achieved_rate)/s p50 \(.latency_us.p50) µs p99 \(.latency_us.p99) µs errors \(.error_total) busy \(.machine_busy_pct)%"' "$json"
+    # shellcheck disable=SC2086
+    {
+      g1=$(ticks ${GW_PIDS[$s]})
+      n1=$(ticks $(nginx_workers))
+      p1=$(ticks $(postgres_pids))
+    }
+    jq -r --arg s "$s" --arg r "$r" '.phases[] | "   round \($r) \($s) \(.mode): \(.achieved_rate)/s p50 \(.latency_us.p50) µs p99 \(.latency_us.p99) µs errors \(.error_total) busy \(.machine_busy_pct)% harness cpu \(.harness_cpu_pct)%"' "$json"
+    # CPU per call over the whole invocation (both phases, warm-ups and the
+    # preflight call included).
+    calls=$(jq '[.phases[] | .ok + .error_total + .warmup_ok + .warmup_errors] | add + 1' "$json")
+    awk -v c="$calls" -v g=$((g1 - g0)) -v n=$((n1 - n0)) -v p=$((p1 - p0)) -v hz="$HZ" -v s="$s" -v r="$r" \
+      'BEGIN { printf "   round %s %s CPU per call: gateway(s) %.0f µs, nginx %.0f µs, PostgreSQL (whole server) %.0f µs (%d calls)\n", r, s, g / hz / c * 1e6, n / hz / c * 1e6, p / hz / c * 1e6, c }' | tee -a "$WORK/cpu.txt"
   done
 done
 
@@ -299,6 +335,16 @@ for s in "${SETUPS[@]}"; do
      ([$r[].latency_us.p50] | med), ([$r[].latency_us.p99] | med),
      ([$f[].machine_busy_pct] | med)] | @tsv' "$OUT_DIR"/bench-cluster-"$STAMP"-"$s"-r*.json |
     awk -F'\t' '{ printf "%-8s %12.1f %10.0f %10.0f %12.1f %10.0f %10.0f %8.0f\n", $1, $2, $3, $4, $5, $6, $7, $8 }'
+done
+
+echo
+echo "== CPU per call, median over rounds of each column (µs)"
+for s in "${SETUPS[@]}"; do
+  for col in 1 2 3; do
+    grep " $s CPU per call" "$WORK/cpu.txt" |
+      sed 's/.*gateway(s) \([0-9]*\) µs, nginx \([0-9]*\) µs, PostgreSQL (whole server) \([0-9]*\) µs.*/\1 \2 \3/' |
+      awk -v c="$col" '{ print $c }' | sort -n | awk '{ v[NR] = $1 } END { printf "%s ", v[int((NR + 1) / 2)] }'
+  done | awk -v s="$s" '{ printf "   %-8s gateway(s) %6s   nginx %6s   PostgreSQL %6s\n", s, $1, $2, $3 }'
 done
 
 # The gateways' own view: mean ledger commit time over the whole run.
