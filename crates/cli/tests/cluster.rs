@@ -15,7 +15,10 @@
 //!   without a restart when PostgreSQL is back;
 //! * PostgreSQL restarted (`-m fast`) and crashed (`-m immediate`) under
 //!   load: every call a client saw acknowledged has its `call.allowed` and
-//!   `call.completed` records, and the chain verifies.
+//!   `call.completed` records, and the chain verifies;
+//! * PostgreSQL frozen (it hangs instead of refusing): `/readyz` still
+//!   answers 503 within seconds (a past bug: it waited the store's whole
+//!   30 s operation timeout).
 //!
 //! Every test skips with a `SKIP:` notice unless
 //! `PORTCULLIS_TEST_POSTGRES_URL` is set (`.ci/run` sets it); the nginx
@@ -972,5 +975,65 @@ async fn no_acknowledged_call_is_lost_when_postgres_restarts_under_load() {
         acked.len(),
         &missing[..missing.len().min(10)]
     );
+    assert_chain_verifies(dir);
+}
+
+/// Regression: with PostgreSQL hanging rather than down (SIGSTOPped: the
+/// connections stay open, nothing answers), `/readyz` waited for the
+/// store's 30 s operation timeout before answering 503, far longer than a
+/// load balancer's check waits. It now answers 503 within its own bound
+/// (`server::READY_TIMEOUT`, 2 s), and the replica is ready again, without
+/// a restart, once PostgreSQL answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_promptly_when_postgres_hangs() {
+    let test = "cluster readyz_answers_promptly_when_postgres_hangs";
+    if postgres_url(test).is_none() {
+        return;
+    }
+    let _heavy = HEAVY.lock().await;
+    let Some(pg) = PrivatePostgres::start(test) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let upstream = Upstream::start(dir).await;
+    let mut replicas = Replicas::start(dir, 1, &pg.url, upstream.port).await;
+    let base = replicas.bases[0].clone();
+    let http = client();
+    let (task_id, token) = start_task(&http, &base, "load-bot").await;
+    let echo = |text: &'static str| {
+        let (http, base, task_id, token) =
+            (http.clone(), base.clone(), task_id.clone(), token.clone());
+        async move {
+            call(
+                &http,
+                &base,
+                &task_id,
+                &token,
+                "warehouse.echo",
+                json!({ "text": text }),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(echo("before").await.0, 200);
+
+    pg.freeze();
+    for _ in 0..2 {
+        let asked = Instant::now();
+        let r = http.get(format!("{base}/readyz")).send().await.unwrap();
+        let took = asked.elapsed();
+        assert_eq!(r.status(), 503);
+        assert!(
+            took < Duration::from_secs(5),
+            "/readyz took {took:?} with PostgreSQL hanging"
+        );
+        eprintln!("/readyz with PostgreSQL frozen: 503 after {took:?}");
+    }
+    pg.thaw();
+    replicas.wait_ready(&http, 0, Duration::from_secs(30)).await;
+    assert!(replicas.running(0));
+    assert_eq!(echo("after").await.0, 200);
     assert_chain_verifies(dir);
 }

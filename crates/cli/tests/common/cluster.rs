@@ -289,8 +289,49 @@ impl PrivatePostgres {
     }
 }
 
+impl PrivatePostgres {
+    /// The server's processes: the postmaster and its children.
+    fn pids(&self) -> Vec<String> {
+        let Ok(pidfile) = std::fs::read_to_string(self.data().join("postmaster.pid")) else {
+            return Vec::new();
+        };
+        let Some(master) = pidfile.lines().next().map(str::trim).map(str::to_owned) else {
+            return Vec::new();
+        };
+        let children = Command::new("pgrep")
+            .args(["-P", &master])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        std::iter::once(master)
+            .chain(children.split_whitespace().map(str::to_owned))
+            .collect()
+    }
+
+    fn signal(&self, signal: &str) {
+        let pids = self.pids();
+        if !pids.is_empty() {
+            let _ = Command::new("kill").arg(signal).args(&pids).status();
+        }
+    }
+
+    /// Freezes the server (SIGSTOP to every process of it): connections
+    /// stay open but nothing answers, as when a network drops packets.
+    pub fn freeze(&self) {
+        assert!(!self.pids().is_empty(), "no server to freeze");
+        self.signal("-STOP");
+    }
+
+    /// Undoes [`PrivatePostgres::freeze`].
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+}
+
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
+        // A frozen server cannot stop.
+        self.thaw();
         let data = self.data();
         let _ = self.run(
             "pg_ctl",
