@@ -212,7 +212,7 @@ fn broken_configurations_print_exactly_the_expected_findings() {
 
 #[test]
 fn examples_are_clean() {
-    for example in ["quickstart", "ingestion"] {
+    for example in ["quickstart", "ingestion", "cluster"] {
         let run = run_check(&repo_root().join("examples").join(example));
         let lines: Vec<&str> = run.stdout.lines().collect();
         assert!(

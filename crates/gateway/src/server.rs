@@ -74,11 +74,24 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// Longest `/readyz` waits for the ledger's answer. A ledger that hangs
+/// (a frozen server, a network that drops packets rather than refusing
+/// them) would otherwise hold the probe for the store's whole operation
+/// timeout (30 s on PostgreSQL), longer than a load balancer waits.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
 async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
-    match gw.store.ping().await {
-        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
-        Err(e) => {
+    match tokio::time::timeout(READY_TIMEOUT, gw.store.ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "store unreachable: not ready");
+            (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n").into_response()
+        }
+        Err(_) => {
+            tracing::warn!(
+                timeout_ms = READY_TIMEOUT.as_millis(),
+                "store did not answer: not ready"
+            );
             (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n").into_response()
         }
     }

@@ -9,22 +9,34 @@ use serde_json::Value;
 
 use crate::client::Endpoint;
 
+/// Most bearer tokens one target takes (`--token-env`).
+pub const MAX_TOKENS: usize = 1024;
+
 /// Command line of `portcullis-load`.
 #[derive(Debug, Parser)]
 #[command(
     name = "portcullis-load",
     version,
     about = "Drive MCP tools/call (Streamable HTTP, 2026-07-28) against one or two targets, \
-             alternating between them, and report latency percentiles and throughput."
+             alternating between them, and report latency percentiles and throughput.",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
 pub struct Cli {
+    /// Another measurement instead of the load run.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// A target as NAME=URL (plain http only), e.g. direct=http://127.0.0.1:9000/mcp.
     /// Give it once or twice; with two, the second is compared against the first.
     #[arg(long = "target", value_name = "NAME=URL", required = true)]
     pub targets: Vec<String>,
 
     /// Send `Authorization: Bearer <token>` to target NAME, reading the token
-    /// from environment variable ENVVAR (never from the command line).
+    /// from environment variable ENVVAR (never from the command line). The
+    /// variable may hold several tokens separated by whitespace (at most
+    /// 1024): connection i then sends token i mod n, e.g. tokens of several
+    /// tasks, whose calls a gateway can decide in parallel.
     #[arg(long = "token-env", value_name = "NAME=ENVVAR")]
     pub token_env: Vec<String>,
 
@@ -86,6 +98,14 @@ pub struct Cli {
     pub json: Option<PathBuf>,
 }
 
+/// Measurements other than the load run.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// How long a revocation made through one gateway replica takes to be
+    /// honoured by another (see `docs/load-harness.md`).
+    Revocation(crate::revocation::RevocationArgs),
+}
+
 /// One load shape.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Mode {
@@ -125,8 +145,8 @@ pub struct TargetSpec {
     pub tool: String,
     /// The arguments object sent, serialised.
     pub args: String,
-    /// Whether a bearer token is sent.
-    pub has_token: bool,
+    /// How many bearer tokens the connections take turns with (0: none).
+    pub tokens: usize,
     /// Everything a call needs.
     pub endpoint: Arc<Endpoint>,
 }
@@ -249,19 +269,26 @@ impl Cli {
             if !args_value.is_object() {
                 return Err(format!("--args for {name}: must be a JSON object"));
             }
-            let token = match pick(&tokens) {
-                None => None,
+            let token_list: Vec<String> = match pick(&tokens) {
+                None => Vec::new(),
                 Some(var) => {
-                    let tok = std::env::var(&var).map_err(|_| {
+                    let text = std::env::var(&var).map_err(|_| {
                         format!("--token-env {name}={var}: environment variable not set")
                     })?;
-                    if tok.trim().is_empty() {
+                    let list: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
+                    if list.is_empty() {
                         return Err(format!("--token-env {name}={var}: empty token"));
                     }
-                    Some(tok.trim().to_owned())
+                    if list.len() > MAX_TOKENS {
+                        return Err(format!(
+                            "--token-env {name}={var}: {} tokens, at most {MAX_TOKENS}",
+                            list.len()
+                        ));
+                    }
+                    list
                 }
             };
-            let endpoint = Endpoint::new(&url, &tool, &args_value, token.as_deref())
+            let endpoint = Endpoint::with_tokens(&url, &tool, &args_value, &token_list)
                 .map_err(|e| format!("target {name}: {e}"))?;
             let endpoint = Arc::new(endpoint);
             targets.push(TargetSpec {
@@ -269,7 +296,7 @@ impl Cli {
                 url,
                 tool,
                 args: args_value.to_string(),
-                has_token: token.is_some(),
+                tokens: token_list.len(),
                 endpoint,
             });
         }

@@ -39,8 +39,9 @@ pub struct Endpoint {
     host_header: HeaderValue,
     /// Request target in origin form (path and query).
     path: Uri,
-    /// `Authorization: Bearer …`, marked sensitive.
-    auth: Option<HeaderValue>,
+    /// `Authorization: Bearer …` values, marked sensitive: none, or one
+    /// per token; connection `i` sends token `i mod n`.
+    auth: Vec<HeaderValue>,
     /// `Mcp-Name` header: the tool name.
     mcp_name: HeaderValue,
     /// Body up to the id.
@@ -50,8 +51,21 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Prepare calls of `tool` with `args` to `url` (plain `http://` only).
-    pub fn new(url: &str, tool: &str, args: &Value, token: Option<&str>) -> Result<Self, String> {
+    /// Prepare calls of `tool` with `args` to `url` (plain `http://` only),
+    /// with no bearer token.
+    #[cfg(test)]
+    pub fn new(url: &str, tool: &str, args: &Value) -> Result<Self, String> {
+        Self::with_tokens(url, tool, args, &[])
+    }
+
+    /// Prepare calls as [`Endpoint::new`], each connection sending one of
+    /// `tokens` (connection `i` the token `i mod n`; none when empty).
+    pub fn with_tokens(
+        url: &str,
+        tool: &str,
+        args: &Value,
+        tokens: &[String],
+    ) -> Result<Self, String> {
         let uri: Uri = url.parse().map_err(|e| format!("bad URL {url:?}: {e}"))?;
         match uri.scheme_str() {
             Some("http") => {}
@@ -83,15 +97,13 @@ impl Endpoint {
             .map_err(|e| format!("URL {url:?}: bad path: {e}"))?;
         let mcp_name =
             HeaderValue::from_str(tool).map_err(|e| format!("tool name {tool:?}: {e}"))?;
-        let auth = match token {
-            None => None,
-            Some(t) => {
-                let mut v = HeaderValue::from_str(&format!("Bearer {t}"))
-                    .map_err(|_| "token is not a valid header value".to_owned())?;
-                v.set_sensitive(true);
-                Some(v)
-            }
-        };
+        let mut auth = Vec::with_capacity(tokens.len());
+        for t in tokens {
+            let mut v = HeaderValue::from_str(&format!("Bearer {t}"))
+                .map_err(|_| "token is not a valid header value".to_owned())?;
+            v.set_sensitive(true);
+            auth.push(v);
+        }
         let params = json!({
             "name": tool,
             "arguments": args,
@@ -338,6 +350,8 @@ pub fn classify(
 #[derive(Debug)]
 pub struct Caller {
     ep: Arc<Endpoint>,
+    /// Which of the endpoint's tokens this connection sends.
+    slot: usize,
     conn: Option<SendRequest<Full<Bytes>>>,
     buf: BytesMut,
     max_body: usize,
@@ -346,11 +360,19 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// A caller with no connection yet.
+    /// A caller with no connection yet, sending the endpoint's first token.
     pub fn new(ep: Arc<Endpoint>, max_body: usize) -> Self {
+        Self::in_slot(ep, max_body, 0)
+    }
+
+    /// A caller with no connection yet, sending the endpoint's token
+    /// `slot mod n`.
+    pub fn in_slot(ep: Arc<Endpoint>, max_body: usize, slot: usize) -> Self {
         let cap = (ep.prefix.len() + 20 + ep.suffix.len()) * 4;
+        let slot = slot.checked_rem(ep.auth.len()).unwrap_or(0);
         Self {
             ep,
+            slot,
             conn: None,
             buf: BytesMut::with_capacity(cap),
             max_body,
@@ -394,7 +416,7 @@ impl Caller {
         h.insert(MCP_PROTOCOL_VERSION, VERSION_VALUE);
         h.insert(MCP_METHOD, TOOLS_CALL);
         h.insert(MCP_NAME, self.ep.mcp_name.clone());
-        if let Some(auth) = &self.ep.auth {
+        if let Some(auth) = self.ep.auth.get(self.slot) {
             h.insert(AUTHORIZATION, auth.clone());
         }
         req
@@ -464,11 +486,11 @@ mod tests {
 
     #[test]
     fn body_template() {
-        let ep = Endpoint::new(
+        let ep = Endpoint::with_tokens(
             "http://127.0.0.1:9000/mcp",
             "demo.echo",
             &json!({"text": "hi"}),
-            Some("tok"),
+            &["tok".to_owned()],
         )
         .unwrap();
         let body = ep.body_for(42);
@@ -485,7 +507,7 @@ mod tests {
         assert!(v["params"]["_meta"]["io.modelcontextprotocol/clientCapabilities"].is_object());
         assert_eq!(ep.port, 9000);
         assert_eq!(ep.path.to_string(), "/mcp");
-        assert!(ep.auth.as_ref().unwrap().is_sensitive());
+        assert!(ep.auth.iter().all(HeaderValue::is_sensitive));
 
         let mut c = Caller::new(Arc::new(ep), 1024);
         let req = c.request(5);
@@ -498,12 +520,36 @@ mod tests {
     }
 
     #[test]
+    fn connections_take_turns_with_several_tokens() {
+        let tokens: Vec<String> = ["a", "b", "c"].iter().map(|t| (*t).to_owned()).collect();
+        let ep = Arc::new(
+            Endpoint::with_tokens("http://127.0.0.1:9000/mcp", "t", &json!({}), &tokens).unwrap(),
+        );
+        let sent: Vec<String> = (0..5)
+            .map(|slot| {
+                let mut c = Caller::in_slot(Arc::clone(&ep), 1024, slot);
+                c.request(1).headers()["authorization"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(
+            sent,
+            ["Bearer a", "Bearer b", "Bearer c", "Bearer a", "Bearer b"]
+        );
+        let none = Arc::new(Endpoint::new("http://127.0.0.1:9000/mcp", "t", &json!({})).unwrap());
+        let mut c = Caller::in_slot(none, 1024, 7);
+        assert!(c.request(1).headers().get("authorization").is_none());
+    }
+
+    #[test]
     fn urls() {
         let a = json!({});
-        assert!(Endpoint::new("https://x/mcp", "t", &a, None).is_err());
-        assert!(Endpoint::new("127.0.0.1:9000/mcp", "t", &a, None).is_err());
-        assert!(Endpoint::new("http://u:p@127.0.0.1/mcp", "t", &a, None).is_err());
-        let e = Endpoint::new("http://[::1]/", "t", &a, None).unwrap();
+        assert!(Endpoint::new("https://x/mcp", "t", &a).is_err());
+        assert!(Endpoint::new("127.0.0.1:9000/mcp", "t", &a).is_err());
+        assert!(Endpoint::new("http://u:p@127.0.0.1/mcp", "t", &a).is_err());
+        let e = Endpoint::new("http://[::1]/", "t", &a).unwrap();
         assert_eq!((e.host.as_str(), e.port), ("::1", 80));
     }
 

@@ -59,11 +59,16 @@
 //! Exit status: 0 when every measured call succeeded, 3 when some failed
 //! (the report is still written), 2 for a bad command line or a failed
 //! first call to a target, 1 for other failures.
+//!
+//! `portcullis-load revocation …` measures something else: how long a
+//! revocation through one gateway replica takes to reach another
+//! ([`revocation`]).
 
 mod cli;
 mod client;
 mod phase;
 mod report;
+mod revocation;
 mod sys;
 
 use std::process::ExitCode;
@@ -72,7 +77,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 
-use crate::cli::{Cli, Plan};
+use crate::cli::{Cli, Command, Plan};
 use crate::client::Caller;
 use crate::phase::{PhaseSpec, run_phase};
 use crate::report::{Facts, Pcts, Record};
@@ -86,6 +91,19 @@ fn unix_ms() -> u128 {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Revocation(args)) = &cli.command {
+        // One probe at a time: a small runtime is enough.
+        return match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(revocation::run(args)),
+            Err(e) => {
+                eprintln!("portcullis-load: cannot start the runtime: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let plan = match cli.resolve() {
         Ok(p) => p,
         Err(e) => {

@@ -222,7 +222,7 @@ pub async fn run_phase(ep: &Arc<Endpoint>, spec: &PhaseSpec) -> Result<PhaseResu
     let measure_start = start + spec.warmup;
     let end = measure_start + spec.duration;
     let make_worker = |i: u32| Worker {
-        caller: Caller::new(Arc::clone(ep), spec.max_body),
+        caller: Caller::in_slot(Arc::clone(ep), spec.max_body, i as usize),
         measure_start,
         timeout: spec.timeout,
         shared: Arc::clone(&shared),

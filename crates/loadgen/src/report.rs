@@ -342,7 +342,11 @@ pub fn text(plan: &Plan, facts: &Facts, records: &[Record]) -> String {
             t.url,
             t.tool,
             t.args,
-            if t.has_token { "  (bearer token)" } else { "" }
+            match t.tokens {
+                0 => String::new(),
+                1 => "  (bearer token)".to_owned(),
+                n => format!("  ({n} bearer tokens, one per connection in turn)"),
+            }
         );
     }
     let _ = writeln!(
@@ -618,7 +622,8 @@ pub fn json_doc(plan: &Plan, facts: &Facts, records: &[Record]) -> Value {
             "url": t.url,
             "tool": t.tool,
             "args": t.args,
-            "bearer_token": t.has_token,
+            "bearer_token": t.tokens > 0,
+            "bearer_tokens": t.tokens,
         })).collect::<Vec<_>>(),
         "phases": phases,
         "summary": summary,

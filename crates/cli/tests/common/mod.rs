@@ -1,5 +1,6 @@
 //! What the tests that run the real `portcullis` binary share: the
-//! configuration, starting `serve` and waiting for it, running the CLI.
+//! configuration, starting `serve` and waiting for it, running the CLI;
+//! and, in `cluster`, replicas on PostgreSQL, nginx, a private PostgreSQL.
 
 #![allow(
     dead_code,
@@ -9,6 +10,8 @@
     clippy::indexing_slicing,
     reason = "test support: a panic is a failed test"
 )]
+
+pub mod cluster;
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
