@@ -151,15 +151,12 @@ fn commit_group(
     let mut lost: Option<String> = None;
     // The mirror's lines of the applied batches, in commit order.
     let mut lines: Option<Vec<Line>> = mirror.is_some().then(Vec::new);
-    // The chain's head, read at the group's first append and carried from
-    // append to append inside this transaction.
-    let mut head: Option<ChainHead> = None;
     for (ops, reply) in batches {
         if let Some(why) = &lost {
             let _ = reply.send(Err(StoreError::Unavailable(why.clone())));
             continue;
         }
-        match apply_batch(conn, ops, lines.as_mut(), &mut head) {
+        match apply_batch(conn, ops, lines.as_mut()) {
             Ok(committed) => applied.push((reply, committed)),
             Err(Failed {
                 error,
@@ -210,22 +207,18 @@ fn apply_batch(
     conn: &Connection,
     ops: Vec<Op>,
     mut lines: Option<&mut Vec<Line>>,
-    head: &mut Option<ChainHead>,
 ) -> std::result::Result<Committed, Failed> {
     conn.execute_batch("SAVEPOINT batch").map_err(|e| Failed {
         error: sql_error("savepoint", &e),
         group_intact: false,
     })?;
     let mark = lines.as_ref().map_or(0, |lines| lines.len());
-    let before = head.clone();
     let mut committed = Committed::default();
     for op in ops {
-        if let Err(error) = apply(conn, op, &mut committed, lines.as_deref_mut(), head) {
+        if let Err(error) = apply(conn, op, &mut committed, lines.as_deref_mut()) {
             if let Some(lines) = lines {
                 lines.truncate(mark);
             }
-            // The rolled-back appends never happened.
-            *head = before;
             // INVARIANT: a failed batch leaves no trace, including no
             // consumed audit seq (sqlite_sequence is rolled back with it).
             let undone = conn.execute_batch("ROLLBACK TO batch; RELEASE batch");
@@ -248,7 +241,6 @@ fn apply(
     op: Op,
     committed: &mut Committed,
     lines: Option<&mut Vec<Line>>,
-    head: &mut Option<ChainHead>,
 ) -> Result<()> {
     match op {
         Op::InsertTask(record) => {
@@ -444,7 +436,7 @@ fn apply(
                 .map_err(|e| sql_error("spend refresh token", &e))?;
         }
         Op::Append(event) => {
-            let (seq, json) = append_event(conn, event, head)?;
+            let (seq, json) = append_event(conn, event)?;
             committed.seqs.push(seq);
             if let Some(lines) = lines {
                 lines.push(Line::Record { seq, json });
@@ -531,16 +523,12 @@ fn apply(
     Ok(())
 }
 
-/// Where the chain stands inside the current transaction: the newest seq
-/// given (or the high-water mark) and the newest record's hash.
-#[derive(Debug, Clone)]
-struct ChainHead {
-    seq: i64,
-    hash: String,
-}
-
-/// Reads where the chain stands, inside the current transaction.
-fn read_chain_head(conn: &Connection) -> Result<ChainHead> {
+/// [`Op::Append`]: the next seq and the chain head are read inside the
+/// current transaction (and savepoint), so a rolled-back batch or a failed
+/// group leaves nothing behind, and the chain continues across restarts
+/// from whatever the database holds. Returns the seq and the stored JSON.
+fn append_event(conn: &Connection, event: NewEvent) -> Result<(u64, String)> {
+    let ts = to_int("event ts", event.ts.0)?;
     // What AUTOINCREMENT would pick: above the highest seq ever used, even
     // if the newest rows were deleted since.
     let high_water: i64 = conn
@@ -555,33 +543,11 @@ fn read_chain_head(conn: &Connection) -> Result<ChainHead> {
                 .optional()
         })
         .map_err(|e| sql_error("append audit event: read the chain head", &e))?;
-    let (last_seq, hash) = last.unwrap_or_else(|| (0, chain::GENESIS.to_owned()));
-    Ok(ChainHead {
-        seq: high_water.max(last_seq),
-        hash,
-    })
-}
-
-/// [`Op::Append`]: the next seq and the chain head are read inside the
-/// current transaction (once per group, then carried in `head`; a
-/// rolled-back batch restores it), so a rolled-back batch or a failed group
-/// leaves nothing behind, and the chain continues across restarts from
-/// whatever the database holds. Returns the seq and the stored JSON.
-fn append_event(
-    conn: &Connection,
-    event: NewEvent,
-    head: &mut Option<ChainHead>,
-) -> Result<(u64, String)> {
-    let ts = to_int("event ts", event.ts.0)?;
-    let current = match head.take() {
-        Some(current) => current,
-        None => read_chain_head(conn)?,
-    };
-    let seq = current
-        .seq
+    let (last_seq, prev_hash) = last.unwrap_or_else(|| (0, chain::GENESIS.to_owned()));
+    let seq = high_water
+        .max(last_seq)
         .checked_add(1)
         .ok_or_else(|| StoreError::Corrupt("audit seq exhausted".into()))?;
-    let prev_hash = current.hash;
     let mut record = AuditEvent {
         seq: u64::try_from(seq)
             .map_err(|_| StoreError::Corrupt(format!("audit seq is negative: {seq}")))?,
@@ -608,10 +574,6 @@ fn append_event(
         ])
     })
     .map_err(|e| sql_error("append audit event", &e))?;
-    *head = Some(ChainHead {
-        seq,
-        hash: record.hash.clone(),
-    });
     Ok((record.seq, json))
 }
 
