@@ -16,7 +16,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{BOOTSTRAP, Server, free_port, portcullis, start_server, write_config};
+use common::{BOOTSTRAP, free_port, portcullis, start_server, stop_server, write_config};
 use serde_json::{Value, json};
 
 fn text(out: &std::process::Output) -> String {
@@ -25,24 +25,6 @@ fn text(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-async fn stop(mut server: Server) {
-    let pid = server.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    for _ in 0..100 {
-        if server.0.try_wait().unwrap().is_some() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("serve did not stop on SIGTERM");
 }
 
 /// Starts a task and completes it.
@@ -89,7 +71,7 @@ async fn archived_logs_verify_three_ways() {
         .build()
         .unwrap();
 
-    let server = start_server(d, &base, &client, "serve-1.log").await;
+    let mut server = start_server(d, &base, &client, "serve-1.log").await;
     one_task(&client, &base).await;
     let jwks = client
         .get(format!("{base}/.well-known/jwks.json"))
@@ -101,7 +83,7 @@ async fn archived_logs_verify_three_ways() {
         .unwrap();
     std::fs::write(d.join("jwks.json"), jwks).unwrap();
     // The checkpoint signed at shutdown closes the segment.
-    stop(server).await;
+    stop_server(&mut server, &String::new).await;
 
     let out = portcullis(d, &["audit", "archive", "--config", "portcullis.toml"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -121,9 +103,9 @@ async fn archived_logs_verify_three_ways() {
     );
 
     // The gateway serves again on the tiered ledger; the chain goes on.
-    let server = start_server(d, &base, &client, "serve-2.log").await;
+    let mut server = start_server(d, &base, &client, "serve-2.log").await;
     one_task(&client, &base).await;
-    stop(server).await;
+    stop_server(&mut server, &String::new).await;
 
     let verify = |args: &[&str]| {
         let mut all = vec!["audit", "verify"];

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 mod common;
 
-use common::{ADMIN, BIN, BOOTSTRAP, Server, free_port, write_config};
+use common::{ADMIN, BIN, BOOTSTRAP, Server, free_port, stop_server, write_config};
 
 fn b64url_json(segment: &str) -> Value {
     // Tiny base64url decoder, to read the token header without a dependency.
@@ -176,23 +176,7 @@ async fn serve_runs_a_task_end_to_end() {
 
     // A clean stop (SIGTERM) signs the head of the audit chain.
     std::fs::write(dir.path().join("jwks.json"), jwks.to_string()).unwrap();
-    let pid = server.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let mut stopped = false;
-    for _ in 0..100 {
-        if server.0.try_wait().unwrap().is_some() {
-            stopped = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(stopped, "serve did not stop on SIGTERM:\n{}", server_log());
+    stop_server(&mut server, &server_log).await;
 
     let portcullis = |args: &[&str]| {
         Command::new(BIN)
@@ -467,23 +451,7 @@ async fn a_redacted_password_is_in_no_answer_record_mirror_or_log() {
     answers.push(r.text().await.unwrap());
 
     // Stop (SIGTERM), so the mirror and the logs are complete.
-    let pid = server.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let mut stopped = false;
-    for _ in 0..100 {
-        if server.0.try_wait().unwrap().is_some() {
-            stopped = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(stopped, "serve did not stop on SIGTERM:\n{}", server_log());
+    stop_server(&mut server, &server_log).await;
 
     let mirror = std::fs::read_to_string(dir.path().join("mirror.jsonl")).unwrap();
     assert!(mirror.contains("[redacted]"), "{mirror}");

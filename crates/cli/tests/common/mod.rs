@@ -173,6 +173,27 @@ pub async fn start_server_within(
     panic!("not ready after {within:?}:\n{}", server_log());
 }
 
+/// Stops `serve` cleanly (SIGTERM: the head of the audit chain is signed,
+/// the mirror flushed) and waits up to 10 s for it to exit; `log` tells
+/// why if it does not.
+pub async fn stop_server(server: &mut Server, log: &dyn Fn() -> String) {
+    let pid = server.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    for _ in 0..100 {
+        if server.0.try_wait().unwrap().is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("serve did not stop on SIGTERM:\n{}", log());
+}
+
 /// Runs the CLI in `dir`.
 pub fn portcullis(dir: &Path, args: &[&str]) -> Output {
     Command::new(BIN)
