@@ -366,8 +366,11 @@ pub async fn run_pass(
         .await?;
     } else {
         let cutoff = now.0.saturating_sub(tiers.retention_ms);
-        let floor = store_floor(store).await?;
-        if let Some((end, _)) = eligible_end(store, floor, cutoff).await? {
+        while !report.raced {
+            let floor = store_floor(store).await?;
+            let Some((end, _)) = eligible_end(store, floor, cutoff).await? else {
+                break;
+            };
             let event = tiering_event(
                 now,
                 EventKind::AuditDropped,
