@@ -12,7 +12,6 @@ use clap::Subcommand;
 use portcullis::LoadedConfig;
 use portcullis_gateway::audit as log;
 use portcullis_gateway::tiering;
-use portcullis_store::Checkpoint;
 
 fn out(line: &str) {
     let _ = writeln!(std::io::stdout(), "{line}");
@@ -195,14 +194,7 @@ async fn verify(
             anyhow::bail!("give --config, --jsonl FILE --jwks F, or --archive DIR --jwks F");
         };
         let jwks = read_jwks(jwks)?;
-        let check = |c: &Checkpoint| {
-            portcullis_token::verify_detached_with_jwks(
-                &jwks,
-                &c.kid,
-                &portcullis_store::checkpoint_message(c.seq, &c.hash, c.ts),
-                &c.sig,
-            )
-        };
+        let check = log::jwks_check(&jwks);
         bar.total = archive_span(dir)?;
         return tiering::verify_archive(dir, None, &check, &mut |n| bar.records(n))
             .await
@@ -236,13 +228,7 @@ async fn verify(
         .first()
         .map_or(head, |f| f.first_seq.saturating_sub(1));
     bar.total = Some(head.saturating_sub(first));
-    let check = |c: &Checkpoint| {
-        ring.verify_detached(
-            &c.kid,
-            &portcullis_store::checkpoint_message(c.seq, &c.hash, c.ts),
-            &c.sig,
-        )
-    };
+    let check = log::ring_check(&ring);
     tiering::verify_archive(&dir, Some(store.as_ref()), &check, &mut |n| bar.records(n))
         .await
         .map_err(anyhow::Error::msg)

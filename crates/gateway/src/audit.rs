@@ -133,7 +133,7 @@ pub async fn all_checkpoints(store: &dyn Store) -> Result<Vec<Checkpoint>, Strin
 }
 
 /// The records after `after` (exclusive), one page of at most [`PAGE`].
-async fn page_after(store: &dyn Store, after: u64) -> Result<Vec<AuditEvent>, String> {
+pub(crate) async fn page_after(store: &dyn Store, after: u64) -> Result<Vec<AuditEvent>, String> {
     store
         .audit(&AuditQuery {
             since_seq: Some(after),
@@ -175,36 +175,104 @@ pub async fn export(store: &dyn Store, since_seq: u64, out: &mut dyn Write) -> R
     }
 }
 
+/// A checkpoint's signature, checked with the key of its `kid` in `ring`
+/// (every key in it, whatever its JWT window).
+pub fn ring_check(ring: &KeyRing) -> impl Fn(&Checkpoint) -> bool + '_ {
+    move |c: &Checkpoint| {
+        ring.verify_detached(
+            &c.kid,
+            &portcullis_store::checkpoint_message(c.seq, &c.hash, c.ts),
+            &c.sig,
+        )
+    }
+}
+
+/// A checkpoint's signature, checked with the key of its `kid` in a JWKS
+/// document (a copy of `/.well-known/jwks.json`).
+pub fn jwks_check(jwks: &Value) -> impl Fn(&Checkpoint) -> bool + '_ {
+    move |c: &Checkpoint| {
+        portcullis_token::verify_detached_with_jwks(
+            jwks,
+            &c.kid,
+            &portcullis_store::checkpoint_message(c.seq, &c.hash, c.ts),
+            &c.sig,
+        )
+    }
+}
+
+/// Streams the store's records after `after` into `verifier`, a page at a
+/// time (one page in memory), until the end or its first problem.
+pub(crate) async fn push_store_records(
+    store: &dyn Store,
+    verifier: &mut chain::Verifier<'_>,
+    mut after: u64,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(), String> {
+    loop {
+        let page = page_after(store, after).await?;
+        let Some(last) = page.last().map(|e| e.seq) else {
+            return Ok(());
+        };
+        let going = page.into_iter().all(|record| verifier.push(Ok(record)));
+        progress(verifier.records());
+        if !going {
+            return Ok(());
+        }
+        after = last;
+    }
+}
+
+/// Streams the record lines of an export or a segment file (not its
+/// checkpoint or header lines) into `verifier`, exactly as written, until
+/// the end or its first problem; returns false at a problem.
+pub(crate) fn push_record_lines(
+    lines: impl Iterator<Item = Result<String, String>>,
+    verifier: &mut chain::Verifier<'_>,
+    progress: &mut dyn FnMut(u64),
+) -> bool {
+    for line in lines {
+        let record = match line {
+            Ok(line) if is_record_line(&line) => {
+                serde_json::from_str::<Value>(&line).map_err(|e| e.to_string())
+            }
+            Ok(_) => continue,
+            Err(e) => Err(e),
+        };
+        if !verifier.push_json(record) {
+            return false;
+        }
+        if verifier.records().is_multiple_of(10_000) {
+            progress(verifier.records());
+        }
+    }
+    true
+}
+
+/// The checkpoints of an export or a segment file (its `{"checkpoint": …}`
+/// lines).
+pub(crate) fn checkpoint_lines(
+    lines: impl Iterator<Item = Result<String, String>>,
+) -> Result<Vec<Checkpoint>, String> {
+    let mut checkpoints = Vec::new();
+    for line in lines {
+        if let Some(c) = checkpoint_line(&line?)? {
+            checkpoints.push(c);
+        }
+    }
+    Ok(checkpoints)
+}
+
 /// Verifies the whole log in `store`, checking checkpoint signatures with
-/// `ring` (every key in it, whatever its JWT window).
+/// `ring`.
 pub async fn verify_store(
     store: &dyn Store,
     ring: &KeyRing,
     progress: &mut dyn FnMut(u64),
 ) -> Result<chain::Report, String> {
     let checkpoints = all_checkpoints(store).await?;
-    let mut after = 0u64;
-    // Pages are streamed into the verifier in order; only one page is held.
     let mut verifier = chain::Verifier::new(&checkpoints);
-    loop {
-        let page = page_after(store, after).await?;
-        let Some(last) = page.last().map(|e| e.seq) else {
-            break;
-        };
-        for event in page {
-            verifier.push(Ok(event));
-        }
-        progress(verifier.records());
-        after = last;
-    }
-    let check = |c: &Checkpoint| {
-        ring.verify_detached(
-            &c.kid,
-            &portcullis_store::checkpoint_message(c.seq, &c.hash, c.ts),
-            &c.sig,
-        )
-    };
-    Ok(verifier.finish(&check))
+    push_store_records(store, &mut verifier, 0, progress).await?;
+    Ok(verifier.finish(&ring_check(ring)))
 }
 
 /// Verifies an exported JSON Lines file against a JWKS document, in two
@@ -220,36 +288,11 @@ pub fn verify_jsonl(
             .map(|f| BoundedLines::new(std::io::BufReader::new(f)))
             .map_err(|e| format!("{}: {e}", path.display()))
     };
-    let mut checkpoints: Vec<Checkpoint> = Vec::new();
-    for line in open()? {
-        if let Some(c) = checkpoint_line(&line?)? {
-            checkpoints.push(c);
-        }
-    }
+    let checkpoints = checkpoint_lines(open()?)?;
     let mut verifier = chain::Verifier::new(&checkpoints);
-    for line in open()? {
-        let record = match line {
-            Ok(line) if is_record_line(&line) => {
-                serde_json::from_str::<Value>(&line).map_err(|e| e.to_string())
-            }
-            Ok(_) => continue,
-            Err(e) => Err(e),
-        };
-        verifier.push_json(record);
-        if verifier.records() % 10_000 == 0 {
-            progress(verifier.records());
-        }
-    }
+    push_record_lines(open()?, &mut verifier, progress);
     progress(verifier.records());
-    let check = |c: &Checkpoint| {
-        portcullis_token::verify_detached_with_jwks(
-            jwks,
-            &c.kid,
-            &portcullis_store::checkpoint_message(c.seq, &c.hash, c.ts),
-            &c.sig,
-        )
-    };
-    Ok(verifier.finish(&check))
+    Ok(verifier.finish(&jwks_check(jwks)))
 }
 
 /// What `audit tail` shows.

@@ -42,7 +42,10 @@ use portcullis_store::{
 use portcullis_token::KeyRing;
 use serde_json::{Value, json};
 
-use crate::audit::{all_checkpoints, export_line, sign_checkpoint};
+use crate::audit::{
+    all_checkpoints, checkpoint_lines, export_line, page_after, push_record_lines,
+    push_store_records, sign_checkpoint,
+};
 
 /// At most this many records go into one segment file (more than one
 /// checkpoint segment may share a file; a single segment longer than this
@@ -54,8 +57,6 @@ pub const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
 pub const SEGMENT_FORMAT: &str = "portcullis-audit-segment-v1";
 
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
-/// Records read per page from the store.
-const PAGE: usize = 1000;
 
 /// Where and when records move and go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,24 +155,7 @@ fn parse_segment_name(name: &str) -> Option<(u64, u64)> {
 /// files that start at the same seq (a crash left an older, shorter one
 /// behind), the longest is the archive's.
 pub fn list_segments(dir: &Path) -> Result<Vec<SegmentFile>, String> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(format!("{}: {e}", dir.display())),
-    };
-    let mut files: Vec<SegmentFile> = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
-        let name = entry.file_name();
-        let Some((first_seq, last_seq)) = name.to_str().and_then(parse_segment_name) else {
-            continue;
-        };
-        files.push(SegmentFile {
-            path: entry.path(),
-            first_seq,
-            last_seq,
-        });
-    }
+    let mut files = list_all_segments(dir)?;
     files.sort_by_key(|f| (f.first_seq, std::cmp::Reverse(f.last_seq)));
     files.dedup_by_key(|f| f.first_seq);
     Ok(files)
@@ -263,14 +247,7 @@ pub async fn store_floor(store: &dyn Store) -> Result<u64, String> {
 }
 
 async fn record_at(store: &dyn Store, seq: u64) -> Result<Option<AuditEvent>, String> {
-    let page = store
-        .audit(&AuditQuery {
-            since_seq: Some(seq.saturating_sub(1)),
-            limit: Some(1),
-            ..AuditQuery::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+    let page = page_after(store, seq.saturating_sub(1)).await?;
     Ok(page.into_iter().find(|e| e.seq == seq))
 }
 
@@ -482,11 +459,16 @@ async fn archive_run(
     Ok(())
 }
 
-/// Every segment file of `dir`, without the longest-wins selection of
-/// [`list_segments`].
+/// Every segment file of `dir` (none if it does not exist), in no
+/// order, without the longest-wins selection of [`list_segments`].
 fn list_all_segments(dir: &Path) -> Result<Vec<SegmentFile>, String> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{}: {e}", dir.display())),
+    };
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+    for entry in entries {
         let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
         if let Some((first_seq, last_seq)) = entry.file_name().to_str().and_then(parse_segment_name)
         {
@@ -562,14 +544,7 @@ async fn write_segment_to(
     let mut after = floor;
     let mut written = 0u64;
     while after < end {
-        let page = store
-            .audit(&AuditQuery {
-                since_seq: Some(after),
-                limit: Some(PAGE),
-                ..AuditQuery::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
+        let page = page_after(store, after).await?;
         let Some(last) = page.last().map(|e| e.seq) else {
             break;
         };
@@ -702,16 +677,13 @@ pub async fn verify_archive(
     progress: &mut dyn FnMut(u64),
 ) -> Result<chain::Report, String> {
     let files = list_segments(dir)?;
+    let in_file = |file: &SegmentFile| {
+        let path = file.path.display().to_string();
+        move |e: String| format!("{path}: {e}")
+    };
     let mut checkpoints: Vec<Checkpoint> = Vec::new();
     for file in &files {
-        for line in segment_lines(&file.path)? {
-            let line = line.map_err(|e| format!("{}: {e}", file.path.display()))?;
-            if let Some(c) =
-                checkpoint_line(&line).map_err(|e| format!("{}: {e}", file.path.display()))?
-            {
-                checkpoints.push(c);
-            }
-        }
+        checkpoints.extend(checkpoint_lines(segment_lines(&file.path)?).map_err(in_file(file))?);
     }
     if let Some(store) = store {
         checkpoints.extend(all_checkpoints(store).await?);
@@ -721,47 +693,18 @@ pub async fn verify_archive(
     } else {
         chain::Verifier::archive_alone(&checkpoints)
     };
-    let mut walked = 0u64;
-    'files: for file in &files {
-        for line in segment_lines(&file.path)? {
-            let record = match line {
-                Ok(line) if is_record_line(&line) => {
-                    serde_json::from_str::<Value>(&line).map_err(|e| e.to_string())
-                }
-                Ok(_) => continue,
-                Err(e) => Err(e),
-            };
-            if !verifier.push_json(record) {
-                break 'files;
-            }
-            walked += 1;
-            if walked.is_multiple_of(10_000) {
-                progress(walked);
-            }
+    let mut going = true;
+    for file in &files {
+        going = push_record_lines(segment_lines(&file.path)?, &mut verifier, progress);
+        if !going {
+            break;
         }
     }
     if let Some(store) = store
-        && verifier.problem().is_none()
+        && going
     {
-        let mut after = files.last().map_or(0, |f| f.last_seq);
-        loop {
-            let page = store
-                .audit(&AuditQuery {
-                    since_seq: Some(after),
-                    limit: Some(PAGE),
-                    ..AuditQuery::default()
-                })
-                .await
-                .map_err(|e| e.to_string())?;
-            let Some(last) = page.last().map(|e| e.seq) else {
-                break;
-            };
-            if !page.into_iter().all(|record| verifier.push(Ok(record))) {
-                break;
-            }
-            progress(verifier.records());
-            after = last;
-        }
+        let after = files.last().map_or(0, |f| f.last_seq);
+        push_store_records(store, &mut verifier, after, progress).await?;
     }
     progress(verifier.records());
     Ok(verifier.finish(check_sig))

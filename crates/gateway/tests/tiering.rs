@@ -16,10 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use portcullis_core::Timestamp;
-use portcullis_gateway::audit::{sign_checkpoint, verify_store};
+use portcullis_gateway::audit::{ring_check, sign_checkpoint, verify_store};
 use portcullis_gateway::tiering::{self, Tiers};
 use portcullis_store::chain::Report;
-use portcullis_store::{AuditQuery, Checkpoint, EventKind, NewEvent, Op, SqliteStore, Store};
+use portcullis_store::{AuditQuery, EventKind, NewEvent, Op, SqliteStore, Store};
 use portcullis_token::{KeyRing, SigningKey};
 
 const DAY: u64 = 24 * 60 * 60 * 1000;
@@ -58,24 +58,14 @@ async fn fill(store: &dyn Store, ring: &KeyRing, from: u64, days: u64, per_day: 
     }
 }
 
-fn check(ring: &KeyRing) -> impl Fn(&Checkpoint) -> bool + '_ {
-    move |c: &Checkpoint| {
-        ring.verify_detached(
-            &c.kid,
-            &portcullis_store::checkpoint_message(c.seq, &c.hash, c.ts),
-            &c.sig,
-        )
-    }
-}
-
 async fn verify_with_archive(store: &dyn Store, ring: &KeyRing, dir: &Path) -> Report {
-    tiering::verify_archive(dir, Some(store), &check(ring), &mut |_| {})
+    tiering::verify_archive(dir, Some(store), &ring_check(ring), &mut |_| {})
         .await
         .unwrap()
 }
 
 async fn verify_archive_alone(ring: &KeyRing, dir: &Path) -> Report {
-    tiering::verify_archive(dir, None, &check(ring), &mut |_| {})
+    tiering::verify_archive(dir, None, &ring_check(ring), &mut |_| {})
         .await
         .unwrap()
 }
