@@ -673,12 +673,25 @@ pub async fn call(
         .json(&json!({ "tool": tool, "arguments": arguments }))
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| error_chain(&e))?;
     let status = r.status().as_u16();
-    let bytes = r.bytes().await.map_err(|e| e.to_string())?;
+    let bytes = r.bytes().await.map_err(|e| error_chain(&e))?;
     let body = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     Ok((status, body))
+}
+
+/// An error with its causes ("error sending request: connection closed
+/// before message completed"), so a transport failure says what failed.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The reason code of an answer (`"allow"` for a 200).
