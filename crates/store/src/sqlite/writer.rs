@@ -555,7 +555,7 @@ fn append_event(conn: &Connection, event: NewEvent) -> Result<(u64, String)> {
         prev_hash,
         hash: String::new(),
     };
-    record.hash = chain::record_hash(&record).map_err(StoreError::Corrupt)?;
+    record.hash = chain::record_hash(&record);
     let json = serde_json::to_string(&record)
         .map_err(|e| StoreError::Corrupt(format!("encode audit event: {e}")))?;
     conn.prepare_cached(
