@@ -251,50 +251,85 @@ fn write_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// Writes the canonical form of `record` without its `hash` member straight
-/// from its fields: the same bytes as [`canonical_object_without`] over
+/// The canonical form of an audit record without its `hash` member, written
+/// straight from its fields, and where `hash` belongs in it.
+///
+/// The text is the same bytes as [`canonical_object_without`] over
 /// `serde_json::to_value(record)` with `"hash"` skipped (the tests compare
 /// the two for every field, present and absent), without building that
 /// value. Members are omitted exactly where serialization omits them
 /// (`None`, an empty `policy_ids`); `args` is canonicalized like any value.
-///
-/// The members, in canonical (byte) order; `hash` would sort between
-/// `detail` and `jti`.
-pub(crate) fn write_record_without_hash(out: &mut String, record: &AuditEvent) {
-    let event = &record.event;
-    let mut members = Members { out, first: true };
-    members.string("agent_id", event.agent_id.as_deref());
-    if let Some(args) = &event.args {
-        write_value(members.key("args"), args);
-    }
-    members.string("decision", event.decision.as_deref());
-    members.string("detail", event.detail.as_deref());
-    members.string("jti", event.jti.as_deref());
-    members.string("kind", Some(event.kind.as_str()));
-    if let Some(latency) = event.latency_us {
-        members.integer("latency_us", latency);
-    }
-    if !event.policy_ids.is_empty() {
-        let out = members.key("policy_ids");
-        out.push('[');
-        for (i, id) in event.policy_ids.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            write_string(out, id);
+/// [`RecordText::with_hash`] then gives the canonical form of the whole
+/// record, which is how the stores keep it: one serialization for both.
+pub(crate) struct RecordText {
+    /// The canonical JSON without `hash`: what the hash is computed over.
+    pub(crate) text: String,
+    /// The byte offset of the separator (`{` or `,`) before the first member
+    /// that sorts after `hash`.
+    hash_at: usize,
+}
+
+impl RecordText {
+    pub(crate) fn new(record: &AuditEvent) -> Self {
+        let event = &record.event;
+        let mut text = String::with_capacity(512);
+        let mut members = Members {
+            out: &mut text,
+            first: true,
+        };
+        // The members in canonical (byte) order.
+        members.string("agent_id", event.agent_id.as_deref());
+        if let Some(args) = &event.args {
+            write_value(members.key("args"), args);
         }
-        out.push(']');
+        members.string("decision", event.decision.as_deref());
+        members.string("detail", event.detail.as_deref());
+        // `hash` sorts here.
+        let hash_at = members.out.len();
+        members.string("jti", event.jti.as_deref());
+        members.string("kind", Some(event.kind.as_str()));
+        if let Some(latency) = event.latency_us {
+            members.integer("latency_us", latency);
+        }
+        if !event.policy_ids.is_empty() {
+            let out = members.key("policy_ids");
+            out.push('[');
+            for (i, id) in event.policy_ids.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_string(out, id);
+            }
+            out.push(']');
+        }
+        members.string("prev_hash", Some(&record.prev_hash));
+        members.string("reason", event.reason.as_deref());
+        members.string("result_digest", event.result_digest.as_deref());
+        members.integer("seq", record.seq);
+        members.string("state_from", event.state_from.as_deref());
+        members.string("state_to", event.state_to.as_deref());
+        members.string("task_id", event.task_id.as_deref());
+        members.string("tool", event.tool.as_deref());
+        members.integer("ts", event.ts.0);
+        members.finish();
+        Self { text, hash_at }
     }
-    members.string("prev_hash", Some(&record.prev_hash));
-    members.string("reason", event.reason.as_deref());
-    members.string("result_digest", event.result_digest.as_deref());
-    members.integer("seq", record.seq);
-    members.string("state_from", event.state_from.as_deref());
-    members.string("state_to", event.state_to.as_deref());
-    members.string("task_id", event.task_id.as_deref());
-    members.string("tool", event.tool.as_deref());
-    members.integer("ts", event.ts.0);
-    members.finish();
+
+    /// The canonical form of the record with `hash` as its `hash` member.
+    pub(crate) fn with_hash(&self, hash: &str) -> String {
+        // Members after `hash` always exist (`kind`, `prev_hash`, `seq`,
+        // `ts`), so the text goes on at `hash_at` with a separator: `,`
+        // after members before `hash`, `{` when there are none.
+        let (before, after) = self.text.split_at(self.hash_at.min(self.text.len()));
+        let mut out = String::with_capacity(self.text.len() + hash.len() + 10);
+        out.push_str(before);
+        out.push(if before.is_empty() { '{' } else { ',' });
+        out.push_str("\"hash\":");
+        write_string(&mut out, hash);
+        out.push(',');
+        out.push_str(after.get(1..).unwrap_or_default());
+        out
+    }
 }
 
 /// The members of an object being written in canonical order.
@@ -596,9 +631,17 @@ mod tests {
             let Value::Object(map) = serde_json::to_value(record).unwrap() else {
                 unreachable!()
             };
-            let mut typed = String::new();
-            write_record_without_hash(&mut typed, record);
-            assert_eq!(typed, canonical_object_without(&map, "hash"), "{record:?}");
+            let typed = RecordText::new(record);
+            assert_eq!(
+                typed.text,
+                canonical_object_without(&map, "hash"),
+                "{record:?}"
+            );
+            assert_eq!(
+                typed.with_hash(&record.hash),
+                canonical_json(&Value::Object(map)),
+                "{record:?}"
+            );
         };
         check(&full());
         let mut bare = full();
@@ -709,7 +752,7 @@ mod tests {
                             seq,
                             event,
                             prev_hash,
-                            hash: String::new(),
+                            hash: format!("h{seq:x}"),
                         }
                     },
                 )
@@ -733,9 +776,12 @@ mod tests {
                 let Value::Object(map) = serde_json::to_value(&record).unwrap() else {
                     unreachable!()
                 };
-                let mut typed = String::new();
-                write_record_without_hash(&mut typed, &record);
-                prop_assert_eq!(&typed, &canonical_object_without(&map, "hash"));
+                let typed = RecordText::new(&record);
+                prop_assert_eq!(&typed.text, &canonical_object_without(&map, "hash"));
+                prop_assert_eq!(
+                    typed.with_hash(&record.hash),
+                    canonical_json(&Value::Object(map.clone()))
+                );
                 prop_assert_eq!(
                     crate::chain::record_hash(&record),
                     crate::chain::json_record_hash(&map).unwrap()

@@ -58,7 +58,7 @@
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::canonical::{canonical_object_without, write_record_without_hash};
+use crate::canonical::{RecordText, canonical_object_without};
 use crate::{AuditEvent, Checkpoint};
 
 /// The `prev_hash` of the first record: 64 `0`s.
@@ -69,9 +69,17 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 /// is written straight from the typed fields (the same bytes as the JSON
 /// value would give, see [`json_record_hash`]).
 pub fn record_hash(record: &AuditEvent) -> String {
-    let mut canonical = String::with_capacity(512);
-    write_record_without_hash(&mut canonical, record);
-    hash_hex(&record.prev_hash, &canonical)
+    let text = RecordText::new(record);
+    hash_hex(&record.prev_hash, &text.text)
+}
+
+/// Sets `record.hash` and returns the record as the stores keep it: its
+/// canonical JSON, `hash` included (one serialization for the hash and the
+/// stored text).
+pub fn seal(record: &mut AuditEvent) -> String {
+    let text = RecordText::new(record);
+    record.hash = hash_hex(&record.prev_hash, &text.text);
+    text.with_hash(&record.hash)
 }
 
 /// The hash of a record given as a JSON object: its `prev_hash` member and

@@ -826,9 +826,7 @@ async fn append_event(conn: &mut Conn, event: &NewEvent, chain: &mut Chain) -> S
         prev_hash: chain.prev_hash.clone(),
         hash: String::new(),
     };
-    record.hash = chain::record_hash(&record);
-    let json = serde_json::to_string(&record)
-        .map_err(|e| StoreError::Corrupt(format!("encode audit event: {e}")))?;
+    let json = chain::seal(&mut record);
     let context = "append audit event";
     let statement = conn
         .statement(

@@ -202,9 +202,7 @@ fn chain_existing_events(conn: &Connection) -> Result<()> {
                 prev_hash,
                 hash: String::new(),
             };
-            record.hash = chain::record_hash(&record);
-            let json = serde_json::to_string(&record)
-                .map_err(|e| StoreError::Corrupt(format!("encode audit event {seq}: {e}")))?;
+            let json = chain::seal(&mut record);
             conn.execute(
                 "UPDATE audit_events SET event = ?2, prev_hash = ?3, hash = ?4 WHERE seq = ?1",
                 params![seq, json, record.prev_hash, record.hash],
@@ -536,7 +534,7 @@ mod tests {
             store.chain_head().await.unwrap(),
             Some((last, prev.clone()))
         );
-        // The stored JSON is the full record.
+        // The stored JSON is the full record, in canonical form.
         let conn = Connection::open(&path).unwrap();
         let (json, prev_col, hash_col): (String, String, String) = conn
             .query_row(
@@ -545,7 +543,10 @@ mod tests {
                 |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
             )
             .unwrap();
-        assert_eq!(json, serde_json::to_string(&records[4]).unwrap());
+        assert_eq!(
+            json,
+            crate::canonical_json(&serde_json::to_value(&records[4]).unwrap())
+        );
         assert_eq!(
             (prev_col, hash_col),
             (records[3].hash.clone(), records[4].hash.clone())

@@ -555,9 +555,7 @@ fn append_event(conn: &Connection, event: NewEvent) -> Result<(u64, String)> {
         prev_hash,
         hash: String::new(),
     };
-    record.hash = chain::record_hash(&record);
-    let json = serde_json::to_string(&record)
-        .map_err(|e| StoreError::Corrupt(format!("encode audit event: {e}")))?;
+    let json = chain::seal(&mut record);
     conn.prepare_cached(
         "INSERT INTO audit_events (seq, ts, kind, task_id, event, prev_hash, hash) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
