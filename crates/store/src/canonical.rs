@@ -219,10 +219,21 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 fn write_string(out: &mut String, s: &str) {
     out.push('"');
     // Runs of characters that stand for themselves are copied whole; only
-    // `"`, `\\` and the controls below U+0020 are escaped (all ASCII, so a
-    // byte index between runs is always a character boundary).
+    // `"`, `\\` and the controls below U+0020 are escaped. They are all
+    // ASCII, so a byte index next to one is always a character boundary.
+    let bytes = s.as_bytes();
     let mut run_start = 0;
-    for (at, byte) in s.bytes().enumerate() {
+    let mut at = 0;
+    while at < bytes.len() {
+        // Skip eight plain bytes at a time.
+        if let Some(word) = bytes.get(at..at + 8).and_then(|w| <[u8; 8]>::try_from(w).ok())
+            && !needs_escape(u64::from_le_bytes(word))
+        {
+            at += 8;
+            continue;
+        }
+        let byte = bytes.get(at).copied().unwrap_or(0);
+        at += 1;
         let escape = match byte {
             b'"' => "\\\"",
             b'\\' => "\\\\",
@@ -231,24 +242,37 @@ fn write_string(out: &mut String, s: &str) {
             b'\n' => "\\n",
             b'\r' => "\\r",
             b'\t' => "\\t",
-            byte if byte < 0x20 => {
-                out.push_str(s.get(run_start..at).unwrap_or_default());
-                run_start = at + 1;
-                out.push_str("\\u00");
-                for nibble in [byte >> 4, byte & 0xf] {
-                    let digit = HEX.get(usize::from(nibble)).copied().unwrap_or(b'0');
-                    out.push(char::from(digit));
-                }
-                continue;
-            }
+            0x00..=0x1f => "",
             _ => continue,
         };
-        out.push_str(s.get(run_start..at).unwrap_or_default());
-        out.push_str(escape);
-        run_start = at + 1;
+        out.push_str(s.get(run_start..at - 1).unwrap_or_default());
+        run_start = at;
+        if escape.is_empty() {
+            out.push_str("\\u00");
+            for nibble in [byte >> 4, byte & 0xf] {
+                let digit = HEX.get(usize::from(nibble)).copied().unwrap_or(b'0');
+                out.push(char::from(digit));
+            }
+        } else {
+            out.push_str(escape);
+        }
     }
     out.push_str(s.get(run_start..).unwrap_or_default());
     out.push('"');
+}
+
+/// Whether any of the eight bytes of `word` is `"`, `\\` or below 0x20
+/// (the usual word-at-a-time tests: a byte is zero, a byte is below n).
+const fn needs_escape(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    const fn zero_byte(w: u64) -> u64 {
+        w.wrapping_sub(ONES) & !w & HIGHS
+    }
+    let control = word.wrapping_sub(ONES * 0x20) & !word & HIGHS;
+    let quote = zero_byte(word ^ (ONES * b'"' as u64));
+    let backslash = zero_byte(word ^ (ONES * b'\\' as u64));
+    control | quote | backslash != 0
 }
 
 /// The canonical form of an audit record without its `hash` member, written
@@ -595,6 +619,31 @@ mod tests {
         assert_eq!(
             canonical_object_without(&map, "none"),
             r#"{"a":"b","hash":"h","seq":1}"#
+        );
+    }
+
+    /// Every byte that needs an escape, and its neighbours on each side of
+    /// the escape set, at every position of a string longer than two words
+    /// (the writer skips plain text eight bytes at a time).
+    #[test]
+    fn escapes_at_every_position_match_serde_json() {
+        let specials = (0u8..0x20).chain([b'"', b'\\', b' ', b'!', b'#', b'[', b']', 0x7f]);
+        for special in specials {
+            for at in 0..20 {
+                let mut bytes = vec![b'a'; 20];
+                bytes[at] = special;
+                let s = String::from_utf8(bytes).unwrap();
+                assert_eq!(
+                    canonical_json(&Value::String(s.clone())),
+                    serde_json::to_string(&s).unwrap(),
+                    "{s:?}"
+                );
+            }
+        }
+        let mixed = "日本語 text with \"quotes\" and\ttabs, é and 😀\u{1}".repeat(3);
+        assert_eq!(
+            canonical_json(&Value::String(mixed.clone())),
+            serde_json::to_string(&mixed).unwrap()
         );
     }
 
