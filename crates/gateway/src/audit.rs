@@ -144,10 +144,11 @@ pub(crate) async fn page_after(store: &dyn Store, after: u64) -> Result<Vec<Audi
         .map_err(|e| e.to_string())
 }
 
-/// One record as an export line (checkpoint lines are
-/// `{"checkpoint": …}`, written by [`export`] after the record they cover).
-pub fn export_line(event: &AuditEvent) -> Result<String, String> {
-    serde_json::to_string(event).map_err(|e| e.to_string())
+/// One record as an export line: its canonical JSON, as the stores keep
+/// new records ([`chain::encode`]). Checkpoint lines are
+/// `{"checkpoint": …}`, written by [`export`] after the record they cover.
+pub fn export_line(event: &AuditEvent) -> String {
+    chain::encode(event)
 }
 
 /// Writes the log from `since_seq` (exclusive) as JSON Lines, checkpoints
@@ -164,7 +165,7 @@ pub async fn export(store: &dyn Store, since_seq: u64, out: &mut dyn Write) -> R
             return Ok(written);
         };
         for event in &page {
-            writeln!(out, "{}", export_line(event)?).map_err(|e| e.to_string())?;
+            writeln!(out, "{}", export_line(event)).map_err(|e| e.to_string())?;
             written += 1;
             while let Some(c) = next_checkpoint.next_if(|c| c.seq <= event.seq) {
                 let line = serde_json::json!({ "checkpoint": c });
@@ -341,7 +342,7 @@ pub async fn tail(
         match page.last().map(|e| e.seq) {
             Some(last) => {
                 for e in page.iter().filter(|e| filter.matches(e)) {
-                    out(&export_line(e)?);
+                    out(&export_line(e));
                 }
                 after = last;
             }

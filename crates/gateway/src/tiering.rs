@@ -556,7 +556,7 @@ async fn write_segment_to(
                     after + 1
                 ));
             }
-            writeln!(gz, "{}", export_line(record)?).map_err(io)?;
+            writeln!(gz, "{}", export_line(record)).map_err(io)?;
             write_checkpoints_to(&mut gz, record.seq)?;
             after = record.seq;
             written += 1;

@@ -226,7 +226,9 @@ fn write_string(out: &mut String, s: &str) {
     let mut at = 0;
     while at < bytes.len() {
         // Skip eight plain bytes at a time.
-        if let Some(word) = bytes.get(at..at + 8).and_then(|w| <[u8; 8]>::try_from(w).ok())
+        if let Some(word) = bytes
+            .get(at..at + 8)
+            .and_then(|w| <[u8; 8]>::try_from(w).ok())
             && !needs_escape(u64::from_le_bytes(word))
         {
             at += 8;

@@ -82,6 +82,12 @@ pub fn seal(record: &mut AuditEvent) -> String {
     text.with_hash(&record.hash)
 }
 
+/// A record as [`seal`] stores it and exports print it: the canonical JSON
+/// of the whole record, its `hash` as it is (not recomputed).
+pub fn encode(record: &AuditEvent) -> String {
+    RecordText::new(record).with_hash(&record.hash)
+}
+
 /// The hash of a record given as a JSON object: its `prev_hash` member and
 /// the canonical JSON of every member except `hash`. An error when
 /// `prev_hash` is missing or not a string.
