@@ -1031,8 +1031,10 @@ async fn no_acknowledged_call_is_lost_when_postgres_restarts_under_load() {
 /// connections stay open, nothing answers), `/readyz` waited for the
 /// store's 30 s operation timeout before answering 503, far longer than a
 /// load balancer's check waits. It now answers 503 within its own bound
-/// (`server::READY_TIMEOUT`, 2 s), and the replica is ready again, without
-/// a restart, once PostgreSQL answers.
+/// (`server::READY_TIMEOUT`, 2 s); a call fails closed within the ledger
+/// deadline (`pipeline::LEDGER_DEADLINE`, 5 s) where it waited 30 s or
+/// more; and the replica is ready again, without a restart, once
+/// PostgreSQL answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_answers_promptly_when_postgres_hangs() {
     let test = "cluster readyz_answers_promptly_when_postgres_hangs";
@@ -1080,6 +1082,23 @@ async fn readyz_answers_promptly_when_postgres_hangs() {
         );
         eprintln!("/readyz with PostgreSQL frozen: 503 after {took:?}");
     }
+    // A call meanwhile fails closed within the gateway's ledger deadline
+    // (5 s) instead of waiting out the store's 30 s operation timeout.
+    let asked = Instant::now();
+    let r = http
+        .post(format!("{base}/v1/tasks/{task_id}/calls"))
+        .bearer_auth(&token)
+        .json(&json!({ "tool": "warehouse.echo", "arguments": { "text": "frozen" } }))
+        .send()
+        .await
+        .unwrap();
+    let took = asked.elapsed();
+    assert_internal_error(r, "a call with PostgreSQL frozen").await;
+    assert!(
+        took < Duration::from_secs(8),
+        "a call took {took:?} with PostgreSQL hanging"
+    );
+    eprintln!("a call with PostgreSQL frozen: 503 after {took:?}");
     pg.thaw();
     replicas.wait_ready(&http, 0, Duration::from_secs(30)).await;
     assert!(replicas.running(0));

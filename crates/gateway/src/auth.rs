@@ -19,6 +19,7 @@ use portcullis_store::TokenKind;
 use portcullis_token::{Claims, Expect};
 
 use crate::error::{ApiError, Kind};
+use crate::pipeline::{ledger_deadline, within_deadline};
 use crate::state::{AdminEntry, Gateway};
 
 /// The bearer credential of a request: `None` when there is no
@@ -54,8 +55,25 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
 
 impl Gateway {
     /// Verifies an access token of this gateway and checks the ledger that
-    /// it is live. Hop tokens (other audiences) are `wrong_audience`.
+    /// it is live, within
+    /// [`LEDGER_DEADLINE`](crate::pipeline::LEDGER_DEADLINE). Hop tokens
+    /// (other audiences) are `wrong_audience`.
     pub async fn authenticate_token(&self, token: &str) -> Result<Claims, ApiError> {
+        self.authenticate_token_until(token, ledger_deadline())
+            .await
+    }
+
+    /// [`Self::authenticate_token`], with the ledger's answer due by
+    /// `deadline`.
+    async fn authenticate_token_until(
+        &self,
+        token: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<Claims, ApiError> {
+        within_deadline("checking the token", deadline, self.authenticate_now(token)).await
+    }
+
+    async fn authenticate_now(&self, token: &str) -> Result<Claims, ApiError> {
         let now = self.now();
         let expect = Expect {
             issuer: &self.settings.issuer,
@@ -124,10 +142,16 @@ impl Gateway {
     }
 
     /// Authenticates the bearer access token of a request.
-    pub(crate) async fn authenticate(&self, headers: &HeaderMap) -> Result<Claims, ApiError> {
+    /// The ledger's answer is due by `deadline` ([`ledger_deadline`]; a
+    /// refusal's record shares it).
+    pub(crate) async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        deadline: tokio::time::Instant,
+    ) -> Result<Claims, ApiError> {
         let token = bearer(headers)?
             .ok_or_else(|| ApiError::denied(Reason::TokenMissing, "no bearer token"))?;
-        self.authenticate_token(token).await
+        self.authenticate_token_until(token, deadline).await
     }
 
     /// The admin whose token the request carries, if any (constant time

@@ -25,7 +25,7 @@ use portcullis_token::Claims;
 use portcullis_store::{EventKind, NewEvent, Op};
 
 use crate::error::ApiError;
-use crate::pipeline::bind;
+use crate::pipeline::{bind, ledger_deadline, within_deadline};
 use crate::server::RequestId;
 use crate::state::Gateway;
 
@@ -49,13 +49,14 @@ pub(crate) async fn authenticate(
     next: Next,
 ) -> Response {
     let rid = request_id(&req);
-    match gw.authenticate(req.headers()).await {
+    let deadline = ledger_deadline();
+    match gw.authenticate(req.headers(), deadline).await {
         Ok(claims) => {
             req.extensions_mut().insert(TaskCaller(Arc::new(claims)));
             next.run(req).await
         }
         Err(e) => {
-            let answer = audit_refusal(&gw, params.get("task_id"), None, &e).await;
+            let answer = audit_refusal(&gw, params.get("task_id"), None, &e, deadline).await;
             answer.with_request_id(&rid.0).into_response()
         }
     }
@@ -64,12 +65,14 @@ pub(crate) async fn authenticate(
 /// Records a refusal that happened before a call was decided (a failed
 /// authentication, a token of another task) as `call.denied`. If the
 /// record cannot be written, the answer becomes the ledger failure: no
-/// refusal goes unrecorded silently.
+/// refusal goes unrecorded silently. The record is due by `deadline` (the
+/// request's, when the refusal came from a ledger step that had one).
 pub(crate) async fn audit_refusal(
     gw: &Gateway,
     task_id: Option<&String>,
     agent_id: Option<&str>,
     refusal: &ApiError,
+    deadline: tokio::time::Instant,
 ) -> ApiError {
     let mut event = NewEvent::new(gw.now(), EventKind::CallDenied);
     // Bounded: the path is the caller's input.
@@ -78,9 +81,15 @@ pub(crate) async fn audit_refusal(
     event.decision = Some("deny".to_owned());
     event.reason = refusal.reason().map(|r| r.as_str().to_owned());
     event.detail = Some(refusal.detail().chars().take(256).collect());
-    match gw.commit(vec![Op::Append(event)]).await {
+    let recorded = within_deadline("recording the refusal", deadline, async {
+        gw.commit(vec![Op::Append(event)])
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))
+    })
+    .await;
+    match recorded {
         Ok(_) => refusal.clone(),
-        Err(e) => ApiError::unavailable(e.to_string()),
+        Err(e) => e,
     }
 }
 
@@ -106,7 +115,14 @@ pub(crate) async fn bind_task(
                 .extensions()
                 .get::<TaskCaller>()
                 .map(|c| c.0.sub.clone());
-            let answer = audit_refusal(&gw, params.get("task_id"), agent.as_deref(), &e).await;
+            let answer = audit_refusal(
+                &gw,
+                params.get("task_id"),
+                agent.as_deref(),
+                &e,
+                ledger_deadline(),
+            )
+            .await;
             answer.with_request_id(&rid.0).into_response()
         }
     }

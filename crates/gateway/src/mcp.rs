@@ -280,10 +280,11 @@ pub(crate) async fn endpoint(
             );
         }
     }
-    let claims = match gw.authenticate(&headers).await {
+    let deadline = crate::pipeline::ledger_deadline();
+    let claims = match gw.authenticate(&headers, deadline).await {
         Ok(c) => c,
         Err(e) => {
-            let answer = crate::layers::audit_refusal(&gw, None, None, &e).await;
+            let answer = crate::layers::audit_refusal(&gw, None, None, &e, deadline).await;
             return answer.with_request_id(&rid.0).into_response();
         }
     };
@@ -338,8 +339,14 @@ async fn mismatch(gw: &Gateway, rid: &RequestId, claims: &Claims) -> Response {
         Reason::TaskMismatch,
         "the MCP session belongs to another task",
     );
-    let answer =
-        crate::layers::audit_refusal(gw, Some(&claims.task_id), Some(&claims.sub), &e).await;
+    let answer = crate::layers::audit_refusal(
+        gw,
+        Some(&claims.task_id),
+        Some(&claims.sub),
+        &e,
+        crate::pipeline::ledger_deadline(),
+    )
+    .await;
     answer.with_request_id(&rid.0).into_response()
 }
 

@@ -30,6 +30,39 @@ use crate::upstream::UpstreamCall;
 const CAS_ATTEMPTS: usize = 8;
 /// Longest an upstream call may take.
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest each ledger-bound step before forwarding may take:
+/// authentication (the token's ledger record, when it is not cached as
+/// live), and the decision (waiting for the task's lock, loading the task,
+/// committing the write-ahead record, minting the per-hop credential).
+/// Past it the request fails closed (503 `internal_error`) instead of
+/// waiting out the store's own timeouts (PostgreSQL's `operation_timeout`,
+/// 30 s per operation) on a ledger that hangs. A write-ahead commit already
+/// queued may still land afterwards: the call is then recorded as allowed,
+/// counted, and never forwarded (it has no `call.completed` record), as for
+/// any commit whose outcome its caller did not see.
+pub const LEDGER_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The end of a [`LEDGER_DEADLINE`] starting now.
+pub(crate) fn ledger_deadline() -> tokio::time::Instant {
+    tokio::time::Instant::now() + LEDGER_DEADLINE
+}
+
+/// Runs `step` until `deadline` (see [`ledger_deadline`]); past it, 503
+/// `internal_error` saying that the ledger did not answer in time for
+/// `what`.
+pub(crate) async fn within_deadline<T>(
+    what: &str,
+    deadline: tokio::time::Instant,
+    step: impl Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    tokio::time::timeout_at(deadline, step)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::unavailable(format!(
+                "the ledger did not answer within {LEDGER_DEADLINE:?} ({what})"
+            )))
+        })
+}
 
 /// A call that passed every check and is recorded, ready to forward.
 #[derive(Debug)]
@@ -74,7 +107,24 @@ impl Gateway {
 
     /// Decides a call, records it ahead of any forwarding, and applies it
     /// to the task. With `forward`, also mints the per-hop credential.
+    /// Within [`LEDGER_DEADLINE`], or 503 `internal_error`.
     pub(crate) async fn authorize(
+        &self,
+        claims: &Claims,
+        task_id: &str,
+        tool: &str,
+        args: &Value,
+        forward: bool,
+    ) -> Result<Authorized, ApiError> {
+        within_deadline(
+            "deciding and recording the call",
+            ledger_deadline(),
+            self.authorize_now(claims, task_id, tool, args, forward),
+        )
+        .await
+    }
+
+    async fn authorize_now(
         &self,
         claims: &Claims,
         task_id: &str,

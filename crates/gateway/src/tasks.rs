@@ -213,7 +213,9 @@ async fn task_or_admin(
             ))
         };
     }
-    let claims = gw.authenticate(headers).await?;
+    let claims = gw
+        .authenticate(headers, crate::pipeline::ledger_deadline())
+        .await?;
     bind(&claims, task_id)?;
     Ok(Caller::Task(Box::new(claims)))
 }
