@@ -34,7 +34,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Map, Number, Value};
 
-use crate::AuditEvent;
+use crate::{AuditEvent, NewEvent};
 
 /// The canonical form of `value`.
 pub fn canonical_json(value: &Value) -> String {
@@ -297,30 +297,54 @@ pub(crate) struct RecordText {
 
 impl RecordText {
     pub(crate) fn new(record: &AuditEvent) -> Self {
-        let event = &record.event;
+        // Every field by name, without `..`: a field added to the record
+        // does not compile until it is written here too.
+        let AuditEvent {
+            seq,
+            event,
+            prev_hash,
+            hash: _,
+        } = record;
+        let NewEvent {
+            ts,
+            kind,
+            task_id,
+            agent_id,
+            tool,
+            decision,
+            reason,
+            policy_ids,
+            args,
+            result_digest,
+            latency_us,
+            state_from,
+            state_to,
+            jti,
+            detail,
+        } = event;
         let mut text = String::with_capacity(512);
         let mut members = Members {
             out: &mut text,
             first: true,
         };
         // The members in canonical (byte) order.
-        members.string("agent_id", event.agent_id.as_deref());
-        if let Some(args) = &event.args {
+        members.string("agent_id", agent_id.as_deref());
+        if let Some(args) = args {
             write_value(members.key("args"), args);
         }
-        members.string("decision", event.decision.as_deref());
-        members.string("detail", event.detail.as_deref());
+        members.string("decision", decision.as_deref());
+        members.string("detail", detail.as_deref());
         // `hash` sorts here.
         let hash_at = members.out.len();
-        members.string("jti", event.jti.as_deref());
-        members.string("kind", Some(event.kind.as_str()));
-        if let Some(latency) = event.latency_us {
-            members.integer("latency_us", latency);
+        members.string("jti", jti.as_deref());
+        members.string("kind", Some(kind.as_str()));
+        if let Some(latency) = latency_us {
+            members.integer("latency_us", *latency);
         }
-        if !event.policy_ids.is_empty() {
+        if !policy_ids.is_empty() {
             let out = members.key("policy_ids");
             out.push('[');
-            for (i, id) in event.policy_ids.iter().enumerate() {
+            for (i, id) in policy_ids.iter().enumerate() {
                 if i > 0 {
                     out.push(',');
                 }
@@ -328,15 +352,15 @@ impl RecordText {
             }
             out.push(']');
         }
-        members.string("prev_hash", Some(&record.prev_hash));
-        members.string("reason", event.reason.as_deref());
-        members.string("result_digest", event.result_digest.as_deref());
-        members.integer("seq", record.seq);
-        members.string("state_from", event.state_from.as_deref());
-        members.string("state_to", event.state_to.as_deref());
-        members.string("task_id", event.task_id.as_deref());
-        members.string("tool", event.tool.as_deref());
-        members.integer("ts", event.ts.0);
+        members.string("prev_hash", Some(prev_hash));
+        members.string("reason", reason.as_deref());
+        members.string("result_digest", result_digest.as_deref());
+        members.integer("seq", *seq);
+        members.string("state_from", state_from.as_deref());
+        members.string("state_to", state_to.as_deref());
+        members.string("task_id", task_id.as_deref());
+        members.string("tool", tool.as_deref());
+        members.integer("ts", ts.0);
         members.finish();
         Self { text, hash_at }
     }
