@@ -11,6 +11,8 @@
     clippy::indexing_slicing
 )]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -53,31 +55,10 @@ bootstrap_sha256 = "{sha}"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_on_one_replica_reaches_the_other_within_a_second() {
-    let Ok(base_url) = std::env::var("PORTCULLIS_TEST_POSTGRES_URL") else {
-        eprintln!("SKIP: PORTCULLIS_TEST_POSTGRES_URL not set");
+    let Some(schema) = common::PgSchema::create("pc_gw") else {
         return;
     };
-    let schema = format!(
-        "pc_gw_{}",
-        portcullis_token::random_id("")
-            .unwrap()
-            .to_lowercase()
-            .replace(['-', '_'], "")
-    );
-    let psql = |sql: &str| {
-        let out = std::process::Command::new("psql")
-            .args([&base_url, "-v", "ON_ERROR_STOP=1", "-c", sql])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    psql(&format!("CREATE SCHEMA {schema}"));
-    let sep = if base_url.contains('?') { '&' } else { '?' };
-    let url = format!("{base_url}{sep}options=-c%20search_path%3D{schema}");
+    let url = schema.url.clone();
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -175,5 +156,4 @@ async fn a_revocation_on_one_replica_reaches_the_other_within_a_second() {
         .unwrap();
     assert!(report.first_bad.is_none(), "{report:?}");
     assert!(report.records >= 6, "{report:?}");
-    psql(&format!("DROP SCHEMA {schema} CASCADE"));
 }

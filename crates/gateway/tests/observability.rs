@@ -515,31 +515,10 @@ bootstrap_sha256 = "{bootstrap}"
 /// unless `PORTCULLIS_TEST_POSTGRES_URL` is set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_on_one_postgres_ledger_show_the_same_task_counts() {
-    let Ok(base_url) = std::env::var("PORTCULLIS_TEST_POSTGRES_URL") else {
-        eprintln!("SKIP: PORTCULLIS_TEST_POSTGRES_URL not set");
+    let Some(schema) = common::PgSchema::create("pc_obs") else {
         return;
     };
-    let schema = format!(
-        "pc_obs_{}",
-        portcullis_token::random_id("")
-            .unwrap()
-            .to_lowercase()
-            .replace(['-', '_'], "")
-    );
-    let psql = |sql: &str| {
-        let out = std::process::Command::new("psql")
-            .args([&base_url, "-v", "ON_ERROR_STOP=1", "-c", sql])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    psql(&format!("CREATE SCHEMA {schema}"));
-    let sep = if base_url.contains('?') { '&' } else { '?' };
-    let url = format!("{base_url}{sep}options=-c%20search_path%3D{schema}");
+    let url = schema.url.clone();
     let dir = tempfile::tempdir().unwrap();
     portcullis_gateway::run::keygen(&dir.path().join("keys/k.ed25519")).unwrap();
     let mut bases = Vec::new();
@@ -604,5 +583,4 @@ async fn replicas_on_one_postgres_ledger_show_the_same_task_counts() {
             "{text}"
         );
     }
-    psql(&format!("DROP SCHEMA {schema} CASCADE"));
 }

@@ -888,3 +888,52 @@ impl Receiver {
         self.accepted.lock().unwrap().clone()
     }
 }
+
+/// A fresh, empty schema of the PostgreSQL database named by
+/// `PORTCULLIS_TEST_POSTGRES_URL`, dropped (with everything in it) when
+/// this drops, a failed test included.
+pub struct PgSchema {
+    base: String,
+    name: String,
+    /// The database URL with `search_path` set to the schema.
+    pub url: String,
+}
+
+impl PgSchema {
+    /// `None`, with a `SKIP:` notice, when the variable is not set.
+    pub fn create(prefix: &str) -> Option<Self> {
+        let Ok(base) = std::env::var("PORTCULLIS_TEST_POSTGRES_URL") else {
+            eprintln!("SKIP: PORTCULLIS_TEST_POSTGRES_URL not set");
+            return None;
+        };
+        let name = format!(
+            "{prefix}_{}",
+            portcullis_token::random_id("")
+                .unwrap()
+                .to_lowercase()
+                .replace(['-', '_'], "")
+        );
+        let out = std::process::Command::new("psql")
+            .args([&base, "-v", "ON_ERROR_STOP=1", "-c"])
+            .arg(format!("CREATE SCHEMA {name}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}options=-c%20search_path%3D{name}");
+        Some(Self { base, name, url })
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("psql")
+            .args([&self.base, "-q", "-c"])
+            .arg(format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name))
+            .output();
+    }
+}
