@@ -251,7 +251,13 @@ fn serve(config: &Path, json_logs: bool) -> anyhow::Result<ExitCode> {
     } else {
         logs.init();
     }
-    runtime()?.block_on(portcullis_gateway::run::serve_config(config))?;
+    let rt = runtime()?;
+    let served = rt.block_on(portcullis_gateway::run::serve_config(config));
+    // Dropping a runtime waits for every blocking task, a stalled store
+    // close included; the shutdown bound is already spent, so give the
+    // runtime a moment and then leave it behind.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 

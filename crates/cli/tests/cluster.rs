@@ -1105,3 +1105,76 @@ async fn readyz_answers_promptly_when_postgres_hangs() {
     assert_eq!(echo("after").await.0, 200);
     assert_chain_verifies(dir);
 }
+
+/// Regression: a store that hangs at shutdown (here PostgreSQL SIGSTOPped,
+/// so the last checkpoint and the ledger's flush never answer) held
+/// `serve` after SIGTERM for as long as the store's timeouts ran, or
+/// forever on a close that deadlocked, blocking restarts and deployments.
+/// `serve` now gives up after `run::SHUTDOWN_BOUND` (10 s), says so in its
+/// log, and exits non-zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_in_bounded_time_when_the_ledger_hangs() {
+    let test = "cluster sigterm_exits_in_bounded_time_when_the_ledger_hangs";
+    if postgres_url(test).is_none() {
+        return;
+    }
+    let _heavy = HEAVY.lock().await;
+    let Some(pg) = PrivatePostgres::start(test) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let upstream = Upstream::start(dir).await;
+    let mut replicas = Replicas::start(dir, 1, &pg.url, upstream.port).await;
+    let base = replicas.bases[0].clone();
+    let http = client();
+    let (task_id, token) = start_task(&http, &base, "load-bot").await;
+    let answer = call(
+        &http,
+        &base,
+        &task_id,
+        &token,
+        "warehouse.echo",
+        json!({ "text": "before" }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.0, 200);
+
+    pg.freeze();
+    let mut server = replicas.servers[0].take().unwrap();
+    let asked = Instant::now();
+    let pid = server.0.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(20),
+            "serve still running {:?} after SIGTERM with the ledger hanging:\n{}",
+            asked.elapsed(),
+            replicas.log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let took = asked.elapsed();
+    pg.thaw();
+    eprintln!("SIGTERM with PostgreSQL frozen: exited {status} after {took:?}");
+    assert!(
+        !status.success(),
+        "a shutdown that could not close the ledger must not exit 0"
+    );
+    assert!(
+        took >= Duration::from_secs(9),
+        "serve waited its bound for the ledger ({took:?})"
+    );
+    let log = replicas.log(0);
+    assert!(log.contains("shutdown stalled"), "log says why:\n{log}");
+}

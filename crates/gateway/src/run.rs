@@ -32,6 +32,10 @@ pub enum RunError {
         /// What went wrong.
         why: String,
     },
+    /// After the shutdown signal, the last checkpoint or the ledger's close
+    /// did not finish within [`SHUTDOWN_BOUND`].
+    #[error("shutdown stalled: the ledger did not close within {0:?}")]
+    ShutdownStalled(std::time::Duration),
     /// Anything else.
     #[error("{0}")]
     Other(String),
@@ -290,12 +294,29 @@ pub async fn serve_config(config: &Path) -> Result<(), RunError> {
         let _ = stop_tx.send(true);
     })
     .await;
-    let _ = checkpoints.await;
-    let _ = tiering.await;
-    // Flush the ledger (and bring SQLite's JSON Lines mirror in sync).
-    ledger.close().await;
+    // The last checkpoint first, then flush the ledger (and bring SQLite's
+    // JSON Lines mirror in sync), all within SHUTDOWN_BOUND: a store that
+    // hangs (a frozen PostgreSQL, a stalled close) must not hold the
+    // process, and with it a restart or a deployment, forever.
+    let finish = async {
+        let _ = checkpoints.await;
+        let _ = tiering.await;
+        ledger.close().await;
+    };
+    if tokio::time::timeout(SHUTDOWN_BOUND, finish).await.is_err() {
+        tracing::error!(
+            bound_secs = SHUTDOWN_BOUND.as_secs(),
+            "shutdown: the last checkpoint or the ledger's close did not finish in time; \
+             exiting without it (records not yet committed are not acknowledged)"
+        );
+        return Err(RunError::ShutdownStalled(SHUTDOWN_BOUND));
+    }
     served.map_err(|e| RunError::Other(e.to_string()))
 }
+
+/// How long `serve` waits, after SIGTERM or Ctrl-C, for its last checkpoint
+/// and for the ledger to close before it gives up and exits non-zero.
+pub const SHUTDOWN_BOUND: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn wait_for(mut stop: tokio::sync::watch::Receiver<bool>) {
     while !*stop.borrow() {
