@@ -598,3 +598,62 @@ async fn sigterm_during_load_exits_in_bounded_time() {
         &missing[..missing.len().min(5)]
     );
 }
+
+/// Regression: two `serve` processes on one SQLite ledger shared it
+/// without coordination, so a halt or revocation through one left the
+/// task's tokens live on the other (its cache of live tokens) for up to
+/// 15 minutes. The second now refuses to start, saying why; once the first
+/// has stopped, it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_serve_on_one_sqlite_ledger_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = common::portcullis(dir.path(), &["keygen", "--out", "keys/k1.ed25519"]);
+    assert!(out.status.success(), "keygen: {out:?}");
+    let first_listen = format!("127.0.0.1:{}", free_port());
+    write_config(dir.path(), &first_listen, "");
+    let second_listen = format!("127.0.0.1:{}", free_port());
+    let text = std::fs::read_to_string(dir.path().join("portcullis.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("second.toml"),
+        text.replace(&first_listen, &second_listen),
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+    let first_base = format!("http://{first_listen}");
+    let mut first = common::start_server(dir.path(), &first_base, &client, "first.log").await;
+
+    let second = Command::new(BIN)
+        .args(["serve", "--config", "second.toml"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&second.stderr).into_owned();
+    assert!(!second.status.success(), "{said}");
+    assert!(
+        said.contains("in use by another `portcullis serve`"),
+        "{said}"
+    );
+    // The first is unharmed.
+    let r = client
+        .get(format!("{first_base}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let first_log = || std::fs::read_to_string(dir.path().join("first.log")).unwrap_or_default();
+    stop_server(&mut first, &first_log).await;
+    let second_base = format!("http://{second_listen}");
+    let mut second = common::start_server_within(
+        dir.path(),
+        std::path::Path::new("second.toml"),
+        &second_base,
+        &client,
+        "second.log",
+        Duration::from_secs(15),
+    )
+    .await;
+    let second_log = || std::fs::read_to_string(dir.path().join("second.log")).unwrap_or_default();
+    stop_server(&mut second, &second_log).await;
+}

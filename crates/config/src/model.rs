@@ -301,6 +301,12 @@ pub struct Upstream {
     /// The per-hop credential the upstream receives.
     #[serde(default)]
     pub credential: Credential,
+    /// Whether an agent may trade its task token for a per-hop token of
+    /// this upstream (RFC 8693 token exchange at `/oauth/token`) and then
+    /// call it directly: around the gateway, so its arguments are never
+    /// checked or recorded call by call. Default false: closed.
+    #[serde(default)]
+    pub token_exchange: bool,
 }
 
 /// Upstream transport.

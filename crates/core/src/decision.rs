@@ -30,6 +30,28 @@ pub struct Transition {
     pub approval: bool,
 }
 
+/// The longest tool name, in bytes, that a decision (and so an audit record)
+/// carries. Registered names are far shorter; a longer name in a request
+/// is an unknown tool whose name is cut here, so a caller cannot grow the
+/// audit log by the size of its request body.
+pub const MAX_TOOL_NAME_BYTES: usize = 256;
+
+/// `tool`, cut to at most [`MAX_TOOL_NAME_BYTES`] bytes on a character
+/// boundary; a cut name ends in `…`.
+pub fn bounded_tool_name(tool: &str) -> String {
+    if tool.len() <= MAX_TOOL_NAME_BYTES {
+        return tool.to_owned();
+    }
+    const MARK: &str = "…";
+    let mut end = MAX_TOOL_NAME_BYTES - MARK.len();
+    while !tool.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut cut = tool.get(..end).unwrap_or_default().to_owned();
+    cut.push_str(MARK);
+    cut
+}
+
 /// The engine's answer for one call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Decision {
@@ -68,7 +90,7 @@ impl Decision {
             reason: Some(reason),
             detail: detail.into(),
             policy_ids: Vec::new(),
-            tool: tool.to_owned(),
+            tool: bounded_tool_name(tool),
             transition: None,
         }
     }
@@ -83,5 +105,26 @@ impl Decision {
     /// True when the call may go ahead.
     pub fn is_allowed(&self) -> bool {
         self.decision == Outcome::Allow
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_names_are_cut_on_a_char_boundary() {
+        assert_eq!(bounded_tool_name("warehouse.query"), "warehouse.query");
+        let exact = "a".repeat(MAX_TOOL_NAME_BYTES);
+        assert_eq!(bounded_tool_name(&exact), exact);
+        for filler in ["a", "é", "日", "𝄞"] {
+            let long = filler.repeat(MAX_TOOL_NAME_BYTES + 1);
+            let cut = bounded_tool_name(&long);
+            assert!(cut.len() <= MAX_TOOL_NAME_BYTES, "{filler}: {}", cut.len());
+            assert!(cut.ends_with('…'));
+            assert!(long.starts_with(cut.trim_end_matches('…')));
+        }
+        let denial = Decision::deny(&"x".repeat(100_000), Reason::ToolUnknown, "no such tool");
+        assert!(denial.tool.len() <= MAX_TOOL_NAME_BYTES);
     }
 }

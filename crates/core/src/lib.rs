@@ -70,7 +70,7 @@ mod task;
 
 pub use build::{ACCESS_TTL_RANGE, build, check};
 pub use clock::{Clock, ManualClock, Timestamp};
-pub use decision::{Decision, Outcome, Transition};
+pub use decision::{Decision, MAX_TOOL_NAME_BYTES, Outcome, Transition, bounded_tool_name};
 pub use engine::{Denial, Engine, PinStatus, ToolDef};
 pub use portcullis_config as config;
 pub use reason::{Reason, UnknownReason};

@@ -57,9 +57,14 @@ type Reply = Response<Full<Bytes>>;
 
 /// Serves `server` on `listener` until the task is dropped.
 pub async fn serve(server: DemoServer, listener: TcpListener) -> Result<(), DemoError> {
+    let own_origin = listener
+        .local_addr()
+        .map(|a| format!("http://{a}"))
+        .unwrap_or_default();
     let state = Arc::new(State {
         server,
         sessions: Sessions::default(),
+        own_origin,
     });
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -99,12 +104,34 @@ pub async fn serve(server: DemoServer, listener: TcpListener) -> Result<(), Demo
 struct State {
     server: DemoServer,
     sessions: Sessions,
+    /// `http://ADDR` of the listener: with loopback, the only `Origin`
+    /// served.
+    own_origin: String,
 }
 
 impl State {
     async fn handle(&self, req: Request<Incoming>) -> Reply {
         if req.uri().path() != PATH {
             return plain(StatusCode::NOT_FOUND, "not found");
+        }
+        // A browser page must not drive this server (DNS rebinding): the
+        // same `Origin` check as the gateway's `/mcp`.
+        if let Some(origin) = req.headers().get(header::ORIGIN)
+            && !origin
+                .to_str()
+                .is_ok_and(|o| era::origin_allowed(o, &self.own_origin))
+        {
+            let body = json!({"jsonrpc": "2.0", "id": null, "error": {
+                "code": INVALID_REQUEST,
+                "message": "Origin not allowed"
+            }});
+            let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+            *r.status_mut() = StatusCode::FORBIDDEN;
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            return r;
         }
         match *req.method() {
             Method::POST => self.post(req).await,

@@ -509,3 +509,48 @@ async fn many_concurrent_echoes_on_kept_alive_connections() {
         t.await.unwrap();
     }
 }
+
+/// Regression: `demo-server --http` served any `Origin`, so a web page a
+/// user visited could drive the demo warehouse through the browser (DNS
+/// rebinding), where the gateway's `/mcp` refuses foreign origins. It now
+/// checks `Origin` the same way: its own and loopback ones pass, others
+/// get 403 before anything is read; no header (not a browser) passes.
+#[tokio::test]
+async fn a_foreign_origin_is_refused() {
+    let peer = start(Options::new(Kind::Warehouse)).await;
+    let own = peer.url.trim_end_matches("/mcp").to_owned();
+    let ping = request(
+        1,
+        "initialize",
+        json!({
+            "protocolVersion": era::LEGACY_VERSION,
+            "capabilities": {},
+            "clientInfo": { "name": "origin-test", "version": "1" }
+        }),
+    );
+    for (origin, allowed) in [
+        (Some("https://evil.example"), false),
+        (Some("http://127.0.0.1.evil.example:80"), false),
+        (Some("null"), false),
+        (Some(own.as_str()), true),
+        (Some("http://localhost:3000"), true),
+        (None, true),
+    ] {
+        let mut req = peer
+            .http
+            .post(&peer.url)
+            .header("accept", "application/json, text/event-stream");
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        let resp = req.json(&ping).send().await.unwrap();
+        let status = resp.status();
+        if allowed {
+            assert_eq!(status, StatusCode::OK, "{origin:?}");
+        } else {
+            assert_eq!(status, StatusCode::FORBIDDEN, "{origin:?}");
+            let body: Value = resp.json().await.unwrap();
+            assert_eq!(body["error"]["message"], "Origin not allowed", "{body}");
+        }
+    }
+}

@@ -310,6 +310,10 @@ async fn deliver_all(mut worker: Worker, counters: Arc<AlertCounters>) {
     }
 }
 
+/// How much of a receiver's answer is read (it is not used; reading it
+/// lets the connection be reused).
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
 /// One POST; `Ok` on a 2xx answer within `timeout`.
 async fn attempt(
     client: &Client<HttpConnector, Full<Bytes>>,
@@ -327,8 +331,12 @@ async fn attempt(
     let exchange = async {
         let response = client.request(request).await.map_err(|e| e.to_string())?;
         let status = response.status();
-        // Read the (small) answer so the connection can be reused.
-        let _ = response.into_body().collect().await;
+        // Read the answer so the connection can be reused, but never more
+        // than MAX_ANSWER_BYTES of it: the receiver is outside our trust,
+        // and a huge answer is dropped with its connection.
+        let _ = http_body_util::Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+            .collect()
+            .await;
         if status.is_success() {
             Ok(())
         } else {
@@ -442,5 +450,55 @@ mod tests {
         assert_eq!(counters.dropped.load(Ordering::Relaxed), 16);
         assert_eq!(counters.delivered.load(Ordering::Relaxed), 0);
         keep.abort();
+    }
+
+    /// Regression: the receiver's answer was read whole, so a receiver (or
+    /// anything posing as one) that streams an endless 200 answer held the
+    /// alert worker until its timeout and grew its memory meanwhile. Now
+    /// at most MAX_ANSWER_BYTES are read: the endless answer counts as a
+    /// delivered alert long before the timeout.
+    #[tokio::test]
+    async fn an_endless_answer_is_read_only_up_to_its_cap() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = sent.clone();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
+            let answer = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+            if s.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = format!("4000\r\n{}\r\n", "x".repeat(0x4000));
+            // Until the client hangs up (bounded: 1 GiB).
+            for _ in 0..65_536 {
+                if s.write_all(chunk.as_bytes()).await.is_err() {
+                    return;
+                }
+                counted.fetch_add(0x4000, Ordering::Relaxed);
+            }
+        });
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let uri: Uri = format!("http://{addr}/alerts").parse().unwrap();
+        let result = attempt(
+            &client,
+            &uri,
+            Bytes::from_static(b"{}"),
+            Duration::from_secs(20),
+        )
+        .await;
+        assert_eq!(result, Ok(()));
+        assert!(sent.load(Ordering::Relaxed) < 1 << 30);
     }
 }

@@ -97,16 +97,16 @@ impl Gateway {
                 Reason::TokenRevoked,
                 "token is not in the ledger",
             )),
-            // A token revoked by a halt of a task still halted says so
-            // (only an admin can resume it); after a resume it is just a
+            // A revoked token of a task that is halted says so (only an
+            // admin can resume it): told by the task's typed status, never
+            // by the wording of the revocation. After a resume it is just a
             // revoked token.
             Some(r) if r.revoked_at.is_some() => {
                 let why = r.revoke_reason.unwrap_or_default();
-                let halted = why.starts_with("halted by")
-                    && matches!(
-                        self.store.task(&r.task_id).await,
-                        Ok(Some(t)) if t.task.status == portcullis_core::TaskStatus::Halted
-                    );
+                let halted = matches!(
+                    self.store.task(&r.task_id).await,
+                    Ok(Some(t)) if t.task.status == portcullis_core::TaskStatus::Halted
+                );
                 if halted {
                     Err(ApiError::denied(
                         Reason::AnomalyHalt,

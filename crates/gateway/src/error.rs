@@ -1,13 +1,19 @@
 //! The one error shape of the HTTP surface (DESIGN section 9):
 //! `{"error": <reason code>, "detail": …, "request_id": …}`.
 //!
+//! `error` is always a reason code of DESIGN section 2 — a client, a SIEM
+//! rule or a metric never meets a code outside that list; `detail` says the
+//! specifics, the status says the class.
+//!
 //! Status codes: token errors (`token_*`, `wrong_audience`) are 401 with
 //! `WWW-Authenticate: Bearer error="invalid_token"` (a missing token gets
 //! `Bearer` alone); every other denial is 403; malformed requests are 400
-//! (`error: "bad_request"`), oversized bodies 413 (`"payload_too_large"`),
-//! unknown routes 404 (`"not_found"`), a known route with another method
-//! 405 (`"method_not_allowed"`), and a failing store 503
-//! (`"internal_error"`): whatever goes wrong inside, the call is not made.
+//! and oversized bodies 413 (both `args_invalid`), unknown routes and
+//! resources 404 and a known route with another method 405 (both
+//! `args_invalid`: the request names nothing served), a caller without the
+//! role 403 `tool_not_granted`, a decision on something already decided
+//! 409 `state_violation`, and a failing store 503 (`internal_error`):
+//! whatever goes wrong inside, the call is not made.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -51,21 +57,50 @@ impl ApiError {
         Self::new(Kind::Denied(reason), detail)
     }
 
+    /// A denial with `reason` whose `detail` the gateway wrote itself and
+    /// may show even for `upstream_unavailable` or `internal_error` (a
+    /// timeout, a cancellation): no text from a store, an upstream or the
+    /// operating system goes in here.
+    pub fn denied_public(reason: Reason, detail: impl Into<String>) -> Self {
+        Self {
+            kind: Kind::Denied(reason),
+            detail: detail.into(),
+            request_id: String::new(),
+            policy_ids: Vec::new(),
+        }
+    }
+
     /// A malformed request.
     pub fn bad_request(detail: impl Into<String>) -> Self {
         Self::new(Kind::BadRequest, detail)
     }
 
-    /// A failing dependency; the detail is logged, not shown in full.
+    /// A failing dependency; the detail is logged, not shown.
     pub fn unavailable(detail: impl Into<String>) -> Self {
         Self::new(Kind::Unavailable, detail)
     }
 
     /// An error of `kind`.
+    ///
+    /// A failure inside the gateway or of what it depends on (`kind`
+    /// [`Kind::Unavailable`], or a denial with `internal_error` or
+    /// `upstream_unavailable`) keeps `detail` out of the answer: store and
+    /// upstream errors name hosts, files, roles and SQL, which are not for
+    /// an agent or an unauthenticated caller. The detail is logged here, in
+    /// the request's span (so under its `request_id`), and the answer says
+    /// only what failed.
     pub fn new(kind: Kind, detail: impl Into<String>) -> Self {
+        let detail = detail.into();
+        let detail = match private_failure(kind) {
+            Some(public) => {
+                tracing::error!(cause = %detail, kind = ?kind, "failed inside the gateway");
+                public.to_owned()
+            }
+            None => detail,
+        };
         Self {
             kind,
-            detail: detail.into(),
+            detail,
             request_id: String::new(),
             policy_ids: Vec::new(),
         }
@@ -108,16 +143,16 @@ impl ApiError {
         self.kind
     }
 
-    fn code(&self) -> &'static str {
+    /// The reason code of the body's `error` (DESIGN section 2).
+    pub fn code(&self) -> Reason {
         match self.kind {
-            Kind::Denied(r) => r.as_str(),
-            Kind::BadRequest => "bad_request",
-            Kind::TooLarge => "payload_too_large",
-            Kind::NotFound => "not_found",
-            Kind::MethodNotAllowed => "method_not_allowed",
-            Kind::Unavailable => "internal_error",
-            Kind::Forbidden => "forbidden",
-            Kind::Conflict => "conflict",
+            Kind::Denied(r) => r,
+            Kind::BadRequest | Kind::TooLarge | Kind::NotFound | Kind::MethodNotAllowed => {
+                Reason::ArgsInvalid
+            }
+            Kind::Unavailable => Reason::InternalError,
+            Kind::Forbidden => Reason::ToolNotGranted,
+            Kind::Conflict => Reason::StateViolation,
         }
     }
 
@@ -138,6 +173,24 @@ impl ApiError {
     }
 }
 
+/// What an answer says instead of the detail of a failure inside the
+/// gateway; `None` for every other kind, whose detail is the caller's.
+fn private_failure(kind: Kind) -> Option<&'static str> {
+    match kind {
+        Kind::Unavailable => Some(
+            "the ledger did not answer; nothing was decided or forwarded \
+             (the gateway log has the cause under this request_id)",
+        ),
+        Kind::Denied(Reason::InternalError) => {
+            Some("internal error (the gateway log has the cause under this request_id)")
+        }
+        Kind::Denied(Reason::UpstreamUnavailable) => Some(
+            "the upstream is unavailable (the gateway log has the cause under this request_id)",
+        ),
+        _ => None,
+    }
+}
+
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.code(), self.detail)
@@ -148,7 +201,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let mut body = json!({
-            "error": self.code(),
+            "error": self.code().as_str(),
             "detail": self.detail,
             "request_id": self.request_id,
         });

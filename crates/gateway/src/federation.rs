@@ -731,6 +731,7 @@ mod tests {
             command: vec!["node".to_owned(), "server.js".to_owned()],
             url: None,
             credential: portcullis_config::Credential::default(),
+            token_exchange: false,
         }
     }
 

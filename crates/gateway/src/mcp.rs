@@ -63,6 +63,9 @@ use crate::state::Gateway;
 
 /// Most live legacy sessions.
 pub const MAX_SESSIONS: usize = 10_000;
+/// Most live legacy sessions of one task: opening one more closes that
+/// task's least recently used session, so no task can crowd out others.
+pub const MAX_SESSIONS_PER_TASK: usize = 16;
 /// A legacy session unused this long is forgotten.
 pub const SESSION_IDLE: Duration = Duration::from_secs(30 * 60);
 /// `_meta` key of a denial's reason code.
@@ -124,6 +127,25 @@ impl Sessions {
     fn open(&self, task_id: &str, protocol_version: &str) -> Result<String, ApiError> {
         let id = portcullis_token::random_id("mcp_").map_err(crate::state::internal)?;
         let mut map = self.lock();
+        // This task's sessions: at the cap, its least recently used one
+        // goes (a client that lost its session id opens another; one that
+        // opens sessions in a loop only ever displaces its own).
+        let mut own: Vec<(&String, Instant)> = map
+            .iter()
+            .filter(|(_, s)| s.task_id == task_id)
+            .map(|(k, s)| (k, s.last_seen))
+            .collect();
+        if own.len() >= MAX_SESSIONS_PER_TASK {
+            own.sort_by_key(|(_, seen)| *seen);
+            let evict: Vec<String> = own
+                .iter()
+                .take(own.len() + 1 - MAX_SESSIONS_PER_TASK)
+                .map(|(k, _)| (*k).clone())
+                .collect();
+            for k in evict {
+                map.remove(&k);
+            }
+        }
         if map.len() >= MAX_SESSIONS {
             map.retain(|_, s| s.last_seen.elapsed() < SESSION_IDLE);
         }
@@ -207,27 +229,6 @@ fn error_answer(id: Id, e: ErrorObject) -> Answer {
     Answer::Message(status, Message::error(id, e))
 }
 
-/// Is `origin` one this gateway serves? Its own (the issuer's), or
-/// loopback.
-fn origin_allowed(origin: &str, issuer: &str) -> bool {
-    let own = issuer.trim_end_matches('/');
-    if origin == own {
-        return true;
-    }
-    let Some(rest) = origin
-        .strip_prefix("http://")
-        .or_else(|| origin.strip_prefix("https://"))
-    else {
-        return false;
-    };
-    let host = if let Some(v6) = rest.strip_prefix('[') {
-        v6.split(']').next().map(|h| format!("[{h}]"))
-    } else {
-        rest.split(':').next().map(str::to_owned)
-    };
-    matches!(host.as_deref(), Some("localhost" | "127.0.0.1" | "[::1]"))
-}
-
 fn routing_headers(headers: &HeaderMap) -> RoutingHeaders {
     let mut out = RoutingHeaders::default();
     for (name, slot) in [
@@ -271,7 +272,7 @@ pub(crate) async fn endpoint(
     if let Some(origin) = headers.get(header::ORIGIN) {
         let ok = origin
             .to_str()
-            .is_ok_and(|o| origin_allowed(o, &gw.settings.issuer));
+            .is_ok_and(|o| era::origin_allowed(o, &gw.settings.issuer));
         if !ok {
             return json_response(
                 StatusCode::FORBIDDEN,
@@ -646,6 +647,7 @@ async fn call(
         Ok(r) => as_call_result(r),
         Err(e) => return denial(e, name, true),
     };
+    strip_gateway_meta(&mut result);
     if let Some(rotation) = &authorized.rotated
         && let Value::Object(o) = &mut result
     {
@@ -665,6 +667,26 @@ async fn call(
         }
     }
     Ok(result)
+}
+
+/// Removes the gateway's own `_meta` namespaces (`portcullis/…`,
+/// `io.portcullis/…`) from an upstream's result: only the gateway speaks
+/// there (a rotated token, a denial's reason), and an upstream that wrote
+/// `portcullis/access_token` could otherwise hand the agent's client a
+/// token of its choosing, or dress a result up as a denial.
+fn strip_gateway_meta(result: &mut Value) {
+    if let Some(Value::Object(meta)) = result.get_mut("_meta") {
+        meta.retain(|k, _| !is_gateway_meta(k));
+        if meta.is_empty()
+            && let Value::Object(o) = result
+        {
+            o.remove("_meta");
+        }
+    }
+}
+
+fn is_gateway_meta(key: &str) -> bool {
+    key.starts_with("portcullis/") || key.starts_with("io.portcullis/")
 }
 
 /// A denial in its MCP shape (section 10).
@@ -727,5 +749,37 @@ impl Gateway {
             out.push(Value::Object(tool));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod session_tests {
+    use super::*;
+
+    /// Regression: one task could open sessions until the global table
+    /// (10,000) was full and lock every other agent out of the legacy era
+    /// for 30 minutes. A task now holds at most MAX_SESSIONS_PER_TASK; the
+    /// next one displaces that task's least recently used session only.
+    #[test]
+    fn one_task_cannot_fill_the_session_table() {
+        let sessions = Sessions::default();
+        let other = sessions.open("task_b", "2025-11-25").unwrap();
+        let mut opened = Vec::new();
+        for _ in 0..MAX_SESSIONS + 10 {
+            opened.push(sessions.open("task_a", "2025-11-25").unwrap());
+        }
+        let of_a = sessions
+            .lock()
+            .values()
+            .filter(|s| s.task_id == "task_a")
+            .count();
+        assert_eq!(of_a, MAX_SESSIONS_PER_TASK);
+        // The newest of task_a live on, the oldest are gone.
+        assert!(sessions.touch(opened.last().unwrap()).is_some());
+        assert!(sessions.touch(&opened[0]).is_none());
+        // Other tasks are unaffected: their session lives, and new ones open.
+        assert!(sessions.touch(&other).is_some());
+        sessions.open("task_c", "2025-11-25").unwrap();
     }
 }

@@ -195,9 +195,51 @@ async fn refresh(gw: &Gateway, rid: &RequestId, token: Option<&String>) -> Respo
     }
 }
 
+/// Who asked for a token exchange, once their task token is known good.
+struct Exchanger<'a> {
+    gw: &'a Gateway,
+    rid: &'a RequestId,
+    claims: &'a Claims,
+    resource: &'a str,
+}
+
+impl Exchanger<'_> {
+    /// Refuses the exchange: records a `call.denied` naming `tool` (an
+    /// attempt like a refused call), then answers RFC 6749's `error` with
+    /// the reason. A ledger that cannot record the refusal makes it a 503,
+    /// as for a call.
+    async fn refuse(&self, error: &str, detail: &str, tool: &str, reason: Reason) -> Response {
+        let mut event = NewEvent::new(self.gw.now(), EventKind::CallDenied);
+        event.task_id = Some(self.claims.task_id.clone());
+        event.agent_id = Some(self.claims.sub.clone());
+        event.tool = Some(portcullis_core::bounded_tool_name(tool));
+        event.decision = Some("deny".to_owned());
+        event.reason = Some(reason.as_str().to_owned());
+        event.detail = Some(format!(
+            "token exchange for {}: {detail}",
+            portcullis_core::bounded_tool_name(self.resource)
+        ));
+        if let Err(e) = self.gw.commit(vec![Op::Append(event)]).await {
+            return ApiError::unavailable(e.to_string())
+                .with_request_id(&self.rid.0)
+                .into_response();
+        }
+        self.gw.metrics.decision(Some(reason));
+        oauth_error(
+            StatusCode::BAD_REQUEST,
+            error,
+            detail,
+            Some(reason),
+            self.rid,
+        )
+    }
+}
+
 /// RFC 8693 token exchange: a task token for a per-hop token of one
-/// upstream, issued only if the engine would allow every requested tool for
-/// the task in its current state.
+/// upstream, issued only if the upstream is open to exchange
+/// (`token_exchange = true`) and the engine would allow every requested
+/// tool for the task in its current state. Every answer after the token
+/// check is on record.
 async fn exchange(
     gw: &Gateway,
     rid: &RequestId,
@@ -224,20 +266,15 @@ async fn exchange(
     }
     let claims = match gw.authenticate_token(subject).await {
         Ok(c) => c,
+        // A ledger that did not answer is no verdict on the token.
+        Err(e) if e.kind() == crate::error::Kind::Unavailable => {
+            return e.with_request_id(&rid.0).into_response();
+        }
         Err(e) => {
             let reason = e.reason().unwrap_or(Reason::TokenInvalid);
             return invalid_grant("subject_token is not a live task token", reason, rid);
         }
     };
-    if !gw.upstreams.contains_key(resource) {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_target",
-            "unknown resource",
-            None,
-            rid,
-        );
-    }
     let tools: Vec<String> = form
         .get("scope")
         .map(|s| {
@@ -247,17 +284,51 @@ async fn exchange(
                 .collect()
         })
         .unwrap_or_default();
+    // From here on the caller is a live task: every refusal is an attempt
+    // on record, naming the tool (the first of the scope when the whole
+    // request is refused).
+    let first_tool = tools.first().map_or("", String::as_str);
+    let asker = Exchanger {
+        gw,
+        rid,
+        claims: &claims,
+        resource,
+    };
+    let Some(entry) = gw.upstreams.get(resource) else {
+        return asker
+            .refuse(
+                "invalid_target",
+                "unknown resource",
+                first_tool,
+                Reason::ToolUnknown,
+            )
+            .await;
+    };
+    if !entry.token_exchange {
+        return asker
+            .refuse(
+                "invalid_target",
+                "this resource is closed to token exchange",
+                first_tool,
+                Reason::ToolNotGranted,
+            )
+            .await;
+    }
     if tools.is_empty() || tools.len() > 64 {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_scope",
-            "scope must name 1 to 64 tools",
-            None,
-            rid,
-        );
+        return asker
+            .refuse(
+                "invalid_scope",
+                "scope must name 1 to 64 tools",
+                first_tool,
+                Reason::ArgsInvalid,
+            )
+            .await;
     }
     let record = match gw.load_task(&claims.task_id).await {
         Ok(r) => r,
+        Err(e) if e.kind() == crate::error::Kind::Unavailable => {
+            return e.with_request_id(&rid.0).into_response();
+        }
         Err(e) => {
             return invalid_grant(
                 "the task is not active",
@@ -273,13 +344,14 @@ async fn exchange(
             .tool(tool)
             .is_some_and(|d| &d.upstream == resource);
         if !upstream_ok {
-            return oauth_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_scope",
-                "a tool of the scope is not served by that resource",
-                Some(Reason::ToolUnknown),
-                rid,
-            );
+            return asker
+                .refuse(
+                    "invalid_scope",
+                    "a tool of the scope is not served by that resource",
+                    tool,
+                    Reason::ToolUnknown,
+                )
+                .await;
         }
         let in_scope = claims.scope.split(' ').any(|t| t == tool);
         let decision = if in_scope {
@@ -293,13 +365,9 @@ async fn exchange(
         };
         if !decision.is_allowed() {
             let reason = decision.reason.unwrap_or(Reason::InternalError);
-            return oauth_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_scope",
-                &decision.detail,
-                Some(reason),
-                rid,
-            );
+            return asker
+                .refuse("invalid_scope", &decision.detail, tool, reason)
+                .await;
         }
     }
     let request = crate::credential::HopRequest {

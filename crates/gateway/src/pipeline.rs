@@ -146,7 +146,7 @@ impl Gateway {
                     let mut event = NewEvent::new(self.now(), EventKind::CallDenied);
                     event.task_id = Some(task_id.to_owned());
                     event.agent_id = Some(claims.sub.clone());
-                    event.tool = Some(tool.chars().take(256).collect());
+                    event.tool = Some(portcullis_core::bounded_tool_name(tool));
                     event.decision = Some("deny".to_owned());
                     event.reason = Some(Reason::TaskNotActive.as_str().to_owned());
                     event.detail = Some(e.detail().to_owned());
@@ -584,13 +584,16 @@ impl Gateway {
             .get(upstream)
             .ok_or_else(|| internal("tool's upstream is not configured"))?;
         let started = Instant::now();
+        // The error's text goes to the audit record and the log; the caller
+        // hears it only when the gateway itself wrote it (a timeout, a
+        // cancel), never the upstream's or its transport's own words.
         let outcome = tokio::select! {
             answer = tokio::time::timeout(UPSTREAM_TIMEOUT, entry.upstream.call(call)) => match answer {
                 Ok(Ok(result)) => Ok(result),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("no answer within {}s", UPSTREAM_TIMEOUT.as_secs())),
+                Ok(Err(e)) => Err((e.to_string(), false)),
+                Err(_) => Err((format!("no answer within {}s", UPSTREAM_TIMEOUT.as_secs()), true)),
             },
-            () = cancel => Err("cancelled by the client".to_owned()),
+            () = cancel => Err(("cancelled by the client".to_owned(), true)),
         };
         let latency = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let mut event = NewEvent::new(self.now(), EventKind::CallCompleted);
@@ -604,7 +607,7 @@ impl Gateway {
                 event.result_digest =
                     Some(portcullis_token::sha256_hex(result.to_string().as_bytes()));
             }
-            Err(why) => {
+            Err((why, _)) => {
                 self.metrics.upstream_error();
                 event.decision = Some("error".to_owned());
                 event.reason = Some(Reason::UpstreamUnavailable.as_str().to_owned());
@@ -614,7 +617,13 @@ impl Gateway {
         self.commit(vec![Op::Append(event)])
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
-        outcome.map_err(|why| ApiError::denied(Reason::UpstreamUnavailable, why))
+        outcome.map_err(|(why, public)| {
+            if public {
+                ApiError::denied_public(Reason::UpstreamUnavailable, why)
+            } else {
+                ApiError::denied(Reason::UpstreamUnavailable, why)
+            }
+        })
     }
 }
 

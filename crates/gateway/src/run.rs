@@ -84,9 +84,12 @@ impl Ledger {
     }
 }
 
-/// Opens the ledger of `store.url`; with `mirror`, also SQLite's
-/// `audit.jsonl` mirror (PostgreSQL has none: export or tail the log).
-pub async fn open_ledger(loaded: &LoadedConfig, mirror: bool) -> Result<Ledger, RunError> {
+/// Opens the ledger of `store.url`. With `serving` (a gateway that will
+/// serve on it), SQLite's `audit.jsonl` mirror is opened too (PostgreSQL
+/// has none: export or tail the log), and the SQLite file is locked for
+/// this process alone ([`SqliteOptions::exclusive_serving`]).
+pub async fn open_ledger(loaded: &LoadedConfig, serving: bool) -> Result<Ledger, RunError> {
+    let mirror = serving;
     let url = &loaded.config.store.url;
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         if mirror && loaded.config.audit.jsonl.is_some() {
@@ -102,9 +105,11 @@ pub async fn open_ledger(loaded: &LoadedConfig, mirror: bool) -> Result<Ledger, 
     Ok(Ledger::Sqlite(open_sqlite(loaded, mirror)?))
 }
 
-/// Opens the SQLite ledger of `store.url`; with `mirror`, also the
-/// `audit.jsonl` mirror (resolved against the configuration's folder).
-pub fn open_sqlite(loaded: &LoadedConfig, mirror: bool) -> Result<Arc<SqliteStore>, RunError> {
+/// Opens the SQLite ledger of `store.url`; with `serving`, also the
+/// `audit.jsonl` mirror (resolved against the configuration's folder), and
+/// with the file locked for this process alone.
+pub fn open_sqlite(loaded: &LoadedConfig, serving: bool) -> Result<Arc<SqliteStore>, RunError> {
+    let mirror = serving;
     let url = &loaded.config.store.url;
     let Some(path) = url.strip_prefix("sqlite://") else {
         return Err(RunError::Store(format!(
@@ -128,6 +133,7 @@ pub fn open_sqlite(loaded: &LoadedConfig, mirror: bool) -> Result<Arc<SqliteStor
                     .map(|p| loaded.resolve(p))
             })
             .flatten(),
+        exclusive_serving: serving,
         ..SqliteOptions::default()
     };
     let store = SqliteStore::open_with(&path, &options)

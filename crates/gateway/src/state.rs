@@ -142,6 +142,8 @@ impl LiveTokens {
 pub(crate) struct UpstreamEntry {
     pub upstream: Arc<dyn Upstream>,
     pub provider: Arc<dyn CredentialProvider>,
+    /// Open to RFC 8693 token exchange (`token_exchange` in its config).
+    pub token_exchange: bool,
 }
 
 /// A configured admin.
@@ -235,7 +237,14 @@ impl Gateway {
             ));
             mcp.push(client.clone());
             let upstream: Arc<dyn Upstream> = client;
-            upstreams.insert(up.name.clone(), UpstreamEntry { upstream, provider });
+            upstreams.insert(
+                up.name.clone(),
+                UpstreamEntry {
+                    upstream,
+                    provider,
+                    token_exchange: up.token_exchange,
+                },
+            );
         }
         let t = &cfg.tokens;
         let settings = Settings {
@@ -616,14 +625,19 @@ pub(crate) fn bounded(args: Value) -> Value {
     })
 }
 
-/// `args` with every value under a key in `redact` (lowercase) replaced,
-/// at any depth, case-insensitively.
+/// `args` with, at any depth:
+/// - every value under a key that contains a word of `redact` (lowercase;
+///   matched case-insensitively, so `password` hides `db_password` and
+///   `Password` alike) replaced by `"[redacted]"`;
+/// - the user information of every URL in a string (`postgres://u:pw@h`)
+///   replaced by `[redacted]`, whatever its key.
 pub(crate) fn redact(args: &Value, redact: &[String]) -> Value {
     match args {
         Value::Object(map) => Value::Object(
             map.iter()
                 .map(|(k, v)| {
-                    let hidden = redact.iter().any(|r| r == &k.to_lowercase());
+                    let key = k.to_lowercase();
+                    let hidden = redact.iter().any(|r| key.contains(r.as_str()));
                     let v = if hidden {
                         Value::String("[redacted]".to_owned())
                     } else {
@@ -641,14 +655,52 @@ fn redact_value(v: &Value, keys: &[String]) -> Value {
     match v {
         Value::Object(_) => redact(v, keys),
         Value::Array(items) => Value::Array(items.iter().map(|i| redact_value(i, keys)).collect()),
+        Value::String(s) => Value::String(scrub_userinfo(s)),
         other => other.clone(),
     }
 }
 
-/// An internal failure: a denial with `internal_error`, never an allow.
+/// `text` with the user information (`user:password@`) of every URL in it
+/// replaced by `[redacted]@`. A URL is `scheme://authority…`; its
+/// authority ends at `/`, `?`, `#` or white space, and its user
+/// information is everything before the authority's last `@`.
+pub(crate) fn scrub_userinfo(text: &str) -> String {
+    if !text.contains("://") {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    // INVARIANT: every split is at a char boundary ("://" is ASCII, and
+    // `find` returns boundaries), so `split_at_checked` never fails.
+    while let Some((before, after)) = rest
+        .find("://")
+        .and_then(|at| rest.split_at_checked(at + 3))
+    {
+        out.push_str(before);
+        let end = after
+            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace())
+            .unwrap_or(after.len());
+        let Some((authority, tail)) = after.split_at_checked(end) else {
+            rest = after;
+            break;
+        };
+        match authority.rfind('@') {
+            Some(user_end) => {
+                out.push_str("[redacted]");
+                out.push_str(authority.get(user_end..).unwrap_or_default());
+            }
+            None => out.push_str(authority),
+        }
+        rest = tail;
+    }
+    out.push_str(rest);
+    out
+}
+
+/// An internal failure: a denial with `internal_error`, never an allow
+/// (its cause is logged, not answered: see [`ApiError::new`]).
 pub(crate) fn internal(err: impl std::fmt::Display) -> ApiError {
-    tracing::error!(error = %err, "internal error");
-    ApiError::denied(portcullis_core::Reason::InternalError, "internal error")
+    ApiError::denied(portcullis_core::Reason::InternalError, err.to_string())
 }
 
 #[cfg(test)]
@@ -669,6 +721,39 @@ mod tests {
         }
         assert_eq!(out["keep"], "d");
         assert_eq!(out["db"]["rows"][0]["x"], 1);
+    }
+
+    /// Regression: only exact key names were redacted, so `db_password`
+    /// and `api_token` went into the audit log in clear, as did the
+    /// password inside a connection URL under any key.
+    #[test]
+    fn redaction_matches_words_inside_keys_and_scrubs_url_userinfo() {
+        let keys = vec!["password".to_owned(), "token".to_owned()];
+        let args = json!({
+            "db_password": "p1",
+            "API_Token": "t1",
+            "nested": [{ "old_passwordHash": "p2" }],
+            "dsn": "postgres://admin:p3@db.internal:5432/x?sslmode=require",
+            "text": "see https://u:p4@example.test/a and ftp://anon@h/ and http://h/p@q",
+            "plain": "no url here: a@b",
+            "password": "p5",
+            "keep": "ok"
+        });
+        let out = redact(&args, &keys);
+        let text = out.to_string();
+        for secret in ["p1", "t1", "p2", "p3", "p4", "p5", "admin:", "anon@"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert_eq!(
+            out["dsn"],
+            "postgres://[redacted]@db.internal:5432/x?sslmode=require"
+        );
+        assert_eq!(
+            out["text"],
+            "see https://[redacted]@example.test/a and ftp://[redacted]@h/ and http://h/p@q"
+        );
+        assert_eq!(out["plain"], "no url here: a@b");
+        assert_eq!(out["keep"], "ok");
     }
 
     #[test]

@@ -336,19 +336,36 @@ pub(crate) async fn authorize(
     respond(&rid, result)
 }
 
+/// Whether `e` is a decided denial (an answer of policy-decision-point
+/// mode) rather than a failure to decide. Every reason of today is named;
+/// one added later stays an error answer until it is placed here.
 fn is_decision(e: &ApiError) -> bool {
-    matches!(
-        e.reason(),
-        Some(
-            Reason::TaskNotActive
-                | Reason::ToolUnknown
-                | Reason::ToolNotGranted
-                | Reason::StateViolation
-                | Reason::LimitExceeded
-                | Reason::ArgsInvalid
-                | Reason::PolicyForbid
-        )
-    )
+    let Some(reason) = e.reason() else {
+        return false;
+    };
+    match reason {
+        Reason::TaskNotActive
+        | Reason::ToolUnknown
+        | Reason::ToolNotGranted
+        | Reason::StateViolation
+        | Reason::LimitExceeded
+        | Reason::RateLimited
+        | Reason::ArgsInvalid
+        | Reason::PolicyForbid
+        | Reason::ApprovalRequired
+        | Reason::AnomalyHalt
+        | Reason::ToolDefinitionChanged => true,
+        // Who is asking, and whether the gateway could decide at all.
+        Reason::TokenMissing
+        | Reason::TokenInvalid
+        | Reason::TokenExpired
+        | Reason::TokenRevoked
+        | Reason::WrongAudience
+        | Reason::TaskMismatch
+        | Reason::UpstreamUnavailable
+        | Reason::InternalError => false,
+        _ => false,
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -298,3 +298,52 @@ async fn first_use_of_a_tool_needs_approval_once_per_agent() {
     let a = h.call(otok, oid, "warehouse.connect", connect()).await;
     assert_error(&a, 403, "approval_required");
 }
+
+/// Regression: policy-decision-point mode (`POST …/authorize`) answered
+/// 403 for `rate_limited`, `approval_required` and `anomaly_halt`, though
+/// DESIGN section 9 and docs/http-api.md promise 200 `{decision: "deny",
+/// reason, …}` for every decision. Each is now a 200 deny; nothing is
+/// forwarded either way.
+async fn authorize(h: &Harness, s: &Started) -> Answer {
+    h.post_json(
+        &format!("/v1/tasks/{}/authorize", s.task_id),
+        Some(&s.access),
+        &json!({ "tool": "warehouse.connect", "arguments": connect() }),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_answers_200_deny_for_anomaly_and_approval_decisions() {
+    let cases = [
+        (r#"new_tool = "require_approval""#, 0, "approval_required"),
+        (
+            r#"rate = { calls = 1, seconds = 60, action = "deny" }"#,
+            1,
+            "rate_limited",
+        ),
+        (
+            r#"rate = { calls = 1, seconds = 60, action = "halt" }"#,
+            1,
+            "anomaly_halt",
+        ),
+    ];
+    for (rule, allowed_first, reason) in cases {
+        let h = Harness::with(Options {
+            anomaly: Some(rule),
+            ..Options::default()
+        })
+        .await;
+        let s = h.start_task(None).await;
+        for _ in 0..allowed_first {
+            let a = authorize(&h, &s).await;
+            assert_eq!(a.status, StatusCode::OK, "{rule}: {}", a.text);
+            assert_eq!(a.body["decision"], "allow", "{rule}: {}", a.text);
+        }
+        let a = authorize(&h, &s).await;
+        assert_eq!(a.status, StatusCode::OK, "{rule}: {}", a.text);
+        assert_eq!(a.body["decision"], "deny", "{rule}: {}", a.text);
+        assert_eq!(a.body["reason"], reason, "{rule}: {}", a.text);
+        assert_eq!(h.upstream_calls(), 0, "{rule}");
+    }
+}

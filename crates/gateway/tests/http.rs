@@ -133,7 +133,7 @@ async fn task_lifecycle_end_to_end() {
     assert_shape(&a);
     assert_token_error(&h.get(&path, None).await, "token_missing");
     let a = h.get("/v1/tasks/task_does_not_exist", Some(ADMIN)).await;
-    assert_error(&a, 404, "not_found");
+    assert_error(&a, 404, "args_invalid");
 
     // An allowed call: forwarded with a per-hop JWT, never the agent's token.
     let a = h
@@ -310,7 +310,7 @@ async fn task_lifecycle_end_to_end() {
             &json!({ "to": "transform", "why": "x" }),
         )
         .await;
-    assert_error(&a, 400, "bad_request");
+    assert_error(&a, 400, "args_invalid");
     let a = h
         .post_json(&tpath, Some(&access), &json!({ "to": "transform" }))
         .await;
@@ -367,9 +367,9 @@ async fn task_lifecycle_end_to_end() {
     // The audit log: auditors only, in seq order, arguments redacted.
     let q = format!("/v1/audit?task_id={task_id}");
     assert_token_error(&h.get(&q, None).await, "token_missing");
-    assert_error(&h.get(&q, Some(&access)).await, 403, "forbidden");
+    assert_error(&h.get(&q, Some(&access)).await, 403, "tool_not_granted");
     let a = h.get(&q, Some(APPROVER)).await;
-    assert_error(&a, 403, "forbidden");
+    assert_error(&a, 403, "tool_not_granted");
     let records = h.audit(&task_id).await;
     assert!(records.iter().all(|r| r["task_id"] == task_id.as_str()));
     assert_in_order(
@@ -450,12 +450,12 @@ async fn task_lifecycle_end_to_end() {
     assert_error(
         &h.get(&format!("{q}&kind=nope"), Some(AUDITOR)).await,
         400,
-        "bad_request",
+        "args_invalid",
     );
     assert_error(
         &h.get(&format!("{q}&since_seq=x"), Some(AUDITOR)).await,
         400,
-        "bad_request",
+        "args_invalid",
     );
 }
 
@@ -549,7 +549,7 @@ async fn refresh_rotates_and_reuse_revokes_the_task() {
             ],
         )
         .await;
-    assert_error(&a, 400, "bad_request");
+    assert_error(&a, 400, "args_invalid");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -671,14 +671,15 @@ async fn refresh_never_extends_past_the_task_max_lifetime() {
     h.call_ok(&access, &s.task_id, "warehouse.connect", connect_args())
         .await;
 
-    // At the deadline: no refresh, no call (even inside the token's leeway).
+    // At the deadline: no refresh, no call. The token dies at its exp,
+    // which is the deadline at the latest.
     h.clock.set(portcullis_core::Timestamp(deadline_ms));
     let a = h.refresh(&refresh3).await;
     assert_oauth_error(&a, "invalid_grant", None);
     let a = h
         .call(&access, &s.task_id, "warehouse.connect", connect_args())
         .await;
-    assert_error(&a, 403, "task_not_active");
+    assert_token_error(&a, "token_expired");
     assert_eq!(h.introspect(&access).await.body["active"], false);
     h.advance_secs(31);
     let a = h
@@ -761,7 +762,7 @@ async fn introspection_needs_an_admin_and_tells_the_truth() {
             &[("token", &s.access)],
         )
         .await;
-    assert_error(&a, 403, "forbidden");
+    assert_error(&a, 403, "tool_not_granted");
     let a = h
         .post_form("/oauth/introspect", Some("nope"), &[("token", &s.access)])
         .await;
@@ -918,6 +919,51 @@ async fn token_exchange_mints_per_hop_tokens_only_for_allowed_tools() {
     assert_eq!(h.introspect(&hop).await.body["active"], false);
     let a = exchange(&h, &s.access, "warehouse", "warehouse.connect").await;
     assert_oauth_error(&a, "invalid_grant", Some("token_revoked"));
+}
+
+/// Regression: token exchange was open on every upstream, so any agent
+/// could trade its task token for a per-hop token and call the upstream
+/// directly, around the per-call checks, and a refused exchange left no
+/// trace. An upstream is now closed to exchange unless its configuration
+/// says `token_exchange = true` (here `files` is closed, `warehouse` open),
+/// and every refusal of a live task's exchange is a `call.denied` record
+/// naming the tool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_closed_to_exchange_refuses_it_on_record() {
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+    let a = exchange(&h, &s.access, "files", "files.read").await;
+    assert_oauth_error(&a, "invalid_target", Some("tool_not_granted"));
+    assert!(a.body["access_token"].is_null(), "{}", a.text);
+    let a = exchange(&h, &s.access, "warehouse", "warehouse.insert").await;
+    assert_oauth_error(&a, "invalid_scope", Some("state_violation"));
+    let denied: Vec<(String, String, String)> = h
+        .audit(&s.task_id)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "call.denied")
+        .map(|e| {
+            (
+                e["tool"].as_str().unwrap().to_owned(),
+                e["reason"].as_str().unwrap().to_owned(),
+                e["detail"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(denied.len(), 2, "{denied:?}");
+    assert_eq!(denied[0].0, "files.read");
+    assert_eq!(denied[0].1, "tool_not_granted");
+    assert!(
+        denied[0].2.contains("closed to token exchange"),
+        "{denied:?}"
+    );
+    assert_eq!(denied[1].0, "warehouse.insert");
+    assert_eq!(denied[1].1, "state_violation");
+    assert!(
+        denied[1].2.starts_with("token exchange for warehouse"),
+        "{denied:?}"
+    );
+    assert_eq!(h.upstream_calls(), 0);
 }
 
 // ---------------------------------------------------------------------------
@@ -1188,19 +1234,43 @@ async fn forged_and_malformed_tokens_are_rejected() {
     );
     assert_eq!(h.upstream_calls(), 1);
 
-    // Expired: past exp + 30 s of leeway (the signature cache is warm).
+    // Expired: at exp, with no leeway (the signature cache is warm).
     h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect_args())
         .await;
     let exp = h.verify(&s.access, &h.issuer).exp;
-    h.clock.set(portcullis_core::Timestamp((exp + 30) * 1000));
+    h.clock.set(portcullis_core::Timestamp(exp * 1000 - 1));
     h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect_args())
         .await;
-    h.advance_secs(1);
+    h.clock.set(portcullis_core::Timestamp(exp * 1000));
     let a = h
         .call(&s.access, &s.task_id, "warehouse.connect", connect_args())
         .await;
     assert_token_error(&a, "token_expired");
     assert_eq!(h.upstream_calls(), 3);
+}
+
+/// Regression: an access token was accepted for 30 s of leeway after its
+/// `exp`, so a 1-minute token lived 90 s. It is refused from its `exp` on,
+/// on the verifying gateway's clock, by the signature cache too; the
+/// upstream sees nothing of the refused call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_is_refused_from_its_exp_with_no_leeway() {
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+    let exp = h.verify(&s.access, &h.issuer).exp;
+    h.clock.set(portcullis_core::Timestamp(exp * 1000 - 1));
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    assert_eq!(h.upstream_calls(), 1);
+    for at in [exp * 1000, exp * 1000 + 1, (exp + 29) * 1000] {
+        h.clock.set(portcullis_core::Timestamp(at));
+        let a = h
+            .call(&s.access, &s.task_id, "warehouse.connect", connect_args())
+            .await;
+        assert_token_error(&a, "token_expired");
+        assert_eq!(h.introspect(&s.access).await.body["active"], false);
+    }
+    assert_eq!(h.upstream_calls(), 1);
 }
 
 // ---------------------------------------------------------------------------
@@ -1377,7 +1447,7 @@ async fn bad_input_is_refused_and_never_forwarded() {
     // Larger than max_body_bytes.
     let big = json!({ "tool": "warehouse.connect", "arguments": { "database": "x".repeat(4096) } });
     let a = h.post_json(&path, token, &big).await;
-    assert_error(&a, 413, "payload_too_large");
+    assert_error(&a, 413, "args_invalid");
     let a = h
         .post_json(
             "/v1/tasks",
@@ -1385,7 +1455,7 @@ async fn bad_input_is_refused_and_never_forwarded() {
             &json!({ "agent_id": "ingest-bot", "goal": "x".repeat(4096) }),
         )
         .await;
-    assert_error(&a, 413, "payload_too_large");
+    assert_error(&a, 413, "args_invalid");
     let form_big = "x".repeat(4096);
     let a = h
         .post_form("/oauth/revoke", None, &[("token", &form_big)])
@@ -1403,7 +1473,7 @@ async fn bad_input_is_refused_and_never_forwarded() {
     raw.push_str("0\r\n\r\n");
     let text = h.raw(raw.as_bytes(), Duration::from_secs(5)).await;
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
-    assert!(text.contains("payload_too_large"), "{text}");
+    assert!(text.contains("args_invalid"), "{text}");
 
     // Nesting deeper than 64.
     let deep = format!(
@@ -1412,15 +1482,15 @@ async fn bad_input_is_refused_and_never_forwarded() {
         "]".repeat(70)
     );
     let a = h.post_raw(&path, token, deep).await;
-    assert_error(&a, 400, "bad_request");
+    assert_error(&a, 400, "args_invalid");
     // Duplicate keys, at the top and inside the arguments.
     let dup =
         r#"{"tool":"warehouse.connect","tool":"warehouse.drop","arguments":{"database":"a"}}"#;
     let a = h.post_raw(&path, token, dup.to_owned()).await;
-    assert_error(&a, 400, "bad_request");
+    assert_error(&a, 400, "args_invalid");
     let dup = r#"{"tool":"warehouse.connect","arguments":{"database":"a","database":"prod"}}"#;
     let a = h.post_raw(&path, token, dup.to_owned()).await;
-    assert_error(&a, 400, "bad_request");
+    assert_error(&a, 400, "args_invalid");
     // Unknown fields.
     let a = h
         .post_json(
@@ -1429,7 +1499,7 @@ async fn bad_input_is_refused_and_never_forwarded() {
             &json!({ "tool": "warehouse.connect", "arguments": { "database": "a" }, "as_admin": true }),
         )
         .await;
-    assert_error(&a, 400, "bad_request");
+    assert_error(&a, 400, "args_invalid");
     let a = h
         .post_json(
             "/v1/tasks",
@@ -1437,7 +1507,7 @@ async fn bad_input_is_refused_and_never_forwarded() {
             &json!({ "agent_id": "ingest-bot", "goal": "g", "role": "admin" }),
         )
         .await;
-    assert_error(&a, 400, "bad_request");
+    assert_error(&a, 400, "args_invalid");
     // Malformed JSON, trailing bytes, wrong types, an empty body.
     for body in [
         "{\"tool\":",
@@ -1448,7 +1518,7 @@ async fn bad_input_is_refused_and_never_forwarded() {
         "[]",
     ] {
         let a = h.post_raw(&path, token, body.to_owned()).await;
-        assert_error(&a, 400, "bad_request");
+        assert_error(&a, 400, "args_invalid");
     }
     // Nothing of that reached an upstream, or counted as a call.
     assert_eq!(h.upstream_calls(), 0);
@@ -1456,9 +1526,9 @@ async fn bad_input_is_refused_and_never_forwarded() {
 
     // Unknown routes: 404 with the error shape.
     let a = h.get("/v1/nope", None).await;
-    assert_error(&a, 404, "not_found");
+    assert_error(&a, 404, "args_invalid");
     let a = h.post_json("/admin", Some(ADMIN), &json!({})).await;
-    assert_error(&a, 404, "not_found");
+    assert_error(&a, 404, "args_invalid");
 
     // Still up, and still serving the task.
     let a = h.get("/healthz", None).await;
@@ -1534,7 +1604,7 @@ async fn slow_and_silent_clients_are_cut_off() {
             .unwrap();
         let text = String::from_utf8_lossy(&buf[..n]).into_owned();
         assert!(text.starts_with("HTTP/1.1 400"), "{text}");
-        assert!(text.contains("bad_request"), "{text}");
+        assert!(text.contains("args_invalid"), "{text}");
         started.elapsed()
     };
 
@@ -1708,12 +1778,12 @@ async fn halt_and_resume_are_for_admins_and_rotate_everything() {
     assert_error(
         &h.post_json(&halt, Some(&s.access), &json!({})).await,
         403,
-        "forbidden",
+        "tool_not_granted",
     );
     assert_error(
         &h.post_json(&halt, Some(AUDITOR), &json!({})).await,
         403,
-        "forbidden",
+        "tool_not_granted",
     );
     assert_error(
         &h.post_json(&resume, Some(ADMIN), &json!({})).await,
@@ -1832,18 +1902,84 @@ async fn a_task_past_its_lifetime_is_still_visible() {
     assert_eq!(a.status, StatusCode::OK, "{}", a.text);
     // Unknown tasks are still 404.
     let a = h.get("/v1/tasks/task_unknown", Some(AUDITOR)).await;
-    assert_error(&a, 404, "not_found");
+    assert_error(&a, 404, "args_invalid");
     assert_eq!(h.upstream_calls(), 0);
+}
+
+/// Regression: a call whose `tool` is not a string (or that is otherwise
+/// malformed) answered 400 with `"error": "bad_request"`, and unknown
+/// routes, wrong methods, oversized bodies, missing roles and repeated
+/// decisions had ad-hoc codes too, none of them a DESIGN section 2 reason
+/// code. Each is now a reason code (`assert_shape` checks that for every
+/// error a test reads), with the specifics in `detail`; nothing reached the
+/// upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_call_answers_a_reason_code_not_bad_request() {
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+    let path = format!("/v1/tasks/{}/calls", s.task_id);
+    for body in [
+        json!({ "tool": 7, "arguments": {} }),
+        json!({ "tool": ["warehouse.connect"], "arguments": {} }),
+        json!({ "arguments": {} }),
+        json!("warehouse.connect"),
+    ] {
+        let r = h
+            .client
+            .post(h.url(&path))
+            .bearer_auth(&s.access)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let a = Answer::read(r).await;
+        assert_error(&a, 400, "args_invalid");
+        assert!(!a.body["detail"].as_str().unwrap().is_empty(), "{}", a.text);
+    }
+    let a = h.get("/v1/no-such-route", Some(ADMIN)).await;
+    assert_error(&a, 404, "args_invalid");
+    assert_eq!(h.upstream_calls(), 0);
+}
+
+/// Regression: the tool name of a denied call went into its audit record
+/// whole, so an agent could grow the log by up to `server.max_body_bytes`
+/// per call. A denial's record carries at most
+/// `portcullis_core::MAX_TOOL_NAME_BYTES` of the name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_tool_name_is_cut_in_the_denial_record() {
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+    let huge = format!("warehouse.{}", "x".repeat(200_000));
+    let a = h.call(&s.access, &s.task_id, &huge, json!({})).await;
+    assert_error(&a, 403, "tool_unknown");
+    assert_eq!(h.upstream_calls(), 0);
+    let denied: Vec<Value> = h
+        .audit(&s.task_id)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "call.denied")
+        .collect();
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    let tool = denied[0]["tool"].as_str().unwrap();
+    assert!(
+        tool.len() <= portcullis_core::MAX_TOOL_NAME_BYTES,
+        "{} bytes",
+        tool.len()
+    );
+    assert!(
+        tool.starts_with("warehouse.xxx") && tool.ends_with('…'),
+        "{tool}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_methods_get_the_error_shape() {
     let h = Harness::start().await;
     let a = h.get("/v1/tasks", Some(ADMIN)).await;
-    assert_error(&a, 405, "method_not_allowed");
+    assert_error(&a, 405, "args_invalid");
     assert_eq!(a.header("allow"), Some("POST"));
     let r = h.client.delete(h.url("/oauth/token")).send().await.unwrap();
-    assert_error(&Answer::read(r).await, 405, "method_not_allowed");
+    assert_error(&Answer::read(r).await, 405, "args_invalid");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1901,6 +2037,48 @@ async fn a_ledger_outage_fails_closed() {
     let a = h.refresh(&s.refresh).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text);
     assert_eq!(h.task(&s.task_id).await["calls"], 2);
+}
+
+/// Regression: a store error's text went into the answer's `detail`, to
+/// agents and to unauthenticated callers alike: a driver error names the
+/// ledger's host, user and sometimes its password. Answers now say only
+/// what failed; the cause is logged under the request id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_errors_never_reach_callers() {
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+    h.store.down.store(true, Ordering::SeqCst);
+    let answers = [
+        h.call(&s.access, &s.task_id, "warehouse.connect", connect_args())
+            .await,
+        h.post_json(
+            "/v1/tasks",
+            Some(BOOTSTRAP),
+            &json!({ "agent_id": "ingest-bot", "goal": "g" }),
+        )
+        .await,
+        h.get(&format!("/v1/tasks/{}", s.task_id), Some(ADMIN))
+            .await,
+        h.post_form("/oauth/introspect", Some(ADMIN), &[("token", &s.access)])
+            .await,
+        h.post_form("/oauth/revoke", None, &[("token", &s.access)])
+            .await,
+        h.refresh(&s.refresh).await,
+        exchange(&h, &s.access, "warehouse", "warehouse.connect").await,
+    ];
+    for a in &answers {
+        assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.text);
+        for leak in ["s3cret", "db.internal", "ledger-admin", "simulated outage"] {
+            assert!(!a.text.contains(leak), "`{leak}` in {}", a.text);
+        }
+        assert!(
+            a.header("x-request-id")
+                .is_some_and(|r| r.starts_with("req_")),
+            "{}",
+            a.text
+        );
+    }
+    assert_eq!(h.upstream_calls(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1998,7 +2176,7 @@ async fn elevation_is_requested_by_the_task_and_decided_by_an_approver() {
 
     // Approvers list and decide; nobody else can.
     let a = h.get("/v1/elevations?status=pending", Some(AUDITOR)).await;
-    assert_error(&a, 403, "forbidden");
+    assert_error(&a, 403, "tool_not_granted");
     let a = h.get("/v1/elevations?status=pending", Some(APPROVER)).await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text);
     let pending = a.body["elevations"].as_array().unwrap();
@@ -2011,9 +2189,9 @@ async fn elevation_is_requested_by_the_task_and_decided_by_an_approver() {
     // The agent cannot approve its own request: its token is no admin
     // token, and a genuine task token on the admin API is 403.
     let a = h.post_json(&approve, Some(&s.access), &json!({})).await;
-    assert_error(&a, 403, "forbidden");
+    assert_error(&a, 403, "tool_not_granted");
     let a = h.post_json(&approve, Some(AUDITOR), &json!({})).await;
-    assert_error(&a, 403, "forbidden");
+    assert_error(&a, 403, "tool_not_granted");
     let a = h
         .post_json(&approve, Some(APPROVER), &json!({ "note": "one extract" }))
         .await;
@@ -2022,7 +2200,7 @@ async fn elevation_is_requested_by_the_task_and_decided_by_an_approver() {
     assert!(a.body["expires_at"].as_u64().unwrap() > h.now_secs() * 1000);
     // Decided once.
     let a = h.post_json(&approve, Some(ADMIN), &json!({})).await;
-    assert_error(&a, 409, "conflict");
+    assert_error(&a, 409, "state_violation");
 
     // The grant opens the tool for this task, through every other check.
     let a = h
@@ -2420,7 +2598,7 @@ forbid(principal, action, resource) when { context.reason like "*export*" };
             &json!({}),
         )
         .await;
-    assert_error(&a, 409, "conflict");
+    assert_error(&a, 409, "state_violation");
 }
 
 /// An approval belongs to its task: a new task of the same agent starts

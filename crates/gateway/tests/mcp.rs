@@ -460,6 +460,42 @@ async fn reverify_rotation_rides_in_meta() {
     assert_eq!(ok.status, 200, "{}", ok.text);
 }
 
+/// Regression: an upstream's result could carry `_meta` keys in the
+/// gateway's namespaces (`portcullis/access_token`, `portcullis/reason`),
+/// which clients trust as the gateway's word: `portcullis connect` would
+/// switch to a token the upstream chose. The gateway strips them; other
+/// `_meta` keys pass.
+#[tokio::test]
+async fn upstream_meta_in_the_gateway_namespace_is_stripped() {
+    let h = Harness::start().await;
+    let t = h.start_task(None).await;
+    for (tool, args) in [
+        ("warehouse.connect", json!({"database": "a"})),
+        ("warehouse.validate", json!({"table": "forge", "rows": []})),
+    ] {
+        let a = modern(
+            &h,
+            &t.access,
+            "tools/call",
+            json!({"name": tool, "arguments": args}),
+        )
+        .await;
+        assert_eq!(a.body["result"]["isError"], false, "{tool}: {}", a.text);
+        if tool == "warehouse.validate" {
+            let meta = a.body["result"]["_meta"].as_object().unwrap();
+            assert_eq!(meta["vendor.example/trace"], "kept", "{}", a.text);
+            assert!(
+                !meta
+                    .keys()
+                    .any(|k| k.starts_with("portcullis/") || k.starts_with("io.portcullis/")),
+                "{}",
+                a.text
+            );
+            assert!(!a.text.contains("forged"), "{}", a.text);
+        }
+    }
+}
+
 // ---- MCP conformance suite regressions (scripts/conformance.sh, docs/mcp-conformance.md) ----
 
 /// server-stateless (SEP-2575): the methods 2026-07-28 removed are "Method

@@ -33,6 +33,32 @@ use crate::sse;
 /// `_meta` key under which the gateway returns a rotated access token.
 pub const META_ACCESS_TOKEN: &str = "portcullis/access_token";
 
+/// Whether `new` is a rotation of `current`: both JWTs name the same
+/// `task_id` and `sub`. Only the claims are read, not the signature, which
+/// is the gateway's to check; this only keeps the bridge from switching to
+/// a token of some other task.
+fn is_rotation_of(current: &str, new: &str) -> bool {
+    fn binding(token: &str) -> Option<(String, String)> {
+        use base64::Engine as _;
+        let payload = token.split('.').nth(1)?;
+        if payload.len() > 16 * 1024 {
+            return None;
+        }
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()?;
+        let claims: Value = serde_json::from_slice(&bytes).ok()?;
+        Some((
+            claims.get("task_id")?.as_str()?.to_owned(),
+            claims.get("sub")?.as_str()?.to_owned(),
+        ))
+    }
+    match (binding(current), binding(new)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
+}
+
 struct Bridge {
     uri: Uri,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -304,7 +330,14 @@ impl Bridge {
                 .and_then(Value::as_str)
                 && HeaderValue::from_str(&format!("Bearer {t}")).is_ok()
             {
-                *self.token.lock().unwrap_or_else(PoisonError::into_inner) = t.to_owned();
+                let mut token = self.token.lock().unwrap_or_else(PoisonError::into_inner);
+                // The gateway strips its namespace from upstream results, so
+                // this field is its own; still, a rotation never changes the
+                // task or the agent, so a token that names another is not
+                // taken (the gateway checks every token it gets anyway).
+                if is_rotation_of(&token, t) {
+                    t.clone_into(&mut token);
+                }
             }
         }
         self.emit(&v).await
@@ -332,5 +365,36 @@ impl Bridge {
                 tokio::time::timeout(std::time::Duration::from_secs(2), self.client.request(req))
                     .await;
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    fn jwt(claims: &Value) -> String {
+        let b64 = |v: &Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string().as_bytes())
+        };
+        format!("{}.{}.sig", b64(&json!({"alg": "EdDSA"})), b64(claims))
+    }
+
+    /// Regression: the bridge took any `portcullis/access_token` in a
+    /// result as its new token; an upstream could plant one (the gateway
+    /// now strips that namespace too). A token of another task or agent is
+    /// never adopted.
+    #[test]
+    fn only_a_rotation_of_the_same_task_and_agent_is_adopted() {
+        let current = jwt(&json!({"task_id": "t1", "sub": "bot", "jti": "a"}));
+        let rotated = jwt(&json!({"task_id": "t1", "sub": "bot", "jti": "b"}));
+        let other_task = jwt(&json!({"task_id": "t2", "sub": "bot"}));
+        let other_agent = jwt(&json!({"task_id": "t1", "sub": "evil"}));
+        assert!(is_rotation_of(&current, &rotated));
+        assert!(!is_rotation_of(&current, &other_task));
+        assert!(!is_rotation_of(&current, &other_agent));
+        assert!(!is_rotation_of(&current, "not-a-jwt"));
+        assert!(!is_rotation_of("opaque", &rotated));
     }
 }

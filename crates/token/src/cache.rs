@@ -6,11 +6,11 @@ use std::fmt;
 use std::sync::{PoisonError, RwLock};
 
 use crate::jws::{self, Verified};
-use crate::{Claims, Expect, KeyRing, LEEWAY_SECS, MAX_TOKEN_BYTES, TokenError};
+use crate::{Claims, Expect, KeyRing, MAX_TOKEN_BYTES, TokenError};
 
 /// Cache of verified signatures, keyed by the whole token text.
 ///
-/// An entry is kept until its token's `exp` + [`LEEWAY_SECS`]. A hit skips
+/// An entry is kept until its token's `exp`. A hit skips
 /// only rules 1–10 of the crate documentation (decoding, header, signature,
 /// claim types); it still requires the signing key to be verifying in the
 /// `ring` passed in at `expect.now` (so a key removed from the ring stops its
@@ -31,8 +31,8 @@ struct Entry {
     claims: Claims,
     /// The kid of the key that signed the token.
     kid: Box<str>,
-    /// The last unix second the token can verify: `exp + LEEWAY_SECS`.
-    last_valid: u64,
+    /// The token's `exp`: from this unix second on it never verifies.
+    exp: u64,
 }
 
 impl fmt::Debug for VerifyCache {
@@ -108,11 +108,11 @@ impl VerifyCache {
         let entry = Entry {
             claims: claims.clone(),
             kid: kid.into_boxed_str(),
-            last_valid: claims.exp.saturating_add(LEEWAY_SECS),
+            exp: claims.exp,
         };
         self.write_entries(|entries| {
             if entries.len() >= self.capacity && !entries.contains_key(token) {
-                entries.retain(|_, e| now <= e.last_valid);
+                entries.retain(|_, e| now < e.exp);
                 if entries.len() >= self.capacity {
                     entries.clear();
                 }
@@ -222,18 +222,14 @@ mod tests {
         let token = mint(&ring, &claims("a")).unwrap();
         cache.verify(&ring, &token, &expect(NOW)).unwrap();
         let exp = claims("a").exp;
-        cache
-            .verify(&ring, &token, &expect(exp + LEEWAY_SECS))
-            .unwrap();
+        cache.verify(&ring, &token, &expect(exp - 1)).unwrap();
         assert_eq!(
-            cache
-                .verify(&ring, &token, &expect(exp + LEEWAY_SECS + 1))
-                .unwrap_err(),
+            cache.verify(&ring, &token, &expect(exp)).unwrap_err(),
             TokenError::Expired
         );
         assert_eq!(
             cache
-                .verify(&ring, &token, &expect(NOW - LEEWAY_SECS - 1))
+                .verify(&ring, &token, &expect(NOW - crate::LEEWAY_SECS - 1))
                 .unwrap_err(),
             TokenError::NotYetValid
         );
@@ -317,7 +313,7 @@ mod tests {
         }
         assert_eq!(cache.len(), 3);
         // Later, `short` has expired: inserting drops only it.
-        let later = NOW + 10 + LEEWAY_SECS + 1;
+        let later = NOW + 10;
         cache.verify(&ring, &long3, &expect(later)).unwrap();
         assert_eq!(cache.len(), 3);
         for t in [&long1, &long2, &long3] {

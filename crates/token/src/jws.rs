@@ -188,7 +188,10 @@ pub(crate) fn check_claims(claims: &Claims, expect: &Expect<'_>) -> Result<(), T
     if claims.aud != expect.audience {
         return Err(TokenError::WrongAudience);
     }
-    if expect.now > claims.exp.saturating_add(LEEWAY_SECS) {
+    // No leeway here: a token is refused from its `exp` on, by the clock of
+    // whichever replica checks it (RFC 7519 section 4.1.4, "on or after").
+    // Clock skew only widens the start of a token's life (`nbf`, `iat`).
+    if expect.now >= claims.exp {
         return Err(TokenError::Expired);
     }
     let latest_start = expect.now.saturating_add(LEEWAY_SECS);
@@ -870,10 +873,10 @@ mod tests {
         let ring = ring();
         let token = mint(&ring, &claims()).unwrap();
         let exp = claims().exp;
-        for now in [exp, exp + LEEWAY_SECS] {
+        for now in [NOW, exp - 1] {
             verify(&ring, &token, &Expect { now, ..expect() }).unwrap();
         }
-        for now in [exp + LEEWAY_SECS + 1, u64::MAX] {
+        for now in [exp, exp + 1, exp + LEEWAY_SECS, u64::MAX] {
             let err = verify(&ring, &token, &Expect { now, ..expect() }).unwrap_err();
             assert_eq!(err, TokenError::Expired);
             assert_eq!(err.reason(), portcullis_core::Reason::TokenExpired);
@@ -888,7 +891,7 @@ mod tests {
             &ring,
             &token,
             &Expect {
-                now: u64::MAX,
+                now: u64::MAX - 1,
                 ..expect()
             },
         )
@@ -980,8 +983,8 @@ mod tests {
         assert_ne!(ring.signing_kid(), old_ring.signing_kid());
         let until = rotation + lifetime + LEEWAY_SECS;
         let at = |now| Expect { now, ..expect() };
-        // The old token verifies through its whole life (plus leeway)…
-        for now in [rotation, c.exp, c.exp + LEEWAY_SECS] {
+        // The old token verifies through its whole life…
+        for now in [rotation, c.exp - 1] {
             assert_eq!(verify(&ring, &token, &at(now)).unwrap(), c);
         }
         let jwks = ring.jwks(until);

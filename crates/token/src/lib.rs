@@ -117,7 +117,8 @@
 //!     → [`TokenError::WrongIssuer`].
 //! 12. **Audience.** `aud` must equal [`Expect::audience`] byte for byte
 //!     → [`TokenError::WrongAudience`].
-//! 13. **Expiry.** `now > exp + LEEWAY_SECS` → [`TokenError::Expired`].
+//! 13. **Expiry.** `now >= exp` → [`TokenError::Expired`] (no leeway: the
+//!     token dies at `exp` on the verifier's clock).
 //! 14. **Not yet valid.** `nbf > now + LEEWAY_SECS` or
 //!     `iat > now + LEEWAY_SECS` → [`TokenError::NotYetValid`].
 //!
@@ -238,8 +239,9 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use portcullis_core::Reason;
 
 /// Clock skew allowed between the machine that minted a token and the one
-/// verifying it, in seconds: a token is accepted up to 30 s after its `exp`
-/// and up to 30 s before its `nbf`/`iat`.
+/// verifying it, in seconds: a token is accepted up to 30 s before its
+/// `nbf`/`iat`. It never extends `exp`: a token is refused from its `exp`
+/// on, so a 1-minute token lives 1 minute.
 pub const LEEWAY_SECS: u64 = 30;
 
 /// The largest token [`verify`] looks at, in bytes. A minted access token

@@ -366,6 +366,14 @@ pub struct SqliteOptions {
     /// Lines mirror" in the module doc. A relative path is relative to the
     /// process's working directory. Default `None` (no mirror).
     pub jsonl_mirror: Option<PathBuf>,
+    /// Hold an exclusive lock on `<database>.serve-lock` while the store is
+    /// open, and refuse to open ([`StoreError::Unavailable`]) while another
+    /// process holds it. A serving gateway keeps state of its own beside
+    /// the file (its cache of live tokens, its task locks), so two of them
+    /// on one file would not see each other's revocations and halts; tools
+    /// that only read or make one change (`audit verify`, `elevations
+    /// approve`) open without it. Default false.
+    pub exclusive_serving: bool,
 }
 
 impl Default for SqliteOptions {
@@ -375,6 +383,7 @@ impl Default for SqliteOptions {
             readers: 4,
             busy_timeout: Duration::from_secs(5),
             jsonl_mirror: None,
+            exclusive_serving: false,
         }
     }
 }
@@ -388,6 +397,38 @@ pub struct SqliteStore {
     readers: Arc<ReadPool>,
     mirror: Option<Arc<MirrorStatus>>,
     queue: QueueGauge,
+    /// The locked `<database>.serve-lock` of
+    /// [`SqliteOptions::exclusive_serving`]; the lock goes with the file
+    /// handle: released by [`close`](Self::close) once the writer is done,
+    /// or when the store is dropped or the process ends, however.
+    serve_lock: Mutex<Option<std::fs::File>>,
+}
+
+/// Takes the exclusive serving lock of the database at `database`.
+fn lock_for_serving(database: &Path) -> Result<std::fs::File> {
+    let mut name = database.as_os_str().to_owned();
+    name.push(".serve-lock");
+    let path = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::Unavailable(format!("open {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Unavailable(format!(
+            "{} is in use by another `portcullis serve` (it holds {}); two gateways on one \
+             embedded ledger would not see each other's revocations and halts: stop the \
+             other one, or share a PostgreSQL ledger between replicas",
+            database.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Unavailable(format!(
+            "lock {}: {e}",
+            path.display()
+        ))),
+    }
 }
 
 impl SqliteStore {
@@ -408,6 +449,11 @@ impl SqliteStore {
         if let Some(mirror) = &options.jsonl_mirror {
             check_mirror_path(path, mirror)?;
         }
+        let serve_lock = if options.exclusive_serving {
+            Some(lock_for_serving(path)?)
+        } else {
+            None
+        };
         let mut conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -448,6 +494,7 @@ impl SqliteStore {
             readers,
             mirror: status,
             queue: QueueGauge::default(),
+            serve_lock: Mutex::new(serve_lock),
         })
     }
 
@@ -489,6 +536,10 @@ impl SqliteStore {
             // Joining blocks; keep it off the async workers. A writer that
             // panicked has nothing more to report than being gone.
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        // Only now may another gateway take the file.
+        if let Ok(mut lock) = self.serve_lock.lock() {
+            lock.take();
         }
     }
 
