@@ -269,13 +269,7 @@ async fn witness_detects_deleted_checkpoints_and_rehashed_records() {
     for line in witness.lines() {
         assert!(line.starts_with("{\"checkpoint\":{\"seq\":"), "{line}");
     }
-    let store = [
-        "audit",
-        "verify",
-        "--config",
-        "portcullis.toml",
-        "--quiet",
-    ];
+    let store = ["audit", "verify", "--config", "portcullis.toml", "--quiet"];
     let with_witness = [
         "audit",
         "verify",
@@ -298,9 +292,12 @@ async fn witness_detects_deleted_checkpoints_and_rehashed_records() {
     // no longer matches its record.
     let caught = portcullis(d, &with_witness);
     assert!(!caught.status.success(), "{}", text(&caught));
-    assert!(text(&caught).starts_with("FAILED at seq "), "{}", text(&caught));
-    let first_witnessed: Value =
-        serde_json::from_str(witness.lines().next().unwrap()).unwrap();
+    assert!(
+        text(&caught).starts_with("FAILED at seq "),
+        "{}",
+        text(&caught)
+    );
+    let first_witnessed: Value = serde_json::from_str(witness.lines().next().unwrap()).unwrap();
     let seq = first_witnessed["checkpoint"]["seq"].as_u64().unwrap();
     assert!(
         text(&caught).starts_with(&format!("FAILED at seq {seq}:")),

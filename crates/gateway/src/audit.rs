@@ -291,9 +291,15 @@ fn read_line(
 ) -> Result<Line, String> {
     let number = index.saturating_add(1);
     let line = line.map_err(|e| format!("{label}{e}"))?;
-    let parsed =
-        lines::parse_line(&line, file.place(index)).map_err(|e| format!("{label}line {number}: {e}"))?;
-    if let (Line::Segment(header), LineFile::Segment { first_seq, last_seq }) = (&parsed, file)
+    let parsed = lines::parse_line(&line, file.place(index))
+        .map_err(|e| format!("{label}line {number}: {e}"))?;
+    if let (
+        Line::Segment(header),
+        LineFile::Segment {
+            first_seq,
+            last_seq,
+        },
+    ) = (&parsed, file)
         && (header.first_seq, header.last_seq) != (first_seq, last_seq)
     {
         return Err(format!(

@@ -42,8 +42,8 @@ use portcullis_store::{
 use portcullis_token::KeyRing;
 use serde_json::{Value, json};
 
-pub use portcullis_store::lines::{SEGMENT_FORMAT, SegmentHeader};
 use portcullis_store::lines::{self, Line, Place};
+pub use portcullis_store::lines::{SEGMENT_FORMAT, SegmentHeader};
 
 use crate::audit::{
     LineFile, all_checkpoints, checkpoint_lines, export_line, page_after, push_lines,
@@ -653,9 +653,11 @@ pub async fn verify_archive(
     check_sig: &dyn Fn(&Checkpoint) -> bool,
     progress: &mut dyn FnMut(u64),
 ) -> Result<chain::Report, String> {
-    Ok(verify_archive_witnessed(dir, store, check_sig, &[], progress)
-        .await?
-        .0)
+    Ok(
+        verify_archive_witnessed(dir, store, check_sig, &[], progress)
+            .await?
+            .0,
+    )
 }
 
 /// [`verify_archive`], held against the checkpoints of a witness

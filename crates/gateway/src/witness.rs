@@ -270,11 +270,12 @@ fn read_file(path: &Path) -> Result<Vec<Checkpoint>, WitnessError> {
             path: path.to_owned(),
             line,
         })?;
-        let parsed = lines::parse_line(text, Place::Witness).map_err(|source| WitnessError::Line {
-            path: path.to_owned(),
-            line,
-            source,
-        })?;
+        let parsed =
+            lines::parse_line(text, Place::Witness).map_err(|source| WitnessError::Line {
+                path: path.to_owned(),
+                line,
+                source,
+            })?;
         let Line::Checkpoint(c) = parsed else {
             return Err(WitnessError::Line {
                 path: path.to_owned(),
@@ -366,7 +367,6 @@ pub fn hold_against(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
     use portcullis_core::Timestamp;
 
@@ -398,7 +398,10 @@ mod tests {
         let good = std::fs::read_to_string(&path).unwrap();
         for (bad, why) in [
             (format!("{good}{}", lines::checkpoint_line(&cp(2))), "torn"),
-            (format!("{good}{}\n", lines::checkpoint_line(&cp(2))), "order"),
+            (
+                format!("{good}{}\n", lines::checkpoint_line(&cp(2))),
+                "order",
+            ),
             (format!("{good}\n"), "blank"),
             (good.replacen("\"kid\"", "\"x\":1,\"kid\"", 1), "extra"),
         ] {

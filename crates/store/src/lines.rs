@@ -227,11 +227,7 @@ pub fn parse_line(text: &str, place: Place) -> Result<Line, LineError> {
 }
 
 /// The value of `map`'s one member `tag`; any other member is unknown.
-fn sole_member(
-    map: Map<String, Value>,
-    tag: &str,
-    kind: &'static str,
-) -> Result<Value, LineError> {
+fn sole_member(map: Map<String, Value>, tag: &str, kind: &'static str) -> Result<Value, LineError> {
     let mut inner = None;
     for (key, value) in map {
         if key == tag {
@@ -247,11 +243,7 @@ fn sole_member(
 }
 
 /// `value` as an object with exactly the members `names`.
-fn exact_members(
-    value: &Value,
-    names: &[&str],
-    kind: &'static str,
-) -> Result<(), LineError> {
+fn exact_members(value: &Value, names: &[&str], kind: &'static str) -> Result<(), LineError> {
     let Value::Object(map) = value else {
         return Err(LineError::Invalid {
             kind,
@@ -395,7 +387,6 @@ impl<'de> Visitor<'de> for Strict<'_> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
     use portcullis_core::Timestamp;
 
@@ -429,7 +420,10 @@ mod tests {
     #[test]
     fn what_is_written_reads_back() {
         let r = record();
-        assert_eq!(parse_line(&chain::encode(&r), Place::Log), Ok(Line::Record(r)));
+        assert_eq!(
+            parse_line(&chain::encode(&r), Place::Log),
+            Ok(Line::Record(r))
+        );
         let c = checkpoint();
         let line = checkpoint_line(&c);
         assert_eq!(
@@ -446,7 +440,10 @@ mod tests {
         if serde_json::to_string(&c).unwrap().starts_with("{\"seq\"") {
             assert_eq!(Value::Object(old).to_string(), line);
         }
-        assert_eq!(parse_line(&line, Place::Log), Ok(Line::Checkpoint(c.clone())));
+        assert_eq!(
+            parse_line(&line, Place::Log),
+            Ok(Line::Checkpoint(c.clone()))
+        );
         assert_eq!(parse_line(&line, Place::Witness), Ok(Line::Checkpoint(c)));
         let h = SegmentHeader {
             format: SEGMENT_FORMAT.into(),
@@ -482,7 +479,10 @@ mod tests {
             (header.into(), Place::Log),
             (header.into(), Place::Witness),
             (r#"{"segment":"x"}"#.into(), Place::SegmentStart),
-            (cp.replacen("\"seq\":1,", "\"seq\":1,\"seq\":1,", 1), Place::Log),
+            (
+                cp.replacen("\"seq\":1,", "\"seq\":1,\"seq\":1,", 1),
+                Place::Log,
+            ),
             (cp.replacen("{\"seq\"", "{\"x\":0,\"seq\"", 1), Place::Log),
             (format!("{},\"x\":0}}", &cp[..cp.len() - 1]), Place::Log),
             (cp.replacen("\"ts\":9,", "", 1), Place::Log),
