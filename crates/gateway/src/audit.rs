@@ -328,7 +328,7 @@ pub(crate) fn push_lines(
         count += 1;
         match read_line(line, index, file, label) {
             Ok(Line::Record(record)) => {
-                if !verifier.push(Ok(record)) {
+                if !verifier.push(Ok(*record)) {
                     return false;
                 }
                 if verifier.records().is_multiple_of(10_000) {

@@ -67,8 +67,8 @@ pub struct SegmentHeader {
 /// One line, read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Line {
-    /// An audit record.
-    Record(AuditEvent),
+    /// An audit record (boxed: it is several times larger than the others).
+    Record(Box<AuditEvent>),
     /// A signed checkpoint.
     Checkpoint(Checkpoint),
     /// A segment file's header.
@@ -223,7 +223,7 @@ pub fn parse_line(text: &str, place: Place) -> Result<Line, LineError> {
         }
         return Err(LineError::NotExact("record"));
     }
-    Ok(Line::Record(record))
+    Ok(Line::Record(Box::new(record)))
 }
 
 /// The value of `map`'s one member `tag`; any other member is unknown.
@@ -422,7 +422,7 @@ mod tests {
         let r = record();
         assert_eq!(
             parse_line(&chain::encode(&r), Place::Log),
-            Ok(Line::Record(r))
+            Ok(Line::Record(Box::new(r)))
         );
         let c = checkpoint();
         let line = checkpoint_line(&c);
