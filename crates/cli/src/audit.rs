@@ -12,6 +12,7 @@ use clap::Subcommand;
 use portcullis::LoadedConfig;
 use portcullis_gateway::audit as log;
 use portcullis_gateway::tiering;
+use portcullis_gateway::witness::WitnessSummary;
 
 fn out(line: &str) {
     let _ = writeln!(std::io::stdout(), "{line}");
@@ -38,6 +39,11 @@ pub enum AuditCommand {
         /// The gateway's JWKS (a copy of /.well-known/jwks.json).
         #[arg(long)]
         jwks: Option<PathBuf>,
+        /// Hold the log against the checkpoint witness in this folder (the
+        /// gateway's `audit.witness_dir`): every witnessed checkpoint must
+        /// be in the log, and the records must chain to it.
+        #[arg(long, value_name = "DIR")]
+        witness: Option<PathBuf>,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -91,12 +97,31 @@ pub fn run(command: AuditCommand) -> anyhow::Result<ExitCode> {
             jsonl,
             archive,
             jwks,
+            witness,
             quiet,
         } => {
             let mut bar = Progress::new(!quiet && std::io::stderr().is_terminal());
-            let report = rt.block_on(verify(config, jsonl, archive, jwks, &mut bar))?;
+            let witnessed = witness
+                .as_deref()
+                .map(portcullis_gateway::witness::read_witness)
+                .transpose()?;
+            let sources = Sources {
+                config,
+                jsonl,
+                archive,
+                jwks,
+            };
+            let (report, summary) = rt.block_on(verify(
+                sources,
+                witnessed.as_deref().unwrap_or_default(),
+                &mut bar,
+            ))?;
             bar.finish();
-            Ok(print_report(&report))
+            let code = print_report(&report);
+            if witnessed.is_some() {
+                out(&witness_line(&summary));
+            }
+            Ok(code)
         }
         AuditCommand::Archive { config } => rt.block_on(async {
             let loaded = LoadedConfig::load(&config)?;
@@ -107,6 +132,10 @@ pub fn run(command: AuditCommand) -> anyhow::Result<ExitCode> {
             let report = tiering::run_pass(store.as_ref(), &ring, &tiers, now)
                 .await
                 .map_err(anyhow::Error::msg)?;
+            // The checkpoints the pass signed go to the witness too.
+            if let Some(witness) = portcullis_gateway::open_witness(&loaded)? {
+                witness.catch_up(store.as_ref(), &ring).await?;
+            }
             for m in &report.archived {
                 out(&format!(
                     "archived records {}..={} to {} (recorded at seq {})",
@@ -176,18 +205,31 @@ fn read_jwks(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
     .with_context(|| format!("parsing {}", path.display()))
 }
 
-async fn verify(
+/// Where `audit verify` reads the log.
+struct Sources {
     config: Option<PathBuf>,
     jsonl: Option<PathBuf>,
     archive: Option<Option<PathBuf>>,
     jwks: Option<PathBuf>,
+}
+
+async fn verify(
+    sources: Sources,
+    witness: &[portcullis_store::Checkpoint],
     bar: &mut Progress,
-) -> anyhow::Result<portcullis_store::chain::Report> {
+) -> anyhow::Result<(portcullis_store::chain::Report, WitnessSummary)> {
+    let Sources {
+        config,
+        jsonl,
+        archive,
+        jwks,
+    } = sources;
     if let (Some(file), Some(jwks)) = (&jsonl, &jwks) {
         let jwks = read_jwks(jwks)?;
         bar.total = std::fs::metadata(file).ok().map(|m| m.len());
         bar.unit = Unit::Bytes;
-        return log::verify_jsonl(file, &jwks, &mut |n| bar.records(n)).map_err(anyhow::Error::msg);
+        return log::verify_jsonl(file, &jwks, witness, &mut |n| bar.records(n))
+            .map_err(anyhow::Error::msg);
     }
     let Some(config) = config else {
         let (Some(Some(dir)), Some(jwks)) = (&archive, &jwks) else {
@@ -196,9 +238,11 @@ async fn verify(
         let jwks = read_jwks(jwks)?;
         let check = log::jwks_check(&jwks);
         bar.total = archive_span(dir)?;
-        return tiering::verify_archive(dir, None, &check, &mut |n| bar.records(n))
-            .await
-            .map_err(anyhow::Error::msg);
+        return tiering::verify_archive_witnessed(dir, None, &check, witness, &mut |n| {
+            bar.records(n)
+        })
+        .await
+        .map_err(anyhow::Error::msg);
     };
     let loaded = LoadedConfig::load(&config)?;
     let store = portcullis_gateway::run::open_store(&loaded).await?;
@@ -213,9 +257,11 @@ async fn verify(
             .await
             .map_err(anyhow::Error::msg)?;
         bar.total = Some(head.saturating_sub(floor));
-        return log::verify_store(store.as_ref(), &ring, &mut |n| bar.records(n))
-            .await
-            .map_err(anyhow::Error::msg);
+        return log::verify_store_witnessed(store.as_ref(), &ring, witness, &mut |n| {
+            bar.records(n)
+        })
+        .await
+        .map_err(anyhow::Error::msg);
     };
     let dir = match archive {
         Some(dir) => dir,
@@ -229,9 +275,34 @@ async fn verify(
         .map_or(head, |f| f.first_seq.saturating_sub(1));
     bar.total = Some(head.saturating_sub(first));
     let check = log::ring_check(&ring);
-    tiering::verify_archive(&dir, Some(store.as_ref()), &check, &mut |n| bar.records(n))
-        .await
-        .map_err(anyhow::Error::msg)
+    tiering::verify_archive_witnessed(&dir, Some(store.as_ref()), &check, witness, &mut |n| {
+        bar.records(n)
+    })
+    .await
+    .map_err(anyhow::Error::msg)
+}
+
+/// What the witness added to the verification, in one line.
+fn witness_line(summary: &WitnessSummary) -> String {
+    let mut line = format!(
+        "witness: {} checkpoints (newest seq {}) held against the log",
+        summary.witnessed, summary.newest
+    );
+    if summary.below_log > 0 {
+        line.push_str(&format!(
+            "; {} of them precede the log's start (archived or dropped), signatures checked",
+            summary.below_log
+        ));
+    }
+    if summary.unwitnessed > 0 {
+        line.push_str(&format!(
+            "; WARNING: {} of the log's checkpoints are newer than the witness's newest and not \
+             witnessed (a failed or pending witness append: see \
+             portcullis_audit_witness_failures_total)",
+            summary.unwitnessed
+        ));
+    }
+    line
 }
 
 /// Records in the archive's files, by their names.

@@ -204,6 +204,10 @@ pub struct Audit {
     /// Folder of compressed cold-tier segments.
     #[serde(default)]
     pub archive_dir: Option<String>,
+    /// Folder of the append-only checkpoint witness, outside the store
+    /// (`docs/audit-format.md`, "Witness"); `None` (the default): off.
+    #[serde(default)]
+    pub witness_dir: Option<String>,
     /// Days before a segment may be dropped.
     #[serde(default = "Audit::default_retention_days")]
     pub retention_days: u32,
@@ -251,6 +255,7 @@ impl Default for Audit {
             redact: Self::default_redact(),
             hot_days: Self::default_hot_days(),
             archive_dir: None,
+            witness_dir: None,
             retention_days: Self::default_retention_days(),
             sample_low_risk: Self::default_sample(),
             alert_webhook: None,

@@ -15,8 +15,11 @@ use portcullis_store::{AuditEvent, AuditQuery, Checkpoint, Op, Store, chain};
 use portcullis_token::KeyRing;
 use serde_json::Value;
 
+use portcullis_store::lines::{self, Line, Place};
+
 use crate::state::Gateway;
-use crate::tiering::{BoundedLines, checkpoint_line, is_record_line};
+use crate::tiering::BoundedLines;
+use crate::witness::WitnessSummary;
 
 /// Records read per page when streaming the log.
 const PAGE: usize = 1000;
@@ -24,8 +27,35 @@ const PAGE: usize = 1000;
 impl Gateway {
     /// Signs the chain's head if it has moved since `last_seq`; returns the
     /// checkpoint written, if any.
+    /// With a witness (`audit.witness_dir`), the checkpoint is appended to
+    /// it once the store has committed it ([`Gateway::witness_catch_up`]).
     pub async fn checkpoint(&self, last_seq: u64) -> Result<Option<Checkpoint>, String> {
-        sign_checkpoint(self.store.as_ref(), &self.ring, self.now(), last_seq).await
+        let signed = sign_checkpoint(self.store.as_ref(), &self.ring, self.now(), last_seq).await;
+        self.witness_catch_up().await;
+        signed
+    }
+
+    /// Appends the store's checkpoints that the witness does not hold yet,
+    /// if there is a witness. A failure is logged and counted
+    /// (`portcullis_audit_witness_failures_total`), never passed to a
+    /// caller's request: it is retried at the checkpoint writer's next
+    /// turn. Returns false on a failure.
+    pub async fn witness_catch_up(&self) -> bool {
+        let Some(witness) = &self.witness else {
+            return true;
+        };
+        match witness.catch_up(self.store.as_ref(), &self.ring).await {
+            Ok(_) => true,
+            Err(e) => {
+                self.metrics.witness_failure();
+                tracing::error!(
+                    error = %e,
+                    "audit witness not written: the store's newest checkpoints are not \
+                     witnessed yet (retried every second)"
+                );
+                false
+            }
+        }
     }
 }
 
@@ -110,6 +140,11 @@ pub async fn run_checkpoints(
                 Err(e) => tracing::error!(error = %e, "audit checkpoint failed"),
             }
         }
+        if !due && gw.witness.is_some() {
+            // Checkpoints another writer signed (the tiering pass, a
+            // replica), and a witness append that failed before.
+            gw.witness_catch_up().await;
+        }
         if stopping {
             return;
         }
@@ -168,8 +203,7 @@ pub async fn export(store: &dyn Store, since_seq: u64, out: &mut dyn Write) -> R
             writeln!(out, "{}", export_line(event)).map_err(|e| e.to_string())?;
             written += 1;
             while let Some(c) = next_checkpoint.next_if(|c| c.seq <= event.seq) {
-                let line = serde_json::json!({ "checkpoint": c });
-                writeln!(out, "{line}").map_err(|e| e.to_string())?;
+                writeln!(out, "{}", lines::checkpoint_line(c)).map_err(|e| e.to_string())?;
             }
         }
         after = last;
@@ -223,44 +257,110 @@ pub(crate) async fn push_store_records(
     }
 }
 
-/// Streams the record lines of an export or a segment file (not its
-/// checkpoint or header lines) into `verifier`, exactly as written, until
-/// the end or its first problem; returns false at a problem.
-pub(crate) fn push_record_lines(
+/// Which file a run of lines comes from: where a segment header may stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LineFile {
+    /// An export or the JSON Lines mirror: records and checkpoints.
+    Export,
+    /// A decompressed segment file of `first_seq..=last_seq` (from its
+    /// name): its header, then records and checkpoints.
+    Segment {
+        /// The first record, by the file's name.
+        first_seq: u64,
+        /// The last record, by the file's name.
+        last_seq: u64,
+    },
+}
+
+impl LineFile {
+    fn place(self, index: u64) -> Place {
+        match self {
+            Self::Segment { .. } if index == 0 => Place::SegmentStart,
+            _ => Place::Log,
+        }
+    }
+}
+
+/// Reads one line strictly ([`lines::parse_line`]); the error names the
+/// line (`label` first: the file, or empty).
+fn read_line(
+    line: Result<String, String>,
+    index: u64,
+    file: LineFile,
+    label: &str,
+) -> Result<Line, String> {
+    let number = index.saturating_add(1);
+    let line = line.map_err(|e| format!("{label}{e}"))?;
+    let parsed = lines::parse_line(&line, file.place(index))
+        .map_err(|e| format!("{label}line {number}: {e}"))?;
+    if let (
+        Line::Segment(header),
+        LineFile::Segment {
+            first_seq,
+            last_seq,
+        },
+    ) = (&parsed, file)
+        && (header.first_seq, header.last_seq) != (first_seq, last_seq)
+    {
+        return Err(format!(
+            "{label}line {number}: the header says records {}..={}, the file's name \
+             {first_seq}..={last_seq}",
+            header.first_seq, header.last_seq
+        ));
+    }
+    Ok(parsed)
+}
+
+/// Streams the lines of an export or a segment file into `verifier`, in
+/// order, each read strictly: a record is pushed, a checkpoint or the
+/// segment header is passed over (checkpoints come from
+/// [`checkpoint_lines`]), and any other line is the problem, naming its
+/// line number. Returns false at a problem.
+pub(crate) fn push_lines(
     lines: impl Iterator<Item = Result<String, String>>,
+    file: LineFile,
+    label: &str,
     verifier: &mut chain::Verifier<'_>,
     progress: &mut dyn FnMut(u64),
 ) -> bool {
-    for line in lines {
-        let record = match line {
-            Ok(line) if is_record_line(&line) => {
-                serde_json::from_str::<Value>(&line).map_err(|e| e.to_string())
+    let mut count = 0u64;
+    for (index, line) in (0u64..).zip(lines) {
+        count += 1;
+        match read_line(line, index, file, label) {
+            Ok(Line::Record(record)) => {
+                if !verifier.push(Ok(*record)) {
+                    return false;
+                }
+                if verifier.records().is_multiple_of(10_000) {
+                    progress(verifier.records());
+                }
             }
-            Ok(_) => continue,
-            Err(e) => Err(e),
-        };
-        if !verifier.push_json(record) {
-            return false;
+            Ok(Line::Checkpoint(_) | Line::Segment(_)) => {}
+            Err(why) => return verifier.fail_line(why),
         }
-        if verifier.records().is_multiple_of(10_000) {
-            progress(verifier.records());
-        }
+    }
+    if count == 0 && matches!(file, LineFile::Segment { .. }) {
+        return verifier.fail_line(format!("{label}the file is empty: no segment header"));
     }
     true
 }
 
 /// The checkpoints of an export or a segment file (its `{"checkpoint": …}`
-/// lines).
+/// lines), read strictly, up to its first bad line ([`push_lines`] reports
+/// that line when it reaches it).
 pub(crate) fn checkpoint_lines(
     lines: impl Iterator<Item = Result<String, String>>,
-) -> Result<Vec<Checkpoint>, String> {
+    file: LineFile,
+) -> Vec<Checkpoint> {
     let mut checkpoints = Vec::new();
-    for line in lines {
-        if let Some(c) = checkpoint_line(&line?)? {
-            checkpoints.push(c);
+    for (index, line) in (0u64..).zip(lines) {
+        match read_line(line, index, file, "") {
+            Ok(Line::Checkpoint(c)) => checkpoints.push(c),
+            Ok(_) => {}
+            Err(_) => break,
         }
     }
-    Ok(checkpoints)
+    checkpoints
 }
 
 /// Verifies the whole log in `store`, checking checkpoint signatures with
@@ -270,30 +370,52 @@ pub async fn verify_store(
     ring: &KeyRing,
     progress: &mut dyn FnMut(u64),
 ) -> Result<chain::Report, String> {
-    let checkpoints = all_checkpoints(store).await?;
-    let mut verifier = chain::Verifier::new(&checkpoints);
-    push_store_records(store, &mut verifier, 0, progress).await?;
-    Ok(verifier.finish(&ring_check(ring)))
+    Ok(verify_store_witnessed(store, ring, &[], progress).await?.0)
 }
 
-/// Verifies an exported JSON Lines file against a JWKS document, in two
-/// streaming passes: the checkpoint lines first, then every record line
-/// exactly as written (an added field or a `null` fails the hash too).
+/// [`verify_store`], held against the checkpoints of a witness
+/// ([`crate::witness`]): each is also compared with the record at its seq,
+/// and must be one of the store's checkpoints.
+pub async fn verify_store_witnessed(
+    store: &dyn Store,
+    ring: &KeyRing,
+    witness: &[Checkpoint],
+    progress: &mut dyn FnMut(u64),
+) -> Result<(chain::Report, WitnessSummary), String> {
+    let checkpoints = all_checkpoints(store).await?;
+    let all = crate::witness::with_witness(&checkpoints, witness);
+    let mut verifier = chain::Verifier::new(&all);
+    push_store_records(store, &mut verifier, 0, progress).await?;
+    let mut report = verifier.finish(&ring_check(ring));
+    let summary = crate::witness::hold_against(&mut report, &checkpoints, witness);
+    Ok((report, summary))
+}
+
+/// Verifies an exported JSON Lines file (or the mirror) against a JWKS
+/// document, in two streaming passes: the checkpoint lines first, then
+/// every line in order, each of which must be exactly a record or a
+/// checkpoint as the gateway writes them ([`lines::parse_line`]). With
+/// `witness` checkpoints, the file is held against them as
+/// [`verify_store_witnessed`] holds the store.
 pub fn verify_jsonl(
     path: &std::path::Path,
     jwks: &Value,
+    witness: &[Checkpoint],
     progress: &mut dyn FnMut(u64),
-) -> Result<chain::Report, String> {
+) -> Result<(chain::Report, WitnessSummary), String> {
     let open = || {
         std::fs::File::open(path)
             .map(|f| BoundedLines::new(std::io::BufReader::new(f)))
             .map_err(|e| format!("{}: {e}", path.display()))
     };
-    let checkpoints = checkpoint_lines(open()?)?;
-    let mut verifier = chain::Verifier::new(&checkpoints);
-    push_record_lines(open()?, &mut verifier, progress);
+    let checkpoints = checkpoint_lines(open()?, LineFile::Export);
+    let all = crate::witness::with_witness(&checkpoints, witness);
+    let mut verifier = chain::Verifier::new(&all);
+    push_lines(open()?, LineFile::Export, "", &mut verifier, progress);
     progress(verifier.records());
-    Ok(verifier.finish(&jwks_check(jwks)))
+    let mut report = verifier.finish(&jwks_check(jwks));
+    let summary = crate::witness::hold_against(&mut report, &checkpoints, witness);
+    Ok((report, summary))
 }
 
 /// What `audit tail` shows.

@@ -43,8 +43,9 @@ mod state;
 mod tasks;
 pub mod tiering;
 pub mod upstream;
+pub mod witness;
 
 pub use pipeline::UPSTREAM_TIMEOUT;
 pub use server::{router, serve};
-pub use state::{Gateway, SetupError};
+pub use state::{Gateway, SetupError, open_witness};
 pub use tasks::StartedTask;

@@ -140,6 +140,7 @@ pub struct Metrics {
     refreshed: AtomicU64,
     revoked: AtomicU64,
     upstream_errors: AtomicU64,
+    witness_failures: AtomicU64,
     /// Time of `Engine::decide` (with the token-scope check).
     pub decision_latency: Histogram,
     /// Time of a whole `POST …/calls`, from authentication to the answer.
@@ -164,6 +165,7 @@ impl Default for Metrics {
             refreshed: AtomicU64::new(0),
             revoked: AtomicU64::new(0),
             upstream_errors: AtomicU64::new(0),
+            witness_failures: AtomicU64::new(0),
             decision_latency: Histogram::default(),
             call_latency: Histogram::default(),
             commit_latency: Histogram::default(),
@@ -215,6 +217,11 @@ impl Metrics {
     /// Counts a failed upstream call.
     pub fn upstream_error(&self) {
         self.upstream_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a failed append to the checkpoint witness.
+    pub fn witness_failure(&self) {
+        self.witness_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records whether upstream `name` is connected.
@@ -314,6 +321,11 @@ impl Metrics {
                 "portcullis_alerts_dropped_total",
                 "Alerts dropped because the delivery queue was full.",
                 &self.alerts.dropped,
+            ),
+            (
+                "portcullis_audit_witness_failures_total",
+                "Failed appends to the checkpoint witness (audit.witness_dir); retried every second.",
+                &self.witness_failures,
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}");

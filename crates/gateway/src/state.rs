@@ -196,6 +196,8 @@ pub struct Gateway {
     pub(crate) mcp_sessions: crate::mcp::Sessions,
     /// (agent, tool) pairs known to have been used (for `new_tool`).
     pub(crate) tool_uses: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
+    /// The checkpoint witness (`audit.witness_dir`), if configured.
+    pub(crate) witness: Option<crate::witness::Witness>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -206,6 +208,21 @@ impl std::fmt::Debug for Gateway {
             .field("upstreams", &self.upstreams.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
+}
+
+/// The checkpoint witness of `audit.witness_dir` (resolved against the
+/// configuration's folder), opened; `None` when the key is not set.
+pub fn open_witness(loaded: &LoadedConfig) -> Result<Option<crate::witness::Witness>, SetupError> {
+    loaded
+        .config
+        .audit
+        .witness_dir
+        .as_deref()
+        .map(|dir| {
+            crate::witness::Witness::open(&loaded.resolve(dir))
+                .map_err(|e| SetupError(format!("audit.witness_dir: {e}")))
+        })
+        .transpose()
 }
 
 /// Why the gateway could not be assembled.
@@ -258,6 +275,9 @@ impl Gateway {
             sample_low_risk: cfg.audit.sample_low_risk,
         };
         let metrics = Metrics::default();
+        // A configured witness that cannot be opened stops the start-up: it
+        // is never silently off.
+        let witness = open_witness(loaded)?;
         // An `https://` webhook is refused here: no TLS stack in this build.
         let alerts = match &cfg.audit.alert_webhook {
             Some(hook) => Alerts::new(
@@ -301,6 +321,7 @@ impl Gateway {
             pins: crate::federation::PinBook::default(),
             mcp_sessions: crate::mcp::Sessions::default(),
             tool_uses: std::sync::Mutex::default(),
+            witness,
         })
     }
 

@@ -42,10 +42,14 @@ use portcullis_store::{
 use portcullis_token::KeyRing;
 use serde_json::{Value, json};
 
+use portcullis_store::lines::{self, Line, Place};
+pub use portcullis_store::lines::{SEGMENT_FORMAT, SegmentHeader};
+
 use crate::audit::{
-    all_checkpoints, checkpoint_lines, export_line, page_after, push_record_lines,
+    LineFile, all_checkpoints, checkpoint_lines, export_line, page_after, push_lines,
     push_store_records, sign_checkpoint,
 };
+use crate::witness::WitnessSummary;
 
 /// At most this many records go into one segment file (more than one
 /// checkpoint segment may share a file; a single segment longer than this
@@ -53,8 +57,6 @@ use crate::audit::{
 pub const MAX_FILE_RECORDS: u64 = 100_000;
 /// Longest line a segment file or an export may have.
 pub const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
-/// The `format` of a segment file's header line.
-pub const SEGMENT_FORMAT: &str = "portcullis-audit-segment-v1";
 
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 
@@ -117,22 +119,6 @@ pub struct SegmentFile {
     pub first_seq: u64,
     /// Its last record.
     pub last_seq: u64,
-}
-
-/// The header line of a segment file (informative: verification relies on
-/// the chain and the checkpoints, not on it).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SegmentHeader {
-    /// [`SEGMENT_FORMAT`].
-    pub format: String,
-    /// The first record.
-    pub first_seq: u64,
-    /// The last record.
-    pub last_seq: u64,
-    /// `last_seq - first_seq + 1`.
-    pub records: u64,
-    /// The `ts` of the last record (the segment's age), Unix milliseconds.
-    pub last_ts: u64,
 }
 
 /// The file name of the segment `first..=last`: zero-padded so that names
@@ -207,29 +193,20 @@ pub fn segment_lines(path: &Path) -> Result<BoundedLines<BufReader<GzDecoder<Fil
     Ok(BoundedLines::new(BufReader::new(GzDecoder::new(file))))
 }
 
-/// The header of a segment file (its first line).
+/// The header of a segment file (its first line, in its exact form).
 pub fn read_header(path: &Path) -> Result<SegmentHeader, String> {
     let first = segment_lines(path)?
         .next()
         .unwrap_or_else(|| Err("empty".into()))
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    let value: Value =
-        serde_json::from_str(&first).map_err(|e| format!("{}: header: {e}", path.display()))?;
-    let header: SegmentHeader = value
-        .get("segment")
-        .cloned()
-        .ok_or_else(|| format!("{}: the first line is not a segment header", path.display()))
-        .and_then(|h| {
-            serde_json::from_value(h).map_err(|e| format!("{}: header: {e}", path.display()))
-        })?;
-    if header.format != SEGMENT_FORMAT {
-        return Err(format!(
-            "{}: unknown segment format {:?}",
-            path.display(),
-            header.format
-        ));
+    match lines::parse_line(&first, Place::SegmentStart) {
+        Ok(Line::Segment(header)) => Ok(header),
+        Ok(_) => Err(format!(
+            "{}: the first line is not a segment header",
+            path.display()
+        )),
+        Err(e) => Err(format!("{}: line 1: {e}", path.display())),
     }
-    Ok(header)
 }
 
 /// The seq below the oldest record of the store (0 when nothing was ever
@@ -532,11 +509,11 @@ async fn write_segment_to(
         records: end - floor,
         last_ts,
     };
-    writeln!(gz, "{}", json!({ "segment": header })).map_err(io)?;
+    writeln!(gz, "{}", lines::segment_line(&header)).map_err(io)?;
     let mut pending = checkpoints.iter().peekable();
     let mut write_checkpoints_to = |gz: &mut GzEncoder<_>, seq: u64| -> Result<(), String> {
         while let Some(c) = pending.next_if(|c| c.seq <= seq) {
-            writeln!(gz, "{}", json!({ "checkpoint": c })).map_err(io)?;
+            writeln!(gz, "{}", lines::checkpoint_line(c)).map_err(io)?;
         }
         Ok(())
     };
@@ -676,26 +653,51 @@ pub async fn verify_archive(
     check_sig: &dyn Fn(&Checkpoint) -> bool,
     progress: &mut dyn FnMut(u64),
 ) -> Result<chain::Report, String> {
+    Ok(
+        verify_archive_witnessed(dir, store, check_sig, &[], progress)
+            .await?
+            .0,
+    )
+}
+
+/// [`verify_archive`], held against the checkpoints of a witness
+/// ([`crate::witness::hold_against`]): every witnessed checkpoint from
+/// where the archive starts on must be one of the archive's or the
+/// store's.
+pub async fn verify_archive_witnessed(
+    dir: &Path,
+    store: Option<&dyn Store>,
+    check_sig: &dyn Fn(&Checkpoint) -> bool,
+    witness: &[Checkpoint],
+    progress: &mut dyn FnMut(u64),
+) -> Result<(chain::Report, WitnessSummary), String> {
     let files = list_segments(dir)?;
-    let in_file = |file: &SegmentFile| {
-        let path = file.path.display().to_string();
-        move |e: String| format!("{path}: {e}")
-    };
     let mut checkpoints: Vec<Checkpoint> = Vec::new();
     for file in &files {
-        checkpoints.extend(checkpoint_lines(segment_lines(&file.path)?).map_err(in_file(file))?);
+        checkpoints.extend(checkpoint_lines(
+            segment_lines(&file.path)?,
+            segment_kind(file),
+        ));
     }
     if let Some(store) = store {
         checkpoints.extend(all_checkpoints(store).await?);
     }
+    let all = crate::witness::with_witness(&checkpoints, witness);
     let mut verifier = if store.is_some() {
-        chain::Verifier::archive(&checkpoints)
+        chain::Verifier::archive(&all)
     } else {
-        chain::Verifier::archive_alone(&checkpoints)
+        chain::Verifier::archive_alone(&all)
     };
     let mut going = true;
     for file in &files {
-        going = push_record_lines(segment_lines(&file.path)?, &mut verifier, progress);
+        let label = format!("{}: ", file.path.display());
+        going = push_lines(
+            segment_lines(&file.path)?,
+            segment_kind(file),
+            &label,
+            &mut verifier,
+            progress,
+        );
         if !going {
             break;
         }
@@ -707,27 +709,16 @@ pub async fn verify_archive(
         push_store_records(store, &mut verifier, after, progress).await?;
     }
     progress(verifier.records());
-    Ok(verifier.finish(check_sig))
+    let mut report = verifier.finish(check_sig);
+    let summary = crate::witness::hold_against(&mut report, &checkpoints, witness);
+    Ok((report, summary))
 }
 
-/// Whether an export or segment line is a record (not a checkpoint or a
-/// header line, not blank).
-pub fn is_record_line(line: &str) -> bool {
-    !(line.trim().is_empty()
-        || line.starts_with("{\"checkpoint\"")
-        || line.starts_with("{\"segment\""))
-}
-
-/// The checkpoint of a `{"checkpoint": …}` line; `None` for other lines.
-pub fn checkpoint_line(line: &str) -> Result<Option<Checkpoint>, String> {
-    if !line.starts_with("{\"checkpoint\"") {
-        return Ok(None);
+fn segment_kind(file: &SegmentFile) -> LineFile {
+    LineFile::Segment {
+        first_seq: file.first_seq,
+        last_seq: file.last_seq,
     }
-    let value: Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
-    let c = value.get("checkpoint").cloned().unwrap_or(Value::Null);
-    serde_json::from_value(c)
-        .map(Some)
-        .map_err(|e| format!("checkpoint: {e}"))
 }
 
 #[cfg(test)]

@@ -216,7 +216,7 @@ fn push_zeros(out: &mut String, count: i64) {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-fn write_string(out: &mut String, s: &str) {
+pub(crate) fn write_string(out: &mut String, s: &str) {
     out.push('"');
     // Runs of characters that stand for themselves are copied whole; only
     // `"`, `\\` and the controls below U+0020 are escaped. They are all

@@ -321,6 +321,18 @@ impl<'a> Verifier<'a> {
         self.check(seq, field("prev_hash"), field("hash"), computed) && self.declares(seq, through)
     }
 
+    /// Ends the walk at something that is not a record: a line of a file
+    /// that is neither a record nor a checkpoint as the gateway writes them
+    /// (`why` says which line and what is wrong). Reported at the seq
+    /// expected next. Returns false.
+    pub fn fail_line(&mut self, why: String) -> bool {
+        if self.problem.is_some() {
+            return false;
+        }
+        let expected = self.expected();
+        self.fail(expected, why, None)
+    }
+
     /// Notes a good record that says the records through `through` were
     /// archived or dropped (`kind` and `through_seq` of
     /// [`tiering_through`]), if that is where the walk is anchored.

@@ -60,6 +60,7 @@
 
 pub mod canonical;
 pub mod chain;
+pub mod lines;
 mod model;
 pub mod postgres;
 mod queue;

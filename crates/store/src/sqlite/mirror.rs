@@ -28,7 +28,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Deserialize;
-use serde_json::{Map, Value};
 
 use super::rows::{CHECKPOINT_COLUMNS, RawCheckpoint, to_uint};
 use crate::Checkpoint;
@@ -96,7 +95,7 @@ impl Line {
     fn text(&self) -> Result<String, String> {
         match self {
             Self::Record { json, .. } => Ok(json.clone()),
-            Self::Checkpoint(checkpoint) => checkpoint_line(checkpoint),
+            Self::Checkpoint(checkpoint) => Ok(crate::lines::checkpoint_line(checkpoint)),
         }
     }
 
@@ -104,21 +103,12 @@ impl Line {
         match self {
             Self::Record { json, .. } => out.extend_from_slice(json.as_bytes()),
             Self::Checkpoint(checkpoint) => {
-                out.extend_from_slice(checkpoint_line(checkpoint)?.as_bytes())
+                out.extend_from_slice(crate::lines::checkpoint_line(checkpoint).as_bytes())
             }
         }
         out.push(b'\n');
         Ok(())
     }
-}
-
-/// `{"checkpoint": {…}}`, built as `portcullis audit export` builds it.
-fn checkpoint_line(checkpoint: &Checkpoint) -> Result<String, String> {
-    let value = serde_json::to_value(checkpoint)
-        .map_err(|e| format!("encode checkpoint {}: {e}", checkpoint.seq))?;
-    let mut line = Map::new();
-    line.insert("checkpoint".to_owned(), value);
-    Ok(Value::Object(line).to_string())
 }
 
 /// Where the mirror's stream ends.
