@@ -492,6 +492,49 @@ impl Engine {
         }
     }
 
+    /// Decides a token exchange for `tool` in `task` (RFC 8693, at
+    /// `/oauth/token`): a per-hop token with which the agent calls the
+    /// upstream itself, with arguments the gateway never sees. The steps of
+    /// [`Self::decide`] up to the arguments — task, ACL, state, budgets, the
+    /// pin — and then two refusals that a call would not meet:
+    /// - a tool of a *next* state (`state_violation`): a task moves by its
+    ///   calls, which rotate the token at `reverify` states; an exchange
+    ///   never moves it;
+    /// - a tool that a Cedar policy applies to (`args_invalid`): the policy
+    ///   could not see the arguments, so it could not hold.
+    ///
+    /// Pure, like `decide`; an allowed exchange is applied (counted) with
+    /// [`Task::apply`] like a call.
+    pub fn decide_exchange(&self, task: &Task, tool: &str) -> Decision {
+        let gate = match self.gate(task, tool) {
+            Ok(gate) => gate,
+            Err(denial) => return *denial,
+        };
+        if let Some(t) = &gate.transition {
+            return Decision::deny(
+                tool,
+                Reason::StateViolation,
+                format!(
+                    "a token exchange is only for tools of the task's current state {}, \
+                     not of state {}",
+                    t.from, t.to
+                ),
+            );
+        }
+        if let Err(denial) = self.pin_check(gate.tool_i, tool) {
+            return *denial;
+        }
+        if self.policies.applies(gate.tool_i, !self.slice_policies) {
+            return Decision::deny(
+                tool,
+                Reason::ArgsInvalid,
+                "Cedar policies apply to this tool, and they could not see the arguments \
+                 of a call made with an exchanged token",
+            );
+        }
+        Decision::allow(tool, None)
+    }
+
     /// Decides a call of `tool` with `args` in `task`. Pure: the task is not
     /// changed; apply an allowed decision with [`Task::apply`].
     pub fn decide(&self, task: &Task, tool: &str, args: &Value) -> Decision {

@@ -91,14 +91,43 @@ pub struct JwtProvider {
     issuer: String,
 }
 
+/// The `aud` of a per-hop token from token exchange for `upstream`:
+/// `exchange.<upstream>`. Upstream names contain no `.`, so it is never an
+/// upstream's own name, which is the `aud` of what the gateway forwards.
+pub fn exchange_audience(upstream: &str) -> String {
+    format!("exchange.{upstream}")
+}
+
 impl JwtProvider {
     /// A provider signing with `ring` as `issuer`.
     pub fn new(ring: KeyRing, issuer: String) -> Self {
         Self { ring, issuer }
     }
 
-    /// Mints the token (synchronously; no I/O).
+    /// Mints the token the gateway forwards with a call (synchronously; no
+    /// I/O): `aud` is the upstream's name.
     pub fn mint(&self, req: &HopRequest<'_>) -> Result<Issued, ProviderError> {
+        self.mint_for(req, req.upstream.to_owned(), "per-hop")
+    }
+
+    /// Mints the token of a token exchange, which the agent presents to the
+    /// upstream itself: `aud` is [`exchange_audience`], so an upstream
+    /// tells it from what the gateway forwards, and one that accepts only
+    /// its own name refuses it.
+    pub fn mint_exchanged(&self, req: &HopRequest<'_>) -> Result<Issued, ProviderError> {
+        self.mint_for(
+            req,
+            exchange_audience(req.upstream),
+            "per-hop (token exchange)",
+        )
+    }
+
+    fn mint_for(
+        &self,
+        req: &HopRequest<'_>,
+        aud: String,
+        what: &str,
+    ) -> Result<Issued, ProviderError> {
         let jti = portcullis_token::random_id("hop_")
             .map_err(|e| ProviderError::Internal(e.to_string()))?;
         let expires = Timestamp(
@@ -111,7 +140,7 @@ impl JwtProvider {
         let claims = Claims {
             iss: self.issuer.clone(),
             sub: task.agent_id.clone(),
-            aud: req.upstream.to_owned(),
+            aud,
             exp: expires.as_secs(),
             iat: req.now.as_secs(),
             nbf: req.now.as_secs(),
@@ -138,7 +167,7 @@ impl JwtProvider {
         event.agent_id = Some(task.agent_id.clone());
         event.jti = Some(jti);
         event.detail = Some(format!(
-            "per-hop for {}: {}",
+            "{what} for {}: {}",
             req.upstream,
             req.tools.join(" ")
         ));

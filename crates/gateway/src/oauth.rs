@@ -314,94 +314,53 @@ async fn exchange(
             )
             .await;
     }
-    if tools.is_empty() || tools.len() > 64 {
+    // One tool per exchange: each per-hop token handed out is one use of
+    // one tool, decided, counted and recorded like one call.
+    let [tool] = tools.as_slice() else {
         return asker
             .refuse(
                 "invalid_scope",
-                "scope must name 1 to 64 tools",
+                "scope must name exactly one tool",
                 first_tool,
                 Reason::ArgsInvalid,
             )
             .await;
-    }
-    let record = match gw.load_task(&claims.task_id).await {
-        Ok(r) => r,
-        Err(e) if e.kind() == crate::error::Kind::Unavailable => {
-            return e.with_request_id(&rid.0).into_response();
-        }
-        Err(e) => {
-            return invalid_grant(
-                "the task is not active",
-                e.reason().unwrap_or(Reason::TaskNotActive),
-                rid,
-            );
-        }
     };
-    let now = gw.now();
-    for tool in &tools {
-        let upstream_ok = gw
-            .engine
-            .tool(tool)
-            .is_some_and(|d| &d.upstream == resource);
-        if !upstream_ok {
-            return asker
-                .refuse(
-                    "invalid_scope",
-                    "a tool of the scope is not served by that resource",
-                    tool,
-                    Reason::ToolUnknown,
-                )
-                .await;
-        }
-        let in_scope = claims.scope.split(' ').any(|t| t == tool);
-        let decision = if in_scope {
-            gw.engine.check_tool(&record.task, tool)
-        } else {
-            portcullis_core::Decision::deny(
-                tool,
-                Reason::ToolNotGranted,
-                "outside the token's scope",
-            )
-        };
-        if !decision.is_allowed() {
-            let reason = decision.reason.unwrap_or(Reason::InternalError);
-            return asker
-                .refuse("invalid_scope", &decision.detail, tool, reason)
-                .await;
-        }
-    }
-    let request = crate::credential::HopRequest {
-        upstream: resource,
-        task: &record.task,
-        tools: &tools,
-        deadline: record.deadline,
-        now,
-    };
-    let (token, expires_in, ops) = match gw.hop_jwt.mint(&request) {
-        Ok(crate::credential::Issued {
-            credential: crate::upstream::HopCredential::Jwt { token },
-            ttl_secs,
-            ops,
-        }) => (token, ttl_secs.unwrap_or(0), ops),
+    let task_id = claims.task_id.clone();
+    let exchange = crate::pipeline::Use::Exchange { upstream: resource };
+    let (token, expires_in) = match gw.decide_use(&claims, &task_id, tool, exchange).await {
+        Ok(crate::pipeline::Authorized {
+            exchanged: Some(minted),
+            ..
+        }) => minted,
         Ok(_) => {
-            return internal("the JWT provider issued something else")
+            return internal("an allowed exchange minted no token")
                 .with_request_id(&rid.0)
                 .into_response();
         }
-        Err(e) => return internal(e).with_request_id(&rid.0).into_response(),
+        // Decided and already on record (`call.denied`), like a call.
+        Err(e) if crate::tasks::is_decision(&e) && e.reason() != Some(Reason::TaskNotActive) => {
+            let reason = e.reason().unwrap_or(Reason::InternalError);
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                e.detail(),
+                Some(reason),
+                rid,
+            );
+        }
+        Err(e) if e.reason() == Some(Reason::TaskNotActive) => {
+            return invalid_grant("the task is not active", Reason::TaskNotActive, rid);
+        }
+        Err(e) => return e.with_request_id(&rid.0).into_response(),
     };
-    if let Err(e) = gw.commit(ops).await {
-        return ApiError::unavailable(e.to_string())
-            .with_request_id(&rid.0)
-            .into_response();
-    }
     gw.metrics.tokens(TokenEvent::Issued, 1);
     let body = json!({
         "access_token": token,
         "issued_token_type": ACCESS_TOKEN_TYPE,
         "token_type": "Bearer",
         "expires_in": expires_in,
-        "scope": tools.join(" "),
+        "scope": tool,
     });
     (
         StatusCode::OK,

@@ -64,6 +64,31 @@ pub(crate) async fn within_deadline<T>(
         })
 }
 
+/// What a use of a tool is, for the one pipeline that decides them all.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Use<'a> {
+    /// A call with these arguments; with `forward`, the per-hop credential
+    /// to forward it with is minted too.
+    Call { args: &'a Value, forward: bool },
+    /// A token exchange (RFC 8693) for a per-hop token of `upstream`: the
+    /// agent calls the upstream itself, with arguments the gateway never
+    /// sees. Decided like a call — scope, ACL, state, budgets, approvals,
+    /// anomaly rules — except that the arguments are unknown
+    /// ([`portcullis_core::Engine::decide_exchange`]); counted and recorded
+    /// like one.
+    Exchange { upstream: &'a str },
+}
+
+impl Use<'_> {
+    /// The arguments to record: none for an exchange.
+    fn args(&self) -> &Value {
+        match self {
+            Use::Call { args, .. } => args,
+            Use::Exchange { .. } => &Value::Null,
+        }
+    }
+}
+
 /// A call that passed every check and is recorded, ready to forward.
 #[derive(Debug)]
 pub(crate) struct Authorized {
@@ -73,6 +98,8 @@ pub(crate) struct Authorized {
     pub rotated: Option<Rotation>,
     /// Where and with what to forward (only when forwarding).
     pub forward: Option<(String, UpstreamCall)>,
+    /// The per-hop token of a token exchange, and its lifetime in seconds.
+    pub exchanged: Option<(String, u64)>,
 }
 
 /// Step: the token's task must be the task named in the request.
@@ -116,10 +143,24 @@ impl Gateway {
         args: &Value,
         forward: bool,
     ) -> Result<Authorized, ApiError> {
+        self.decide_use(claims, task_id, tool, Use::Call { args, forward })
+            .await
+    }
+
+    /// Decides a use of `tool` — a call, or a token exchange — records it,
+    /// and applies it to the task: the one path both take. Within
+    /// [`LEDGER_DEADLINE`], or 503 `internal_error`.
+    pub(crate) async fn decide_use(
+        &self,
+        claims: &Claims,
+        task_id: &str,
+        tool: &str,
+        use_: Use<'_>,
+    ) -> Result<Authorized, ApiError> {
         within_deadline(
             "deciding and recording the call",
             ledger_deadline(),
-            self.authorize_now(claims, task_id, tool, args, forward),
+            self.authorize_now(claims, task_id, tool, use_),
         )
         .await
     }
@@ -129,8 +170,7 @@ impl Gateway {
         claims: &Claims,
         task_id: &str,
         tool: &str,
-        args: &Value,
-        forward: bool,
+        use_: Use<'_>,
     ) -> Result<Authorized, ApiError> {
         // INVARIANT: the `bind_task` layer has bound `claims` to `task_id`.
         let _serial = match self.task_lock(task_id) {
@@ -160,13 +200,13 @@ impl Gateway {
             };
             let now = self.now();
             let started = std::time::Instant::now();
-            let mut decision = self.decide(claims, &record.task, tool, args);
+            let mut decision = self.decide(claims, &record.task, tool, use_);
             self.metrics.decision_latency.observe(started.elapsed());
             if decision.reason == Some(Reason::ToolDefinitionChanged)
                 && self.recheck_pin(tool).await
             {
                 // An admin re-approved the definition the upstream has now.
-                decision = self.decide(claims, &record.task, tool, args);
+                decision = self.decide(claims, &record.task, tool, use_);
             }
             // A call (or a move into a state) the configuration wants
             // approved first waits as an elevation request, unless a
@@ -209,7 +249,7 @@ impl Gateway {
             }
             if !decision.is_allowed() {
                 match self
-                    .commit_denial(&record, &decision, args, now, fired)
+                    .commit_denial(&record, &decision, use_, now, fired)
                     .await
                 {
                     Ok(answer) => {
@@ -223,7 +263,7 @@ impl Gateway {
                 }
             }
             match self
-                .commit_allowed(claims, record, decision, args, forward, now)
+                .commit_allowed(claims, record, decision, use_, now)
                 .await
             {
                 Ok(done) => {
@@ -247,14 +287,14 @@ impl Gateway {
         &self,
         record: &TaskRecord,
         decision: &Decision,
-        args: &Value,
+        use_: Use<'_>,
         now: Timestamp,
         call_rule: Option<Fired>,
     ) -> Result<ApiError, CommitError> {
         let rules = self.engine.anomaly();
         let mut task = record.task.clone();
         // In audit order: the denial, the anomalies, then what they cause.
-        let mut events = vec![self.call_event(&record.task, decision, args, now)];
+        let mut events = vec![self.use_event(&record.task, decision, use_, now)];
         let mut fired: Vec<Fired> = call_rule.into_iter().collect();
         let active = task.status == TaskStatus::Active;
         let counted = active && rules.counts_denials();
@@ -366,8 +406,31 @@ impl Gateway {
         Ok(ApiError::denied(reason, detail).with_policies(decision.policy_ids.clone()))
     }
 
+    /// The audit record of a decided use: a call's, and for an exchange
+    /// the same kind of record (`call.allowed`/`call.denied`: it is a use
+    /// of the tool) without arguments, saying it was an exchange.
+    fn use_event(
+        &self,
+        task: &Task,
+        decision: &Decision,
+        use_: Use<'_>,
+        now: Timestamp,
+    ) -> NewEvent {
+        let mut event = self.call_event(task, decision, use_.args(), now);
+        if let Use::Exchange { upstream } = use_ {
+            event.args = None;
+            event.detail = Some(match event.detail.take() {
+                Some(why) if !decision.is_allowed() => {
+                    format!("token exchange for {upstream}: {why}")
+                }
+                _ => format!("token exchange for {upstream}"),
+            });
+        }
+        event
+    }
+
     /// The engine's decision, after the token's own scope.
-    fn decide(&self, claims: &Claims, task: &Task, tool: &str, args: &Value) -> Decision {
+    fn decide(&self, claims: &Claims, task: &Task, tool: &str, use_: Use<'_>) -> Decision {
         let registered = self.engine.tool(tool).is_some();
         let in_scope = claims.scope.split(' ').any(|t| t == tool);
         let now = self.now();
@@ -382,7 +445,25 @@ impl Gateway {
                 "tool is outside the token's scope",
             );
         }
-        self.engine.decide(task, tool, args)
+        match use_ {
+            Use::Call { args, .. } => self.engine.decide(task, tool, args),
+            Use::Exchange { upstream } => {
+                // The token is for `upstream` alone: a tool it does not
+                // serve is no tool of this exchange.
+                if self
+                    .engine
+                    .tool(tool)
+                    .is_some_and(|d| d.upstream != upstream)
+                {
+                    return Decision::deny(
+                        tool,
+                        Reason::ToolUnknown,
+                        "the tool is not served by that resource",
+                    );
+                }
+                self.engine.decide_exchange(task, tool)
+            }
+        }
     }
 
     async fn commit_allowed(
@@ -390,8 +471,7 @@ impl Gateway {
         claims: &Claims,
         record: TaskRecord,
         decision: Decision,
-        args: &Value,
-        forward: bool,
+        use_: Use<'_>,
         now: Timestamp,
     ) -> Result<Authorized, CommitError> {
         let before = record.task.version;
@@ -422,7 +502,7 @@ impl Gateway {
                 },
                 expected_version: before,
             },
-            Op::Append(self.call_event(&record.task, &decision, args, now)),
+            Op::Append(self.use_event(&record.task, &decision, use_, now)),
         ];
         if let Some(t) = &decision.transition {
             ops.push(Op::Append(self.transition_event(&task, t, now)));
@@ -433,7 +513,38 @@ impl Gateway {
             }
             _ => None,
         };
-        let forward = if forward {
+        let mut exchanged = None;
+        let forward = if let Use::Exchange { upstream } = use_ {
+            let tools = [decision.tool.clone()];
+            let request = HopRequest {
+                upstream,
+                task: &task,
+                tools: &tools,
+                deadline: record.deadline,
+                now,
+            };
+            let issued = self
+                .hop_jwt
+                .mint_exchanged(&request)
+                .map_err(|e| CommitError::Api(internal(e)))?;
+            let crate::credential::Issued {
+                credential,
+                ttl_secs,
+                ops: hop_ops,
+            } = issued;
+            let crate::upstream::HopCredential::Jwt { token } = credential else {
+                return Err(CommitError::Api(internal(
+                    "the JWT provider issued something else",
+                )));
+            };
+            ops.extend(hop_ops);
+            exchanged = Some((token, ttl_secs.unwrap_or(0)));
+            None
+        } else if let Use::Call {
+            args,
+            forward: true,
+        } = use_
+        {
             let def = self
                 .engine
                 .tool(&decision.tool)
@@ -489,6 +600,7 @@ impl Gateway {
                     decision,
                     rotated,
                     forward,
+                    exchanged,
                 })
             }
             Err(StoreError::Conflict(_)) => Err(CommitError::Lost),

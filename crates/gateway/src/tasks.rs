@@ -339,7 +339,7 @@ pub(crate) async fn authorize(
 /// Whether `e` is a decided denial (an answer of policy-decision-point
 /// mode) rather than a failure to decide. Every reason of today is named;
 /// one added later stays an error answer until it is placed here.
-fn is_decision(e: &ApiError) -> bool {
+pub(crate) fn is_decision(e: &ApiError) -> bool {
     let Some(reason) = e.reason() else {
         return false;
     };

@@ -853,7 +853,13 @@ async fn exchange(h: &Harness, subject: &str, resource: &str, scope: &str) -> An
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_exchange_mints_per_hop_tokens_only_for_allowed_tools() {
-    let h = Harness::start().await;
+    // No Cedar policies here: a tool that policies apply to is never
+    // exchanged (see `token_exchange_is_decided_like_a_call`).
+    let h = Harness::with(Options {
+        policies: Some(""),
+        ..Options::default()
+    })
+    .await;
     let s = h.start_task(None).await;
 
     let a = exchange(&h, &s.access, "warehouse", "warehouse.connect").await;
@@ -864,8 +870,10 @@ async fn token_exchange_mints_per_hop_tokens_only_for_allowed_tools() {
     assert!(a.body["expires_in"].as_u64().unwrap() <= 60);
     assert_eq!(a.body["scope"], "warehouse.connect");
     let hop = a.body["access_token"].as_str().unwrap().to_owned();
-    let c = h.verify(&hop, "warehouse");
-    assert_eq!(c.aud, "warehouse");
+    // Not the audience of what the gateway forwards: an upstream tells the
+    // two apart, and one that accepts only its own name refuses it.
+    let c = h.verify(&hop, "exchange.warehouse");
+    assert_eq!(c.aud, "exchange.warehouse");
     assert_eq!(c.scope, "warehouse.connect");
     assert_eq!(c.task_id, s.task_id);
     assert!(c.exp - c.iat <= 60);
@@ -873,6 +881,7 @@ async fn token_exchange_mints_per_hop_tokens_only_for_allowed_tools() {
     // Not allowed in the current state (connect), with the reason.
     let a = exchange(&h, &s.access, "warehouse", "warehouse.insert").await;
     assert_oauth_error(&a, "invalid_scope", Some("state_violation"));
+    // One tool per exchange: each token handed out is one use of one tool.
     let a = exchange(
         &h,
         &s.access,
@@ -880,7 +889,7 @@ async fn token_exchange_mints_per_hop_tokens_only_for_allowed_tools() {
         "warehouse.connect warehouse.transform",
     )
     .await;
-    assert_oauth_error(&a, "invalid_scope", Some("state_violation"));
+    assert_oauth_error(&a, "invalid_scope", Some("args_invalid"));
     // Not on the ACL.
     let a = exchange(&h, &s.access, "warehouse", "warehouse.drop").await;
     assert_oauth_error(&a, "invalid_scope", Some("tool_not_granted"));
@@ -919,6 +928,106 @@ async fn token_exchange_mints_per_hop_tokens_only_for_allowed_tools() {
     assert_eq!(h.introspect(&hop).await.body["active"], false);
     let a = exchange(&h, &s.access, "warehouse", "warehouse.connect").await;
     assert_oauth_error(&a, "invalid_grant", Some("token_revoked"));
+}
+
+/// Regression: token exchange went around the call pipeline. It checked
+/// only the ACL, state, budgets and pin: it skipped approvals, the anomaly
+/// rules and `reverify` (a tool of the next state was granted without the
+/// task moving or its token rotating), exchanges did not count against
+/// budgets, and a tool whose Cedar policies constrain its arguments was
+/// exchanged though no policy would ever see them. An exchange is now
+/// decided by the same pipeline as a call, counted and recorded as a use of
+/// the tool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_exchange_is_decided_like_a_call() {
+    // Anomaly rules and budgets: an exchange is a use of the tool.
+    let h = Harness::with(Options {
+        policies: Some(""),
+        anomaly: Some(r#"rate = { calls = 2, seconds = 60, action = "deny" }"#),
+        ..Options::default()
+    })
+    .await;
+    let s = h.start_task(None).await;
+    let a = exchange(&h, &s.access, "warehouse", "warehouse.connect").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    let a = exchange(&h, &s.access, "warehouse", "warehouse.connect").await;
+    assert_oauth_error(&a, "invalid_scope", Some("rate_limited"));
+    assert!(a.body["access_token"].is_null(), "{}", a.text);
+    assert_eq!(h.task(&s.task_id).await["calls"], 2);
+    // A tool of the next state: the task does not move, nothing is minted.
+    let a = exchange(&h, &s.access, "warehouse", "warehouse.query").await;
+    assert_oauth_error(&a, "invalid_scope", Some("state_violation"));
+    assert_eq!(h.task(&s.task_id).await["state"], "connect");
+    let uses: Vec<(String, String, String)> = h
+        .audit(&s.task_id)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "call.allowed" || e["kind"] == "call.denied")
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap().to_owned(),
+                e["reason"].as_str().unwrap_or("").to_owned(),
+                e["detail"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(uses.len(), 4, "{uses:?}");
+    assert_eq!(uses[0].0, "call.allowed");
+    assert!(
+        uses[0].2.starts_with("token exchange for warehouse"),
+        "{uses:?}"
+    );
+    assert_eq!(uses[1].0, "call.allowed");
+    assert_eq!(
+        (uses[2].0.as_str(), uses[2].1.as_str()),
+        ("call.denied", "rate_limited")
+    );
+    assert!(
+        uses[2].2.starts_with("token exchange for warehouse"),
+        "{uses:?}"
+    );
+    assert_eq!(uses[3].1, "state_violation");
+    assert_eq!(h.upstream_calls(), 1);
+
+    // Approvals: a use the configuration holds for approval is held the
+    // same way when it is an exchange.
+    let h = Harness::with(Options {
+        policies: Some(""),
+        anomaly: Some(r#"new_tool = "require_approval""#),
+        ..Options::default()
+    })
+    .await;
+    let s = h.start_task(None).await;
+    let a = exchange(&h, &s.access, "warehouse", "warehouse.connect").await;
+    assert_oauth_error(&a, "invalid_scope", Some("approval_required"));
+    let pending = h.get("/v1/elevations?status=pending", Some(ADMIN)).await;
+    assert_eq!(pending.status, StatusCode::OK, "{}", pending.text);
+    let held: Vec<&Value> = pending.body["elevations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["task_id"] == s.task_id.as_str())
+        .collect();
+    assert_eq!(held.len(), 1, "{}", pending.text);
+    assert_eq!(held[0]["tool"], "warehouse.connect");
+
+    // Argument policies: they could never see an exchanged call's
+    // arguments, so a tool they apply to is not exchanged.
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+    let a = exchange(&h, &s.access, "warehouse", "warehouse.connect").await;
+    assert_oauth_error(&a, "invalid_scope", Some("args_invalid"));
+    assert!(
+        a.body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("Cedar policies"),
+        "{}",
+        a.text
+    );
+    assert_eq!(h.upstream_calls(), 0);
 }
 
 /// Regression: token exchange was open on every upstream, so any agent

@@ -80,6 +80,8 @@ pub struct Options {
     pub approval: bool,
     /// `audit.sample_low_risk`, when set.
     pub sample_low_risk: Option<f64>,
+    /// The Cedar policies, instead of [`POLICIES`].
+    pub policies: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -96,13 +98,14 @@ impl Default for Options {
             anomaly: None,
             approval: false,
             sample_low_risk: None,
+            policies: None,
         }
     }
 }
 
 /// The policies of the test configuration: the ingestion example's, and one
 /// that can deny a call in the initial state.
-const POLICIES: &str = r#"
+pub const POLICIES: &str = r#"
 @id("no-prod-database")
 forbid(principal, action, resource == Tool::"warehouse.connect")
 when { context.args.database == "prod" };
@@ -300,7 +303,11 @@ cedar = ["policies/*.cedar"]
 /// `dir`; returns the configuration file's path.
 pub fn write_config(dir: &Path, listen: &str, opts: &Options) -> std::path::PathBuf {
     std::fs::create_dir_all(dir.join("policies")).unwrap();
-    std::fs::write(dir.join("policies/ingestion.cedar"), POLICIES).unwrap();
+    std::fs::write(
+        dir.join("policies/ingestion.cedar"),
+        opts.policies.unwrap_or(POLICIES),
+    )
+    .unwrap();
     if let Some(text) = opts.auto_approve {
         std::fs::create_dir_all(dir.join("elevation")).unwrap();
         std::fs::write(dir.join("elevation/auto.cedar"), text).unwrap();
