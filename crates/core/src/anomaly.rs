@@ -98,7 +98,11 @@ impl Rules {
     /// Checks a call that passed every other step. `first_use`: the agent
     /// has never called `tool` (only asked for when
     /// [`Rules::watches_new_tools`]). `approved`: the task holds a live
-    /// approval for `tool`, which satisfies `require_approval` rules.
+    /// approval for `tool`, which satisfies `require_approval` rules — and
+    /// only those: every rule is judged, and a `deny` or `halt` rule that
+    /// fires still decides, whatever was approved. Of several rules that
+    /// fire, the strictest action wins (`halt`, then `deny`, then
+    /// `require_approval`), the first in rule order among equals.
     pub fn check_call(
         &self,
         watch: &Watch,
@@ -107,21 +111,23 @@ impl Rules {
         first_use: bool,
         approved: bool,
     ) -> Option<Fired> {
-        let fired = self
-            .rate(watch, now)
-            .or_else(|| self.distinct(watch, tool, now))
-            .or_else(|| match &self.cfg.new_tool {
-                Some(action) if first_use => Some(Fired {
-                    rule: "new_tool",
-                    action: *action,
-                    detail: format!("first use of {tool} by this agent"),
-                }),
-                _ => None,
-            })?;
-        if approved && fired.action == AnomalyAction::RequireApproval {
-            return None;
-        }
-        Some(fired)
+        let new_tool = match &self.cfg.new_tool {
+            Some(action) if first_use => Some(Fired {
+                rule: "new_tool",
+                action: *action,
+                detail: format!("first use of {tool} by this agent"),
+            }),
+            _ => None,
+        };
+        [
+            self.rate(watch, now),
+            self.distinct(watch, tool, now),
+            new_tool,
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|f| !(approved && f.action == AnomalyAction::RequireApproval))
+        .min_by_key(|f| strictness(f.action))
     }
 
     fn rate(&self, watch: &Watch, now: Timestamp) -> Option<Fired> {
@@ -181,6 +187,16 @@ impl Rules {
     }
 }
 
+/// Orders actions strictest first: a halt outranks a denial, which
+/// outranks holding the call for approval.
+fn strictness(action: AnomalyAction) -> u8 {
+    match action {
+        AnomalyAction::Halt => 0,
+        AnomalyAction::Deny => 1,
+        AnomalyAction::RequireApproval => 2,
+    }
+}
+
 fn in_window(watch: &Watch, now: Timestamp, window_ms: u64) -> impl Iterator<Item = &Stamp> {
     watch
         .recent
@@ -212,6 +228,43 @@ mod tests {
                 action: AnomalyAction::Deny,
             }),
         })
+    }
+
+    /// Regression: the rules were judged first-fired-wins, and an approval
+    /// for the tool cleared the first rule that fired when it asked for
+    /// approval — so a lasting grant from approving one hold also skipped
+    /// every rule after it, a `halt` included. Every rule is now judged;
+    /// the grant satisfies `require_approval` only, and the strictest
+    /// action that remains decides.
+    #[test]
+    fn an_approval_never_switches_off_a_deny_or_halt_rule() {
+        let r = Rules::new(&Anomaly {
+            rate: Some(RateRule {
+                calls: 1,
+                seconds: 10,
+                action: AnomalyAction::RequireApproval,
+            }),
+            distinct_tools: Some(WindowRule {
+                count: 2,
+                seconds: 10,
+                action: AnomalyAction::Halt,
+            }),
+            ..Anomaly::default()
+        });
+        let mut w = Watch::default();
+        r.record_call(&mut w, "a", Timestamp(0));
+        // Both fire on a second, different tool: approved or not, the halt.
+        for approved in [false, true] {
+            let fired = r
+                .check_call(&w, "b", Timestamp(1), false, approved)
+                .unwrap();
+            assert_eq!(fired.rule, "distinct_tools", "approved: {approved}");
+            assert_eq!(fired.action, AnomalyAction::Halt);
+        }
+        // Only the rate rule fires on the same tool: an approval satisfies it.
+        let fired = r.check_call(&w, "a", Timestamp(1), false, false).unwrap();
+        assert_eq!(fired.rule, "rate");
+        assert_eq!(r.check_call(&w, "a", Timestamp(1), false, true), None);
     }
 
     #[test]
