@@ -40,6 +40,7 @@ mod pipeline;
 pub mod run;
 pub mod server;
 mod state;
+mod task_locks;
 mod tasks;
 pub mod tiering;
 pub mod upstream;

@@ -173,10 +173,7 @@ impl Gateway {
         use_: Use<'_>,
     ) -> Result<Authorized, ApiError> {
         // INVARIANT: the `bind_task` layer has bound `claims` to `task_id`.
-        let _serial = match self.task_lock(task_id) {
-            Some(lock) => Some(lock.lock().await),
-            None => None,
-        };
+        let _serial = self.task_locks.lock(task_id).await;
         for _ in 0..CAS_ATTEMPTS {
             let record = match self.load_task(task_id).await {
                 Ok(r) => r,

@@ -22,8 +22,6 @@ use crate::upstream::Upstream;
 
 /// Most verified tokens kept in the signature cache.
 const VERIFY_CACHE_CAPACITY: usize = 65_536;
-/// Stripes of the per-task decision locks.
-const TASK_LOCK_STRIPES: usize = 64;
 
 /// Most access tokens remembered as live.
 const LIVE_CACHE_CAPACITY: usize = 65_536;
@@ -180,10 +178,9 @@ pub struct Gateway {
     pub(crate) settings: Settings,
     pub(crate) metrics: Metrics,
     pub(crate) live: LiveTokens,
-    /// Striped per-task locks: calls of one task are decided one at a time
-    /// in this process, so they do not spin on the ledger's compare-and-swap
-    /// (which still guards against other replicas).
-    pub(crate) task_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Per-task locks: calls of one task are decided one at a time in this
+    /// process (see [`crate::task_locks`]).
+    pub(crate) task_locks: crate::task_locks::TaskLocks,
     /// Per-hop tokens for token exchange, whatever an upstream's own kind.
     pub(crate) hop_jwt: JwtProvider,
     /// The alert webhook (`audit.alert_webhook`), if configured.
@@ -312,9 +309,7 @@ impl Gateway {
             settings,
             metrics,
             live: LiveTokens::new(single_writer),
-            task_locks: (0..TASK_LOCK_STRIPES)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
+            task_locks: crate::task_locks::TaskLocks::default(),
             hop_jwt,
             alerts,
             mcp,
@@ -429,17 +424,6 @@ impl Gateway {
 
     pub(crate) fn now(&self) -> Timestamp {
         self.clock.now()
-    }
-
-    /// The lock that serializes decisions on `task_id` in this process.
-    pub(crate) fn task_lock(&self, task_id: &str) -> Option<&tokio::sync::Mutex<()>> {
-        let digest = portcullis_token::sha256_hex(task_id.as_bytes());
-        let stripe = digest
-            .get(..4)
-            .and_then(|h| usize::from_str_radix(h, 16).ok())
-            .unwrap_or(0)
-            % self.task_locks.len().max(1);
-        self.task_locks.get(stripe)
     }
 
     /// Commits `ops` to the ledger; the tokens the batch revoked stop
