@@ -780,6 +780,22 @@ fn check_sections(loaded: &LoadedConfig, r: &mut Reporter<'_>) {
         if !is_sha256_hex(&admin.token_sha256) {
             r.at(&at.key("token_sha256"), "must be 64 hex digits (a SHA-256)");
         }
+        // An agent must never hold an approver's credential: the admin
+        // token may not be an agent's bootstrap secret, or that agent could
+        // approve its own elevation requests.
+        if let Some(agent) = cfg.agents.iter().find(|a| {
+            a.bootstrap_sha256
+                .as_deref()
+                .is_some_and(|b| b.eq_ignore_ascii_case(&admin.token_sha256))
+        }) {
+            r.at(
+                &at.key("token_sha256"),
+                &format!(
+                    "is the bootstrap secret of agent {:?}: an agent must never hold an admin token",
+                    agent.id
+                ),
+            );
+        }
     }
 
     let anomaly = root().key("anomaly");
