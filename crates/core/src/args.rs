@@ -170,6 +170,18 @@ impl std::fmt::Display for Unseen {
     }
 }
 
+impl Unseen {
+    /// What makes the argument visible to policies.
+    pub(crate) fn remedy(self) -> &'static str {
+        match self {
+            Self::Undeclared => {
+                "declare it with a type policies can see, or set additionalProperties = false"
+            }
+            Self::Untyped(_) => "give it one type policies can see",
+        }
+    }
+}
+
 /// Whether `schema` accepts only `null`.
 fn is_null_schema(schema: &Value) -> bool {
     schema.get("type").and_then(Value::as_str) == Some("null")
@@ -598,6 +610,104 @@ mod tests {
         assert!(
             !err.contains(&u64::MAX.to_string()),
             "detail must not echo the value"
+        );
+    }
+
+    fn field(shape: &Shape, name: &str) -> Result<Shape, Untyped> {
+        let Shape::Record(record) = shape else {
+            panic!("not a record")
+        };
+        record
+            .fields
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| f.shape.clone())
+            .unwrap()
+    }
+
+    #[test]
+    fn numbers_unions_and_enums_get_one_cedar_type_or_none() {
+        let shape = Shape::of_args(&json!({
+            "type": "object",
+            "properties": {
+                "n": { "type": "number" },
+                "opt": { "type": ["integer", "null"] },
+                "any": { "anyOf": [{ "type": "string" }, { "type": "null" }] },
+                "one": { "oneOf": [{ "type": "integer", "maximum": 1 }, { "type": "integer", "minimum": 9 }] },
+                "mixed": { "anyOf": [{ "type": "integer" }, { "type": "string" }] },
+                "ints": { "enum": [1, 2, 3] },
+                "flag": { "const": true },
+                "odd": { "enum": [1, "a"] },
+                "none": {},
+                "null": { "type": "null" },
+                "all": { "allOf": [{ "type": "string" }] },
+                "bare": { "type": "array" }
+            }
+        }));
+        assert_eq!(field(&shape, "n"), Ok(Shape::Long));
+        assert_eq!(field(&shape, "opt"), Ok(Shape::Long));
+        assert_eq!(field(&shape, "any"), Ok(Shape::String));
+        assert_eq!(field(&shape, "one"), Ok(Shape::Long));
+        assert_eq!(field(&shape, "mixed"), Err(Untyped::MixedUnion));
+        assert_eq!(field(&shape, "ints"), Ok(Shape::Long));
+        assert_eq!(field(&shape, "flag"), Ok(Shape::Bool));
+        assert_eq!(field(&shape, "odd"), Err(Untyped::MixedEnum));
+        assert_eq!(field(&shape, "none"), Err(Untyped::NoType));
+        assert_eq!(field(&shape, "null"), Err(Untyped::Null));
+        assert_eq!(field(&shape, "all"), Err(Untyped::NoType));
+        assert_eq!(field(&shape, "bare"), Err(Untyped::UntypedItems));
+        // A whole number reaches Cedar; a fraction and null are refused.
+        assert!(shape.to_cedar(&json!({ "n": 1e3 })).is_ok());
+        let err = shape.to_cedar(&json!({ "n": 2.5 })).unwrap_err();
+        assert!(err.starts_with("/n: not a whole number"), "{err}");
+        let err = shape.to_cedar(&json!({ "opt": null })).unwrap_err();
+        assert!(err.starts_with("/opt: null"), "{err}");
+    }
+
+    #[test]
+    fn sight_tells_what_policies_see() {
+        let shape = Shape::of_args(&json!({
+            "type": "object",
+            "properties": {
+                "limit": { "type": "integer" },
+                "mixed": { "type": ["integer", "string"] },
+                "opts": { "type": "object", "properties": { "dry": { "type": "boolean" } } },
+                "closed": {
+                    "type": "object",
+                    "properties": { "a": { "type": "string" } },
+                    "additionalProperties": false
+                }
+            },
+            "additionalProperties": false
+        }));
+        let at = |path: &[&str], presence| {
+            let path: Vec<String> = path.iter().map(|s| (*s).to_owned()).collect();
+            shape.sight(&path, presence)
+        };
+        assert_eq!(at(&["limit"], false), Sight::Seen);
+        assert_eq!(at(&["limit"], true), Sight::Seen);
+        assert_eq!(at(&["other"], true), Sight::Unsendable);
+        assert_eq!(
+            at(&["mixed"], true),
+            Sight::Unseen(Unseen::Untyped(Untyped::MixedUnion))
+        );
+        assert_eq!(at(&["opts", "dry"], false), Sight::Seen);
+        assert_eq!(
+            at(&["opts", "wet"], true),
+            Sight::Unseen(Unseen::Undeclared)
+        );
+        assert_eq!(at(&["closed", "b"], true), Sight::Unsendable);
+        assert_eq!(at(&["closed"], false), Sight::Seen);
+        assert!(matches!(at(&["opts"], false), Sight::Partial(_)));
+        assert!(matches!(at(&[], false), Sight::Partial(_)));
+        let Sight::Partial(opts) = at(&["opts"], false) else {
+            panic!()
+        };
+        assert_eq!(opts.first_unseen(&json!({ "dry": true })), None);
+        assert_eq!(
+            opts.first_unseen(&json!({ "dry": true, "w/x": 1 }))
+                .as_deref(),
+            Some("/w~1x")
         );
     }
 }

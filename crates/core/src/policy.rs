@@ -31,6 +31,18 @@
 //! the unscoped ones. A decision evaluates only that slice, so its cost does
 //! not grow with the policies of other tools. A tool with no applicable
 //! policy skips Cedar altogether.
+//!
+//! # Arguments Cedar never sees
+//!
+//! A policy's reads of `context.args` are attribute paths. Held against a
+//! tool's [`Shape`], a read is seen, unsendable (the schema rejects it), or
+//! unseen: an argument that can be sent but has no Cedar type, or is not
+//! declared. Validation proves a rule that reads an unseen argument
+//! impossible, and it would be dropped without a word; instead, each tool's
+//! [`ToolView`] lists its unseen reads, a call that carries one is refused
+//! (`args_invalid`), and `check` reports the pair when the schema is
+//! configured. A tool typed by its pinned `inputSchema` gets its view when
+//! the pin arrives ([`PolicyIndex::view_for`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -375,11 +387,12 @@ impl PolicyIndex {
                     .filter_map(|read| match tool.shape.sight(&read.path, read.presence) {
                         Sight::Seen | Sight::Unsendable => None,
                         Sight::Unseen(why) => Some(format!(
-                            "{} is never shown to policies ({why})",
-                            read.display()
+                            "{} is never shown to policies ({why}: {})",
+                            read.display(),
+                            why.remedy()
                         )),
                         Sight::Partial(_) => Some(format!(
-                            "{} is read whole but parts of it are never shown to policies",
+                            "{} is read whole but parts of it are never shown to policies (type every part of it, and close its objects with additionalProperties = false)",
                             read.display()
                         )),
                     })
@@ -394,7 +407,7 @@ impl PolicyIndex {
                 };
                 if !unseen.is_empty() {
                     report.push(here(format!(
-                        "cannot apply to tool {} as written: {}; declare it in the tool's args_schema with a type policies can see, or set additionalProperties = false",
+                        "cannot apply to tool {} as its args_schema stands: {}",
                         tool.name,
                         unseen.join("; ")
                     )));
@@ -1271,6 +1284,48 @@ when { !(context.args.path like "/data/*") };
             let a = indexed.decide(&task, tool, &args);
             assert_eq!(a, whole.decide(&task, tool, &args), "{tool} {args}");
         }
+    }
+
+    fn reads_of(text: &str) -> Vec<(Vec<String>, bool)> {
+        let set = PolicySet::from_str(text).unwrap();
+        let mut out: Vec<(Vec<String>, bool)> = set
+            .policies()
+            .flat_map(arg_reads)
+            .map(|r| (r.path, r.presence))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn finds_argument_paths_nested_and_whole_reads() {
+        let path = |p: &[&str], presence| (p.iter().map(|s| (*s).to_owned()).collect(), presence);
+        assert_eq!(
+            reads_of(
+                r#"forbid(principal, action, resource) when { context.args has limit && context.args["limit"] > 5 };"#
+            ),
+            [path(&["limit"], false), path(&["limit"], true)]
+        );
+        assert_eq!(
+            reads_of(
+                r#"forbid(principal, action, resource) when { context.args.opts has dry && context.args.opts.dry && context.task.state == "a" };"#
+            ),
+            [path(&["opts", "dry"], false), path(&["opts", "dry"], true)]
+        );
+        assert_eq!(
+            reads_of(r#"forbid(principal, action, resource) when { context.args == {} };"#),
+            [path(&[], false)]
+        );
+        assert_eq!(
+            reads_of(r#"forbid(principal, action, resource) when { context == {} };"#),
+            [path(&[], false)]
+        );
+        assert!(
+            reads_of(
+                r#"forbid(principal, action, resource) when { context has args && context.task.calls > 1 && principal.type == "x" };"#
+            )
+            .is_empty()
+        );
     }
 
     #[test]
