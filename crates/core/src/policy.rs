@@ -168,6 +168,9 @@ impl ToolView {
     }
 }
 
+/// Per tool: the ids of the policies validation proves can never match.
+type Impossible = HashMap<usize, HashSet<String>>;
+
 /// The Cedar entities, with the uids of agents (by id) and tools (by index).
 type PolicyEntities = (Entities, HashMap<String, EntityUid>, Vec<EntityUid>);
 
@@ -369,7 +372,7 @@ impl PolicyIndex {
     fn report_never_applies(
         policies: &[Loaded],
         tools: &[ToolFacts<'_>],
-        impossible: &HashMap<usize, HashSet<String>>,
+        impossible: &Impossible,
         invalid: &HashSet<(String, usize)>,
         report: &mut Reporter<'_>,
     ) {
@@ -589,8 +592,8 @@ impl PolicyIndex {
         policies: &[Loaded],
         tools: &[ToolFacts<'_>],
         report: &mut Reporter<'_>,
-    ) -> (HashMap<usize, HashSet<String>>, HashSet<(String, usize)>) {
-        let mut impossible: HashMap<usize, HashSet<String>> = HashMap::new();
+    ) -> (Impossible, HashSet<(String, usize)>) {
+        let mut impossible: Impossible = HashMap::new();
         let mut invalid: HashSet<(String, usize)> = HashSet::new();
         let mut reported: HashSet<(String, String)> = HashSet::new();
         // Tools with the same argument shape share one schema and one

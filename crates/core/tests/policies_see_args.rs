@@ -112,8 +112,7 @@ fn a_forbid_on_an_undeclared_argument_still_applies() {
     let err = build(Some(
         r#"{ type = "object", properties = { path = { type = "string" } }, required = ["path"] }"#,
     ))
-    .err()
-    .expect("an undeclared argument read by a policy is a finding");
+    .expect_err("an undeclared argument read by a policy is a finding");
     assert!(
         err.contains("policies/p.cedar:2")
             && err.contains("bounded-reads")
@@ -190,7 +189,7 @@ fn a_forbid_on_an_anyof_argument_applies_or_refuses() {
     // Members of different Cedar types: configured, a finding; pinned,
     // refused when the argument is sent.
     let mixed = r#"{ type = "object", properties = { path = { type = "string" }, limit = { anyOf = [ { type = "integer" }, { type = "string" } ] } }, required = ["path"] }"#;
-    let err = build(Some(mixed)).err().expect("a finding");
+    let err = build(Some(mixed)).expect_err("a finding");
     assert!(
         err.contains("bounded-reads") && err.contains("context.args.limit"),
         "{err}"

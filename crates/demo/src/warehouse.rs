@@ -145,7 +145,7 @@ impl Warehouse {
                 "query is read-only: this statement would write".to_owned(),
             ));
         }
-        let names: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
+        let names: Vec<String> = stmt.column_names().map(str::to_owned).collect();
         let mut rows = stmt.query([])?;
         let mut out = Vec::new();
         let mut bytes = 0usize;
