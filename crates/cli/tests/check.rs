@@ -210,6 +210,19 @@ fn broken_configurations_print_exactly_the_expected_findings() {
     );
 }
 
+/// Regression: a forbid that reads an argument Cedar is never shown (an
+/// undeclared one, a union of types) was proven impossible by validation
+/// and left out without a word, so the calls it forbids passed. `check`
+/// names every such policy/tool pair at the policy's file and line, and a
+/// tool-scoped rule that can never match its tool.
+#[test]
+fn check_reports_a_rule_that_can_never_apply_with_file_and_line() {
+    let case = repo_root().join("tests/broken/cedar-rule-never-applies");
+    if let Err(problem) = check_case(&case) {
+        panic!("{problem}");
+    }
+}
+
 #[test]
 fn examples_are_clean() {
     for example in ["quickstart", "ingestion", "cluster"] {

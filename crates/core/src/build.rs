@@ -338,6 +338,7 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
             risk: t.risk.as_str(),
             access: t.access.as_str(),
             shape: &t.shape,
+            configured: t.schema_configured,
         })
         .collect();
     let agent_facts: Vec<(&str, &str)> = cfg

@@ -10,6 +10,7 @@
 //! 5. budgets ................ `limit_exceeded`
 //! 6. pinned definition ...... `tool_definition_changed` (MCP upstreams)
 //! 7. argument bounds, schema  `args_invalid`
+//!    and arguments a policy reads that Cedar is never shown (`args_invalid`)
 //! 8. Cedar forbid policies .. `policy_forbid`
 //!
 //! Any inconsistency (a task whose agent or state is not configured, a
@@ -26,7 +27,7 @@ use portcullis_config::{Access, Risk};
 use serde_json::Value;
 
 use crate::args::{self, Shape};
-use crate::policy::{PolicyIndex, Verdict};
+use crate::policy::{PolicyIndex, ToolView, Verdict};
 use crate::{Clock, Decision, Reason, Task, TaskStatus, Timestamp, Transition};
 
 /// A registered tool.
@@ -168,9 +169,14 @@ pub enum PinStatus {
 pub(crate) enum PinState {
     #[default]
     Unchecked,
-    Pinned(Option<Arc<jsonschema::Validator>>),
+    /// The pinned `inputSchema`'s validator, and what the tool's policies
+    /// see under it (for a tool with no configured `args_schema`).
+    Pinned(Option<Arc<jsonschema::Validator>>, Option<Arc<ToolView>>),
     Changed(String),
 }
+
+/// What step 6 lets through: the pinned validator and policy view, if any.
+type Pinned = (Option<Arc<jsonschema::Validator>>, Option<Arc<ToolView>>);
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -202,9 +208,14 @@ impl Engine {
     /// Records what is known of `tool`'s upstream definition. A pinned
     /// `inputSchema` that does not compile (or is not bounded) makes the
     /// tool `Changed`: a schema the gateway cannot check is not trusted.
+    /// For a tool without a configured `args_schema`, the pinned
+    /// `inputSchema` also types `context.args`, exactly as a configured
+    /// schema would: the policies are validated against it again, and
+    /// arguments they read that it does not type are refused.
     /// Returns the status applied; `None` for a tool not registered.
     pub fn set_pin(&self, tool: &str, status: PinStatus) -> Option<PinStatus> {
         let &i = self.tool_index.get(tool)?;
+        let configured = self.tools.get(i).is_none_or(|t| t.schema_configured);
         let (state, applied) = match status {
             PinStatus::Unchecked => (PinState::Unchecked, PinStatus::Unchecked),
             PinStatus::Changed { detail } => (
@@ -213,14 +224,25 @@ impl Engine {
             ),
             PinStatus::Pinned { input_schema } => {
                 let compiled = match &input_schema {
-                    None => Ok(None),
+                    None => Ok((None, None)),
                     Some(schema) => args::check_bounds(schema)
                         .map_err(|why| format!("schema too large: {why}"))
                         .and_then(|()| crate::build::compile_schema(schema))
-                        .map(|v| Some(Arc::new(v))),
+                        .and_then(|v| {
+                            let view = if configured {
+                                None
+                            } else {
+                                let view = self.policies.view_for(i, Shape::of_args(schema))?;
+                                Some(Arc::new(view))
+                            };
+                            Ok((Some(Arc::new(v)), view))
+                        }),
                 };
                 match compiled {
-                    Ok(v) => (PinState::Pinned(v), PinStatus::Pinned { input_schema }),
+                    Ok((v, view)) => (
+                        PinState::Pinned(v, view),
+                        PinStatus::Pinned { input_schema },
+                    ),
                     Err(why) => {
                         let detail = format!("the pinned inputSchema cannot be checked: {why}");
                         (
@@ -238,16 +260,13 @@ impl Engine {
         Some(applied)
     }
 
-    /// Step 6 for tool `i`: the pinned validator to apply, or the denial.
-    fn pin_check(
-        &self,
-        i: usize,
-        tool: &str,
-    ) -> Result<Option<Arc<jsonschema::Validator>>, Box<Decision>> {
+    /// Step 6 for tool `i`: the pinned validator and policy view to apply,
+    /// or the denial.
+    fn pin_check(&self, i: usize, tool: &str) -> Result<Pinned, Box<Decision>> {
         let pins = self.pins.read().unwrap_or_else(PoisonError::into_inner);
         match pins.get(i) {
-            None | Some(PinState::Unchecked) => Ok(None),
-            Some(PinState::Pinned(v)) => Ok(v.clone()),
+            None | Some(PinState::Unchecked) => Ok((None, None)),
+            Some(PinState::Pinned(v, view)) => Ok((v.clone(), view.clone())),
             Some(PinState::Changed(detail)) => Err(Box::new(Decision::deny(
                 tool,
                 Reason::ToolDefinitionChanged,
@@ -543,9 +562,19 @@ impl Engine {
             Err(denial) => return *denial,
         };
         // 6. The upstream's definition is still the pinned one.
-        let pinned = match self.pin_check(tool_i, tool) {
-            Ok(v) => v,
+        let (pinned, pinned_view) = match self.pin_check(tool_i, tool) {
+            Ok(found) => found,
             Err(denial) => return *denial,
+        };
+        let Some(view) = pinned_view
+            .as_deref()
+            .or_else(|| self.policies.view(tool_i).map(AsRef::as_ref))
+        else {
+            return Decision::deny(
+                tool,
+                Reason::InternalError,
+                "tool missing from the policy index",
+            );
         };
         // 7. Arguments: bounds, then the schema (configured, else pinned).
         if let Err(why) = args::check_bounds(args) {
@@ -575,19 +604,26 @@ impl Engine {
             );
         }
 
+        // An argument a policy reads but Cedar is never shown (undeclared,
+        // or without a Cedar type) would make the policy silently not
+        // apply: refused, whether or not the policy is in the slice.
+        if let Some(why) = view.unseen_argument(&task.agent_id, args) {
+            return Decision::deny(tool, Reason::ArgsInvalid, why);
+        }
+
         // 8. Cedar.
         let whole = !self.slice_policies;
-        if self.policies.applies(tool_i, whole) {
+        if self.policies.applies(view, whole) {
             let state_name = transition
                 .as_ref()
                 .map_or(task.state.as_str(), |t| t.to.as_str());
-            let context = match self.context(task, tool, tool_i, def, args, state_name) {
+            let context = match self.context(task, tool, view, args, state_name) {
                 Ok(c) => c,
                 Err(denial) => return *denial,
             };
             match self
                 .policies
-                .evaluate(tool_i, &task.agent_id, context, whole)
+                .evaluate(view, tool_i, &task.agent_id, context, whole)
             {
                 Verdict::Allow => {}
                 Verdict::Forbid(ids) => {
@@ -612,14 +648,13 @@ impl Engine {
         &self,
         task: &Task,
         tool: &str,
-        tool_i: usize,
-        def: &ToolDef,
+        view: &ToolView,
         args: &Value,
         state: &str,
     ) -> Result<Context, Box<Decision>> {
-        let used = self.policies.context_use(tool_i, !self.slice_policies);
+        let used = self.policies.context_use(view, !self.slice_policies);
         let keep = used.args.as_ref();
-        let args = def
+        let args = view
             .shape
             .to_cedar_args(args, keep)
             .map_err(|why| Box::new(Decision::deny(tool, Reason::ArgsInvalid, why)))?;

@@ -31,10 +31,23 @@
 //! the unscoped ones. A decision evaluates only that slice, so its cost does
 //! not grow with the policies of other tools. A tool with no applicable
 //! policy skips Cedar altogether.
+//!
+//! # Arguments Cedar never sees
+//!
+//! A policy's reads of `context.args` are attribute paths. Held against a
+//! tool's [`Shape`], a read is seen, unsendable (the schema rejects it), or
+//! unseen: an argument that can be sent but has no Cedar type, or is not
+//! declared. Validation proves a rule that reads an unseen argument
+//! impossible, and it would be dropped without a word; instead, each tool's
+//! [`ToolView`] lists its unseen reads, a call that carries one is refused
+//! (`args_invalid`), and `check` reports the pair when the schema is
+//! configured. A tool typed by its pinned `inputSchema` gets its view when
+//! the pin arrives ([`PolicyIndex::view_for`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use cedar_policy::{
     Authorizer, Context, Decision as CedarDecision, Effect, Entities, Entity, EntityId,
@@ -45,7 +58,7 @@ use miette::Diagnostic;
 use portcullis_config::{Finding, KeyPath, LoadedConfig, Reporter, line_of};
 use serde_json::{Value, json};
 
-use crate::args::Shape;
+use crate::args::{Shape, Sight};
 
 /// The id of the implicit base permit in every slice.
 const BASE_PERMIT_ID: &str = "portcullis:base-permit";
@@ -58,6 +71,8 @@ pub(crate) struct ToolFacts<'a> {
     pub risk: &'a str,
     pub access: &'a str,
     pub shape: &'a Shape,
+    /// The schema is configured (`args_schema`), not awaited from the pin.
+    pub configured: bool,
 }
 
 /// The outcome of evaluating a tool's policies.
@@ -76,23 +91,85 @@ pub(crate) enum Verdict {
 pub(crate) struct PolicyIndex {
     /// Every user policy plus the base permit: the unsliced set.
     whole: PolicySet,
-    /// Per tool (registry order): its slice plus the base permit, or `None`
-    /// when no user policy applies to it.
-    slices: Vec<Option<PolicySet>>,
+    /// Per tool (registry order): what its policies see, from the tool's
+    /// configured (or default) argument schema.
+    views: Vec<Arc<ToolView>>,
+    /// The user policies, kept to derive a tool's view again when its
+    /// schema arrives with its pinned definition.
+    policies: Vec<Loaded>,
+    base: Policy,
     entities: Entities,
     action: EntityUid,
     agents: HashMap<String, EntityUid>,
     tools: Vec<EntityUid>,
     authorizer: Authorizer,
-    count: usize,
-    /// Per tool: what its slice reads of the context.
-    context_use: Vec<ContextUse>,
-    /// Per tool, for the unsliced set: what the policies whose scope admits
-    /// the tool read (its slice, plus those proved impossible for it).
-    context_use_scoped: Vec<ContextUse>,
-    /// The same over every policy (the fallback for a tool out of range).
-    context_use_whole: ContextUse,
 }
+
+/// What the policies of one tool see of its calls, for one argument schema.
+#[derive(Debug)]
+pub(crate) struct ToolView {
+    /// The Cedar shape of the arguments.
+    pub(crate) shape: Shape,
+    /// Its slice plus the base permit, or `None` when no user policy can
+    /// match its calls.
+    slice: Option<PolicySet>,
+    /// What the slice reads of the context.
+    context_use: ContextUse,
+    /// For the unsliced set: what the policies whose scope admits the tool
+    /// read (its slice, plus those proved impossible for it).
+    context_use_scoped: ContextUse,
+    /// Arguments those policies read that the shape never shows to Cedar.
+    unseen: Vec<UnseenRead>,
+}
+
+/// An argument that a policy reads and Cedar is never shown: a call that
+/// carries it is refused, since the policy would silently not apply.
+#[derive(Debug)]
+struct UnseenRead {
+    /// Property names from the arguments object down to it.
+    path: Vec<String>,
+    /// `Some`: the value there is read whole, and only the parts this shape
+    /// types are shown; `None`: nothing of it is shown.
+    whole: Option<Shape>,
+    /// Why it is not shown.
+    why: String,
+    /// The (first) policy that reads it.
+    policy: String,
+    /// The agent that policy is scoped to, if any.
+    agent: Option<String>,
+}
+
+impl ToolView {
+    /// A detail for `args_invalid` when `args` of a call by `agent` carry
+    /// an argument a policy of the tool reads but Cedar never sees; `None`
+    /// when every argument policies read is shown to them.
+    pub(crate) fn unseen_argument(&self, agent: &str, args: &Value) -> Option<String> {
+        let escape = |s: &str| s.replace('~', "~0").replace('/', "~1");
+        self.unseen.iter().find_map(|read| {
+            if read.agent.as_deref().is_some_and(|a| a != agent) {
+                return None;
+            }
+            let mut value = args;
+            for key in &read.path {
+                value = value.as_object()?.get(key)?;
+            }
+            let rest = match &read.whole {
+                None => String::new(),
+                Some(shape) => shape.first_unseen(value)?,
+            };
+            let pointer: String = read.path.iter().map(|k| format!("/{}", escape(k))).collect();
+            Some(format!(
+                "{}{rest}: read by policy {:?} but never shown to it ({}); declare it in the tool's schema with a type policies can see",
+                crate::args::display_pointer(&pointer),
+                read.policy,
+                read.why
+            ))
+        })
+    }
+}
+
+/// Per tool: the ids of the policies validation proves can never match.
+type Impossible = HashMap<usize, HashSet<String>>;
 
 /// The Cedar entities, with the uids of agents (by id) and tools (by index).
 type PolicyEntities = (Entities, HashMap<String, EntityUid>, Vec<EntityUid>);
@@ -103,6 +180,7 @@ enum Target {
     Tool(usize),
 }
 
+#[derive(Debug)]
 struct Loaded {
     policy: Policy,
     id: String,
@@ -111,6 +189,19 @@ struct Loaded {
     /// Index of its file in `LoadedConfig::policies`.
     file_index: usize,
     target: Target,
+    /// The agent its scope names, if any.
+    agent: Option<String>,
+    /// What it reads of `context.args`.
+    reads: Vec<ArgRead>,
+}
+
+impl Loaded {
+    fn admits(&self, tool: usize) -> bool {
+        match self.target {
+            Target::All => true,
+            Target::Tool(t) => t == tool,
+        }
+    }
 }
 
 fn uid(type_name: &str, id: &str) -> Option<EntityUid> {
@@ -180,7 +271,8 @@ impl PolicyIndex {
             tools.iter().enumerate().map(|(i, t)| (t.name, i)).collect();
         let agent_ids: HashSet<&str> = agents.iter().map(|(id, _)| *id).collect();
         let policies = Self::parse_files(loaded, &by_name, &agent_ids, report);
-        let impossible = Self::validate(loaded, &policies, tools, report);
+        let (impossible, invalid) = Self::validate(loaded, &policies, tools, report);
+        Self::report_never_applies(&policies, tools, &impossible, &invalid, report);
         if !before || !report.is_empty() {
             return None;
         }
@@ -202,58 +294,23 @@ impl PolicyIndex {
             }
         };
         let mut whole = PolicySet::new();
-        let mut per_tool: Vec<Vec<Policy>> = vec![Vec::new(); tools.len()];
-        let mut universal = Vec::new();
-        for p in &policies {
-            if let Err(e) = whole.add(p.policy.clone()) {
-                fail(report, format!("policy {}: {e}", p.id));
+        for p in policies.iter().map(|p| &p.policy).chain([&base]) {
+            if let Err(e) = whole.add(p.clone()) {
+                fail(report, format!("policy {}: {e}", p.id()));
                 return None;
             }
-            match p.target {
-                Target::All => universal.push(p.policy.clone()),
-                Target::Tool(i) => {
-                    if let Some(v) = per_tool.get_mut(i) {
-                        v.push(p.policy.clone());
-                    }
-                }
-            }
         }
-        let mut slices = Vec::with_capacity(tools.len());
-        let mut context_use = Vec::with_capacity(tools.len());
-        let mut context_use_scoped = Vec::with_capacity(tools.len());
         let none = HashSet::new();
-        for (tool, own) in per_tool.into_iter().enumerate() {
-            let never = impossible.get(&tool).unwrap_or(&none);
-            // The unsliced set reaches the condition of these policies only:
-            // the others are scoped to other tools. Building what only they
-            // read made it deny calls the slice allows (an argument out of
-            // Cedar's range that no policy of this tool reads).
-            context_use_scoped.push(context_read_by(own.iter().chain(universal.iter())));
-            let applicable: Vec<Policy> = own
-                .into_iter()
-                .chain(universal.iter().cloned())
-                .filter(|p| !never.contains(&p.id().to_string()))
-                .collect();
-            context_use.push(context_read_by(applicable.iter()));
-            if applicable.is_empty() {
-                slices.push(None);
-                continue;
-            }
-            let mut set = PolicySet::new();
-            for p in applicable.into_iter().chain([base.clone()]) {
-                if let Err(e) = set.add(p) {
+        let mut views = Vec::with_capacity(tools.len());
+        for (i, tool) in tools.iter().enumerate() {
+            let never = impossible.get(&i).unwrap_or(&none);
+            match view(&policies, &base, i, tool.shape.clone(), never) {
+                Ok(v) => views.push(Arc::new(v)),
+                Err(e) => {
                     fail(report, format!("internal error indexing policies: {e}"));
                     return None;
                 }
             }
-            slices.push(Some(set));
-        }
-        if let Err(e) = whole.add(base) {
-            fail(
-                report,
-                format!("internal error building the base permit: {e}"),
-            );
-            return None;
         }
 
         let entities = match Self::entities(tools, agents) {
@@ -269,17 +326,106 @@ impl PolicyIndex {
         let action = uid("Action", "call")?;
         Some(Self {
             whole,
-            slices,
+            views,
+            policies,
+            base,
             entities: entities.0,
             action,
             agents: entities.1,
             tools: entities.2,
             authorizer: Authorizer::new(),
-            count: policies.len(),
-            context_use,
-            context_use_scoped,
-            context_use_whole: context_read_by(policies.iter().map(|p| &p.policy)),
         })
+    }
+
+    /// The view of tool `tool` when its arguments have `shape` (from a
+    /// pinned `inputSchema`): the policies are validated against it as at
+    /// build time, and those proved impossible are left out. A policy that
+    /// does not validate stays in: if it fails at run time, the call is
+    /// denied (`internal_error`).
+    pub(crate) fn view_for(&self, tool: usize, shape: Shape) -> Result<ToolView, String> {
+        let schema = Schema::from_json_value(schema_json(&shape))
+            .map_err(|e| format!("cannot derive a Cedar schema: {}", one_line(e)))?;
+        let mut set = PolicySet::new();
+        for p in self.policies.iter().filter(|p| p.admits(tool)) {
+            set.add(p.policy.clone()).map_err(one_line)?;
+        }
+        let result = Validator::new(schema).validate(&set, ValidationMode::Strict);
+        let invalid: HashSet<String> = result
+            .validation_errors()
+            .map(|e| e.policy_id().to_string())
+            .collect();
+        let never: HashSet<String> = result
+            .validation_warnings()
+            .filter(|w| matches!(w, cedar_policy::ValidationWarning::ImpossiblePolicy(_)))
+            .map(|w| w.policy_id().to_string())
+            .filter(|id| !invalid.contains(id))
+            .collect();
+        view(&self.policies, &self.base, tool, shape, &never)
+    }
+
+    /// Findings for the policy/tool pairs where a rule cannot apply as
+    /// written: it reads an argument the tool can receive but Cedar is never
+    /// shown, or (for a policy scoped to the tool) validation proves its
+    /// condition false. Tools whose schema comes with the pinned definition
+    /// are judged when the pin arrives (calls carrying an argument no policy
+    /// can see are refused until then).
+    fn report_never_applies(
+        policies: &[Loaded],
+        tools: &[ToolFacts<'_>],
+        impossible: &Impossible,
+        invalid: &HashSet<(String, usize)>,
+        report: &mut Reporter<'_>,
+    ) {
+        for (i, tool) in tools.iter().enumerate() {
+            if !tool.configured {
+                continue;
+            }
+            for p in policies.iter().filter(|p| p.admits(i)) {
+                if invalid.contains(&(p.id.clone(), i)) {
+                    continue;
+                }
+                let unseen: Vec<String> = p
+                    .reads
+                    .iter()
+                    .filter_map(|read| match tool.shape.sight(&read.path, read.presence) {
+                        Sight::Seen | Sight::Unsendable => None,
+                        Sight::Unseen(why) => Some(format!(
+                            "{} is never shown to policies ({why}: {})",
+                            read.display(),
+                            why.remedy()
+                        )),
+                        Sight::Partial(_) => Some(format!(
+                            "{} is read whole but parts of it are never shown to policies (type every part of it, and close its objects with additionalProperties = false)",
+                            read.display()
+                        )),
+                    })
+                    .fold(Vec::new(), |mut seen, line| {
+                        if !seen.contains(&line) {
+                            seen.push(line);
+                        }
+                        seen
+                    });
+                let here = |message: String| {
+                    Finding::new(&p.file, p.line, format!("policy {:?}", p.id), message)
+                };
+                if !unseen.is_empty() {
+                    report.push(here(format!(
+                        "cannot apply to tool {} as its args_schema stands: {}",
+                        tool.name,
+                        unseen.join("; ")
+                    )));
+                } else if p.target == Target::Tool(i)
+                    && impossible
+                        .get(&i)
+                        .is_some_and(|never| never.contains(&p.id))
+                {
+                    report.push(here(format!(
+                        "can never apply to tool {}: its condition is false for every call the tool's args_schema admits",
+                        tool.name
+                    )));
+                }
+            }
+        }
     }
 
     fn parse_files(
@@ -393,7 +539,7 @@ impl PolicyIndex {
                     | PrincipalConstraint::IsIn(_, p) => Some(p),
                     PrincipalConstraint::Any | PrincipalConstraint::Is(_) => None,
                 };
-                if let Some(p) = principal
+                if let Some(p) = &principal
                     && !(p.type_name().basename() == "Agent"
                         && agents.contains(&p.id().unescaped()))
                 {
@@ -419,13 +565,16 @@ impl PolicyIndex {
                         }
                     }
                 };
+                let agent = principal.map(|p| p.id().unescaped().to_owned());
                 out.push(Loaded {
+                    reads: arg_reads(&policy),
                     policy: policy.new_id(PolicyId::new(&id)),
                     id,
                     file: file.path.clone(),
                     line,
                     file_index,
                     target,
+                    agent,
                 });
             }
         }
@@ -437,13 +586,15 @@ impl PolicyIndex {
     /// match its calls (a condition that is always false for that tool's
     /// argument types, such as `context.args has limit` for a tool without
     /// `limit`): they are left out of its slice.
+    /// Also returns the (policy, tool) pairs that do not validate.
     fn validate(
         loaded: &LoadedConfig,
         policies: &[Loaded],
         tools: &[ToolFacts<'_>],
         report: &mut Reporter<'_>,
-    ) -> HashMap<usize, HashSet<String>> {
-        let mut impossible: HashMap<usize, HashSet<String>> = HashMap::new();
+    ) -> (Impossible, HashSet<(String, usize)>) {
+        let mut impossible: Impossible = HashMap::new();
+        let mut invalid: HashSet<(String, usize)> = HashSet::new();
         let mut reported: HashSet<(String, String)> = HashSet::new();
         // Tools with the same argument shape share one schema and one
         // validation of the unscoped policies.
@@ -494,6 +645,7 @@ impl PolicyIndex {
             }
             for err in result.validation_errors() {
                 let id = err.policy_id().to_string();
+                invalid.extend(members.iter().map(|&m| (id.clone(), m)));
                 let message = one_line(err);
                 if !reported.insert((id.clone(), message.clone())) {
                     continue;
@@ -523,7 +675,7 @@ impl PolicyIndex {
                 ));
             }
         }
-        impossible
+        (impossible, invalid)
     }
 
     fn entities(
@@ -565,34 +717,39 @@ impl PolicyIndex {
         Ok((entities, agent_uids, tool_uids))
     }
 
-    /// What the policies evaluated for `tool` read of the context.
-    pub(crate) fn context_use(&self, tool: usize, whole: bool) -> &ContextUse {
-        let per_tool = if whole {
-            &self.context_use_scoped
+    /// The view of tool `tool` from its configured (or default) schema.
+    pub(crate) fn view(&self, tool: usize) -> Option<&Arc<ToolView>> {
+        self.views.get(tool)
+    }
+
+    /// What the policies evaluated for a call read of the context.
+    pub(crate) fn context_use<'v>(&self, view: &'v ToolView, whole: bool) -> &'v ContextUse {
+        if whole {
+            &view.context_use_scoped
         } else {
-            &self.context_use
-        };
-        per_tool.get(tool).unwrap_or(&self.context_use_whole)
+            &view.context_use
+        }
     }
 
     /// Number of user policies.
     pub(crate) fn len(&self) -> usize {
-        self.count
+        self.policies.len()
     }
 
-    /// True when some user policy applies to tool `tool` (or, with `whole`,
-    /// when there are any policies at all).
-    pub(crate) fn applies(&self, tool: usize, whole: bool) -> bool {
+    /// True when some user policy can match calls of the tool of `view` (or,
+    /// with `whole`, when there are any policies at all).
+    pub(crate) fn applies(&self, view: &ToolView, whole: bool) -> bool {
         if whole {
-            self.count > 0
+            !self.policies.is_empty()
         } else {
-            self.slices.get(tool).is_some_and(Option::is_some)
+            view.slice.is_some()
         }
     }
 
     /// Evaluates the policies for a call of tool `tool` by `agent`.
     pub(crate) fn evaluate(
         &self,
+        view: &ToolView,
         tool: usize,
         agent: &str,
         context: Context,
@@ -601,7 +758,7 @@ impl PolicyIndex {
         let set = if whole {
             Some(&self.whole)
         } else {
-            self.slices.get(tool).and_then(Option::as_ref)
+            view.slice.as_ref()
         };
         let Some(set) = set else {
             return Verdict::Allow;
@@ -650,6 +807,174 @@ impl PolicyIndex {
                 Verdict::Forbid(ids)
             }
         }
+    }
+}
+
+/// The view of tool `tool` whose arguments have `shape`, leaving out the
+/// policies in `never` (proved unable to match).
+fn view(
+    policies: &[Loaded],
+    base: &Policy,
+    tool: usize,
+    shape: Shape,
+    never: &HashSet<String>,
+) -> Result<ToolView, String> {
+    let admitted: Vec<&Loaded> = policies.iter().filter(|p| p.admits(tool)).collect();
+    // The unsliced set reaches the condition of these policies only: the
+    // others are scoped to other tools. Building what only they read made
+    // it deny calls the slice allows (an argument out of Cedar's range that
+    // no policy of this tool reads).
+    let context_use_scoped = context_read_by(admitted.iter().map(|p| &p.policy));
+    let applicable: Vec<&Loaded> = admitted
+        .iter()
+        .copied()
+        .filter(|p| !never.contains(&p.id))
+        .collect();
+    let context_use = context_read_by(applicable.iter().map(|p| &p.policy));
+    let slice = if applicable.is_empty() {
+        None
+    } else {
+        let mut set = PolicySet::new();
+        for p in applicable.iter().map(|p| &p.policy).chain([base]) {
+            set.add(p.clone()).map_err(one_line)?;
+        }
+        Some(set)
+    };
+    // Every policy whose scope admits the tool counts, the impossible ones
+    // above all: validation proves them impossible precisely because they
+    // read what the shape does not show.
+    let mut unseen: Vec<UnseenRead> = Vec::new();
+    for p in &admitted {
+        for read in &p.reads {
+            let (whole, why) = match shape.sight(&read.path, read.presence) {
+                Sight::Seen | Sight::Unsendable => continue,
+                Sight::Unseen(why) => (None, why.to_string()),
+                Sight::Partial(part) => (
+                    Some(part),
+                    "it is read whole and parts of it have no type policies can see".to_owned(),
+                ),
+            };
+            let known = unseen.iter().any(|u| {
+                u.path == read.path && u.whole == whole && (u.agent.is_none() || u.agent == p.agent)
+            });
+            if !known {
+                unseen.push(UnseenRead {
+                    path: read.path.clone(),
+                    whole,
+                    why,
+                    policy: p.id.clone(),
+                    agent: p.agent.clone(),
+                });
+            }
+        }
+    }
+    Ok(ToolView {
+        shape,
+        slice,
+        context_use,
+        context_use_scoped,
+        unseen,
+    })
+}
+
+/// A read of `context.args` by a policy: the attribute names below it
+/// (none: the record as a whole), and whether the last step is a `has`
+/// test, which reads no value.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct ArgRead {
+    path: Vec<String>,
+    presence: bool,
+}
+
+impl ArgRead {
+    /// `context.args.a.b`, as a policy would name it.
+    fn display(&self) -> String {
+        let mut out = "context.args".to_owned();
+        for key in &self.path {
+            out.push('.');
+            out.push_str(key);
+        }
+        out
+    }
+}
+
+/// Every read of `context.args` in `policy`.
+fn arg_reads(policy: &Policy) -> Vec<ArgRead> {
+    let mut out = Vec::new();
+    match policy.to_json() {
+        Ok(est) => walk_arg_reads(&est, &mut out),
+        // Cannot be inspected: count it as reading everything.
+        Err(_) => out.push(ArgRead {
+            path: Vec::new(),
+            presence: false,
+        }),
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The read that the access `v` (`.` or `has`) makes of `context.args`,
+/// when it is a chain of attribute accesses starting there.
+fn args_chain(v: &Value) -> Option<ArgRead> {
+    let mut path = Vec::new();
+    let mut presence = false;
+    let mut cur = v;
+    loop {
+        if is_context_args(cur) {
+            path.reverse();
+            return Some(ArgRead { path, presence });
+        }
+        let access = match (cur.get("."), cur.get("has")) {
+            (Some(access), _) => access,
+            // Only the outermost step can be a `has` test.
+            (None, Some(access)) if path.is_empty() => {
+                presence = true;
+                access
+            }
+            _ => return None,
+        };
+        path.push(access.get("attr")?.as_str()?.to_owned());
+        cur = access.get("left")?;
+    }
+}
+
+fn walk_arg_reads(v: &Value, out: &mut Vec<ArgRead>) {
+    match v {
+        Value::Object(map) => {
+            if let Some(read) = args_chain(v) {
+                out.push(read);
+                return;
+            }
+            for op in [".", "has"] {
+                let Some(access) = map.get(op) else { continue };
+                if let Some(left) = access.get("left")
+                    && !is_var_context(left)
+                {
+                    walk_arg_reads(left, out);
+                }
+                // `context.task`, `context.agent_type`, `context has …`:
+                // not a read of an argument.
+                return;
+            }
+            if is_var_context(v) {
+                // `context` as a whole: every argument.
+                out.push(ArgRead {
+                    path: Vec::new(),
+                    presence: false,
+                });
+                return;
+            }
+            for child in map.values() {
+                walk_arg_reads(child, out);
+            }
+        }
+        Value::Array(items) => {
+            for child in items {
+                walk_arg_reads(child, out);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -962,6 +1287,48 @@ when { !(context.args.path like "/data/*") };
             let a = indexed.decide(&task, tool, &args);
             assert_eq!(a, whole.decide(&task, tool, &args), "{tool} {args}");
         }
+    }
+
+    fn reads_of(text: &str) -> Vec<(Vec<String>, bool)> {
+        let set = PolicySet::from_str(text).unwrap();
+        let mut out: Vec<(Vec<String>, bool)> = set
+            .policies()
+            .flat_map(arg_reads)
+            .map(|r| (r.path, r.presence))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn finds_argument_paths_nested_and_whole_reads() {
+        let path = |p: &[&str], presence| (p.iter().map(|s| (*s).to_owned()).collect(), presence);
+        assert_eq!(
+            reads_of(
+                r#"forbid(principal, action, resource) when { context.args has limit && context.args["limit"] > 5 };"#
+            ),
+            [path(&["limit"], false), path(&["limit"], true)]
+        );
+        assert_eq!(
+            reads_of(
+                r#"forbid(principal, action, resource) when { context.args.opts has dry && context.args.opts.dry && context.task.state == "a" };"#
+            ),
+            [path(&["opts", "dry"], false), path(&["opts", "dry"], true)]
+        );
+        assert_eq!(
+            reads_of(r#"forbid(principal, action, resource) when { context.args == {} };"#),
+            [path(&[], false)]
+        );
+        assert_eq!(
+            reads_of(r#"forbid(principal, action, resource) when { context == {} };"#),
+            [path(&[], false)]
+        );
+        assert!(
+            reads_of(
+                r#"forbid(principal, action, resource) when { context has args && context.task.calls > 1 && principal.type == "x" };"#
+            )
+            .is_empty()
+        );
     }
 
     #[test]

@@ -29,7 +29,9 @@ name = "wh.write"
 upstream = "wh"
 risk = "high"
 access = "write"
-args_schema = { type = "object", properties = { table = { type = "string" } }, required = ["table"] }
+# Closed: the unscoped `bounded` policy reads `limit`, which this tool does
+# not declare; admitting it undeclared would be a finding.
+args_schema = { type = "object", properties = { table = { type = "string" } }, required = ["table"], additionalProperties = false }
 
 [[tools]]
 name = "wh.check"
