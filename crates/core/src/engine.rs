@@ -540,10 +540,21 @@ impl Engine {
                 ),
             );
         }
-        if let Err(denial) = self.pin_check(gate.tool_i, tool) {
-            return *denial;
-        }
-        if self.policies.applies(gate.tool_i, !self.slice_policies) {
+        let (_, pinned_view) = match self.pin_check(gate.tool_i, tool) {
+            Ok(found) => found,
+            Err(denial) => return *denial,
+        };
+        let Some(view) = pinned_view
+            .as_deref()
+            .or_else(|| self.policies.view(gate.tool_i).map(AsRef::as_ref))
+        else {
+            return Decision::deny(
+                tool,
+                Reason::InternalError,
+                "tool missing from the policy index",
+            );
+        };
+        if self.policies.applies(view, !self.slice_policies) {
             return Decision::deny(
                 tool,
                 Reason::ArgsInvalid,
