@@ -49,10 +49,15 @@ use common::{ADMIN, BOOTSTRAP, free_port, portcullis, start_server};
 const TASKS: usize = 8;
 /// Concurrent call clients.
 const CLIENTS: usize = 16;
-/// When the server is killed, after the load starts.
+/// When the server is killed, after the load starts: at the earliest…
 const KILL_AFTER: Duration = Duration::from_millis(1000);
+/// …once this many calls were answered (so each task has more than a page
+/// of records, however busy the machine)…
+const ANSWERS_BEFORE_KILL: u64 = 400;
+/// …and at the latest.
+const KILL_BY: Duration = Duration::from_secs(10);
 /// The longest the load runs (it stops at the kill).
-const LOAD_FOR: Duration = Duration::from_secs(2);
+const LOAD_FOR: Duration = Duration::from_secs(12);
 
 fn text(out: &Output) -> String {
     format!(
@@ -385,6 +390,11 @@ async fn acknowledged_calls_survive_kill_9() {
         until,
     ));
     tokio::time::sleep(KILL_AFTER).await;
+    while flags.answered.load(Ordering::SeqCst) < ANSWERS_BEFORE_KILL
+        && load_started.elapsed() < KILL_BY
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let answered_before_kill = flags.answered.load(Ordering::SeqCst);
     flags.killing.store(true, Ordering::SeqCst);
     server.0.kill().unwrap();

@@ -2196,6 +2196,8 @@ async fn per_hop_tokens_never_outlive_the_task() {
         access_ttl: "1m",
         refresh_idle_ttl: "1m",
         task_max_lifetime: "1m",
+        // Exchanged below: a tool under Cedar policies never is.
+        policies: Some(""),
         ..Options::default()
     })
     .await;
@@ -2213,7 +2215,10 @@ async fn per_hop_tokens_never_outlive_the_task() {
     );
     let a = exchange(&h, &s.access, "warehouse", "warehouse.connect").await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.text);
-    let c = h.verify(a.body["access_token"].as_str().unwrap(), "warehouse");
+    let c = h.verify(
+        a.body["access_token"].as_str().unwrap(),
+        "exchange.warehouse",
+    );
     assert!(
         c.exp <= deadline,
         "exchanged exp {} past the task deadline {deadline}",
