@@ -309,7 +309,8 @@ pub async fn serve_config(config: &Path) -> Result<(), RunError> {
     // hangs (a frozen PostgreSQL, a stalled close) must not hold the
     // process, and with it a restart or a deployment, forever.
     let finish = async {
-        // The counted refusals before the last checkpoint, so it covers them.
+        // The counted unauthenticated refusals are written on the way out
+        // too, before the ledger closes.
         let _ = refusals.await;
         let _ = checkpoints.await;
         let _ = tiering.await;
