@@ -29,6 +29,13 @@ macro_rules! say {
 /// How often `list --watch` asks.
 const WATCH_EVERY: Duration = Duration::from_secs(2);
 
+/// Requests asked for per page (the gateway's largest page).
+const PAGE: &str = "500";
+
+/// Most pages one listing follows: 100,000 requests. A list longer than
+/// that is cut, and says so.
+const MAX_PAGES: usize = 200;
+
 struct Api {
     http: reqwest::Client,
     base: String,
@@ -60,17 +67,34 @@ impl Api {
         Ok(body)
     }
 
-    async fn list(&self, status: &str) -> anyhow::Result<Vec<Value>> {
-        let r = self
-            .http
-            .get(format!("{}/v1/elevations", self.base))
-            .query(&[("status", status), ("limit", "1000")])
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("reaching the gateway at {}", self.base))?;
-        let body = Self::answer(r).await?;
-        Ok(body["elevations"].as_array().cloned().unwrap_or_default())
+    /// Every request with `status`, oldest first, following the `next`
+    /// cursor page by page (at most [`MAX_PAGES`]); `true` when the list
+    /// was cut there.
+    async fn list(&self, status: &str) -> anyhow::Result<(Vec<Value>, bool)> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let mut query = vec![("status", status), ("limit", PAGE)];
+            if let Some(cursor) = after.as_deref() {
+                query.push(("after", cursor));
+            }
+            let r = self
+                .http
+                .get(format!("{}/v1/elevations", self.base))
+                .query(&query)
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .with_context(|| format!("reaching the gateway at {}", self.base))?;
+            let body = Self::answer(r).await?;
+            all.extend(body["elevations"].as_array().cloned().unwrap_or_default());
+            match body["next"].as_str() {
+                // A cursor that does not move would loop: stop.
+                Some(next) if after.as_deref() != Some(next) => after = Some(next.to_owned()),
+                _ => return Ok((all, false)),
+            }
+        }
+        Ok((all, true))
     }
 
     async fn decide(&self, id: &str, verb: &str, note: Option<&str>) -> anyhow::Result<Value> {
@@ -102,13 +126,25 @@ fn line(e: &Value) -> String {
 /// `elevations list [--status S] [--watch]`.
 pub async fn list(config: &Path, token: &str, status: &str, watch: bool) -> anyhow::Result<()> {
     let api = Api::new(config, token)?;
+    // The ids listed last round: a request still listed is not shown again.
+    // Only the last round is kept, so the set stays as small as the list.
     let mut seen = std::collections::HashSet::new();
     loop {
-        for e in api.list(status).await? {
+        let (list, cut) = api.list(status).await?;
+        let mut now_listed = std::collections::HashSet::with_capacity(list.len());
+        for e in list {
             let id = e["id"].as_str().unwrap_or_default().to_owned();
-            if seen.insert(id) {
+            if !seen.contains(&id) {
                 say!("{}", line(&e));
             }
+            now_listed.insert(id);
+        }
+        seen = now_listed;
+        if cut {
+            let _ = writeln!(
+                std::io::stderr(),
+                "(more requests than {MAX_PAGES} pages of {PAGE}: the newest are not shown)"
+            );
         }
         if !watch {
             return Ok(());

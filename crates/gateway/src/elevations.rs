@@ -14,6 +14,13 @@
 //! - `[elevation] auto_approve` Cedar policies may approve a request at
 //!   once (recorded as decided by `policy <ids>`); otherwise it waits, and
 //!   the alert webhook is told (`elevation.requested`, with its id).
+//! - A task may have at most [`MAX_PENDING_PER_TASK`] requests pending; one
+//!   more is refused `limit_exceeded` and nothing of it is written (the
+//!   ledger counts and inserts in one transaction,
+//!   `Op::CapPendingElevations`).
+//! - Approvers page through the list (`GET /v1/elevations?after=`) in the
+//!   order requests were made, with an opaque cursor: a flood of requests
+//!   from one task delays, but never hides, another task's request.
 
 use std::sync::Arc;
 
@@ -25,7 +32,8 @@ use axum::response::{IntoResponse, Response};
 use portcullis_config::Role;
 use portcullis_core::{Grant, Reason, TaskStatus};
 use portcullis_store::{
-    ElevationRecord, ElevationStatus, EventKind, NewEvent, Op, StoreError, TaskRecord,
+    ElevationCursor, ElevationRecord, ElevationStatus, EventKind, NewEvent, Op, StoreError,
+    TaskRecord,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -41,6 +49,38 @@ pub const ELEVATION_REQUESTED: &str = "elevation.requested";
 
 /// Longest accepted reason or note, in bytes.
 const MAX_REASON_BYTES: usize = 2048;
+
+/// Most elevation requests one task may have pending at once.
+pub const MAX_PENDING_PER_TASK: u32 = 16;
+
+/// Most requests in one page of `GET /v1/elevations` (and the default is
+/// [`DEFAULT_PAGE`]).
+pub const MAX_PAGE: usize = 500;
+/// Requests in a page of `GET /v1/elevations` without `limit`.
+pub const DEFAULT_PAGE: usize = 100;
+
+/// Commits a new pending request (`ops` from [`pending_request`]) under the
+/// task's cap: a task already at [`MAX_PENDING_PER_TASK`] is refused
+/// `limit_exceeded`, and nothing of `ops` is written.
+async fn commit_capped(gw: &Gateway, task_id: &str, ops: [Op; 2]) -> Result<(), ApiError> {
+    let mut batch = Vec::with_capacity(3);
+    batch.push(Op::CapPendingElevations {
+        task_id: task_id.to_owned(),
+        max: MAX_PENDING_PER_TASK,
+    });
+    batch.extend(ops);
+    match gw.commit(batch).await {
+        Ok(_) => Ok(()),
+        Err(StoreError::TooManyPending { max, .. }) => Err(ApiError::denied(
+            Reason::LimitExceeded,
+            format!(
+                "the task already has {max} pending elevation requests, the most it may have; \
+                 wait for an approver to decide one"
+            ),
+        )),
+        Err(e) => Err(ApiError::unavailable(e.to_string())),
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,9 +118,7 @@ pub(crate) async fn request(
         let now = gw.now();
         let (req_tool, req_reason) = (req.tool.clone(), req.reason.clone());
         let (id, ops) = pending_request(&record.task, &req.tool, &req.reason, now)?;
-        gw.commit(ops.into())
-            .await
-            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        commit_capped(&gw, &record.task.id, ops).await?;
         // The `auto_approve` policies may decide at once; otherwise the
         // request waits for a human (and the approvers hear of it).
         if let Some(ids) = gw.engine.auto_approve(&record.task, &req_tool, &req_reason) {
@@ -111,9 +149,14 @@ pub(crate) async fn request(
 pub(crate) struct ListParams {
     status: Option<String>,
     limit: Option<usize>,
+    after: Option<String>,
 }
 
-/// `GET /v1/elevations?status=pending` — approvers.
+/// `GET /v1/elevations?status=pending&limit=&after=` — approvers.
+///
+/// Oldest first (`requested_at`, then id), at most `limit` (default
+/// [`DEFAULT_PAGE`], at most [`MAX_PAGE`]) per page; `next` is in the
+/// answer when more requests follow, and is the `after` of the next page.
 pub(crate) async fn list(
     State(gw): State<Arc<Gateway>>,
     rid: RequestId,
@@ -129,12 +172,30 @@ pub(crate) async fn list(
             })?),
             None => None,
         };
-        let list = gw
+        let limit = p.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+        let after = match p.after.as_deref().filter(|s| !s.is_empty()) {
+            Some(text) => Some(ElevationCursor::parse(text).ok_or_else(|| {
+                ApiError::bad_request("after must be the next cursor of a previous page")
+            })?),
+            None => None,
+        };
+        // One more than the page, to tell whether another page follows.
+        let mut list = gw
             .store
-            .elevations(status, p.limit.unwrap_or(100))
+            .elevations(status, after.as_ref(), limit.saturating_add(1))
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
-        Ok(Json(json!({ "elevations": list })).into_response())
+        let more = list.len() > limit;
+        list.truncate(limit);
+        let mut body = json!({ "elevations": list });
+        if more && let Some(last) = list.last() {
+            crate::tasks::put(
+                &mut body,
+                "next",
+                json!(ElevationCursor::after(last).encode()),
+            );
+        }
+        Ok(Json(body).into_response())
     }
     .await;
     respond(&rid, result)
@@ -244,9 +305,7 @@ impl Gateway {
     ) -> Result<String, ApiError> {
         let reason = format!("approval required for {what}");
         let (id, ops) = pending_request(task, what, &reason, now)?;
-        self.commit(ops.into())
-            .await
-            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        commit_capped(self, &task.id, ops).await?;
         self.alert(crate::alerts::Alert {
             kind: ELEVATION_REQUESTED,
             task_id: Some(task.id.clone()),

@@ -13,7 +13,10 @@
 //! `args_invalid`: the request names nothing served), a caller without the
 //! role 403 `tool_not_granted`, a decision on something already decided
 //! 409 `state_violation`, and a failing store 503 (`internal_error`):
-//! whatever goes wrong inside, the call is not made.
+//! whatever goes wrong inside, the call is not made. One exception to "every
+//! other denial is 403": a source over the rate of unauthenticated refusals
+//! ([`crate::refusals`]) is answered 429 `rate_limited` with
+//! `Retry-After: 1`, the status clients and load balancers back off on.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -49,6 +52,8 @@ pub struct ApiError {
     detail: String,
     request_id: String,
     policy_ids: Vec<String>,
+    /// Answer 429 with `Retry-After` (seconds) instead of the kind's status.
+    retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -67,7 +72,16 @@ impl ApiError {
             detail: detail.into(),
             request_id: String::new(),
             policy_ids: Vec::new(),
+            retry_after: None,
         }
+    }
+
+    /// `rate_limited`, answered 429 with `Retry-After: retry_after_secs`:
+    /// a source refused too often (see [`crate::refusals`]).
+    pub fn throttled(detail: impl Into<String>, retry_after_secs: u32) -> Self {
+        let mut e = Self::denied(Reason::RateLimited, detail);
+        e.retry_after = Some(retry_after_secs);
+        e
     }
 
     /// A malformed request.
@@ -103,6 +117,7 @@ impl ApiError {
             detail,
             request_id: String::new(),
             policy_ids: Vec::new(),
+            retry_after: None,
         }
     }
 
@@ -157,6 +172,9 @@ impl ApiError {
     }
 
     fn status(&self) -> StatusCode {
+        if self.retry_after.is_some() {
+            return StatusCode::TOO_MANY_REQUESTS;
+        }
         match self.kind {
             Kind::Denied(r) if r.is_token_error() => StatusCode::UNAUTHORIZED,
             // Every other denial, internal_error and upstream_unavailable
@@ -220,6 +238,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, challenge);
+        }
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
             .headers_mut()

@@ -6,8 +6,14 @@
 //! 2. [`bind_task`]: the `{task_id}` of the path must be the token's task
 //!    (`task_mismatch`, 403).
 //!
-//! Both refusals are audited (`call.denied` with the reason) before the
-//! answer goes out, like every other denial.
+//! Both refusals are audited (`call.denied` with the reason). A refusal by
+//! an authenticated caller (a token of another task) is recorded before the
+//! answer goes out, like every other denial; a refusal of a caller without
+//! a valid credential is counted per source and recorded in aggregate, one
+//! record per source and window, and a source over the rate is answered
+//! `rate_limited` without touching the ledger ([`crate::refusals`]): a
+//! flood of bad tokens neither grows the log per request nor queues ahead
+//! of real calls at the ledger writer.
 //!
 //! They wrap every route that only a task's own token may call. What
 //! follows — the decision, the per-hop credential, the write-ahead record,
@@ -63,10 +69,17 @@ pub(crate) async fn authenticate(
 }
 
 /// Records a refusal that happened before a call was decided (a failed
-/// authentication, a token of another task) as `call.denied`. If the
-/// record cannot be written, the answer becomes the ledger failure: no
-/// refusal goes unrecorded silently. The record is due by `deadline` (the
-/// request's, when the refusal came from a ledger step that had one).
+/// authentication, a token of another task) as `call.denied`.
+///
+/// - The caller is unknown (`agent_id` is `None`: no valid credential):
+///   the refusal is counted against the request's source and recorded in
+///   aggregate ([`Gateway::count_refusal`]); the answer may become
+///   `rate_limited` (429). Nothing waits for the ledger.
+/// - The caller is known: the refusal is its own record, committed before
+///   the answer. If it cannot be written, the answer becomes the ledger
+///   failure: no refusal goes unrecorded silently. The record is due by
+///   `deadline` (the request's, when the refusal came from a ledger step
+///   that had one).
 pub(crate) async fn audit_refusal(
     gw: &Gateway,
     task_id: Option<&String>,
@@ -74,10 +87,15 @@ pub(crate) async fn audit_refusal(
     refusal: &ApiError,
     deadline: tokio::time::Instant,
 ) -> ApiError {
+    let Some(agent_id) = agent_id else {
+        // Bounded: the path is the caller's input.
+        let task: Option<String> = task_id.map(|t| t.chars().take(128).collect());
+        return gw.count_refusal(task.as_deref(), refusal);
+    };
     let mut event = NewEvent::new(gw.now(), EventKind::CallDenied);
     // Bounded: the path is the caller's input.
     event.task_id = task_id.map(|t| t.chars().take(128).collect());
-    event.agent_id = agent_id.map(str::to_owned);
+    event.agent_id = Some(agent_id.to_owned());
     event.decision = Some("deny".to_owned());
     event.reason = refusal.reason().map(|r| r.as_str().to_owned());
     event.detail = Some(refusal.detail().chars().take(256).collect());

@@ -9,6 +9,7 @@
 //! |---|---|
 //! | request id | [`server`] middleware |
 //! | authenticate (token, bootstrap secret, admin) | `layers::authenticate` over `auth` |
+//! | unauthenticated refusals: counted per source, rate-limited, recorded in aggregate | [`refusals`] |
 //! | task binding | `layers::bind_task` |
 //! | load the task, token scope | `pipeline` |
 //! | decision: ACL, state, budgets, args, Cedar | `portcullis_core::Engine` |
@@ -37,6 +38,7 @@ mod metrics;
 mod oauth;
 pub mod pgrole;
 mod pipeline;
+pub mod refusals;
 pub mod run;
 pub mod server;
 mod state;

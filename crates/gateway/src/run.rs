@@ -295,6 +295,10 @@ pub async fn serve_config(config: &Path) -> Result<(), RunError> {
         crate::tiering::Tiers::from_config(&loaded),
         wait_for(stop_rx.clone()),
     ));
+    let refusals = tokio::spawn(crate::refusals::run_flushes(
+        gateway.clone(),
+        wait_for(stop_rx.clone()),
+    ));
     let served = crate::server::serve(listener, crate::server::router(gateway), async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
@@ -305,6 +309,9 @@ pub async fn serve_config(config: &Path) -> Result<(), RunError> {
     // hangs (a frozen PostgreSQL, a stalled close) must not hold the
     // process, and with it a restart or a deployment, forever.
     let finish = async {
+        // The counted unauthenticated refusals are written on the way out
+        // too, before the ledger closes.
+        let _ = refusals.await;
         let _ = checkpoints.await;
         let _ = tiering.await;
         ledger.close().await;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 
 use crate::error::{ApiError, Kind};
 use crate::metrics::LedgerGauges;
+use crate::refusals::Source;
 use crate::state::Gateway;
 use crate::{admin, elevations, layers, oauth, tasks};
 
@@ -46,9 +47,17 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
 async fn request_id(mut req: Request, next: Next) -> Response {
     let id = portcullis_token::random_id("req_").unwrap_or_else(|_| "req_unavailable".to_owned());
     req.extensions_mut().insert(RequestId(id.clone()));
+    // The peer address [`serve`] put on the request: the source that
+    // unauthenticated refusals are counted against (no forwarding header
+    // is trusted: any client can write one).
+    let source = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(Source::Unknown, |c| Source::Peer(c.0.ip()));
     // Every line logged while serving this request carries its id.
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
-    let mut response = tracing::Instrument::instrument(next.run(req), span).await;
+    let served = crate::refusals::with_source(source, next.run(req));
+    let mut response = tracing::Instrument::instrument(served, span).await;
     if let Ok(v) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", v);
     }
@@ -193,7 +202,15 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        // The peer address goes on every request of the connection.
+        let service =
+            hyper_util::service::TowerToHyperService::new(tower::ServiceExt::map_request(
+                router.clone(),
+                move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    req
+                },
+            ));
         tokio::spawn(async move {
             // HTTP/1 only: without it the auto builder first sniffs for the
             // HTTP/2 preface with no timeout at all, so a client that

@@ -195,6 +195,8 @@ pub struct Gateway {
     pub(crate) tool_uses: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
     /// The checkpoint witness (`audit.witness_dir`), if configured.
     pub(crate) witness: Option<crate::witness::Witness>,
+    /// Unauthenticated refusals, counted per source.
+    pub(crate) refusals: Arc<crate::refusals::RefusalBook>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -317,6 +319,7 @@ impl Gateway {
             mcp_sessions: crate::mcp::Sessions::default(),
             tool_uses: std::sync::Mutex::default(),
             witness,
+            refusals: Arc::default(),
         })
     }
 

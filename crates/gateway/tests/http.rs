@@ -2414,6 +2414,9 @@ async fn refusals_before_the_decision_are_audited() {
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text);
 
+    // The two refusals without a valid credential are counted, and written
+    // as one record of their source (on task B: both named it).
+    assert_eq!(h.gateway.flush_refusals().await, 1);
     let records = h.audit(&b.task_id).await;
     let denied: Vec<(&str, &str)> = records
         .iter()
@@ -2429,10 +2432,16 @@ async fn refusals_before_the_decision_are_audited() {
         denied.contains(&("task_mismatch", "ingest-bot")),
         "{denied:?}"
     );
-    assert!(denied.contains(&("token_missing", "")), "{denied:?}");
+    let counted = records
+        .iter()
+        .find(|r| r["kind"] == "call.denied" && r["agent_id"].is_null())
+        .unwrap();
+    let detail = counted["detail"].as_str().unwrap();
     assert!(
-        denied.iter().any(|(r, _)| r.starts_with("token_")),
-        "{denied:?}"
+        detail.starts_with("2 refused requests from 127.0.0.1")
+            && detail.contains("token_missing 1")
+            && detail.contains("token_invalid 1"),
+        "{counted}"
     );
     // Nothing reached the upstream, and no secret reached the log.
     assert_eq!(h.upstream_calls(), 0);
@@ -2745,4 +2754,380 @@ async fn an_approval_does_not_carry_over_to_a_new_task() {
     let a = h.call(&t.access, &t.task_id, "files.read", read).await;
     assert_error(&a, 403, "tool_not_granted");
     assert_eq!(h.upstream_calls(), before);
+}
+
+// ---------------------------------------------------------------------------
+// Floods: unauthenticated refusals, elevation requests.
+// ---------------------------------------------------------------------------
+
+/// The `call.denied` records of refusals counted per source (no agent).
+async fn counted_refusals(h: &Harness) -> Vec<Value> {
+    let a = h
+        .get("/v1/audit?kind=call.denied&limit=1000", Some(AUDITOR))
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    a.body["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["agent_id"].is_null())
+        .cloned()
+        .collect()
+}
+
+/// The count a counted-refusal record carries ("N refused requests …").
+fn refusal_count(record: &Value) -> u64 {
+    let detail = record["detail"].as_str().unwrap();
+    assert!(detail.contains(" refused requests from "), "{record}");
+    detail.split(' ').next().unwrap().parse().unwrap()
+}
+
+/// Sends `requests` at once; their answers, in order.
+async fn send_all(requests: Vec<reqwest::RequestBuilder>) -> Vec<Answer> {
+    let handles: Vec<_> = requests
+        .into_iter()
+        .map(|r| tokio::spawn(async move { Answer::read(r.send().await.unwrap()).await }))
+        .collect();
+    let mut answers = Vec::with_capacity(handles.len());
+    for handle in handles {
+        answers.push(handle.await.unwrap());
+    }
+    answers
+}
+
+/// Sends `n` calls with a forged token, 16 at a time; their answers.
+async fn bad_token_flood(h: &Harness, task_id: &str, forged: &str, n: usize) -> Vec<Answer> {
+    let url = h.url(&format!("/v1/tasks/{task_id}/calls"));
+    let body = json!({ "tool": "warehouse.connect", "arguments": connect_args() });
+    let mut answers = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(16) {
+        let requests = chunk
+            .iter()
+            .map(|_| h.client.post(&url).bearer_auth(forged).json(&body))
+            .collect();
+        answers.extend(send_all(requests).await);
+    }
+    answers
+}
+
+/// Regression: every request without a valid credential committed its own
+/// `call.denied` record through the single ledger writer, so a flood of
+/// bad tokens grew the audit log by one record per request and queued
+/// ahead of real calls. Now: refusals are counted per source and written
+/// as one record per source and window, with the exact count; past
+/// `RATE_PER_SECOND` a source is answered 429 `rate_limited` from memory;
+/// real calls in the middle go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_tokens_is_recorded_in_aggregate_and_never_starves_calls() {
+    const N: usize = 400;
+    let rate = portcullis_gateway::refusals::RATE_PER_SECOND as usize;
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+    let forged = format!("{}x", &s.access[..s.access.len() - 1]);
+    let before = counted_refusals(&h).await.len();
+
+    // The flood and real calls at once (the test clock stands still: one
+    // second for the whole flood).
+    let (answers, real) = tokio::join!(bad_token_flood(&h, &s.task_id, &forged, N), async {
+        let mut real = Vec::new();
+        for _ in 0..5 {
+            real.push(
+                h.call(&s.access, &s.task_id, "warehouse.connect", connect_args())
+                    .await,
+            );
+        }
+        real
+    });
+    for a in &real {
+        assert_eq!(
+            a.status,
+            StatusCode::OK,
+            "a real call in a flood: {}",
+            a.text
+        );
+    }
+    assert_eq!(h.upstream_calls(), 5, "the flood reached nothing upstream");
+    let refused = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::UNAUTHORIZED)
+        .inspect(|a| assert_token_error(a, "token_invalid"))
+        .count();
+    let limited = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::TOO_MANY_REQUESTS)
+        .inspect(|a| {
+            assert_error(a, 429, "rate_limited");
+            assert_eq!(a.header("retry-after"), Some("1"), "{}", a.text);
+        })
+        .count();
+    assert_eq!((refused, limited), (rate, N - rate));
+
+    // Nothing was written per request.
+    assert_eq!(counted_refusals(&h).await.len(), before);
+    // The flush: one record for the one source, with the exact count.
+    assert_eq!(h.gateway.flush_refusals().await, 1);
+    let records = counted_refusals(&h).await;
+    let new: Vec<&Value> = records.iter().skip(before).collect();
+    assert_eq!(new.len(), 1, "{new:?}");
+    let record = new[0];
+    assert_eq!(refusal_count(record), N as u64);
+    assert_eq!(record["task_id"], s.task_id.as_str(), "{record}");
+    assert_eq!(record["decision"], "deny");
+    assert_eq!(record["reason"], "rate_limited");
+    let detail = record["detail"].as_str().unwrap();
+    assert!(detail.contains("from 127.0.0.1"), "{detail}");
+    assert!(
+        detail.contains(&format!("token_invalid {rate}")),
+        "{detail}"
+    );
+    assert!(
+        detail.contains(&format!("rate_limited {}", N - rate)),
+        "{detail}"
+    );
+    assert!(!detail.contains(&forged) && !detail.contains(&s.access));
+
+    // A window that ended is written at the next refusal, without a flush.
+    h.advance_secs(1);
+    let more = bad_token_flood(&h, &s.task_id, &forged, 10).await;
+    h.advance_secs(11);
+    let last = bad_token_flood(&h, &s.task_id, &forged, 1).await;
+    assert!(
+        more.iter()
+            .chain(&last)
+            .all(|a| a.status == StatusCode::UNAUTHORIZED)
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let records = counted_refusals(&h).await;
+        if records
+            .iter()
+            .skip(before + 1)
+            .any(|r| refusal_count(r) == 10)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ended window was not written"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.gateway.flush_refusals().await, 1);
+    let total: u64 = counted_refusals(&h)
+        .await
+        .iter()
+        .skip(before)
+        .map(refusal_count)
+        .sum();
+    assert_eq!(total, (N + 11) as u64, "every refusal counted exactly once");
+}
+
+/// Regression: a refusal of an unauthenticated request waited for the
+/// ledger (its record was committed before the answer), so a flood kept
+/// the ledger writer busy, and a ledger outage turned every bad token into
+/// a 503. The answers are now made from memory, and the counts a failed
+/// flush could not write are kept for the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_refusals_never_wait_for_the_ledger() {
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+    let forged = format!("{}x", &s.access[..s.access.len() - 1]);
+    let before = counted_refusals(&h).await.len();
+    h.store.down.store(true, Ordering::SeqCst);
+    let answers = bad_token_flood(&h, &s.task_id, &forged, 80).await;
+    let rate = portcullis_gateway::refusals::RATE_PER_SECOND as usize;
+    for (i, a) in answers.iter().enumerate() {
+        if a.status == StatusCode::UNAUTHORIZED {
+            assert_token_error(a, "token_invalid");
+        } else {
+            assert_error(a, 429, "rate_limited");
+        }
+        let _ = i;
+    }
+    assert_eq!(
+        answers
+            .iter()
+            .filter(|a| a.status == StatusCode::UNAUTHORIZED)
+            .count(),
+        rate
+    );
+    // The ledger is down: nothing written, nothing lost.
+    assert_eq!(h.gateway.flush_refusals().await, 0);
+    h.store.down.store(false, Ordering::SeqCst);
+    assert_eq!(h.gateway.flush_refusals().await, 1);
+    let records = counted_refusals(&h).await;
+    let counts: Vec<u64> = records.iter().skip(before).map(refusal_count).collect();
+    assert_eq!(counts, vec![80]);
+    assert_eq!(h.upstream_calls(), 0);
+}
+
+/// Regression: a task could file elevation requests without end, each one
+/// written to the ledger, and bury other tasks' requests in the approvers'
+/// list. A task now has at most 16 pending; one more is refused
+/// `limit_exceeded` and nothing of it is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_elevation_requests_are_capped_per_task() {
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+    let other = h.start_task(None).await;
+    let path = format!("/v1/tasks/{}/elevations", s.task_id);
+    let ask = json!({ "tool": "files.read", "reason": "need the extract" });
+    let mut ids = Vec::new();
+    for _ in 0..16 {
+        let a = h.post_json(&path, Some(&s.access), &ask).await;
+        assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.text);
+        ids.push(a.body["elevation_id"].as_str().unwrap().to_owned());
+    }
+    let requested = |records: &[Value]| {
+        records
+            .iter()
+            .filter(|r| r["kind"] == "elevation.requested")
+            .count()
+    };
+    let records_before = h.audit(&s.task_id).await;
+    let a = h.post_json(&path, Some(&s.access), &ask).await;
+    assert_error(&a, 403, "limit_exceeded");
+    assert!(
+        a.body["detail"].as_str().unwrap().contains("16 pending"),
+        "{}",
+        a.text
+    );
+    // Nothing of it written: no request, no record.
+    let records = h.audit(&s.task_id).await;
+    assert_eq!(records.len(), records_before.len());
+    assert_eq!(requested(&records), 16);
+    let a = h
+        .get("/v1/elevations?status=pending&limit=500", Some(APPROVER))
+        .await;
+    let pending = a.body["elevations"].as_array().unwrap();
+    assert_eq!(
+        pending
+            .iter()
+            .filter(|e| e["task_id"] == s.task_id.as_str())
+            .count(),
+        16
+    );
+    assert_eq!(h.upstream_calls(), 0);
+    // Another task is not held back.
+    let a = h
+        .post_json(
+            &format!("/v1/tasks/{}/elevations", other.task_id),
+            Some(&other.access),
+            &ask,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.text);
+    // A decision makes room again.
+    let a = h
+        .post_json(
+            &format!("/v1/elevations/{}/deny", ids[0]),
+            Some(APPROVER),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let a = h.post_json(&path, Some(&s.access), &ask).await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.text);
+}
+
+/// Regression: `GET /v1/elevations` returned the oldest `limit` requests
+/// and no way on, so a flood of requests from one task hid every later
+/// request of another task from approvers. The list now pages with a
+/// cursor: every pending request is reachable, each exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elevation_pages_never_hide_another_tasks_request() {
+    const TASKS: usize = 20;
+    const EACH: usize = 15;
+    let h = Harness::start().await;
+    let mut flooders = Vec::new();
+    for _ in 0..TASKS {
+        flooders.push(h.start_task(None).await);
+    }
+    let ask = json!({ "tool": "files.read", "reason": "flood" });
+    let mut filed = BTreeSet::new();
+    for round in 0..EACH {
+        let requests = flooders
+            .iter()
+            .map(|t| {
+                h.client
+                    .post(h.url(&format!("/v1/tasks/{}/elevations", t.task_id)))
+                    .bearer_auth(&t.access)
+                    .json(&ask)
+            })
+            .collect();
+        for a in send_all(requests).await {
+            assert_eq!(a.status, StatusCode::ACCEPTED, "round {round}: {}", a.text);
+            filed.insert(a.body["elevation_id"].as_str().unwrap().to_owned());
+        }
+    }
+    // The request that must not be hidden comes last (the test clock
+    // stood still for the flood: its requests tie on time and go by id).
+    h.advance_secs(1);
+    let victim = h.start_task(None).await;
+    let a = h
+        .post_json(
+            &format!("/v1/tasks/{}/elevations", victim.task_id),
+            Some(&victim.access),
+            &json!({ "tool": "files.read", "reason": "the one that matters" }),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.text);
+    let victim_id = a.body["elevation_id"].as_str().unwrap().to_owned();
+    filed.insert(victim_id.clone());
+    assert_eq!(filed.len(), TASKS * EACH + 1);
+
+    // The first page alone does not reach it, and says more follow.
+    let a = h
+        .get("/v1/elevations?status=pending&limit=50", Some(APPROVER))
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert!(a.body["next"].is_string(), "{}", a.text);
+    assert!(
+        !a.body["elevations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["id"] == victim_id.as_str())
+    );
+
+    // Following `next`: every pending request, exactly once, in order.
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let q = match &after {
+            Some(c) => format!("/v1/elevations?status=pending&limit=37&after={c}"),
+            None => "/v1/elevations?status=pending&limit=37".to_owned(),
+        };
+        let a = h.get(&q, Some(APPROVER)).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+        let page = a.body["elevations"].as_array().unwrap();
+        assert!(page.len() <= 37);
+        seen.extend(page.iter().map(|e| {
+            (
+                e["requested_at"].as_u64().unwrap(),
+                e["id"].as_str().unwrap().to_owned(),
+            )
+        }));
+        pages += 1;
+        assert!(pages < 100, "paging does not end");
+        match a.body["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "strictly ascending");
+    let ids: Vec<String> = seen.into_iter().map(|(_, id)| id).collect();
+    assert_eq!(ids.len(), filed.len(), "each request exactly once");
+    assert_eq!(ids.iter().cloned().collect::<BTreeSet<_>>(), filed);
+    assert_eq!(ids.last(), Some(&victim_id));
+
+    // A cursor that is not one is a malformed request.
+    let a = h
+        .get(
+            "/v1/elevations?status=pending&after=not-a-cursor",
+            Some(APPROVER),
+        )
+        .await;
+    assert_error(&a, 400, "args_invalid");
 }

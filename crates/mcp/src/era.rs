@@ -290,6 +290,31 @@ pub fn http_status_for(code: i64) -> u16 {
     }
 }
 
+/// Whether a browser's `Origin` may reach a Streamable HTTP endpoint whose
+/// own origin is `own` (`http://host:port`, a trailing `/` ignored): that
+/// origin, or a loopback one (`localhost`, `127.0.0.1`, `[::1]`, any port).
+/// The MCP transport asks servers to check `Origin`, so that a web page a
+/// user visits cannot drive a local server (DNS rebinding); a request
+/// without the header is not from a browser and is not judged here.
+pub fn origin_allowed(origin: &str, own: &str) -> bool {
+    let own = own.trim_end_matches('/');
+    if origin == own {
+        return true;
+    }
+    let Some(rest) = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    let host = if let Some(v6) = rest.strip_prefix('[') {
+        v6.split(']').next().map(|h| format!("[{h}]"))
+    } else {
+        rest.split(':').next().map(str::to_owned)
+    };
+    matches!(host.as_deref(), Some("localhost" | "127.0.0.1" | "[::1]"))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -368,29 +393,4 @@ mod tests {
             "non-canonical"
         );
     }
-}
-
-/// Whether a browser's `Origin` may reach a Streamable HTTP endpoint whose
-/// own origin is `own` (`http://host:port`, a trailing `/` ignored): that
-/// origin, or a loopback one (`localhost`, `127.0.0.1`, `[::1]`, any port).
-/// The MCP transport asks servers to check `Origin`, so that a web page a
-/// user visits cannot drive a local server (DNS rebinding); a request
-/// without the header is not from a browser and is not judged here.
-pub fn origin_allowed(origin: &str, own: &str) -> bool {
-    let own = own.trim_end_matches('/');
-    if origin == own {
-        return true;
-    }
-    let Some(rest) = origin
-        .strip_prefix("http://")
-        .or_else(|| origin.strip_prefix("https://"))
-    else {
-        return false;
-    };
-    let host = if let Some(v6) = rest.strip_prefix('[') {
-        v6.split(']').next().map(|h| format!("[{h}]"))
-    } else {
-        rest.split(':').next().map(str::to_owned)
-    };
-    matches!(host.as_deref(), Some("localhost" | "127.0.0.1" | "[::1]"))
 }

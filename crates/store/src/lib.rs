@@ -70,11 +70,11 @@ pub mod testsuite;
 pub use canonical::canonical_json;
 pub use model::{
     AuditEvent, AuditQuery, CHECKPOINT_EXISTS, CHECKPOINT_HASH_MISMATCH, CHECKPOINT_NO_SUCH_RECORD,
-    Checkpoint, Committed, DEFAULT_AUDIT_LIMIT, ELEVATION_ALREADY_DECIDED, ElevationRecord,
-    ElevationStatus, EventKind, MAX_AUDIT_LIMIT, MAX_PIN_DEFINITION_BYTES, MAX_ROWS,
-    NO_SUCH_ELEVATION, NewEvent, Op, PRUNE_HEAD, PRUNE_MOVED, PRUNE_NOT_ANCHORED, RefreshRecord,
-    TaskRecord, TokenKind, TokenRecord, ToolPin, UnknownElevationStatus, UnknownEventKind,
-    UnknownTokenKind, checkpoint_message,
+    Checkpoint, Committed, DEFAULT_AUDIT_LIMIT, ELEVATION_ALREADY_DECIDED, ElevationCursor,
+    ElevationRecord, ElevationStatus, EventKind, MAX_AUDIT_LIMIT, MAX_CURSOR_ID_BYTES,
+    MAX_PIN_DEFINITION_BYTES, MAX_ROWS, NO_SUCH_ELEVATION, NewEvent, Op, PRUNE_HEAD, PRUNE_MOVED,
+    PRUNE_NOT_ANCHORED, RefreshRecord, TaskRecord, TokenKind, TokenRecord, ToolPin,
+    UnknownElevationStatus, UnknownEventKind, UnknownTokenKind, checkpoint_message,
 };
 pub use postgres::{PostgresOptions, PostgresStore, Revocation};
 pub use sqlite::{SqliteOptions, SqliteStore};
@@ -114,6 +114,15 @@ pub enum StoreError {
     RefreshExpired {
         /// The task the refresh token belongs to.
         task_id: String,
+    },
+    /// [`Op::CapPendingElevations`]: the task already has `max` pending
+    /// elevation requests (or more).
+    #[error("task {task_id} already has {max} pending elevation requests")]
+    TooManyPending {
+        /// The task.
+        task_id: String,
+        /// The cap it reached.
+        max: u32,
     },
     /// A stored row that does not decode, or a value that the storage format
     /// cannot hold (an integer above `i64::MAX`).
@@ -167,11 +176,14 @@ pub trait Store: Send + Sync + 'static {
     async fn elevation(&self, id: &str) -> Result<Option<ElevationRecord>>;
 
     /// Elevation requests with this status (all of them when `None`), oldest
-    /// first (`requested_at`, then `id`); at most `limit` of them, and never
-    /// more than [`MAX_ROWS`].
+    /// first (`requested_at`, then `id`), strictly after `after` in that
+    /// order when given; at most `limit` of them, and never more than
+    /// [`MAX_ROWS`]. Page with `after` = [`ElevationCursor::after`] the
+    /// last request read.
     async fn elevations(
         &self,
         status: Option<ElevationStatus>,
+        after: Option<&ElevationCursor>,
         limit: usize,
     ) -> Result<Vec<ElevationRecord>>;
 

@@ -204,6 +204,61 @@ pub struct ElevationRecord {
     pub expires_at: Option<Timestamp>,
 }
 
+/// Where a page of [`crate::Store::elevations`] ends: the `requested_at`
+/// and `id` of its last request. The next page holds the requests after it
+/// in the list's order (`requested_at`, then `id`), so paging visits every
+/// request that stays in the list exactly once, however many arrive while
+/// it runs (new requests sort after the pages already read, or into pages
+/// not yet read).
+///
+/// Its text form ([`ElevationCursor::encode`], [`ElevationCursor::parse`])
+/// is what the HTTP API hands out as `next`: opaque to clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ElevationCursor {
+    /// The last request's `requested_at`.
+    pub requested_at: Timestamp,
+    /// The last request's id.
+    pub id: String,
+}
+
+/// Longest id an [`ElevationCursor`] carries, in bytes.
+pub const MAX_CURSOR_ID_BYTES: usize = 128;
+
+impl ElevationCursor {
+    /// The cursor just after `record`.
+    pub fn after(record: &ElevationRecord) -> Self {
+        Self {
+            requested_at: record.requested_at,
+            id: record.id.clone(),
+        }
+    }
+
+    /// The text form: `<requested_at ms>.<id>`.
+    pub fn encode(&self) -> String {
+        format!("{}.{}", self.requested_at.0, self.id)
+    }
+
+    /// Reads [`Self::encode`]'s text; `None` for anything else (an id that
+    /// is empty, longer than [`MAX_CURSOR_ID_BYTES`] or not made of ASCII
+    /// letters, digits, `_` and `-`).
+    pub fn parse(text: &str) -> Option<Self> {
+        let (at, id) = text.split_once('.')?;
+        if at.is_empty() || !at.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let requested_at = Timestamp(at.parse().ok()?);
+        let id_ok = !id.is_empty()
+            && id.len() <= MAX_CURSOR_ID_BYTES
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        id_ok.then(|| Self {
+            requested_at,
+            id: id.to_owned(),
+        })
+    }
+}
+
 /// Refuses an [`Op::InsertElevation`] that is not a fresh request.
 pub(crate) fn check_new_elevation(record: &ElevationRecord) -> Result<(), crate::StoreError> {
     let undecided = record.decided_at.is_none()
@@ -701,6 +756,19 @@ pub enum Op {
     /// `expires_at`), its task must exist and its id must be new; anything
     /// else is a [`crate::StoreError::Conflict`].
     InsertElevation(ElevationRecord),
+    /// A guard: the whole batch fails with
+    /// [`crate::StoreError::TooManyPending`] (nothing of it is kept) when
+    /// the task has `max` or more pending elevation requests at this point
+    /// of the batch. Put before an [`Op::InsertElevation`] to cap a task's
+    /// pending requests; the count and the insert are one transaction
+    /// (PostgreSQL locks the task's row first, so replicas racing on one
+    /// task cannot both pass it).
+    CapPendingElevations {
+        /// The task.
+        task_id: String,
+        /// Most pending requests the task may already have.
+        max: u32,
+    },
     /// Records that `agent_id` has called `tool` (for the `new_tool`
     /// anomaly rule); a no-op when it already has.
     RecordToolUse {

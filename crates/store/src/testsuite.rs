@@ -25,9 +25,9 @@ use sha2::{Digest, Sha256};
 use crate::chain::{self, Report, Verifier};
 use crate::{
     AuditEvent, AuditQuery, CHECKPOINT_EXISTS, CHECKPOINT_HASH_MISMATCH, CHECKPOINT_NO_SUCH_RECORD,
-    Checkpoint, ELEVATION_ALREADY_DECIDED, ElevationRecord, ElevationStatus, EventKind,
-    MAX_AUDIT_LIMIT, MAX_PIN_DEFINITION_BYTES, MAX_ROWS, NO_SUCH_ELEVATION, NewEvent, Op,
-    PRUNE_HEAD, PRUNE_MOVED, PRUNE_NOT_ANCHORED, RefreshRecord, Store, StoreError, TaskCounts,
+    Checkpoint, ELEVATION_ALREADY_DECIDED, ElevationCursor, ElevationRecord, ElevationStatus,
+    EventKind, MAX_AUDIT_LIMIT, MAX_PIN_DEFINITION_BYTES, MAX_ROWS, NO_SUCH_ELEVATION, NewEvent,
+    Op, PRUNE_HEAD, PRUNE_MOVED, PRUNE_NOT_ANCHORED, RefreshRecord, Store, StoreError, TaskCounts,
     TaskRecord, TokenKind, TokenRecord, ToolPin, canonical_json, checkpoint_message,
 };
 
@@ -69,6 +69,8 @@ pub async fn run_all(store: &dyn Store) {
     elevation_decide_pending(store).await;
     elevation_decision_checks(store).await;
     elevation_decisions_race(store).await;
+    elevation_pages_with_cursor(store).await;
+    elevation_pending_cap(store).await;
     pin_round_trip(store).await;
     tool_use_is_remembered(store).await;
     task_counts_follow_status(store).await;
@@ -1111,7 +1113,7 @@ pub async fn elevation_list_by_status(store: &dyn Store) {
 
     let list = |status: Option<ElevationStatus>| async move {
         let all = store
-            .elevations(status, MAX_ROWS)
+            .elevations(status, None, MAX_ROWS)
             .await
             .expect("list elevations");
         assert!(
@@ -1147,17 +1149,194 @@ pub async fn elevation_list_by_status(store: &dyn Store) {
     // The limit is honoured and takes the oldest.
     let pending = list(Some(ElevationStatus::Pending)).await;
     let first = store
-        .elevations(Some(ElevationStatus::Pending), 1)
+        .elevations(Some(ElevationStatus::Pending), None, 1)
         .await
         .expect("list elevations");
     assert_eq!(first, pending.into_iter().take(1).collect::<Vec<_>>());
     assert!(
         store
-            .elevations(None, 0)
+            .elevations(None, None, 0)
             .await
             .expect("list elevations")
             .is_empty()
     );
+}
+
+/// Paging with [`ElevationCursor`] visits every request exactly once and
+/// in order, across tasks and with many ties on `requested_at`, with or
+/// without a status filter; a cursor survives its text form; a request
+/// decided between two pages drops out of the pending pages without
+/// shifting the others. Leaves its requests behind, requested in
+/// `T0 + 2 h … + 40 ms`.
+pub async fn elevation_pages_with_cursor(store: &dyn Store) {
+    const TASKS: usize = 30;
+    const PER_TASK: usize = 10;
+    let base = T0.plus_millis(7_200_000);
+    let tasks: Vec<String> = (0..TASKS).map(|_| unique("elev-page")).collect();
+    commit_ok(
+        store,
+        tasks
+            .iter()
+            .map(|t| Op::InsertTask(sample_task(t)))
+            .collect(),
+    )
+    .await;
+    let mut ours = Vec::new();
+    for i in 0..PER_TASK {
+        let ops: Vec<Op> = tasks
+            .iter()
+            .enumerate()
+            .map(|(n, task)| {
+                let mut record = sample_elevation(&unique("elev-page"), task);
+                // 40 distinct times for 300 requests: most of them tie.
+                let ms = u64::try_from((n * PER_TASK + i) % 40).unwrap_or(0);
+                record.requested_at = base.plus_millis(ms);
+                ours.push(record.id.clone());
+                Op::InsertElevation(record)
+            })
+            .collect();
+        commit_ok(store, ops).await;
+    }
+    let ours: std::collections::BTreeSet<String> = ours.into_iter().collect();
+    let end = base.plus_millis(40);
+    // Starts just before our time range (other runs sharing the database
+    // may have requests in it too: they are paged over, not counted).
+    let start = ElevationCursor {
+        requested_at: Timestamp(base.0.saturating_sub(1)),
+        id: "~".into(),
+    };
+    for status in [Some(ElevationStatus::Pending), None] {
+        let mut seen = Vec::new();
+        let mut cursor = start.clone();
+        let mut previous: Option<(Timestamp, String)> = None;
+        for _ in 0..100_000 {
+            let page = store
+                .elevations(status, Some(&cursor), 7)
+                .await
+                .expect("list elevations");
+            for r in &page {
+                let key = (r.requested_at, r.id.clone());
+                assert!(
+                    previous.as_ref().is_none_or(|p| *p < key),
+                    "strictly ascending across pages: {previous:?} then {key:?}"
+                );
+                previous = Some(key);
+            }
+            let Some(last) = page.last() else { break };
+            // Through the text form, as a client would hand it back.
+            cursor = ElevationCursor::parse(&ElevationCursor::after(last).encode())
+                .expect("a cursor reads back");
+            assert_eq!(cursor, ElevationCursor::after(last));
+            seen.extend(
+                page.iter()
+                    .filter(|r| ours.contains(&r.id))
+                    .map(|r| r.id.clone()),
+            );
+            if last.requested_at >= end {
+                break;
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            ours.len(),
+            "each request exactly once ({status:?})"
+        );
+        let unique_seen: std::collections::BTreeSet<String> = seen.into_iter().collect();
+        assert_eq!(unique_seen, ours, "every request ({status:?})");
+    }
+
+    // One request decided between two pages: the next pending page goes on
+    // where the cursor was, without it and without skipping another.
+    let first = store
+        .elevations(Some(ElevationStatus::Pending), Some(&start), 5)
+        .await
+        .expect("list elevations");
+    let Some(cut) = first.last() else {
+        panic!("pending requests in the range");
+    };
+    let cursor = ElevationCursor::after(cut);
+    let following = store
+        .elevations(Some(ElevationStatus::Pending), Some(&cursor), 3)
+        .await
+        .expect("list elevations");
+    let Some(decided) = following.first() else {
+        panic!("more pending requests after the first page");
+    };
+    commit_ok(store, vec![deny(&decided.id, "carol")]).await;
+    let after_decision = store
+        .elevations(Some(ElevationStatus::Pending), Some(&cursor), 2)
+        .await
+        .expect("list elevations");
+    assert_eq!(
+        after_decision.iter().map(|r| &r.id).collect::<Vec<_>>(),
+        following.iter().skip(1).map(|r| &r.id).collect::<Vec<_>>(),
+        "the decided request drops out, nothing else moves"
+    );
+
+    // Text that is not a cursor is refused.
+    for bad in ["", "12", ".x", "x.y", "12.", "12.a b", "12.a/b", "-1.x"] {
+        assert_eq!(ElevationCursor::parse(bad), None, "{bad:?}");
+    }
+    let long = format!("12.{}", "a".repeat(crate::MAX_CURSOR_ID_BYTES + 1));
+    assert_eq!(ElevationCursor::parse(&long), None);
+}
+
+/// [`Op::CapPendingElevations`] refuses the whole batch once the task has
+/// `max` pending requests (nothing of it is kept, the audit log included),
+/// counts only that task's pending requests, and lets a request in again
+/// once one is decided.
+pub async fn elevation_pending_cap(store: &dyn Store) {
+    let task_id = unique("elev-cap");
+    let other = unique("elev-cap-other");
+    commit_ok(
+        store,
+        vec![
+            Op::InsertTask(sample_task(&task_id)),
+            Op::InsertTask(sample_task(&other)),
+        ],
+    )
+    .await;
+    let request = |task: &str, max: u32| {
+        let record = sample_elevation(&unique("elev-cap"), task);
+        let ops = vec![
+            Op::CapPendingElevations {
+                task_id: task.to_owned(),
+                max,
+            },
+            Op::InsertElevation(record.clone()),
+            Op::Append(sample_event(EventKind::ElevationRequested, task)),
+        ];
+        (record, ops)
+    };
+    let mut first = None;
+    for _ in 0..3 {
+        let (record, ops) = request(&task_id, 3);
+        commit_ok(store, ops).await;
+        first.get_or_insert(record);
+    }
+    let head = store.chain_head().await.expect("chain head");
+    let (refused, ops) = request(&task_id, 3);
+    let result = store.commit(ops).await;
+    assert!(
+        matches!(&result, Err(StoreError::TooManyPending { task_id: t, max: 3 }) if *t == task_id),
+        "a fourth pending request: {result:?}"
+    );
+    assert_eq!(store.elevation(&refused.id).await.expect("read"), None);
+    assert_eq!(
+        store.chain_head().await.expect("chain head"),
+        head,
+        "nothing of the refused batch is kept"
+    );
+    // Another task is not held back by this one's requests.
+    let (_, ops) = request(&other, 3);
+    commit_ok(store, ops).await;
+    // Decided requests do not count.
+    let Some(first) = first else {
+        panic!("three requests were made");
+    };
+    commit_ok(store, vec![deny(&first.id, "bob")]).await;
+    let (_, ops) = request(&task_id, 3);
+    commit_ok(store, ops).await;
 }
 
 /// The list is capped at [`MAX_ROWS`], whatever the limit asks for. Leaves
@@ -1178,11 +1357,14 @@ pub async fn elevation_list_limits(store: &dyn Store) {
     }
     for status in [Some(ElevationStatus::Pending), None] {
         let capped = store
-            .elevations(status, usize::MAX)
+            .elevations(status, None, usize::MAX)
             .await
             .expect("list elevations");
         assert_eq!(capped.len(), MAX_ROWS, "capped at {MAX_ROWS}");
-        let seven = store.elevations(status, 7).await.expect("list elevations");
+        let seven = store
+            .elevations(status, None, 7)
+            .await
+            .expect("list elevations");
         assert_eq!(
             seven,
             capped.into_iter().take(7).collect::<Vec<_>>(),

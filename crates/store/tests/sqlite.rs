@@ -490,7 +490,7 @@ async fn elevation_rows_are_checked_by_the_schema() {
         Err(StoreError::Corrupt(_))
     ));
     assert!(matches!(
-        store.elevations(None, 10).await,
+        store.elevations(None, None, 10).await,
         Err(StoreError::Corrupt(_))
     ));
     store.close().await;

@@ -378,10 +378,11 @@ impl Store for Outage {
     async fn elevations(
         &self,
         status: Option<ElevationStatus>,
+        after: Option<&portcullis_store::ElevationCursor>,
         limit: usize,
     ) -> Result<Vec<ElevationRecord>, StoreError> {
         self.check()?;
-        self.inner.elevations(status, limit).await
+        self.inner.elevations(status, after, limit).await
     }
     async fn checkpoints(
         &self,
@@ -440,6 +441,8 @@ pub struct Harness {
     /// Set `store.down` to simulate a ledger outage.
     pub store: Arc<Outage>,
     pub client: reqwest::Client,
+    /// The gateway being served (to flush its counted refusals).
+    pub gateway: Arc<Gateway>,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
@@ -550,7 +553,8 @@ impl Harness {
             None => gw,
         };
         let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(serve(listener, router(Arc::new(gw)), async move {
+        let gateway = Arc::new(gw);
+        tokio::spawn(serve(listener, router(gateway.clone()), async move {
             let _ = rx.await;
         }));
         let client = reqwest::Client::builder()
@@ -568,6 +572,7 @@ impl Harness {
             files,
             store,
             client,
+            gateway,
             shutdown: Some(tx),
         }
     }

@@ -222,8 +222,9 @@ pub use self::schema::LATEST_VERSION as SCHEMA_VERSION;
 use self::writer::Request;
 use crate::queue::QueueGauge;
 use crate::{
-    AuditEvent, AuditQuery, Checkpoint, Committed, ElevationRecord, ElevationStatus, Op,
-    RefreshRecord, Result, Store, StoreError, TaskCounts, TaskRecord, TokenRecord, ToolPin,
+    AuditEvent, AuditQuery, Checkpoint, Committed, ElevationCursor, ElevationRecord,
+    ElevationStatus, Op, RefreshRecord, Result, Store, StoreError, TaskCounts, TaskRecord,
+    TokenRecord, ToolPin,
 };
 
 /// The default revocation channel ([`PostgresOptions::notify_channel`]).
@@ -615,10 +616,11 @@ impl Store for PostgresStore {
     async fn elevations(
         &self,
         status: Option<ElevationStatus>,
+        after: Option<&ElevationCursor>,
         limit: usize,
     ) -> Result<Vec<ElevationRecord>> {
         self.read("read elevations", async |conn| {
-            read::elevations(conn, status, limit).await
+            read::elevations(conn, status, after, limit).await
         })
         .await
     }

@@ -12,8 +12,8 @@ use crate::sqlite::rows::{
     RawCheckpoint, RawElevation, RawEvent, RawPin, RawRefresh, RawTask, RawToken, to_uint,
 };
 use crate::{
-    AuditEvent, AuditQuery, Checkpoint, ElevationRecord, ElevationStatus, MAX_ROWS, RefreshRecord,
-    Result, StoreError, TaskCounts, TaskRecord, TokenRecord, ToolPin,
+    AuditEvent, AuditQuery, Checkpoint, ElevationCursor, ElevationRecord, ElevationStatus,
+    MAX_ROWS, RefreshRecord, Result, StoreError, TaskCounts, TaskRecord, TokenRecord, ToolPin,
 };
 
 /// A query bound as a `BIGINT`; anything past `i64::MAX` means "no bound",
@@ -300,32 +300,75 @@ pub(super) async fn elevation(conn: &mut Conn, id: &str) -> Result<Option<Elevat
     decode_opt(context, row, elevation_row, RawElevation::decode)
 }
 
+/// `SELECT <every column> FROM elevations <rest>`, as one literal.
+macro_rules! select_elevations {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, task_id, agent_id, tool, reason, status, requested_at, decided_at, \
+             decided_by, note, expires_at FROM elevations ",
+            $rest
+        )
+    };
+}
+
 pub(super) async fn elevations(
     conn: &mut Conn,
     status: Option<ElevationStatus>,
+    after: Option<&ElevationCursor>,
     limit: usize,
 ) -> Result<Vec<ElevationRecord>> {
     let context = "read elevations";
     let limit = clamp(limit.min(MAX_ROWS));
-    let rows = match status {
-        Some(status) => {
+    // A cursor id with NUL names nothing stored: the page after it is the
+    // one after its time alone.
+    let after = after.map(|c| {
+        let id: String = c.id.chars().filter(|ch| *ch != '\0').collect();
+        (clamp(c.requested_at.0), id)
+    });
+    // One statement per shape, each served by an index on
+    // (status, requested_at, id) or (requested_at, id).
+    let rows = match (status, &after) {
+        (Some(status), Some((at, id))) => {
             query(
                 conn,
                 context,
-                "SELECT id, task_id, agent_id, tool, reason, status, requested_at, decided_at, \
-                 decided_by, note, expires_at FROM elevations WHERE status = $1 \
-                 ORDER BY requested_at, id LIMIT $2",
+                select_elevations!(
+                    "WHERE status = $1 \
+                     AND (requested_at, id) > ($2, $3) ORDER BY requested_at, id LIMIT $4"
+                ),
+                &[&status.as_str(), at, id, &limit],
+            )
+            .await?
+        }
+        (Some(status), None) => {
+            query(
+                conn,
+                context,
+                select_elevations!(
+                    "WHERE status = $1 \
+                     ORDER BY requested_at, id LIMIT $2"
+                ),
                 &[&status.as_str(), &limit],
             )
             .await?
         }
-        None => {
+        (None, Some((at, id))) => {
             query(
                 conn,
                 context,
-                "SELECT id, task_id, agent_id, tool, reason, status, requested_at, decided_at, \
-                 decided_by, note, expires_at FROM elevations \
-                 ORDER BY requested_at, id LIMIT $1",
+                select_elevations!(
+                    "WHERE (requested_at, id) > ($1, $2) \
+                     ORDER BY requested_at, id LIMIT $3"
+                ),
+                &[at, id, &limit],
+            )
+            .await?
+        }
+        (None, None) => {
+            query(
+                conn,
+                context,
+                select_elevations!("ORDER BY requested_at, id LIMIT $1"),
                 &[&limit],
             )
             .await?

@@ -47,6 +47,39 @@ impl From<StoreError> for Fail {
 
 type Step<T> = std::result::Result<T, Fail>;
 
+/// [`Op::CapPendingElevations`]: the task's row is locked first, so two
+/// replicas adding a request to one task count one after the other (the
+/// loser counts the winner's request once it has committed).
+async fn cap_pending_elevations(conn: &mut Conn, task_id: &str, max: u32) -> Step<()> {
+    let context = format!("count pending elevations of task {task_id:?}");
+    let lock = conn
+        .statement("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE")
+        .await
+        .map_err(|e| db(&context, &e))?;
+    conn.client
+        .query_opt(&lock, &[&task_id])
+        .await
+        .map_err(|e| db(&context, &e))?;
+    let count = conn
+        .statement("SELECT COUNT(*) FROM elevations WHERE task_id = $1 AND status = $2")
+        .await
+        .map_err(|e| db(&context, &e))?;
+    let row = conn
+        .client
+        .query_one(&count, &[&task_id, &ElevationStatus::Pending.as_str()])
+        .await
+        .map_err(|e| db(&context, &e))?;
+    let pending: i64 = row.try_get(0).map_err(|e| db(&context, &e))?;
+    if pending >= i64::from(max) {
+        return Err(StoreError::TooManyPending {
+            task_id: task_id.to_owned(),
+            max,
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// A database error in `context`, as a [`Fail`].
 fn db(context: &str, error: &tokio_postgres::Error) -> Fail {
     match error.code() {
@@ -644,6 +677,9 @@ async fn apply(conn: &mut Conn, op: &Op, committed: &mut Committed, chain: &mut 
                 )
                 .await
                 .map_err(|e| db(&context, &e))?;
+        }
+        Op::CapPendingElevations { task_id, max } => {
+            cap_pending_elevations(conn, task_id, *max).await?;
         }
         Op::DecideElevation {
             id,

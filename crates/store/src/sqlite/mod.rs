@@ -343,8 +343,9 @@ pub use self::writer::MAX_GROUP;
 use self::writer::Request;
 use crate::queue::QueueGauge;
 use crate::{
-    AuditEvent, AuditQuery, Checkpoint, Committed, ElevationRecord, ElevationStatus, MAX_ROWS, Op,
-    RefreshRecord, Result, Store, StoreError, TaskCounts, TaskRecord, TokenRecord, ToolPin,
+    AuditEvent, AuditQuery, Checkpoint, Committed, ElevationCursor, ElevationRecord,
+    ElevationStatus, MAX_ROWS, Op, RefreshRecord, Result, Store, StoreError, TaskCounts,
+    TaskRecord, TokenRecord, ToolPin,
 };
 
 /// Batches that may wait for the writer before callers are held back.
@@ -770,26 +771,39 @@ impl Store for SqliteStore {
     async fn elevations(
         &self,
         status: Option<ElevationStatus>,
+        after: Option<&ElevationCursor>,
         limit: usize,
     ) -> Result<Vec<ElevationRecord>> {
         let limit = clamp_to_int(limit.min(MAX_ROWS));
+        let after = after.map(|c| (clamp_to_int(c.requested_at.0), c.id.clone()));
         self.readers
             .run(move |conn| {
-                let mut values = Vec::with_capacity(2);
-                let sql = match status {
-                    Some(status) => {
-                        values.push(Value::Text(status.as_str().into()));
-                        format!(
-                            "SELECT {ELEVATION_COLUMNS} FROM elevations WHERE status = ?1 \
-                             ORDER BY requested_at, id LIMIT ?2"
-                        )
-                    }
-                    None => format!(
-                        "SELECT {ELEVATION_COLUMNS} FROM elevations \
-                         ORDER BY requested_at, id LIMIT ?1"
-                    ),
+                let mut values = Vec::with_capacity(4);
+                let mut clauses = Vec::with_capacity(2);
+                if let Some(status) = status {
+                    values.push(Value::Text(status.as_str().into()));
+                    clauses.push(format!("status = ?{}", values.len()));
+                }
+                if let Some((at, id)) = after {
+                    values.push(Value::Integer(at));
+                    let at_param = values.len();
+                    values.push(Value::Text(id));
+                    clauses.push(format!(
+                        "(requested_at, id) > (?{at_param}, ?{})",
+                        values.len()
+                    ));
+                }
+                let filter = if clauses.is_empty() {
+                    String::new()
+                } else {
+                    format!("WHERE {}", clauses.join(" AND "))
                 };
                 values.push(Value::Integer(limit));
+                let sql = format!(
+                    "SELECT {ELEVATION_COLUMNS} FROM elevations {filter} \
+                     ORDER BY requested_at, id LIMIT ?{}",
+                    values.len()
+                );
                 conn.prepare_cached(&sql)
                     .and_then(|mut stmt| {
                         stmt.query_map(params_from_iter(values), RawElevation::from_row)?

@@ -407,7 +407,7 @@ mod tests {
         store.commit(vec![approval.clone()]).await.unwrap();
         assert_eq!(
             store
-                .elevations(Some(ElevationStatus::Approved), 10)
+                .elevations(Some(ElevationStatus::Approved), None, 10)
                 .await
                 .unwrap(),
             vec![decided(&request, &approval)]

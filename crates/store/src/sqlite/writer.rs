@@ -480,6 +480,23 @@ fn apply(
                 )
             })?;
         }
+        Op::CapPendingElevations { task_id, max } => {
+            // The writer is the only one: the count and the insert after it
+            // cannot interleave with another batch.
+            let pending: i64 = conn
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM elevations WHERE task_id = ?1 AND status = ?2",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_row(params![task_id, ElevationStatus::Pending.as_str()], |row| {
+                        row.get(0)
+                    })
+                })
+                .map_err(|e| sql_error(&format!("count pending elevations of {task_id:?}"), &e))?;
+            if pending >= i64::from(max) {
+                return Err(StoreError::TooManyPending { task_id, max });
+            }
+        }
         Op::DecideElevation {
             id,
             status,
