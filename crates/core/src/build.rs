@@ -791,7 +791,7 @@ fn check_sections(loaded: &LoadedConfig, r: &mut Reporter<'_>) {
         }) {
             r.at(
                 &at.key("token_sha256"),
-                &format!(
+                format!(
                     "is the bootstrap secret of agent {:?}: an agent must never hold an admin token",
                     agent.id
                 ),

@@ -13,10 +13,10 @@
 //! `args_invalid`: the request names nothing served), a caller without the
 //! role 403 `tool_not_granted`, a decision on something already decided
 //! 409 `state_violation`, and a failing store 503 (`internal_error`):
-//! whatever goes wrong inside, the call is not made. One exception to "every
-//! other denial is 403": a source over the rate of unauthenticated refusals
-//! ([`crate::refusals`]) is answered 429 `rate_limited` with
-//! `Retry-After: 1`, the status clients and load balancers back off on.
+//! whatever goes wrong inside, the call is not made. A source over the rate
+//! of unauthenticated refusals ([`crate::refusals`]) is answered 403
+//! `rate_limited` like any denial, with `Retry-After: 1` to say when to try
+//! again.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -52,7 +52,7 @@ pub struct ApiError {
     detail: String,
     request_id: String,
     policy_ids: Vec<String>,
-    /// Answer 429 with `Retry-After` (seconds) instead of the kind's status.
+    /// Answer with `Retry-After` (seconds): when to try again.
     retry_after: Option<u32>,
 }
 
@@ -76,7 +76,8 @@ impl ApiError {
         }
     }
 
-    /// `rate_limited`, answered 429 with `Retry-After: retry_after_secs`:
+    /// `rate_limited`, answered 403 (a denial, DESIGN section 9) with
+    /// `Retry-After: retry_after_secs`:
     /// a source refused too often (see [`crate::refusals`]).
     pub fn throttled(detail: impl Into<String>, retry_after_secs: u32) -> Self {
         let mut e = Self::denied(Reason::RateLimited, detail);
@@ -172,9 +173,6 @@ impl ApiError {
     }
 
     fn status(&self) -> StatusCode {
-        if self.retry_after.is_some() {
-            return StatusCode::TOO_MANY_REQUESTS;
-        }
         match self.kind {
             Kind::Denied(r) if r.is_token_error() => StatusCode::UNAUTHORIZED,
             // Every other denial, internal_error and upstream_unavailable

@@ -74,7 +74,7 @@ pub(crate) async fn authenticate(
 /// - The caller is unknown (`agent_id` is `None`: no valid credential):
 ///   the refusal is counted against the request's source and recorded in
 ///   aggregate ([`Gateway::count_refusal`]); the answer may become
-///   `rate_limited` (429). Nothing waits for the ledger.
+///   `rate_limited` (403). Nothing waits for the ledger.
 /// - The caller is known: the refusal is its own record, committed before
 ///   the answer. If it cannot be written, the answer becomes the ledger
 ///   failure: no refusal goes unrecorded silently. The record is due by

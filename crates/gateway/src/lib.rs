@@ -29,7 +29,7 @@ pub mod audit;
 mod auth;
 pub mod body;
 pub mod credential;
-mod elevations;
+pub mod elevations;
 pub mod error;
 pub mod federation;
 mod layers;

@@ -311,6 +311,10 @@ impl Gateway {
         }
         let mut ops: Vec<Op> = events.into_iter().map(Op::Append).collect();
         let mut elevation_id = None;
+        // The held call's request, under the task's cap on pending requests
+        // (a guard op: past the cap the batch fails and is retried without
+        // it, so the denial is still on record).
+        let mut request_ops = Vec::new();
         if let Some(f) = fired
             .iter()
             .find(|f| f.action == AnomalyAction::RequireApproval)
@@ -322,7 +326,11 @@ impl Gateway {
             };
             let (id, request) =
                 crate::elevations::pending_request(&task, &decision.tool, &reason, now)?;
-            ops.extend(request);
+            request_ops.push(Op::CapPendingElevations {
+                task_id: task.id.clone(),
+                max: crate::elevations::MAX_PENDING_PER_TASK,
+            });
+            request_ops.extend(request);
             elevation_id = Some(id);
         }
         let halt = active && fired.iter().any(|f| f.action == AnomalyAction::Halt);
@@ -357,7 +365,18 @@ impl Gateway {
                 },
             );
         }
-        match self.commit(ops).await {
+        let mut not_filed = None;
+        let mut with_request = ops.clone();
+        with_request.extend(request_ops);
+        let committed = match self.commit(with_request).await {
+            Err(StoreError::TooManyPending { max, .. }) => {
+                elevation_id = None;
+                not_filed = Some(max);
+                self.commit(ops).await
+            }
+            other => other,
+        };
+        match committed {
             Ok(_) => {}
             Err(StoreError::Conflict(_)) if counted || halt => return Err(CommitError::Lost),
             Err(e) => return Err(CommitError::Api(ApiError::unavailable(e.to_string()))),
@@ -396,6 +415,11 @@ impl Gateway {
         let mut detail = decision.detail.clone();
         if let Some(id) = &elevation_id {
             detail = format!("{detail}; held as elevation request {id}");
+        }
+        if let Some(max) = not_filed {
+            detail = format!(
+                "{detail}; not held: the task already has {max} pending elevation requests"
+            );
         }
         if halt && reason != Reason::AnomalyHalt {
             detail = format!("{detail}; the task is now halted (anomaly rule denials)");

@@ -20,7 +20,7 @@
 //!   the ledger refuses puts its counts back, to be written with the next.
 //! - **Over the rate, no ledger at all.** A source refused more than
 //!   [`RATE_PER_SECOND`] times within one second is answered `rate_limited`
-//!   (HTTP 429, `Retry-After: 1`) from memory; those refusals are still
+//!   (HTTP 403, `Retry-After: 1`) from memory; those refusals are still
 //!   counted in the source's tally under `rate_limited`.
 //!
 //! The request path never waits for the ledger here, so a flood cannot
@@ -397,7 +397,7 @@ impl crate::state::Gateway {
     /// Counts a refusal of a request whose caller is unknown (no valid
     /// credential) against the current request's source, naming the task
     /// its path names, and returns the answer: `refusal` itself, or
-    /// `rate_limited` (429) when the source is over [`RATE_PER_SECOND`].
+    /// `rate_limited` (403) when the source is over [`RATE_PER_SECOND`].
     /// Never waits for the ledger: a window that has ended is written off
     /// the request path.
     pub(crate) fn count_refusal(&self, task_id: Option<&str>, refusal: &ApiError) -> ApiError {

@@ -347,3 +347,51 @@ async fn authorize_answers_200_deny_for_anomaly_and_approval_decisions() {
         assert_eq!(h.upstream_calls(), 0, "{rule}");
     }
 }
+
+/// Regression: a call held for approval filed a pending elevation request
+/// every time, without the task's cap on pending requests, so an agent
+/// repeating a held call could bury other tasks' requests. Past the cap a
+/// held call is still denied and recorded, but files no request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_calls_file_no_more_requests_than_the_cap() {
+    let h = Harness::with(Options {
+        anomaly: Some(r#"new_tool = "require_approval""#),
+        ..Options::default()
+    })
+    .await;
+    let s = h.start_task(None).await;
+    let cap = portcullis_gateway::elevations::MAX_PENDING_PER_TASK as usize;
+    for i in 0..cap + 4 {
+        let a = h
+            .call(&s.access, &s.task_id, "warehouse.connect", connect())
+            .await;
+        assert_error(&a, 403, "approval_required");
+        let detail = a.body["detail"].as_str().unwrap();
+        if i < cap {
+            assert!(
+                detail.contains("held as elevation request"),
+                "{i}: {detail}"
+            );
+        } else {
+            assert!(detail.contains("not held"), "{i}: {detail}");
+        }
+    }
+    let pending = h
+        .get("/v1/elevations?status=pending&limit=500", Some(ADMIN))
+        .await;
+    let of_task = pending.body["elevations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["task_id"] == s.task_id.as_str())
+        .count();
+    assert_eq!(of_task, cap);
+    let denied = h
+        .audit(&s.task_id)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "call.denied")
+        .count();
+    assert_eq!(denied, cap + 4, "every held call is on record");
+    assert_eq!(h.upstream_calls(), 0);
+}
