@@ -1143,28 +1143,8 @@ async fn sigterm_exits_in_bounded_time_when_the_ledger_hangs() {
 
     pg.freeze();
     let mut server = replicas.servers[0].take().unwrap();
-    let asked = Instant::now();
-    let pid = server.0.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = loop {
-        if let Some(status) = server.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            asked.elapsed() < Duration::from_secs(20),
-            "serve still running {:?} after SIGTERM with the ledger hanging:\n{}",
-            asked.elapsed(),
-            replicas.log(0)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let took = asked.elapsed();
+    let (status, took) =
+        common::sigterm_and_wait(&mut server, Duration::from_secs(20), &|| replicas.log(0)).await;
     pg.thaw();
     eprintln!("SIGTERM with PostgreSQL frozen: exited {status} after {took:?}");
     assert!(

@@ -541,28 +541,9 @@ async fn sigterm_during_load_exits_in_bounded_time() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let pid = server.0.id().to_string();
-    let asked = std::time::Instant::now();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = loop {
-        if let Some(status) = server.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            asked.elapsed() < Duration::from_secs(13),
-            "serve still running {:?} after SIGTERM under load:\n{}",
-            asked.elapsed(),
-            server_log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    eprintln!("SIGTERM under load: {status} after {:?}", asked.elapsed());
+    let (status, took) =
+        common::sigterm_and_wait(&mut server, Duration::from_secs(13), &server_log).await;
+    eprintln!("SIGTERM under load: {status} after {took:?}");
     assert!(status.success(), "{status}:\n{}", server_log());
     let mut acked = Vec::new();
     for c in clients {

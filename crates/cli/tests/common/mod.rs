@@ -177,7 +177,19 @@ pub async fn start_server_within(
 /// the mirror flushed) and waits up to 10 s for it to exit; `log` tells
 /// why if it does not.
 pub async fn stop_server(server: &mut Server, log: &dyn Fn() -> String) {
+    sigterm_and_wait(server, Duration::from_secs(10), log).await;
+}
+
+/// Sends SIGTERM to `server` and waits up to `within` for it to exit:
+/// (its exit status, how long it took). Fails the test, with `log`, if it
+/// is still running then.
+pub async fn sigterm_and_wait(
+    server: &mut Server,
+    within: Duration,
+    log: &dyn Fn() -> String,
+) -> (std::process::ExitStatus, Duration) {
     let pid = server.0.id().to_string();
+    let asked = std::time::Instant::now();
     assert!(
         Command::new("kill")
             .args(["-TERM", &pid])
@@ -185,13 +197,18 @@ pub async fn stop_server(server: &mut Server, log: &dyn Fn() -> String) {
             .unwrap()
             .success()
     );
-    for _ in 0..100 {
-        if server.0.try_wait().unwrap().is_some() {
-            return;
+    loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            return (status, asked.elapsed());
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            asked.elapsed() < within,
+            "serve still running {:?} after SIGTERM:\n{}",
+            asked.elapsed(),
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("serve did not stop on SIGTERM:\n{}", log());
 }
 
 /// Runs the CLI in `dir`.
