@@ -87,6 +87,16 @@ pub(crate) async fn audit_refusal(
     refusal: &ApiError,
     deadline: tokio::time::Instant,
 ) -> ApiError {
+    // A ledger that did not answer is no refusal of the caller: it is
+    // answered as the failure it is (503), neither counted against the
+    // source nor ever turned into `rate_limited` — many callers behind one
+    // address (a load balancer, loopback) would otherwise be told they
+    // flood when the ledger is down.
+    if matches!(refusal.kind(), crate::error::Kind::Unavailable)
+        || refusal.reason() == Some(portcullis_core::Reason::InternalError)
+    {
+        return refusal.clone();
+    }
     let Some(agent_id) = agent_id else {
         // Bounded: the path is the caller's input.
         let task: Option<String> = task_id.map(|t| t.chars().take(128).collect());

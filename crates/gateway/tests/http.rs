@@ -2190,6 +2190,30 @@ async fn store_errors_never_reach_callers() {
     assert_eq!(h.upstream_calls(), 0);
 }
 
+/// Regression: with the ledger down, a valid token's check fails with
+/// `internal_error`, and those failures were counted as unauthenticated
+/// refusals of the source: past 50 a second every caller behind one address
+/// (loopback here, a load balancer in a deployment) was answered
+/// `rate_limited` instead of 503, telling clients they flood when the
+/// ledger is down. A ledger failure is never counted as a refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_outage_is_never_answered_as_a_flood() {
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+    h.store.down.store(true, Ordering::SeqCst);
+    for i in 0..120 {
+        let a = h
+            .call(&s.access, &s.task_id, "warehouse.connect", connect_args())
+            .await;
+        assert_error(&a, 503, "internal_error");
+        assert!(a.header("retry-after").is_none(), "call {i}: {}", a.text);
+    }
+    h.store.down.store(false, Ordering::SeqCst);
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    assert_eq!(h.upstream_calls(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_hop_tokens_never_outlive_the_task() {
     let h = Harness::with(Options {
