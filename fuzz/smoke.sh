@@ -47,7 +47,7 @@ fi
 cargo fuzz --version
 
 # cargo fuzz has no --locked: check the committed fuzz/Cargo.lock first (it
-# goes stale when crates/core, crates/mcp or crates/config gain a dependency).
+# goes stale when a crate the targets use gains a dependency).
 cargo metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null \
   || fail "fuzz/Cargo.lock is out of date: run 'cargo update --manifest-path fuzz/Cargo.toml --workspace' and commit it"
 
@@ -71,9 +71,12 @@ for t in "${targets[@]}"; do
   mkdir -p "$work/corpus/$t" "$work/artifacts/$t"
   # Runs grow a copy of the seeds, never the committed folder.
   cp fuzz/corpus/"$t"/* "$work/corpus/$t/"
+  # A target's own dictionary (fuzz/<target>.dict) if it has one.
+  dict="$PWD/fuzz/$t.dict"
+  [ -f "$dict" ] || dict="$PWD/fuzz/mcp.dict"
   echo "-- $t: ${SMOKE_SECONDS} s"
   if ! cargo fuzz run -a -s "$SMOKE_SANITIZER" "$t" "$work/corpus/$t" -- \
-      -dict="$PWD/fuzz/mcp.dict" \
+      -dict="$dict" \
       -max_total_time="$SMOKE_SECONDS" \
       -timeout=10 \
       -rss_limit_mb=2048 \

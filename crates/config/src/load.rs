@@ -50,6 +50,26 @@ impl LoadedConfig {
     /// Errors: the first syntax or type error of the TOML. Problems with
     /// the policy files are kept in [`LoadedConfig::policy_findings`].
     pub fn parse(text: &str, file: &Path) -> Result<Self, Findings> {
+        let mut loaded = Self::parse_text(text, file)?;
+        loaded.read_policies();
+        loaded.auto_approve = loaded
+            .config
+            .elevation
+            .auto_approve
+            .clone()
+            .map(|f| read_bounded(&loaded.resolve(&f)));
+        Ok(loaded)
+    }
+
+    /// Parses `text` as the configuration file `file` and touches nothing
+    /// else: no file is read, so [`LoadedConfig::policies`] is empty and
+    /// [`LoadedConfig::auto_approve`] is `None` until the caller fills them
+    /// (with text it holds in memory, or through [`LoadedConfig::parse`],
+    /// which reads them from disk). `file` only names the configuration in
+    /// findings and gives the folder relative paths resolve from.
+    ///
+    /// Errors: the first syntax or type error of the TOML.
+    pub fn parse_text(text: &str, file: &Path) -> Result<Self, Findings> {
         let source = SourceMap::new(text).unwrap_or_else(SourceMap::empty);
         let config: Config = toml::from_str(text).map_err(|err| {
             let (line, path) = match err.span() {
@@ -61,7 +81,7 @@ impl LoadedConfig {
         // An empty base (a config in the working directory) keeps relative
         // paths as the user wrote them: `policies/a.cedar`, not `./policies/a.cedar`.
         let base_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-        let mut loaded = Self {
+        Ok(Self {
             config,
             file: file.to_path_buf(),
             source,
@@ -69,15 +89,7 @@ impl LoadedConfig {
             policies: Vec::new(),
             policy_findings: Vec::new(),
             auto_approve: None,
-        };
-        loaded.read_policies();
-        loaded.auto_approve = loaded
-            .config
-            .elevation
-            .auto_approve
-            .clone()
-            .map(|f| read_bounded(&loaded.resolve(&f)));
-        Ok(loaded)
+        })
     }
 
     /// Reads and parses the configuration at `file`.
@@ -257,6 +269,22 @@ mod tests {
         assert!(wildcard("*", "anything"));
         assert!(!wildcard("a*b*c", "aXbY"));
         assert!(wildcard("a*b*c", "aXbYc"));
+    }
+
+    #[test]
+    fn parse_text_reads_no_file() {
+        // The policy pattern and the auto-approve file name paths that do
+        // not exist: parse_text must not look for them, parse must.
+        let text = "[policies]\ncedar = [\"no-such-dir/*.cedar\"]\n\n[elevation]\nauto_approve = \"no-such-file.cedar\"\n";
+        let pure = LoadedConfig::parse_text(text, Path::new("x.toml")).ok();
+        let pure = pure.as_ref();
+        assert_eq!(pure.map(|l| l.policies.len()), Some(0));
+        assert_eq!(pure.map(|l| l.policy_findings.len()), Some(0));
+        assert!(pure.is_some_and(|l| l.auto_approve.is_none()));
+        let read = LoadedConfig::parse(text, Path::new("x.toml")).ok();
+        let read = read.as_ref();
+        assert_eq!(read.map(|l| l.policy_findings.len()), Some(1));
+        assert!(read.is_some_and(|l| matches!(l.auto_approve, Some(Err(_)))));
     }
 
     #[test]

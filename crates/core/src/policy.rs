@@ -643,7 +643,19 @@ impl PolicyIndex {
                     }
                 }
             }
-            for err in result.validation_errors() {
+            // Cedar does not list a policy's type errors in a stable order
+            // (two errors of one expression came out either way round from
+            // one validation to the next): sort them, so that `check`
+            // prints the same findings in the same order every time.
+            let mut errors: Vec<_> = result.validation_errors().collect();
+            errors.sort_by_cached_key(|err| {
+                (
+                    err.policy_id().to_string(),
+                    diagnostic_offset(*err),
+                    one_line(*err),
+                )
+            });
+            for err in errors {
                 let id = err.policy_id().to_string();
                 invalid.extend(members.iter().map(|&m| (id.clone(), m)));
                 let message = one_line(err);
@@ -1345,5 +1357,52 @@ when { !(context.args.path like "/data/*") };
             read_by(r#"forbid(principal, action, resource) when { context == {} };"#),
             None
         );
+    }
+
+    /// Found by the `config_load` fuzz target: `!context.args.limit > 1000`
+    /// has two type errors (`!` of a Long, `>` of a Bool), which Cedar
+    /// listed in either order, so `check` and `build` on the same
+    /// configuration gave the same findings in different orders.
+    #[test]
+    fn type_errors_of_one_policy_come_in_a_stable_order() {
+        use portcullis_config::PolicyFile;
+
+        let config = r#"
+[[upstreams]]
+name = "files"
+transport = "stdio"
+command = ["files-server"]
+
+[[tools]]
+name = "files.read"
+upstream = "files"
+risk = "low"
+access = "read"
+args_schema = { type = "object", properties = { path = { type = "string" }, limit = { type = "integer" } }, required = ["path"] }
+"#;
+        let policies = r#"
+@id("bounded-reads")
+forbid(principal, action, resource)
+when { context.args has limit &&!context.args.limit > 1000 };
+"#;
+        let findings = || {
+            let mut loaded = LoadedConfig::parse_text(config, "portcullis.toml".as_ref()).unwrap();
+            loaded.policies.push(PolicyFile {
+                path: "policies/p.cedar".into(),
+                text: policies.to_owned(),
+                entry: 0,
+            });
+            crate::check(&loaded)
+        };
+        let first = findings();
+        let types: Vec<&str> = first
+            .iter()
+            .filter(|f| f.path == "policy \"bounded-reads\"")
+            .map(|f| f.message.as_str())
+            .collect();
+        assert_eq!(types.len(), 2, "{first:?}");
+        for _ in 0..20 {
+            assert_eq!(findings(), first);
+        }
     }
 }

@@ -400,10 +400,13 @@ impl<'a> Verifier<'a> {
         let expected = self.expected();
         if seq != expected {
             let what = match &self.last {
+                // Seqs start at 1: no checkpoint can anchor a record 0 (and
+                // `seq - 1` below would underflow).
+                None if seq == 0 => "the log starts at seq 0, not at 1".to_owned(),
                 None => format!(
                     "the log starts at seq {seq}, not at 1, and no checkpoint of seq {} anchors \
                      it",
-                    seq - 1
+                    seq.saturating_sub(1)
                 ),
                 Some((last, _)) if seq > expected => format!(
                     "record {expected} is missing: record {last} is followed by record {seq}"
@@ -1119,5 +1122,30 @@ mod tests {
         let report = alone.finish(&check_sig);
         assert!(report.is_ok(), "{report:?}");
         assert_eq!((report.anchor, report.floor_declared_at), (4, None));
+    }
+
+    /// Found by the `audit_lines` fuzz target: an export whose first record
+    /// has seq 0 made the verifier compute `seq - 1` (a panic with overflow
+    /// checks, a message naming seq 18446744073709551615 without).
+    #[test]
+    fn first_record_with_seq_zero_is_reported_not_an_underflow() {
+        let line = r#"{"detail":"sha256:abc","hash":"b27ab00c7978c4d36e6c1ad0a8082dd45af3935803200ec0d60bed6d262779a2","kind":"config.loaded","prev_hash":"0000000000000000000000000000000000000000000000000000000000000000","seq":0,"ts":1767225600000}"#;
+        let Ok(crate::lines::Line::Record(record)) =
+            crate::lines::parse_line(line, crate::lines::Place::Log)
+        else {
+            panic!("the line is a record as the gateway writes them");
+        };
+        let typed = verify(std::iter::once(Ok(*record)), &[], &check_sig);
+        let json = verify_json(
+            std::iter::once(serde_json::from_str(line).map_err(|e| e.to_string())),
+            &[],
+            &check_sig,
+        );
+        assert_eq!(typed, json);
+        assert_eq!(bad_at(&typed), 1, "{typed:?}");
+        assert_eq!(
+            typed.first_bad.map(|p| p.what),
+            Some("the log starts at seq 0, not at 1".to_owned())
+        );
     }
 }
