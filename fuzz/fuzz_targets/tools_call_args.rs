@@ -63,7 +63,7 @@ name = "warehouse.tag"
 upstream = "warehouse"
 risk = "low"
 access = "write"
-args_schema = { type = "object", properties = { tags = { type = "array", items = { type = "string" } }, nums = { type = "array", items = { type = "integer" } }, mode = { enum = ["fast", "safe"] }, opts = { type = "object", properties = { depth = { type = "integer" }, dry_run = { type = "boolean" }, labels = { type = "array", items = { type = "string" } } }, required = ["dry_run"] } } }
+args_schema = { type = "object", properties = { tags = { type = "array", items = { type = "string" } }, nums = { type = "array", items = { type = "integer" } }, mode = { enum = ["fast", "safe"] }, opts = { type = "object", properties = { depth = { type = "integer" }, dry_run = { type = "boolean" }, labels = { type = "array", items = { type = "string" } } }, required = ["dry_run"] } }, additionalProperties = false }
 
 [[tools]]
 name = "warehouse.ping"
