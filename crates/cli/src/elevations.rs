@@ -111,16 +111,47 @@ impl Api {
     }
 }
 
+/// One request as the approver reads it: the request, and for a call the
+/// gateway held, the rule and the call's (redacted) arguments with their
+/// digest, which an approval is bound to. Text an agent chose is printed
+/// with its control characters escaped, so it cannot drive the terminal.
 fn line(e: &Value) -> String {
-    format!(
+    let text = |k: &str| printable(e[k].as_str().unwrap_or("?"));
+    let mut out = format!(
         "{}  {:8}  task {}  agent {}  tool {}  {}",
-        e["id"].as_str().unwrap_or("?"),
-        e["status"].as_str().unwrap_or("?"),
-        e["task_id"].as_str().unwrap_or("?"),
-        e["agent_id"].as_str().unwrap_or("?"),
-        e["tool"].as_str().unwrap_or("?"),
-        e["reason"].as_str().unwrap_or_default(),
-    )
+        text("id"),
+        text("status"),
+        text("task_id"),
+        text("agent_id"),
+        text("tool"),
+        printable(e["reason"].as_str().unwrap_or_default()),
+    );
+    let held = &e["held"];
+    if let Some(rule) = held["rule"].as_str() {
+        out.push_str(&format!("\n    held by rule {}", printable(rule)));
+        if !held["args"].is_null() {
+            // JSON text: control characters are already escaped.
+            out.push_str(&format!("; arguments {}", held["args"]));
+        }
+        if let Some(digest) = held["args_digest"].as_str() {
+            out.push_str(&format!(" (sha256 {})", printable(digest)));
+        }
+    }
+    out
+}
+
+/// `text` with control characters escaped (`\u{1b}` for ESC).
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_unicode().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
 }
 
 /// `elevations list [--status S] [--watch]`.
@@ -176,4 +207,46 @@ pub async fn decide(
             .unwrap_or_default()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: the reason an agent wrote was printed raw, so escape
+    /// sequences in it could rewrite the approver's terminal. The approver
+    /// also sees what a held call would do and the digest it is bound to.
+    #[test]
+    fn an_approver_sees_the_held_call_and_no_terminal_control() {
+        let e = json!({
+            "id": "elv_1", "status": "pending", "task_id": "tsk_1", "agent_id": "bot",
+            "tool": "warehouse.insert", "reason": "fine\u{1b}[2K\rapproved by alice",
+            "held": {
+                "rule": "approval",
+                "args": { "table": "t\u{1b}[2K" },
+                "args_digest": "ab".repeat(32),
+            },
+        });
+        let text = line(&e);
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        assert!(
+            text.contains("fine\\u{1b}[2K\\u{d}approved by alice"),
+            "{text}"
+        );
+        assert!(text.contains("held by rule approval"), "{text}");
+        assert!(
+            text.contains(r#"arguments {"table":"t\u001b[2K"}"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("(sha256 {})", "ab".repeat(32))),
+            "{text}"
+        );
+        let plain =
+            json!({ "id": "elv_2", "status": "pending", "tool": "files.read", "reason": "r" });
+        assert!(!line(&plain).contains('\n'));
+    }
 }

@@ -312,6 +312,37 @@ pub struct Upstream {
     /// checked or recorded call by call. Default false: closed.
     #[serde(default)]
     pub token_exchange: bool,
+    /// Which MCP session the upstream's calls go through (default
+    /// `shared`).
+    #[serde(default)]
+    pub session: SessionScope,
+    /// With `session = "per_task"`: the most task sessions open at once
+    /// (default [`DEFAULT_MAX_TASK_SESSIONS`], at most
+    /// [`MAX_TASK_SESSIONS`]); past it, the least recently used one is
+    /// closed.
+    #[serde(default)]
+    pub max_task_sessions: Option<u32>,
+}
+
+/// Task sessions an upstream with `session = "per_task"` keeps open
+/// without `max_task_sessions`.
+pub const DEFAULT_MAX_TASK_SESSIONS: u32 = 64;
+/// Largest accepted `max_task_sessions`.
+pub const MAX_TASK_SESSIONS: u32 = 1024;
+
+/// Whose MCP session a call to an upstream goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionScope {
+    /// One session (one stdio process, or one Streamable HTTP session) for
+    /// every task: state the server keeps per session is shared by all
+    /// tasks.
+    #[default]
+    Shared,
+    /// A session of its own for each task, opened on the task's first call
+    /// and closed when the task ends: state the server keeps per session
+    /// never crosses tasks. A stdio upstream runs one process per task.
+    PerTask,
 }
 
 /// Upstream transport.

@@ -97,10 +97,12 @@ impl Rules {
 
     /// Checks a call that passed every other step. `first_use`: the agent
     /// has never called `tool` (only asked for when
-    /// [`Rules::watches_new_tools`]). `approved`: the task holds a live
-    /// approval for `tool`, which satisfies `require_approval` rules — and
-    /// only those: every rule is judged, and a `deny` or `halt` rule that
-    /// fires still decides, whatever was approved. Of several rules that
+    /// [`Rules::watches_new_tools`]). `approved(rule)`: the task holds a
+    /// live grant that answers `rule` for `tool`
+    /// ([`crate::Task::anomaly_approved`]). Such a grant satisfies that
+    /// rule's `require_approval` — and nothing else: every rule is judged,
+    /// a rule the grant does not answer still holds the call, and a `deny`
+    /// or `halt` rule that fires still decides. Of several rules that
     /// fire, the strictest action wins (`halt`, then `deny`, then
     /// `require_approval`), the first in rule order among equals.
     pub fn check_call(
@@ -109,7 +111,7 @@ impl Rules {
         tool: &str,
         now: Timestamp,
         first_use: bool,
-        approved: bool,
+        approved: impl Fn(&str) -> bool,
     ) -> Option<Fired> {
         let new_tool = match &self.cfg.new_tool {
             Some(action) if first_use => Some(Fired {
@@ -126,7 +128,7 @@ impl Rules {
         ]
         .into_iter()
         .flatten()
-        .filter(|f| !(approved && f.action == AnomalyAction::RequireApproval))
+        .filter(|f| !(f.action == AnomalyAction::RequireApproval && approved(f.rule)))
         .min_by_key(|f| strictness(f.action))
     }
 
@@ -256,15 +258,17 @@ mod tests {
         // Both fire on a second, different tool: approved or not, the halt.
         for approved in [false, true] {
             let fired = r
-                .check_call(&w, "b", Timestamp(1), false, approved)
+                .check_call(&w, "b", Timestamp(1), false, |_| approved)
                 .unwrap();
             assert_eq!(fired.rule, "distinct_tools", "approved: {approved}");
             assert_eq!(fired.action, AnomalyAction::Halt);
         }
         // Only the rate rule fires on the same tool: an approval satisfies it.
-        let fired = r.check_call(&w, "a", Timestamp(1), false, false).unwrap();
+        let fired = r
+            .check_call(&w, "a", Timestamp(1), false, |_| false)
+            .unwrap();
         assert_eq!(fired.rule, "rate");
-        assert_eq!(r.check_call(&w, "a", Timestamp(1), false, true), None);
+        assert_eq!(r.check_call(&w, "a", Timestamp(1), false, |_| true), None);
     }
 
     #[test]
@@ -273,17 +277,24 @@ mod tests {
         let mut w = Watch::default();
         for i in 0..4 {
             let now = Timestamp(1_000 + i);
-            assert_eq!(r.check_call(&w, "a", now, false, false), None, "call {i}");
+            assert_eq!(
+                r.check_call(&w, "a", now, false, |_| false),
+                None,
+                "call {i}"
+            );
             r.record_call(&mut w, "a", now);
         }
         let fired = r
-            .check_call(&w, "a", Timestamp(1_004), false, false)
+            .check_call(&w, "a", Timestamp(1_004), false, |_| false)
             .unwrap();
         assert_eq!((fired.rule, fired.action), ("rate", AnomalyAction::Deny));
         // Ten seconds after the first call, one slot frees.
-        assert_eq!(r.check_call(&w, "a", Timestamp(11_000), false, false), None);
+        assert_eq!(
+            r.check_call(&w, "a", Timestamp(11_000), false, |_| false),
+            None
+        );
         assert!(
-            r.check_call(&w, "a", Timestamp(10_999), false, false)
+            r.check_call(&w, "a", Timestamp(10_999), false, |_| false)
                 .is_some()
         );
     }
@@ -295,19 +306,54 @@ mod tests {
         r.record_call(&mut w, "a", Timestamp(0));
         r.record_call(&mut w, "b", Timestamp(1));
         assert_eq!(
-            r.check_call(&w, "a", Timestamp(2), false, false),
+            r.check_call(&w, "a", Timestamp(2), false, |_| false),
             None,
             "still two tools"
         );
-        let fired = r.check_call(&w, "c", Timestamp(2), false, false).unwrap();
+        let fired = r
+            .check_call(&w, "c", Timestamp(2), false, |_| false)
+            .unwrap();
         assert_eq!(
             (fired.rule, fired.action),
             ("distinct_tools", AnomalyAction::Halt)
         );
         assert_eq!(
-            r.check_call(&w, "c", Timestamp(30_000), false, false),
+            r.check_call(&w, "c", Timestamp(30_000), false, |_| false),
             None,
             "a left the window"
+        );
+    }
+
+    /// A grant from approving one rule's hold answers that rule only:
+    /// another `require_approval` rule that fires still holds the call.
+    #[test]
+    fn an_approval_of_one_rule_leaves_the_other_rules_in_force() {
+        let r = Rules::new(&Anomaly {
+            rate: Some(RateRule {
+                calls: 1,
+                seconds: 10,
+                action: AnomalyAction::RequireApproval,
+            }),
+            new_tool: Some(AnomalyAction::RequireApproval),
+            ..Anomaly::default()
+        });
+        let mut w = Watch::default();
+        r.record_call(&mut w, "a", Timestamp(0));
+        let fired = r
+            .check_call(&w, "a", Timestamp(1), true, |rule| rule == "rate")
+            .unwrap();
+        assert_eq!(
+            (fired.rule, fired.action),
+            ("new_tool", AnomalyAction::RequireApproval)
+        );
+        let fired = r
+            .check_call(&w, "a", Timestamp(1), true, |rule| rule == "new_tool")
+            .unwrap();
+        assert_eq!(fired.rule, "rate");
+        assert_eq!(
+            r.check_call(&w, "a", Timestamp(1), true, |_| true),
+            None,
+            "both answered"
         );
     }
 
@@ -315,13 +361,15 @@ mod tests {
     fn new_tool_needs_approval_unless_approved() {
         let r = rules();
         let w = Watch::default();
-        let fired = r.check_call(&w, "a", Timestamp(0), true, false).unwrap();
+        let fired = r
+            .check_call(&w, "a", Timestamp(0), true, |_| false)
+            .unwrap();
         assert_eq!(
             (fired.rule, fired.action),
             ("new_tool", AnomalyAction::RequireApproval)
         );
-        assert_eq!(r.check_call(&w, "a", Timestamp(0), true, true), None);
-        assert_eq!(r.check_call(&w, "a", Timestamp(0), false, false), None);
+        assert_eq!(r.check_call(&w, "a", Timestamp(0), true, |_| true), None);
+        assert_eq!(r.check_call(&w, "a", Timestamp(0), false, |_| false), None);
     }
 
     #[test]
@@ -385,7 +433,7 @@ mod model {
                 let mut tools: BTreeSet<usize> = recent.iter().map(|(_, t)| *t).collect();
                 tools.insert(tool);
                 let model_denies = recent.len() as u64 >= calls || tools.len() as u64 >= distinct;
-                let fired = rules.check_call(&watch, &name, Timestamp(now), false, false);
+                let fired = rules.check_call(&watch, &name, Timestamp(now), false, |_| false);
                 prop_assert_eq!(fired.is_some(), model_denies, "at {} tool {}", now, tool);
                 if fired.is_none() {
                     rules.record_call(&mut watch, &name, Timestamp(now));

@@ -134,6 +134,7 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
             }
         }
         check_credential(r, &at.key("credential"), &up.credential, &cfg.store.url);
+        check_session(r, &at, up);
     }
     let upstreams: HashSet<&str> = cfg.upstreams.iter().map(|u| u.name.as_str()).collect();
 
@@ -521,6 +522,27 @@ fn build_workflow(
         by_name,
         auto_advance: ty.auto_advance,
     })
+}
+
+/// `session` and `max_task_sessions` of upstream `up` at `at`.
+fn check_session(r: &mut Reporter<'_>, at: &KeyPath, up: &portcullis_config::Upstream) {
+    let Some(max) = up.max_task_sessions else {
+        return;
+    };
+    if up.session != portcullis_config::SessionScope::PerTask {
+        r.at(
+            &at.key("max_task_sessions"),
+            "max_task_sessions applies only with session = \"per_task\"",
+        );
+    } else if !(1..=portcullis_config::MAX_TASK_SESSIONS).contains(&max) {
+        r.at(
+            &at.key("max_task_sessions"),
+            format!(
+                "max_task_sessions must be 1 to {}",
+                portcullis_config::MAX_TASK_SESSIONS
+            ),
+        );
+    }
 }
 
 /// Checks that a credential has the keys its kind needs, and no others.

@@ -742,11 +742,8 @@ impl Engine {
 
         // 3. ACL: the task's grant (a subset of the allowlist) or a live elevation.
         let now = self.clock.now();
-        let granted = (agent.acl.contains(&tool_i) && task.tools.contains(tool))
-            || task
-                .grants
-                .iter()
-                .any(|g| g.tool == tool && g.expires_at > now);
+        let granted =
+            (agent.acl.contains(&tool_i) && task.tools.contains(tool)) || task.elevated(tool, now);
         if !granted {
             return deny(
                 Reason::ToolNotGranted,

@@ -74,4 +74,4 @@ pub use decision::{Decision, MAX_TOOL_NAME_BYTES, Outcome, Transition, bounded_t
 pub use engine::{Denial, Engine, PinStatus, ToolDef};
 pub use portcullis_config as config;
 pub use reason::{Reason, UnknownReason};
-pub use task::{Grant, Task, TaskStatus};
+pub use task::{Grant, GrantFor, Task, TaskStatus};

@@ -32,18 +32,53 @@ impl TaskStatus {
     }
 }
 
-/// A tool granted to one task beyond its agent's allowlist, until a deadline.
+/// What an approved elevation answers: the one question a grant settles.
+/// A grant never answers more than the approver was asked.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantFor {
+    /// The tool beyond the allowlist (the agent asked for it): lets the
+    /// tool pass the ACL step and the token-scope check, nothing more.
+    /// Grants written before this field existed read as this.
+    #[default]
+    Elevation,
+    /// An approval the configuration asks for (`approval`,
+    /// `approve_high_risk`, a state entered with `approval`): good for one
+    /// use with the arguments the approver saw.
+    Approval,
+    /// A call held by the named anomaly rule: that rule is satisfied for
+    /// the tool until the grant lapses; every other rule still applies.
+    Anomaly(String),
+}
+
+/// Something approved for one task, until a deadline: a tool beyond its
+/// agent's allowlist, one call that needed approval, or calls that an
+/// anomaly rule held ([`GrantFor`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grant {
-    /// The tool.
+    /// The tool (or `state:<name>` for entering a state).
     pub tool: String,
     /// When the grant lapses.
     pub expires_at: Timestamp,
-    /// An approval good for one call only (per-call approval of a
-    /// high-risk tool, or entering a state that needs approval): the call
-    /// that uses it removes it.
+    /// Good for one use only: the use that spends it removes it.
     #[serde(default)]
     pub once: bool,
+    /// What the grant answers.
+    #[serde(default)]
+    pub answers: GrantFor,
+    /// For a one-use approval: the digest of the (redacted) arguments of
+    /// the call the approver saw (computed by the gateway); only a use with
+    /// the same digest spends it. `None` for a use without arguments (a
+    /// state entered through the transition endpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args_digest: Option<String>,
+}
+
+impl Grant {
+    /// Live at `now`.
+    pub fn is_live(&self, now: Timestamp) -> bool {
+        self.expires_at > now
+    }
 }
 
 /// One task of one agent.
@@ -104,6 +139,36 @@ impl Task {
 
     fn move_to(&mut self, transition: &Transition) {
         self.state.clone_from(&transition.to);
+    }
+
+    /// Whether a live elevation lets `tool` past the allowlist.
+    pub fn elevated(&self, tool: &str, now: Timestamp) -> bool {
+        self.grants
+            .iter()
+            .any(|g| g.tool == tool && g.answers == GrantFor::Elevation && g.is_live(now))
+    }
+
+    /// The live one-use approval of `tool` (or `state:<name>`) for a use
+    /// whose arguments have digest `digest`: its index in
+    /// [`Task::grants`]. An approval of other arguments is no approval of
+    /// these.
+    pub fn approval_for(&self, tool: &str, digest: Option<&str>, now: Timestamp) -> Option<usize> {
+        self.grants.iter().position(|g| {
+            g.tool == tool
+                && g.once
+                && g.answers == GrantFor::Approval
+                && g.args_digest.as_deref() == digest
+                && g.is_live(now)
+        })
+    }
+
+    /// Whether a live grant answers anomaly rule `rule` for `tool`.
+    pub fn anomaly_approved(&self, tool: &str, rule: &str, now: Timestamp) -> bool {
+        self.grants.iter().any(|g| {
+            g.tool == tool
+                && matches!(&g.answers, GrantFor::Anomaly(r) if r == rule)
+                && g.is_live(now)
+        })
     }
 
     /// Calls of `tool` so far.

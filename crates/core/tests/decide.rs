@@ -100,6 +100,8 @@ fn step3_tool_not_granted() {
         tool: "wh.admin".to_owned(),
         expires_at: portcullis_core::Clock::now(&*clock).plus_millis(1000),
         once: false,
+        answers: portcullis_core::GrantFor::Elevation,
+        args_digest: None,
     });
     assert_eq!(
         reason(&engine.decide(&task, "wh.admin", &json!({}))),

@@ -30,10 +30,10 @@ use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use portcullis_config::Role;
-use portcullis_core::{Grant, Reason, TaskStatus};
+use portcullis_core::{Grant, GrantFor, Reason, TaskStatus};
 use portcullis_store::{
-    ElevationCursor, ElevationRecord, ElevationStatus, EventKind, NewEvent, Op, StoreError,
-    TaskRecord,
+    ElevationCursor, ElevationRecord, ElevationStatus, EventKind, HeldCall, NewEvent, Op,
+    StoreError, TaskRecord,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -117,7 +117,7 @@ pub(crate) async fn request(
         }
         let now = gw.now();
         let (req_tool, req_reason) = (req.tool.clone(), req.reason.clone());
-        let (id, ops) = pending_request(&record.task, &req.tool, &req.reason, now)?;
+        let (id, ops) = pending_request(&record.task, &req.tool, &req.reason, None, now)?;
         commit_capped(&gw, &record.task.id, ops).await?;
         // The `auto_approve` policies may decide at once; otherwise the
         // request waits for a human (and the approvers hear of it).
@@ -265,11 +265,14 @@ async fn decide(
 
 /// A new pending elevation request of `task` for `tool` (a tool, or
 /// `state:<name>`): its id, and the ledger ops that record it (the request
-/// and its `elevation.requested` audit record).
+/// and its `elevation.requested` audit record). `held`: the use the
+/// gateway held, for a request it files itself; `None` for an agent's
+/// request for a tool beyond its allowlist.
 pub(crate) fn pending_request(
     task: &portcullis_core::Task,
     tool: &str,
     reason: &str,
+    held: Option<HeldCall>,
     now: portcullis_core::Timestamp,
 ) -> Result<(String, [Op; 2]), ApiError> {
     let id = portcullis_token::random_id("elv_").map_err(internal)?;
@@ -285,6 +288,7 @@ pub(crate) fn pending_request(
         decided_by: None,
         note: None,
         expires_at: None,
+        held,
     };
     let mut event = NewEvent::new(now, EventKind::ElevationRequested);
     event.task_id = Some(task.id.clone());
@@ -304,7 +308,12 @@ impl Gateway {
         now: portcullis_core::Timestamp,
     ) -> Result<String, ApiError> {
         let reason = format!("approval required for {what}");
-        let (id, ops) = pending_request(task, what, &reason, now)?;
+        let held = HeldCall {
+            rule: crate::pipeline::APPROVAL_RULE.to_owned(),
+            args_digest: None,
+            args: None,
+        };
+        let (id, ops) = pending_request(task, what, &reason, Some(held), now)?;
         commit_capped(self, &task.id, ops).await?;
         self.alert(crate::alerts::Alert {
             kind: ELEVATION_REQUESTED,
@@ -315,6 +324,32 @@ impl Gateway {
             ts: now.0,
         });
         Ok(id)
+    }
+}
+
+/// The grant an approval of `elevation` adds, lapsing at `until`: it
+/// answers exactly what the approver was asked.
+/// - An agent's request (no held call): the tool beyond the allowlist,
+///   until `until` — nothing else; a call that needs approval, or that an
+///   anomaly rule holds, is still held.
+/// - A call held for a configured approval: that one use, with the
+///   arguments the approver saw (their digest), once.
+/// - A call held by an anomaly rule: that rule, for the tool, until
+///   `until`; every other rule still applies.
+fn grant_of(elevation: &ElevationRecord, until: portcullis_core::Timestamp) -> Grant {
+    let (once, answers, args_digest) = match &elevation.held {
+        None => (false, GrantFor::Elevation, None),
+        Some(h) if h.rule == crate::pipeline::APPROVAL_RULE => {
+            (true, GrantFor::Approval, h.args_digest.clone())
+        }
+        Some(h) => (false, GrantFor::Anomaly(h.rule.clone()), None),
+    };
+    Grant {
+        tool: elevation.tool.clone(),
+        expires_at: until,
+        once,
+        answers,
+        args_digest,
     }
 }
 
@@ -370,16 +405,8 @@ pub(crate) async fn decide_elevation(
                 .min(record.deadline);
             expires_at = Some(until);
             let mut task = record.task.clone();
-            task.grants.retain(|g| g.expires_at > now);
-            // An approval the configuration asks for per call (or for
-            // entering a state) is good for one call; an elevation beyond
-            // the allowlist lasts until `until`.
-            let once = gw.approval_is_per_call(&record.task, &elevation.tool);
-            task.grants.push(Grant {
-                tool: elevation.tool.clone(),
-                expires_at: until,
-                once,
-            });
+            task.grants.retain(|g| g.is_live(now));
+            task.grants.push(grant_of(&elevation, until));
             task.version = task.version.saturating_add(1);
             ops.push(Op::UpdateTask {
                 record: TaskRecord {

@@ -26,6 +26,14 @@
 //!
 //! Tool descriptions and results are untrusted data: they are hashed,
 //! stored and relayed, never interpreted.
+//!
+//! **Sessions.** By default every task's calls go through the supervisor's
+//! one session (`session = "shared"`). With `session = "per_task"` each
+//! task gets a session of its own, opened on its first call (while the
+//! supervisor's session is up: it still lists and pins the tools) and
+//! closed when the task ends, when the sweeper finds the task no longer
+//! active, or — past `max_task_sessions` — when it is the least recently
+//! used.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -88,12 +96,100 @@ pub fn changed_fields(pinned: &Value, current: &Value) -> Vec<&'static str> {
         .collect()
 }
 
+/// One task's session with a `per_task` upstream: connected once (by the
+/// first call that needs it), and when it was last used.
+#[derive(Debug)]
+struct TaskSlot {
+    session: Arc<tokio::sync::OnceCell<Arc<Session>>>,
+    used: u64,
+}
+
+/// The task sessions of a `per_task` upstream, at most `max`.
+#[derive(Debug)]
+struct TaskSessions {
+    max: usize,
+    open: HashMap<String, TaskSlot>,
+    tick: u64,
+}
+
+impl TaskSessions {
+    /// The slot of `task_id`, made (and the least recently used slot
+    /// evicted, when full) if it has none or its session closed. Returns
+    /// the slot's cell and the sessions to close.
+    fn slot(
+        &mut self,
+        task_id: &str,
+    ) -> (Arc<tokio::sync::OnceCell<Arc<Session>>>, Vec<Arc<Session>>) {
+        self.tick = self.tick.saturating_add(1);
+        let tick = self.tick;
+        let mut to_close = Vec::new();
+        if let Some(slot) = self.open.get_mut(task_id) {
+            match slot.session.get() {
+                Some(s) if s.closed().is_some() => {
+                    to_close.push(s.clone());
+                    self.open.remove(task_id);
+                }
+                _ => {
+                    slot.used = tick;
+                    return (slot.session.clone(), to_close);
+                }
+            }
+        }
+        while self.open.len() >= self.max {
+            let Some(oldest) = self
+                .open
+                .iter()
+                .min_by_key(|(_, s)| s.used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some(slot) = self.open.remove(&oldest)
+                && let Some(s) = slot.session.get()
+            {
+                to_close.push(s.clone());
+            }
+        }
+        let cell = Arc::new(tokio::sync::OnceCell::new());
+        self.open.insert(
+            task_id.to_owned(),
+            TaskSlot {
+                session: cell.clone(),
+                used: tick,
+            },
+        );
+        (cell, to_close)
+    }
+
+    /// Forgets `task_id`'s slot if it still holds `cell`; its session, if
+    /// any, to close.
+    fn forget(
+        &mut self,
+        task_id: &str,
+        cell: Option<&Arc<tokio::sync::OnceCell<Arc<Session>>>>,
+    ) -> Option<Arc<Session>> {
+        let same = match (self.open.get(task_id), cell) {
+            (Some(slot), Some(cell)) => Arc::ptr_eq(&slot.session, cell),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if !same {
+            return None;
+        }
+        self.open
+            .remove(task_id)
+            .and_then(|slot| slot.session.get().cloned())
+    }
+}
+
 /// One MCP server behind the gateway.
 #[derive(Debug)]
 pub struct McpUpstream {
     name: String,
     transport: Transport,
     session: RwLock<Option<Arc<Session>>>,
+    /// `session = "per_task"`: each task's own session.
+    task_sessions: Option<Mutex<TaskSessions>>,
     last_error: Mutex<Option<String>>,
     connected_once: tokio::sync::Notify,
     attempted: std::sync::atomic::AtomicBool,
@@ -107,15 +203,95 @@ impl McpUpstream {
             name: name.to_owned(),
             transport,
             session: RwLock::new(None),
+            task_sessions: None,
             last_error: Mutex::new(None),
             connected_once: tokio::sync::Notify::new(),
             attempted: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
+    /// Gives each task a session of its own (`session = "per_task"`), at
+    /// most `max` open at once.
+    #[must_use]
+    pub fn with_task_sessions(mut self, max: usize) -> Self {
+        self.task_sessions = Some(Mutex::new(TaskSessions {
+            max: max.max(1),
+            open: HashMap::new(),
+            tick: 0,
+        }));
+        self
+    }
+
     /// The upstream's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The session a call of `task_id` goes through: the shared one, or
+    /// for a `per_task` upstream the task's own, connected on first use.
+    /// Either way only while the shared session is up.
+    async fn session_for(&self, task_id: &str) -> Result<Arc<Session>, UpstreamError> {
+        let shared = self.session().ok_or_else(|| self.unavailable())?;
+        let Some(sessions) = &self.task_sessions else {
+            return Ok(shared);
+        };
+        let (cell, to_close) = sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .slot(task_id);
+        for s in to_close {
+            s.close().await;
+        }
+        let connected = cell
+            .get_or_try_init(|| async {
+                Session::connect(&self.name, &self.transport)
+                    .await
+                    .map(Arc::new)
+            })
+            .await;
+        match connected {
+            Ok(s) => Ok(s.clone()),
+            Err(e) => {
+                let stale = sessions
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .forget(task_id, Some(&cell));
+                if let Some(s) = stale {
+                    s.close().await;
+                }
+                Err(UpstreamError::Unavailable(format!(
+                    "upstream {}: opening the task's session: {e}",
+                    self.name
+                )))
+            }
+        }
+    }
+
+    /// Closes `task_id`'s own session, if it has one (a `per_task`
+    /// upstream): its state at the server ends with the task.
+    pub async fn end_task_session(&self, task_id: &str) {
+        let Some(sessions) = &self.task_sessions else {
+            return;
+        };
+        let session = sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .forget(task_id, None);
+        if let Some(s) = session {
+            s.close().await;
+        }
+    }
+
+    /// The tasks with a session of their own open.
+    pub fn task_session_ids(&self) -> Vec<String> {
+        self.task_sessions.as_ref().map_or_else(Vec::new, |s| {
+            s.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .open
+                .keys()
+                .cloned()
+                .collect()
+        })
     }
 
     /// The live session, if connected.
@@ -200,7 +376,7 @@ fn extras(credential: &HopCredential) -> CallExtras {
 #[async_trait]
 impl Upstream for McpUpstream {
     async fn call(&self, call: UpstreamCall) -> Result<Value, UpstreamError> {
-        let session = self.session().ok_or_else(|| self.unavailable())?;
+        let session = self.session_for(&call.task_id).await?;
         match session
             .call_tool(&call.tool, &call.arguments, &extras(&call.credential))
             .await
@@ -732,6 +908,8 @@ mod tests {
             url: None,
             credential: portcullis_config::Credential::default(),
             token_exchange: false,
+            session: portcullis_config::SessionScope::Shared,
+            max_task_sessions: None,
         }
     }
 

@@ -727,11 +727,7 @@ impl Gateway {
         let mut out = Vec::new();
         for def in self.engine.tools() {
             let name = def.name.as_str();
-            let granted = task.tools.iter().any(|t| t == name)
-                || task
-                    .grants
-                    .iter()
-                    .any(|g| g.tool == name && g.expires_at > now);
+            let granted = task.tools.contains(name) || task.elevated(name, now);
             if !acl.contains(&name) || !granted {
                 continue;
             }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use portcullis_config::AnomalyAction;
 use portcullis_core::anomaly::Fired;
 use portcullis_core::{Decision, Reason, Task, TaskStatus, Timestamp};
-use portcullis_store::{EventKind, NewEvent, Op, StoreError, TaskRecord};
+use portcullis_store::{EventKind, HeldCall, NewEvent, Op, StoreError, TaskRecord};
 use portcullis_token::Claims;
 use serde_json::Value;
 
@@ -85,6 +85,36 @@ impl Use<'_> {
         match self {
             Use::Call { args, .. } => args,
             Use::Exchange { .. } => &Value::Null,
+        }
+    }
+
+    /// What a one-use approval of this use is bound to: for a call, the
+    /// digest of its redacted arguments ([`crate::state::args_digest`]);
+    /// for an exchange, a digest of the upstream it is for (domain
+    /// separated: the hashed text is never the canonical JSON of any
+    /// arguments).
+    fn digest(&self, redact: &[String]) -> String {
+        match self {
+            Use::Call { args, .. } => crate::state::args_digest(args, redact),
+            Use::Exchange { upstream } => {
+                portcullis_token::sha256_hex(format!("token exchange\n{upstream}").as_bytes())
+            }
+        }
+    }
+
+    /// The call an approver is asked about when rule `rule` holds this use.
+    fn held(&self, rule: &str, redact: &[String]) -> HeldCall {
+        HeldCall {
+            rule: rule.to_owned(),
+            args_digest: Some(self.digest(redact)),
+            args: match self {
+                Use::Call { args, .. } => {
+                    Some(crate::state::bounded(crate::state::redact(args, redact)))
+                }
+                Use::Exchange { upstream } => {
+                    Some(serde_json::json!({ "token_exchange": upstream }))
+                }
+            },
         }
     }
 }
@@ -207,15 +237,14 @@ impl Gateway {
             }
             // A call (or a move into a state) the configuration wants
             // approved first waits as an elevation request, unless a
-            // one-call approval for it is in hand.
+            // one-use approval of this very use (same arguments) is in hand.
             let mut fired = None;
             if decision.is_allowed()
                 && let Some(why) = self.engine.approval_needed(&record.task, &decision)
-                && !record
+                && record
                     .task
-                    .grants
-                    .iter()
-                    .any(|g| g.tool == tool && g.once && g.expires_at > now)
+                    .approval_for(tool, Some(&use_.digest(&self.settings.redact)), now)
+                    .is_none()
             {
                 fired = Some(Fired {
                     rule: APPROVAL_RULE,
@@ -226,11 +255,7 @@ impl Gateway {
             }
             // Last step before forwarding: the anomaly rules.
             if decision.is_allowed() {
-                let approved = record
-                    .task
-                    .grants
-                    .iter()
-                    .any(|g| g.tool == tool && g.expires_at > now);
+                let approved = |rule: &str| record.task.anomaly_approved(tool, rule, now);
                 let first_use = self.engine.anomaly().watches_new_tools()
                     && !self.agent_used_tool(&record.task.agent_id, tool).await?;
                 fired = self.engine.anomaly().check_call(
@@ -324,8 +349,14 @@ impl Gateway {
             } else {
                 format!("anomaly rule {}: {}", f.rule, f.detail)
             };
-            let (id, request) =
-                crate::elevations::pending_request(&task, &decision.tool, &reason, now)?;
+            let held = use_.held(f.rule, &self.settings.redact);
+            let (id, request) = crate::elevations::pending_request(
+                &task,
+                &decision.tool,
+                &reason,
+                Some(held),
+                now,
+            )?;
             request_ops.push(Op::CapPendingElevations {
                 task_id: task.id.clone(),
                 max: crate::elevations::MAX_PENDING_PER_TASK,
@@ -382,7 +413,7 @@ impl Gateway {
             Err(e) => return Err(CommitError::Api(ApiError::unavailable(e.to_string()))),
         }
         if halt {
-            self.release_credentials(&task.id);
+            self.release_task(&task.id);
         }
         // After the commit: the halt and the request stand whatever becomes
         // of the alerts.
@@ -455,10 +486,7 @@ impl Gateway {
         let registered = self.engine.tool(tool).is_some();
         let in_scope = claims.scope.split(' ').any(|t| t == tool);
         let now = self.now();
-        let elevated = task
-            .grants
-            .iter()
-            .any(|g| g.tool == tool && g.expires_at > now);
+        let elevated = task.elevated(tool, now);
         if registered && !in_scope && !elevated {
             return Decision::deny(
                 tool,
@@ -497,15 +525,16 @@ impl Gateway {
     ) -> Result<Authorized, CommitError> {
         let before = record.task.version;
         let mut task = record.task.clone();
-        // A one-call approval is spent by the call it approved.
+        // A one-use approval is spent by the use it approved.
         if self
             .engine
             .approval_needed(&record.task, &decision)
             .is_some()
-            && let Some(i) = task
-                .grants
-                .iter()
-                .position(|g| g.tool == decision.tool && g.once && g.expires_at > now)
+            && let Some(i) = task.approval_for(
+                &decision.tool,
+                Some(&use_.digest(&self.settings.redact)),
+                now,
+            )
         {
             task.grants.remove(i);
         }
@@ -762,7 +791,7 @@ impl Gateway {
 
 /// The pseudo-rule of a configured approval (not an anomaly: no `anomaly`
 /// record, but an elevation request like `require_approval`).
-const APPROVAL_RULE: &str = "approval";
+pub(crate) const APPROVAL_RULE: &str = "approval";
 
 /// The elevation "tool" of an explicit move into a state that needs
 /// approval: `state:<name>`.
@@ -802,22 +831,6 @@ impl Gateway {
             known.clear();
         }
         known.insert((agent.to_owned(), tool.to_owned()));
-    }
-
-    /// Whether an approval of `tool` for `task` is good for one call only:
-    /// the configuration asks for approval per call, or the call would
-    /// enter a state that needs approval.
-    pub(crate) fn approval_is_per_call(&self, task: &Task, tool: &str) -> bool {
-        if tool.starts_with(STATE_APPROVAL_PREFIX) {
-            return true;
-        }
-        let checked = self.engine.check_tool(task, tool);
-        let probe = if checked.is_allowed() {
-            checked
-        } else {
-            Decision::allow(tool, None)
-        };
-        self.engine.approval_needed(task, &probe).is_some()
     }
 }
 

@@ -247,10 +247,17 @@ impl Gateway {
         let hop_jwt = JwtProvider::new(ring.clone(), cfg.server.issuer.clone());
         for up in &cfg.upstreams {
             let provider = crate::credential::from_config(loaded, up, &hop_jwt)?;
-            let client = Arc::new(crate::federation::McpUpstream::new(
+            let mut client = crate::federation::McpUpstream::new(
                 &up.name,
                 crate::federation::transport_of(up, &loaded.base_dir),
-            ));
+            );
+            if up.session == portcullis_config::SessionScope::PerTask {
+                let max = up
+                    .max_task_sessions
+                    .unwrap_or(portcullis_config::DEFAULT_MAX_TASK_SESSIONS);
+                client = client.with_task_sessions(usize::try_from(max).unwrap_or(usize::MAX));
+            }
+            let client = Arc::new(client);
             mcp.push(client.clone());
             let upstream: Arc<dyn Upstream> = client;
             upstreams.insert(
@@ -323,24 +330,30 @@ impl Gateway {
         })
     }
 
-    /// Revokes, through every upstream's credential provider, what was
-    /// issued for `task_id` (database roles), off the request path.
-    pub(crate) fn release_credentials(&self, task_id: &str) {
+    /// Releases, off the request path, what the gateway holds for an
+    /// ended task: what every upstream's credential provider issued for it
+    /// (database roles), and its own upstream sessions (`per_task`).
+    pub(crate) fn release_task(&self, task_id: &str) {
         let providers: Vec<Arc<dyn CredentialProvider>> = self
             .upstreams
             .values()
             .map(|e| e.provider.clone())
             .collect();
+        let mcp = self.mcp.clone();
         let task_id = task_id.to_owned();
         tokio::spawn(async move {
             for p in providers {
                 p.release(&task_id).await;
             }
+            for up in mcp {
+                up.end_task_session(&task_id).await;
+            }
         });
     }
 
     /// Periodically asks every credential provider to revoke what it issued
-    /// for tasks no longer active (roles orphaned by a crash or a timeout).
+    /// for tasks no longer active (roles orphaned by a crash or a timeout),
+    /// and closes the `per_task` upstream sessions of such tasks.
     pub fn start_credential_sweeper(self: &Arc<Self>, every: std::time::Duration) {
         let gw = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -349,9 +362,28 @@ impl Gateway {
                 let providers: Vec<Arc<dyn CredentialProvider>> =
                     g.upstreams.values().map(|e| e.provider.clone()).collect();
                 let store = g.store.clone();
+                let mcp = g.mcp.clone();
+                let now = g.now();
                 drop(g);
                 for p in providers {
                     p.sweep(store.as_ref()).await;
+                }
+                // Task sessions of tasks that ended without this replica
+                // hearing of it (another replica, a timeout).
+                for up in mcp {
+                    for task_id in up.task_session_ids() {
+                        let ended = match store.task(&task_id).await {
+                            Ok(Some(r)) => {
+                                r.task.status != portcullis_core::TaskStatus::Active
+                                    || r.deadline <= now
+                            }
+                            Ok(None) => true,
+                            Err(_) => false,
+                        };
+                        if ended {
+                            up.end_task_session(&task_id).await;
+                        }
+                    }
                 }
                 tokio::time::sleep(every).await;
             }
@@ -633,6 +665,16 @@ pub(crate) fn bounded(args: Value) -> Value {
     })
 }
 
+/// The digest a one-use approval is bound to: SHA-256 (hex) of the
+/// canonical JSON of `args` redacted with `redact` — what the approver saw
+/// (secrets they could not see are not part of it, and no digest of a
+/// secret is ever stored).
+pub(crate) fn args_digest(args: &Value, redact_words: &[String]) -> String {
+    portcullis_token::sha256_hex(
+        portcullis_store::canonical_json(&redact(args, redact_words)).as_bytes(),
+    )
+}
+
 /// `args` with, at any depth:
 /// - every value under a key that contains a word of `redact` (lowercase;
 ///   matched case-insensitively, so `password` hides `db_password` and
@@ -715,6 +757,26 @@ pub(crate) fn internal(err: impl std::fmt::Display) -> ApiError {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// What an approval binds to: the arguments as the approver saw them.
+    /// Key order does not matter; a visible value does; a redacted secret
+    /// is not part of it (no digest of a secret is stored).
+    #[test]
+    fn an_args_digest_covers_what_the_approver_saw() {
+        let keys = vec!["password".to_owned()];
+        let digest = |v: serde_json::Value| args_digest(&v, &keys);
+        let seen = digest(json!({ "table": "t", "rows": [1, 2], "password": "a" }));
+        assert_eq!(seen.len(), 64);
+        assert_eq!(
+            seen,
+            digest(json!({ "password": "b", "rows": [1, 2], "table": "t" }))
+        );
+        assert_ne!(
+            seen,
+            digest(json!({ "table": "t", "rows": [1, 2, 3], "password": "a" }))
+        );
+        assert_ne!(seen, digest(json!({ "table": "t", "rows": [1, 2] })));
+    }
 
     #[test]
     fn redaction_reaches_every_depth_and_ignores_case() {

@@ -408,11 +408,7 @@ pub(crate) async fn transition(
                 // The move waits as an elevation request until approved;
                 // the approval is good for this one move.
                 let marker = format!("{}{}", crate::pipeline::STATE_APPROVAL_PREFIX, t.to);
-                match task
-                    .grants
-                    .iter()
-                    .position(|g| g.tool == marker && g.once && g.expires_at > now)
-                {
+                match task.approval_for(&marker, None, now) {
                     Some(i) => {
                         task.grants.remove(i);
                     }
@@ -539,7 +535,7 @@ async fn end_task(
         ops.extend(ending_ops(&task, &why, None, now));
         match gw.commit(ops).await {
             Ok(done) => {
-                gw.release_credentials(&task.id);
+                gw.release_task(&task.id);
                 if status == TaskStatus::Halted {
                     // After the commit: the halt stands whatever becomes of
                     // the alert. Identifiers and who halted it only.

@@ -299,6 +299,60 @@ async fn first_use_of_a_tool_needs_approval_once_per_agent() {
     assert_error(&a, 403, "approval_required");
 }
 
+/// Regression: a lasting grant from approving one anomaly rule's hold
+/// switched off every `require_approval` rule for that tool until it
+/// lapsed. The grant now answers the rule that held the call: here the
+/// approved first use (`new_tool`) leaves the `rate` rule in force, whose
+/// hold needs its own approval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_from_an_anomaly_hold_answers_that_rule_only() {
+    let h = Harness::with(Options {
+        anomaly: Some(
+            "new_tool = \"require_approval\"\n\
+             rate = { calls = 2, seconds = 60, action = \"require_approval\" }",
+        ),
+        ..Options::default()
+    })
+    .await;
+    let s = h.start_task(None).await;
+    let approve_pending = async |rule: &str| {
+        let pending = h.get("/v1/elevations?status=pending", Some(ADMIN)).await;
+        let list = pending.body["elevations"].as_array().unwrap().clone();
+        assert_eq!(list.len(), 1, "{}", pending.text);
+        assert_eq!(list[0]["held"]["rule"], rule, "{}", pending.text);
+        assert_eq!(list[0]["held"]["args"], connect());
+        let id = list[0]["id"].as_str().unwrap();
+        let a = h
+            .post_json(
+                &format!("/v1/elevations/{id}/approve"),
+                Some(ADMIN),
+                &json!({}),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    };
+    let a = h
+        .call(&s.access, &s.task_id, "warehouse.connect", connect())
+        .await;
+    assert_error(&a, 403, "approval_required");
+    approve_pending("new_tool").await;
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect())
+        .await;
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect())
+        .await;
+    // Two calls in the window: the rate rule holds the third, whatever
+    // the new_tool approval said.
+    let a = h
+        .call(&s.access, &s.task_id, "warehouse.connect", connect())
+        .await;
+    assert_error(&a, 403, "approval_required");
+    assert_eq!(h.upstream_calls(), 2);
+    approve_pending("rate").await;
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect())
+        .await;
+    assert_eq!(h.upstream_calls(), 3);
+}
+
 /// Regression: policy-decision-point mode (`POST …/authorize`) answered
 /// 403 for `rate_limited`, `approval_required` and `anomaly_halt`, though
 /// DESIGN section 9 and docs/http-api.md promise 200 `{decision: "deny",

@@ -71,7 +71,7 @@ pub use canonical::canonical_json;
 pub use model::{
     AuditEvent, AuditQuery, CHECKPOINT_EXISTS, CHECKPOINT_HASH_MISMATCH, CHECKPOINT_NO_SUCH_RECORD,
     Checkpoint, Committed, DEFAULT_AUDIT_LIMIT, ELEVATION_ALREADY_DECIDED, ElevationCursor,
-    ElevationRecord, ElevationStatus, EventKind, MAX_AUDIT_LIMIT, MAX_CURSOR_ID_BYTES,
+    ElevationRecord, ElevationStatus, EventKind, HeldCall, MAX_AUDIT_LIMIT, MAX_CURSOR_ID_BYTES,
     MAX_PIN_DEFINITION_BYTES, MAX_ROWS, NO_SUCH_ELEVATION, NewEvent, Op, PRUNE_HEAD, PRUNE_MOVED,
     PRUNE_NOT_ANCHORED, RefreshRecord, TaskRecord, TokenKind, TokenRecord, ToolPin,
     UnknownElevationStatus, UnknownEventKind, UnknownTokenKind, checkpoint_message,

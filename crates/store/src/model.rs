@@ -202,6 +202,50 @@ pub struct ElevationRecord {
     pub note: Option<String>,
     /// For an approval: when the grant lapses. `None` otherwise.
     pub expires_at: Option<Timestamp>,
+    /// For a request the gateway filed for a call it held: the rule that
+    /// held it and the arguments the approver is asked about. `None` for a
+    /// request an agent made for a tool beyond its allowlist.
+    pub held: Option<HeldCall>,
+}
+
+/// The call behind an elevation request the gateway filed for a held call
+/// ([`ElevationRecord::held`]): what the approver sees, and what an
+/// approval is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldCall {
+    /// The rule that held it: `approval` (the configuration asks for an
+    /// approval of the tool, or of the state it enters) or the name of an
+    /// anomaly rule (`rate`, `distinct_tools`, `new_tool`).
+    pub rule: String,
+    /// SHA-256 (hex) of the canonical JSON of the call's redacted
+    /// arguments; `None` when the use has no arguments (entering a state
+    /// through the transition endpoint). A one-use approval is good only
+    /// for a call with the same digest.
+    pub args_digest: Option<String>,
+    /// The call's redacted arguments, as the audit log keeps them (large
+    /// ones by digest and prefix); `None` when the use has none.
+    pub args: Option<serde_json::Value>,
+}
+
+impl HeldCall {
+    /// Longest stored form, in bytes of JSON: the audit's bound on
+    /// arguments with room for the rule and digest.
+    pub const MAX_BYTES: usize = 16 * 1024;
+
+    /// The stored form (JSON text), or `None` past [`HeldCall::MAX_BYTES`].
+    pub fn encode(&self) -> Option<String> {
+        serde_json::to_string(self)
+            .ok()
+            .filter(|text| text.len() <= Self::MAX_BYTES)
+    }
+
+    /// The stored form read back.
+    pub fn decode(id: &str, text: &str) -> Result<Self, crate::StoreError> {
+        serde_json::from_str(text).map_err(|e| {
+            crate::StoreError::Corrupt(format!("elevation {id}: held call does not decode: {e}"))
+        })
+    }
 }
 
 /// Where a page of [`crate::Store::elevations`] ends: the `requested_at`
@@ -261,7 +305,9 @@ impl ElevationCursor {
 
 /// Refuses an [`Op::InsertElevation`] that is not a fresh request.
 pub(crate) fn check_new_elevation(record: &ElevationRecord) -> Result<(), crate::StoreError> {
-    let undecided = record.decided_at.is_none()
+    let held_fits = record.held.as_ref().is_none_or(|h| h.encode().is_some());
+    let undecided = held_fits
+        && record.decided_at.is_none()
         && record.decided_by.is_none()
         && record.note.is_none()
         && record.expires_at.is_none();
@@ -270,8 +316,9 @@ pub(crate) fn check_new_elevation(record: &ElevationRecord) -> Result<(), crate:
     } else {
         Err(crate::StoreError::Conflict(format!(
             "insert elevation {:?}: a new elevation must be pending, with no decision, note or \
-             expiry",
-            record.id
+             expiry, and a held call of at most {} bytes",
+            record.id,
+            HeldCall::MAX_BYTES
         )))
     }
 }
@@ -983,6 +1030,11 @@ mod tests {
             decided_by: Some("alice".into()),
             note: None,
             expires_at: Some(Timestamp(9)),
+            held: Some(HeldCall {
+                rule: "approval".into(),
+                args_digest: Some("ab".repeat(32)),
+                args: Some(serde_json::json!({"key": "k"})),
+            }),
         };
         assert_eq!(
             serde_json::to_value(&record).unwrap(),
@@ -990,6 +1042,7 @@ mod tests {
                 "id": "e1", "task_id": "t1", "agent_id": "a1", "tool": "s3.get",
                 "reason": "need the manifest", "status": "approved", "requested_at": 5,
                 "decided_at": 6, "decided_by": "alice", "note": null, "expires_at": 9,
+                "held": {"rule": "approval", "args_digest": "ab".repeat(32), "args": {"key": "k"}},
             })
         );
     }

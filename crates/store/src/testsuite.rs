@@ -109,11 +109,29 @@ pub fn sample_task(id: &str) -> TaskRecord {
             state: "connect".into(),
             status: TaskStatus::Active,
             tools: BTreeSet::from(["db.read".to_owned(), "db.write".to_owned()]),
-            grants: vec![Grant {
-                tool: "s3.get".into(),
-                expires_at: T0.plus_millis(60_000),
-                once: false,
-            }],
+            grants: vec![
+                Grant {
+                    tool: "s3.get".into(),
+                    expires_at: T0.plus_millis(60_000),
+                    once: false,
+                    answers: portcullis_core::GrantFor::Elevation,
+                    args_digest: None,
+                },
+                Grant {
+                    tool: "db.write".into(),
+                    expires_at: T0.plus_millis(60_000),
+                    once: true,
+                    answers: portcullis_core::GrantFor::Approval,
+                    args_digest: Some("ab".repeat(32)),
+                },
+                Grant {
+                    tool: "db.read".into(),
+                    expires_at: T0.plus_millis(60_000),
+                    once: false,
+                    answers: portcullis_core::GrantFor::Anomaly("rate".into()),
+                    args_digest: None,
+                },
+            ],
             calls: 3,
             tool_calls: BTreeMap::from([("db.read".to_owned(), 3)]),
             version: 1,
@@ -172,6 +190,7 @@ pub fn sample_elevation(id: &str, task_id: &str) -> ElevationRecord {
         decided_by: None,
         note: None,
         expires_at: None,
+        held: None,
     }
 }
 
@@ -1397,6 +1416,8 @@ pub async fn elevation_decided_once(store: &dyn Store) {
         tool: record.tool.clone(),
         expires_at: T0.plus_millis(900_000),
         once: false,
+        answers: portcullis_core::GrantFor::Elevation,
+        args_digest: None,
     });
     granted.task.version = task.task.version + 1;
     let mut approved_event = sample_event(EventKind::ElevationApproved, &task_id);

@@ -578,6 +578,7 @@ async fn migrations_are_idempotent_and_concurrent_starts_are_safe() {
         (1, "ledger".to_owned()),
         (2, "agent tool use".to_owned()),
         (3, "task status index".to_owned()),
+        (4, "held calls".to_owned()),
     ];
     assert_eq!(expected.len(), usize::try_from(SCHEMA_VERSION).unwrap());
     assert_eq!(rows(schema.admin().await).await, expected);

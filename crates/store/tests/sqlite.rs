@@ -304,8 +304,9 @@ async fn migrations_are_idempotent_on_reopen() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn schema_is_version_6_with_elevations_the_audit_chain_tool_pins_tool_use_and_task_status() {
-    assert_eq!(SCHEMA_VERSION, 6);
+async fn schema_is_version_7_with_elevations_the_audit_chain_tool_pins_tool_use_task_status_and_held_calls()
+ {
+    assert_eq!(SCHEMA_VERSION, 7);
     let dir = temp_dir();
     let path = dir.path().join("ledger.db");
     SqliteStore::open(&path).unwrap().close().await;
@@ -317,10 +318,19 @@ async fn schema_is_version_6_with_elevations_the_audit_chain_tool_pins_tool_use_
             (3, "audit chain".to_owned()),
             (4, "tool pins".to_owned()),
             (5, "agent tool use".to_owned()),
-            (6, "task status index".to_owned())
+            (6, "task status index".to_owned()),
+            (7, "held calls".to_owned())
         ]
     );
     let conn = rusqlite::Connection::open(&path).unwrap();
+    let held: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('elevations') WHERE name = 'held'")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(held, ["held"]);
     let indexes: Vec<String> = conn
         .prepare(
             "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'elevations' \

@@ -8,7 +8,7 @@
 //! a small pool of connections. It passes the backend-independent
 //! [`testsuite`](crate::testsuite) unchanged (`tests/postgres.rs`).
 //!
-//! # Schema (version 3)
+//! # Schema (version 4)
 //!
 //! The tables, columns and meanings are those of the SQLite backend (see
 //! the [`sqlite`](crate::sqlite) module doc, which documents each column),
@@ -28,7 +28,7 @@
 //! | `audit_events` | `seq` BIGINT PK, copies of `ts`, `kind`, `task_id`, `prev_hash`, `hash` for indexes and lookups, and `event`: the whole record as JSON text, exactly as [`AuditEvent`] serializes (the authoritative record; read back with the row's `seq`); indexed on `(task_id, seq)` and `(kind, seq)` |
 //! | `chain_head` | one row: `seq`, the highest seq ever given (the append lock, see below) |
 //! | `checkpoints` | `seq` PK, `hash`, `ts`, `kid`, `sig` |
-//! | `elevations` | `id` PK, `task_id` (FK), `agent_id`, `tool`, `reason`, `status`, `requested_at`, `decided_at`, `decided_by`, `note`, `expires_at`, with the same CHECKs tying `status` to the decision columns; indexed on `(status, requested_at, id)`, `(requested_at, id)`, `task_id` |
+//! | `elevations` | `id` PK, `task_id` (FK), `agent_id`, `tool`, `reason`, `status`, `requested_at`, `decided_at`, `decided_by`, `note`, `expires_at`, `held` (JSON of the held call, or NULL), with the same CHECKs tying `status` to the decision columns; indexed on `(status, requested_at, id)`, `(requested_at, id)`, `task_id` |
 //! | `tool_pins` | `tool` PK, `upstream`, `hash`, `definition` (JSON text), `pinned_at`, `approved_by` |
 //!
 //! `event` and `definition` are `TEXT`, not `jsonb`: `jsonb` would reorder

@@ -128,6 +128,7 @@ fn elevation_row(row: &Row) -> std::result::Result<RawElevation, tokio_postgres:
         decided_by: row.try_get(8)?,
         note: row.try_get(9)?,
         expires_at: row.try_get(10)?,
+        held: row.try_get(11)?,
     })
 }
 
@@ -293,7 +294,7 @@ pub(super) async fn elevation(conn: &mut Conn, id: &str) -> Result<Option<Elevat
         conn,
         context,
         "SELECT id, task_id, agent_id, tool, reason, status, requested_at, decided_at, \
-         decided_by, note, expires_at FROM elevations WHERE id = $1",
+         decided_by, note, expires_at, held FROM elevations WHERE id = $1",
         &[&id],
     )
     .await?;
@@ -305,7 +306,7 @@ macro_rules! select_elevations {
     ($rest:literal) => {
         concat!(
             "SELECT id, task_id, agent_id, tool, reason, status, requested_at, decided_at, \
-             decided_by, note, expires_at FROM elevations ",
+             decided_by, note, expires_at, held FROM elevations ",
             $rest
         )
     };

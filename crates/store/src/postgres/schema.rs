@@ -15,7 +15,7 @@ struct Migration {
 }
 
 /// The schema version this build writes and understands.
-pub const LATEST_VERSION: i64 = 3;
+pub const LATEST_VERSION: i64 = 4;
 
 /// First half of the key of the advisory lock taken while migrating
 /// (`'pcul'` as an integer); the second half is a hash of the schema, so
@@ -148,6 +148,16 @@ INSERT INTO agent_tools (agent_id, tool, first_used)
         // by status without a scan of every task ever run.
         sql: r#"
 CREATE INDEX tasks_status ON tasks (status);
+"#,
+    },
+    Migration {
+        version: 4,
+        name: "held calls",
+        // The call behind a request the gateway filed for a held call
+        // (`HeldCall`, JSON): what the approver sees and the approval binds
+        // to. NULL for requests agents made, and for every earlier row.
+        sql: r#"
+ALTER TABLE elevations ADD COLUMN held TEXT;
 "#,
     },
 ];

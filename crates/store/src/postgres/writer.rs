@@ -20,8 +20,8 @@ use crate::queue::Queued;
 use crate::sqlite::rows::{RawCheckpoint, TaskRow, to_int, to_uint};
 use crate::{
     AuditEvent, CHECKPOINT_EXISTS, CHECKPOINT_HASH_MISMATCH, CHECKPOINT_NO_SUCH_RECORD, Checkpoint,
-    Committed, ELEVATION_ALREADY_DECIDED, ElevationStatus, NO_SUCH_ELEVATION, NewEvent, Op, Result,
-    StoreError, chain,
+    Committed, ELEVATION_ALREADY_DECIDED, ElevationStatus, HeldCall, NO_SUCH_ELEVATION, NewEvent,
+    Op, Result, StoreError, chain,
 };
 
 /// Largest `NOTIFY` payload PostgreSQL accepts is 7999 bytes; a longer jti
@@ -658,7 +658,7 @@ async fn apply(conn: &mut Conn, op: &Op, committed: &mut Committed, chain: &mut 
             let statement = conn
                 .statement(
                     "INSERT INTO elevations (id, task_id, agent_id, tool, reason, status, \
-                     requested_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                     requested_at, held) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 )
                 .await
                 .map_err(|e| db(&context, &e))?;
@@ -673,6 +673,7 @@ async fn apply(conn: &mut Conn, op: &Op, committed: &mut Committed, chain: &mut 
                         &record.reason,
                         &ElevationStatus::Pending.as_str(),
                         &requested_at,
+                        &record.held.as_ref().and_then(HeldCall::encode),
                     ],
                 )
                 .await

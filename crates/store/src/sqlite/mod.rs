@@ -7,7 +7,7 @@
 //! `sqlite3 <db> ".backup <copy>"` (or stop the gateway first), never by
 //! copying the main file alone while it runs.
 //!
-//! # Schema (version 6)
+//! # Schema (version 7)
 //!
 //! All tables are `STRICT`, so a column holds only its declared type.
 //! Times are unix **milliseconds** ([`Timestamp`](portcullis_core::Timestamp))
@@ -35,7 +35,7 @@
 //! | `version` INTEGER | compare-and-swap version ([`Op::UpdateTask`]) |
 //! | `deadline` INTEGER | end of the task's maximum lifetime |
 //! | `started_at` INTEGER | when the task started |
-//! | `body` TEXT | JSON object with the remaining [`Task`](portcullis_core::Task) fields: `{"goal": str, "tools": [str], "grants": [{"tool": str, "expires_at": ms}], "calls": u64, "tool_calls": {tool: u64}}` |
+//! | `body` TEXT | JSON object with the remaining [`Task`](portcullis_core::Task) fields: `{"goal": str, "tools": [str], "grants": [{"tool": str, "expires_at": ms, "once": bool, "answers": "elevation" | "approval" | {"anomaly": rule}, "args_digest"?: hex}], "calls": u64, "tool_calls": {tool: u64}}` |
 //!
 //! The columns are the only copy of the fields they hold; `body` never
 //! repeats them.
@@ -111,6 +111,7 @@
 //! | `decided_by` TEXT NULL | who decided; NULL exactly while pending |
 //! | `note` TEXT NULL | the approver's note |
 //! | `expires_at` INTEGER NULL | when an approval lapses; set exactly when approved |
+//! | `held` TEXT NULL | migration 7: for a call the gateway held, the JSON of [`HeldCall`](crate::HeldCall) (`{"rule", "args_digest", "args"}`); NULL for an agent's request |
 //!
 //! The row is the request and its outcome; the grant itself lives in the
 //! task's `body` (`grants`), written in the same batch as the approval.

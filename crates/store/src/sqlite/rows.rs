@@ -9,8 +9,8 @@ use rusqlite::Row;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    AuditEvent, Checkpoint, ElevationRecord, ElevationStatus, RefreshRecord, Result, StoreError,
-    TaskRecord, TokenKind, TokenRecord, ToolPin,
+    AuditEvent, Checkpoint, ElevationRecord, ElevationStatus, HeldCall, RefreshRecord, Result,
+    StoreError, TaskRecord, TokenKind, TokenRecord, ToolPin,
 };
 
 /// A `u64` as SQLite's `INTEGER` (`i64`); larger values are refused.
@@ -328,7 +328,7 @@ impl RawCheckpoint {
 
 /// The column list [`RawElevation::from_row`] expects.
 pub const ELEVATION_COLUMNS: &str = "id, task_id, agent_id, tool, reason, status, requested_at, \
-     decided_at, decided_by, note, expires_at";
+     decided_at, decided_by, note, expires_at, held";
 
 /// The raw columns of `SELECT` [`ELEVATION_COLUMNS`].
 #[derive(Debug)]
@@ -344,6 +344,7 @@ pub struct RawElevation {
     pub(crate) decided_by: Option<String>,
     pub(crate) note: Option<String>,
     pub(crate) expires_at: Option<i64>,
+    pub(crate) held: Option<String>,
 }
 
 impl RawElevation {
@@ -360,6 +361,7 @@ impl RawElevation {
             decided_by: row.get(8)?,
             note: row.get(9)?,
             expires_at: row.get(10)?,
+            held: row.get(11)?,
         })
     }
 
@@ -378,6 +380,11 @@ impl RawElevation {
             expires_at: self
                 .expires_at
                 .map(|at| to_ts("elevation expires_at", at))
+                .transpose()?,
+            held: self
+                .held
+                .as_deref()
+                .map(|text| HeldCall::decode(&self.id, text))
                 .transpose()?,
             id: self.id,
             task_id: self.task_id,

@@ -161,10 +161,21 @@ CREATE INDEX tasks_status ON tasks (status);
 ",
         rows: None,
     },
+    Migration {
+        version: 7,
+        name: "held calls",
+        // The call behind a request the gateway filed for a held call
+        // (`HeldCall`, JSON): what the approver sees and the approval binds
+        // to. NULL for requests agents made, and for every earlier row.
+        sql: "
+ALTER TABLE elevations ADD COLUMN held TEXT;
+",
+        rows: None,
+    },
 ];
 
 /// The schema version this build writes and understands.
-pub const LATEST_VERSION: i64 = 6;
+pub const LATEST_VERSION: i64 = 7;
 
 /// Rows read per step when migration 3 chains existing events.
 const CHAIN_PAGE: i64 = 1000;
@@ -427,7 +438,8 @@ mod tests {
                 (3, "audit chain".to_owned()),
                 (4, "tool pins".to_owned()),
                 (5, "agent tool use".to_owned()),
-                (6, "task status index".to_owned())
+                (6, "task status index".to_owned()),
+                (7, "held calls".to_owned())
             ]
         );
         drop(conn);
@@ -439,7 +451,7 @@ mod tests {
         );
         store.close().await;
         let conn = Connection::open(&path).unwrap();
-        assert_eq!(migration_rows(&conn).len(), 6);
+        assert_eq!(migration_rows(&conn).len(), 7);
         assert_eq!(current_version(&conn).unwrap(), LATEST_VERSION);
     }
 
@@ -483,7 +495,7 @@ mod tests {
         assert!(tables(&conn).contains(&"tool_pins".to_owned()));
         assert_eq!(
             migration_rows(&conn).last(),
-            Some(&(6, "task status index".to_owned()))
+            Some(&(7, "held calls".to_owned()))
         );
         assert_eq!(current_version(&conn).unwrap(), LATEST_VERSION);
     }

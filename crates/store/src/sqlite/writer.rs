@@ -14,8 +14,8 @@ use crate::model::{
 use crate::queue::Queued;
 use crate::{
     AuditEvent, CHECKPOINT_EXISTS, CHECKPOINT_HASH_MISMATCH, CHECKPOINT_NO_SUCH_RECORD, Checkpoint,
-    Committed, ELEVATION_ALREADY_DECIDED, ElevationStatus, NO_SUCH_ELEVATION, NewEvent, Op, Result,
-    StoreError, chain,
+    Committed, ELEVATION_ALREADY_DECIDED, ElevationStatus, HeldCall, NO_SUCH_ELEVATION, NewEvent,
+    Op, Result, StoreError, chain,
 };
 
 /// Most batches drained into one SQLite transaction.
@@ -457,7 +457,7 @@ fn apply(
             let requested_at = to_int("elevation requested_at", record.requested_at.0)?;
             conn.prepare_cached(
                 "INSERT INTO elevations (id, task_id, agent_id, tool, reason, status, \
-                 requested_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                 requested_at, held) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )
             .and_then(|mut stmt| {
                 stmt.execute(params![
@@ -467,7 +467,8 @@ fn apply(
                     record.tool,
                     record.reason,
                     ElevationStatus::Pending.as_str(),
-                    requested_at
+                    requested_at,
+                    record.held.as_ref().and_then(HeldCall::encode)
                 ])
             })
             .map_err(|e| {
