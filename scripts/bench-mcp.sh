@@ -21,6 +21,12 @@
 # Environment:
 #   CARGO_TARGET_DIR     default /var/tmp/portcullis-target
 #   BENCH_CREDENTIAL     per-hop credential of the upstream: jwt (default) or none
+#   BENCH_CONTROLS       all (default): every control on — audit.sample_low_risk = 1.0,
+#                        a Cedar forbid policy (on another tool), and an [anomaly]
+#                        table with 1 s rate and distinct_tools windows and a denials
+#                        rule, set out of the way; base: the same without [anomaly]
+#   BENCH_TASKS          tasks the gateway's connections share (default 1: all 16
+#                        connections on one task; 16: one task per connection)
 #   BENCH_OUT_DIR        where the JSON reports go (default /var/tmp/portcullis-bench)
 #   BENCH_CPU_PASSES     gateway-only full-speed passes for CPU per call (default 3, 0 = none)
 #   BENCH_RATES          default 500,2000
@@ -50,6 +56,17 @@ case "$CREDENTIAL" in jwt | none) ;; *)
   exit 2
   ;;
 esac
+CONTROLS="${BENCH_CONTROLS:-all}"
+case "$CONTROLS" in all | base) ;; *)
+  echo "BENCH_CONTROLS must be all or base" >&2
+  exit 2
+  ;;
+esac
+TASKS="${BENCH_TASKS:-1}"
+if ! [[ "$TASKS" =~ ^[0-9]+$ ]] || ((TASKS < 1 || TASKS > 1024)); then
+  echo "BENCH_TASKS must be 1 to 1024" >&2
+  exit 2
+fi
 for tool in curl jq sha256sum; do
   command -v "$tool" >/dev/null || {
     echo "bench-mcp: $tool is required" >&2
@@ -137,8 +154,23 @@ done
 # --- the gateway
 SECRET="bench-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 SECRET_SHA=$(printf '%s' "$SECRET" | sha256sum | cut -d' ' -f1)
-mkdir -p "$WORK/keys"
+mkdir -p "$WORK/keys" "$WORK/policies"
 "$BIN" keygen --out "$WORK/keys/k.ed25519" >/dev/null
+# One forbid policy, on another tool: the measured call is checked against
+# the policy index and passes.
+cat >"$WORK/policies/bench.cedar" <<'CEDAR'
+@id("no-prod-connect")
+forbid(principal, action, resource == Tool::"demo.connect")
+when { context.args.database == "prod" };
+CEDAR
+if [[ "$CONTROLS" == all ]]; then
+  ANOMALY='[anomaly]
+rate = { calls = 1000000, seconds = 1, action = "deny" }
+distinct_tools = { count = 1000, seconds = 1, action = "deny" }
+denials = { count = 1000000, action = "halt" }'
+else
+  ANOMALY=''
+fi
 for attempt in 1 2 3 4 5; do
   GW_PORT=$(pick_port)
   cat >"$WORK/portcullis.toml" <<EOF
@@ -153,6 +185,9 @@ url = "sqlite://ledger.db"
 access_ttl = "15m"
 signing_key = "keys/k.ed25519"
 
+[audit]
+sample_low_risk = 1.0
+
 [[upstreams]]
 name = "demo"
 transport = "http"
@@ -166,20 +201,32 @@ upstream = "demo"
 risk = "low"
 access = "read"
 
+[[tools]]
+name = "demo.connect"
+upstream = "demo"
+risk = "low"
+access = "read"
+args_schema = { type = "object", properties = { database = { type = "string", maxLength = 64 } }, required = ["database"], additionalProperties = false }
+
 [[agent_types]]
 name = "bench"
 initial = "work"
 states = [
-  { name = "work", tools = ["demo.echo"], next = ["done"] },
+  { name = "work", tools = ["demo.echo", "demo.connect"], next = ["done"] },
   { name = "done", final = true },
 ]
 
 [[agents]]
 id = "bench-bot"
 type = "bench"
-tools = ["demo.echo"]
+tools = ["demo.echo", "demo.connect"]
 bootstrap_sha256 = "$SECRET_SHA"
 limits = { max_calls_per_task = 100000000 }
+
+[policies]
+cedar = ["policies/*.cedar"]
+
+$ANOMALY
 EOF
   rm -f "$WORK"/ledger.db*
   (cd "$WORK" && exec "$BIN" serve --config portcullis.toml) >"$WORK/gateway.log" 2>&1 &
@@ -197,12 +244,16 @@ start_task() {
     -H "Authorization: Bearer $SECRET" -H 'Content-Type: application/json' \
     -d '{"agent_id": "bench-bot", "goal": "bench"}' | jq -er .access_token
 }
-PORTCULLIS_BENCH_TOKEN=$(start_task)
+# BENCH_TASKS tasks; connection i uses token i mod BENCH_TASKS.
+PORTCULLIS_BENCH_TOKEN=""
+for _ in $(seq 1 "$TASKS"); do
+  PORTCULLIS_BENCH_TOKEN="$PORTCULLIS_BENCH_TOKEN $(start_task)"
+done
 export PORTCULLIS_BENCH_TOKEN
 
 mkdir -p "$OUT_DIR"
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-JSON="$OUT_DIR/bench-mcp-$CREDENTIAL-$STAMP.json"
+JSON="$OUT_DIR/bench-mcp-$CREDENTIAL-$CONTROLS-$TASKS-$STAMP.json"
 DIRECT="http://127.0.0.1:$UP_PORT/mcp"
 GATEWAY="http://127.0.0.1:$GW_PORT/mcp"
 
@@ -212,7 +263,7 @@ else
   SOURCE="source $(pwd) (not a git checkout)"
 fi
 echo "== bench-mcp $(date -u +%FT%TZ)  $SOURCE"
-echo "   credential=$CREDENTIAL  direct=$DIRECT  gateway=$GATEWAY  gateway pid $GW_PID  upstream pid $UP_PID"
+echo "   credential=$CREDENTIAL  controls=$CONTROLS  tasks=$TASKS  direct=$DIRECT  gateway=$GATEWAY  gateway pid $GW_PID  upstream pid $UP_PID"
 echo "   uptime: $(uptime)"
 
 set +e
@@ -252,7 +303,7 @@ if [[ "$CPU_PASSES" -gt 0 ]]; then
   echo "== CPU per call at full speed (gateway alone, 16 connections, $WARMUP warm-up + $DURATION; /proc/<pid>/stat utime+stime, ${hz} Hz ticks)"
   printf '%-6s %10s %10s %14s %12s %14s %8s\n' pass calls 'calls/s' 'gateway µs' '(of it sys)' 'upstream µs' busy%
   for pass in $(seq 1 "$CPU_PASSES"); do
-    cpu_json="$OUT_DIR/bench-mcp-$CREDENTIAL-$STAMP-cpu$pass.json"
+    cpu_json="$OUT_DIR/bench-mcp-$CREDENTIAL-$CONTROLS-$TASKS-$STAMP-cpu$pass.json"
     g0=$(cpu_ticks "$GW_PID")
     s0=$(sys_ticks "$GW_PID")
     u0=$(cpu_ticks "$UP_PID")

@@ -9,8 +9,11 @@
 //!
 //! * an allowed call (answered 200 with the demo upstream's result, or 403
 //!   `upstream_unavailable` if the upstream failed) has its write-ahead
-//!   `call.allowed` record, and its `call.completed` record, for that task
-//!   and tool;
+//!   `call.allowed` record for that task and tool, and its
+//!   `call.completed` record: always with `audit.durable_results = true`;
+//!   by default, every one but those of calls answered in the last
+//!   [`CRASH_WINDOW`] before the kill (the completion record is queued
+//!   before the answer and durable with the next group commit);
 //! * a denied call (403 with a reason) has a `call.denied` record with that
 //!   task, tool and reason;
 //! * per task and per (kind, tool, reason), records ≥ acknowledged answers;
@@ -58,6 +61,10 @@ const ANSWERS_BEFORE_KILL: u64 = 400;
 const KILL_BY: Duration = Duration::from_secs(10);
 /// The longest the load runs (it stops at the kill).
 const LOAD_FOR: Duration = Duration::from_secs(12);
+/// Without `audit.durable_results`, the completion records a kill may take
+/// with it are of calls answered at most this long before it (in practice
+/// the last group commit: milliseconds).
+const CRASH_WINDOW: Duration = Duration::from_secs(1);
 
 fn text(out: &Output) -> String {
     format!(
@@ -105,6 +112,9 @@ struct Seen {
     acked: BTreeMap<Key, u64>,
     /// Acknowledged call answers per task.
     acked_per_task: BTreeMap<String, u64>,
+    /// Acknowledged outcomes of allowed calls (their `call.completed`
+    /// records), with when the answer came.
+    completions: Vec<(Key, Instant)>,
     /// Tasks whose start was acknowledged (201).
     started: Vec<Started>,
     /// Tasks whose completion was acknowledged (200).
@@ -125,6 +135,16 @@ impl Seen {
             .or_default() += 1;
     }
 
+    fn complete(&mut self, task_id: &str, tool: &str, reason: &str) {
+        let key = (
+            task_id.to_owned(),
+            "call.completed",
+            tool.to_owned(),
+            reason.to_owned(),
+        );
+        self.completions.push((key, Instant::now()));
+    }
+
     fn merge(&mut self, other: Self) {
         for (k, n) in other.acked {
             *self.acked.entry(k).or_default() += n;
@@ -132,6 +152,7 @@ impl Seen {
         for (k, n) in other.acked_per_task {
             *self.acked_per_task.entry(k).or_default() += n;
         }
+        self.completions.extend(other.completions);
         self.started.extend(other.started);
         self.completed.extend(other.completed);
         for (k, n) in other.other {
@@ -194,18 +215,13 @@ async fn call(
             // records precede this answer.
             assert_eq!(body["decision"], "allow", "{body}");
             seen.ack(&task.task_id, "call.allowed", tool, "");
-            seen.ack(&task.task_id, "call.completed", tool, "");
+            seen.complete(&task.task_id, tool, "");
         }
         403 if error == "upstream_unavailable" => {
             // Allowed, recorded, forwarded to a disconnected upstream, and
             // the failure recorded: both records precede this answer.
             seen.ack(&task.task_id, "call.allowed", tool, "");
-            seen.ack(
-                &task.task_id,
-                "call.completed",
-                tool,
-                "upstream_unavailable",
-            );
+            seen.complete(&task.task_id, tool, "upstream_unavailable");
         }
         403 => {
             assert!(!error.is_empty(), "a denial names its reason: {body}");
@@ -334,6 +350,18 @@ async fn audit_of(client: &reqwest::Client, base: &str, task_id: &str) -> Vec<Va
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_calls_survive_kill_9() {
+    kill_9_under_load(true).await;
+}
+
+/// The default (`audit.durable_results = false`): an answer waits for its
+/// call's write-ahead record only; the completion record rides on the next
+/// group commit, so a kill loses at most those of the last moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_loses_no_write_ahead_record_and_only_the_last_completions() {
+    kill_9_under_load(false).await;
+}
+
+async fn kill_9_under_load(durable_results: bool) {
     let test_started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -350,7 +378,9 @@ async fn acknowledged_calls_survive_kill_9() {
     common::write_config(
         dir,
         &listen,
-        "checkpoint_every = 200\ncheckpoint_interval = \"1s\"",
+        &format!(
+            "checkpoint_every = 200\ncheckpoint_interval = \"1s\"\ndurable_results = {durable_results}"
+        ),
     );
     let base = format!("http://{listen}");
     let client = reqwest::Client::builder()
@@ -397,6 +427,7 @@ async fn acknowledged_calls_survive_kill_9() {
     }
     let answered_before_kill = flags.answered.load(Ordering::SeqCst);
     flags.killing.store(true, Ordering::SeqCst);
+    let kill_instant = Instant::now();
     server.0.kill().unwrap();
     let status = server.0.wait().unwrap();
     assert!(!status.success(), "killed, not exited: {status}");
@@ -519,6 +550,30 @@ async fn acknowledged_calls_survive_kill_9() {
         missing.is_empty(),
         "acknowledged calls missing from the log:\n{}",
         missing.join("\n")
+    );
+    // Completion records: all of them, or all but those of the last moment.
+    let mut acked_completions: BTreeMap<&Key, (u64, u64)> = BTreeMap::new();
+    for (key, at) in &seen.completions {
+        let entry = acked_completions.entry(key).or_default();
+        entry.0 += 1;
+        if *at + CRASH_WINDOW > kill_instant {
+            entry.1 += 1;
+        }
+    }
+    let mut lost = 0;
+    for (key, &(acked, late)) in &acked_completions {
+        let recorded = found.get(*key).copied().unwrap_or(0);
+        let may_lose = if durable_results { 0 } else { late };
+        assert!(
+            recorded + may_lose >= acked,
+            "{key:?}: {acked} acknowledged outcomes ({late} in the last {CRASH_WINDOW:?}), \
+             {recorded} call.completed records (durable_results = {durable_results})"
+        );
+        lost += acked.saturating_sub(recorded);
+    }
+    eprintln!(
+        "completion records: {} acknowledged, {lost} lost to the kill (durable_results = {durable_results})",
+        seen.completions.len()
     );
     for (task_id, &acked) in &seen.acked_per_task {
         let recorded = calls_per_task.get(task_id).copied().unwrap_or(0);

@@ -223,6 +223,13 @@ pub struct Audit {
     /// …or when this much time has passed with new records, whichever first.
     #[serde(default = "Audit::default_checkpoint_interval")]
     pub checkpoint_interval: Duration,
+    /// Whether a call's answer waits until its `call.completed` record is
+    /// durable. `false` (the default): the record is queued behind the
+    /// call's durable write-ahead record before the answer leaves and
+    /// becomes durable with the next group commit (docs/operations.md,
+    /// "Crash windows").
+    #[serde(default)]
+    pub durable_results: bool,
 }
 
 impl Audit {
@@ -261,6 +268,7 @@ impl Default for Audit {
             alert_webhook: None,
             checkpoint_every: Self::default_checkpoint_every(),
             checkpoint_interval: Self::default_checkpoint_interval(),
+            durable_results: false,
         }
     }
 }

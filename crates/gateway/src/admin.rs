@@ -48,6 +48,12 @@ pub(crate) async fn audit(
             since_seq: p.since_seq,
             limit: p.limit,
         };
+        // Every answer given so far has its records in the results: the
+        // completion records still queued land first.
+        gw.store
+            .settled()
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
         let events = gw
             .store
             .audit(&query)

@@ -41,7 +41,7 @@ use serde_json::json;
 use crate::error::{ApiError, Kind};
 use crate::layers::TaskCaller;
 use crate::server::RequestId;
-use crate::state::{Gateway, internal};
+use crate::state::{CommitError, Gateway, internal};
 use crate::tasks::respond;
 
 /// Alert kind for a request that waits for a human.
@@ -364,7 +364,8 @@ pub(crate) async fn decide_elevation(
     by: String,
     note: Option<String>,
 ) -> Result<serde_json::Value, ApiError> {
-    for _ in 0..8 {
+    let (by, note) = (&by, &note);
+    gw.retry_on_conflict(|| async move {
         let elevation = gw
             .store
             .elevation(id)
@@ -372,10 +373,10 @@ pub(crate) async fn decide_elevation(
             .map_err(|e| ApiError::unavailable(e.to_string()))?
             .ok_or_else(|| ApiError::new(Kind::NotFound, "no such elevation"))?;
         if elevation.status != ElevationStatus::Pending {
-            return Err(ApiError::new(
+            return Err(CommitError::from(ApiError::new(
                 Kind::Conflict,
                 format!("elevation already {}", elevation.status.as_str()),
-            ));
+            )));
         }
         let now = gw.now();
         let kind = match status {
@@ -395,10 +396,10 @@ pub(crate) async fn decide_elevation(
         if status == ElevationStatus::Approved {
             let record = gw.load_task(&elevation.task_id).await?;
             if record.task.status != TaskStatus::Active {
-                return Err(ApiError::denied(
+                return Err(CommitError::from(ApiError::denied(
                     Reason::TaskNotActive,
                     format!("task is {}", record.task.status.as_str()),
-                ));
+                )));
             }
             let until = now
                 .plus_millis(gw.settings.elevation_ttl_ms)
@@ -427,23 +428,18 @@ pub(crate) async fn decide_elevation(
         all.extend(ops);
         all.push(Op::Append(event));
         match gw.commit(all).await {
-            Ok(_) => {
-                return Ok(json!({
-                    "elevation_id": id,
-                    "status": status.as_str(),
-                    "task_id": elevation.task_id,
-                    "tool": elevation.tool,
-                    "decided_by": by,
-                    "expires_at": expires_at.map(|t| t.as_millis()),
-                }));
-            }
-            // Lost a race on the task's version: look again. A decision
-            // that another approver made first shows up as not pending.
-            Err(StoreError::Conflict(_)) => continue,
-            Err(e) => return Err(ApiError::unavailable(e.to_string())),
+            Ok(_) => Ok(json!({
+                "elevation_id": id,
+                "status": status.as_str(),
+                "task_id": elevation.task_id,
+                "tool": elevation.tool,
+                "decided_by": by,
+                "expires_at": expires_at.map(|t| t.as_millis()),
+            })),
+            // A race lost on the task's version is tried again (`Lost`): a
+            // decision another approver made first shows up as not pending.
+            Err(e) => Err(e.into()),
         }
-    }
-    Err(ApiError::unavailable(
-        "task is changing too fast; try again",
-    ))
+    })
+    .await
 }

@@ -23,11 +23,9 @@ use serde_json::Value;
 
 use crate::credential::{HopRequest, ProviderError};
 use crate::error::ApiError;
-use crate::state::{Gateway, internal};
+use crate::state::{CommitError, Gateway, internal};
 use crate::upstream::UpstreamCall;
 
-/// Most attempts at a compare-and-swap task update before giving up.
-const CAS_ATTEMPTS: usize = 8;
 /// Longest an upstream call may take.
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest each ledger-bound step before forwarding may take:
@@ -212,7 +210,7 @@ impl Gateway {
     ) -> Result<Authorized, ApiError> {
         // INVARIANT: the `bind_task` layer has bound `claims` to `task_id`.
         let _serial = self.task_locks.lock(task_id).await;
-        for _ in 0..CAS_ATTEMPTS {
+        self.retry_on_conflict(|| async move {
             let record = match self.load_task(task_id).await {
                 Ok(r) => r,
                 Err(e) if e.reason() == Some(Reason::TaskNotActive) => {
@@ -229,9 +227,9 @@ impl Gateway {
                         .await
                         .map_err(|e| ApiError::unavailable(e.to_string()))?;
                     self.metrics.decision(Some(Reason::TaskNotActive));
-                    return Err(e);
+                    return Err(e.into());
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             };
             let now = self.now();
             // The one fact the planner needs from the ledger: whether the
@@ -261,35 +259,21 @@ impl Gateway {
             }
             let plan::Verdict { decision, fired } = verdict;
             if !decision.is_allowed() {
-                match self
+                let answer = self
                     .commit_denial(&record, &decision, use_, now, fired)
-                    .await
-                {
-                    Ok(answer) => {
-                        self.metrics.decision(decision.reason);
-                        let reason = decision.reason.unwrap_or(Reason::InternalError);
-                        tracing::info!(task_id, tool, reason = reason.as_str(), "call denied");
-                        return Err(answer);
-                    }
-                    Err(CommitError::Lost) => continue,
-                    Err(CommitError::Api(e)) => return Err(e),
-                }
+                    .await?;
+                self.metrics.decision(decision.reason);
+                let reason = decision.reason.unwrap_or(Reason::InternalError);
+                tracing::info!(task_id, tool, reason = reason.as_str(), "call denied");
+                return Err(answer.into());
             }
-            match self
+            let done = self
                 .commit_allowed(claims, record, decision, use_, now)
-                .await
-            {
-                Ok(done) => {
-                    self.metrics.decision(None);
-                    return Ok(done);
-                }
-                Err(CommitError::Lost) => continue,
-                Err(CommitError::Api(e)) => return Err(e),
-            }
-        }
-        Err(ApiError::unavailable(
-            "task is changing too fast; try again",
-        ))
+                .await?;
+            self.metrics.decision(None);
+            Ok(done)
+        })
+        .await
     }
 
     /// Records a denial — and, when the anomaly rules say so, counts it,
@@ -588,8 +572,7 @@ impl Gateway {
                     exchanged,
                 })
             }
-            Err(StoreError::Conflict(_)) => Err(CommitError::Lost),
-            Err(e) => Err(CommitError::Api(ApiError::unavailable(e.to_string()))),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -711,7 +694,7 @@ impl Gateway {
                 event.detail = Some(why.clone());
             }
         }
-        self.commit(vec![Op::Append(event)])
+        self.record_outcome(vec![Op::Append(event)])
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         outcome.map_err(|(why, public)| {
@@ -787,20 +770,5 @@ impl Rotation {
             serde_json::json!(self.refresh.as_str()),
         );
         crate::tasks::put(body, "expires_in", serde_json::json!(self.expires_in));
-    }
-}
-
-/// Why committing an allowed call did not finish.
-#[derive(Debug)]
-pub(crate) enum CommitError {
-    /// Another request changed the task first: decide again.
-    Lost,
-    /// Anything else.
-    Api(ApiError),
-}
-
-impl From<ApiError> for CommitError {
-    fn from(e: ApiError) -> Self {
-        Self::Api(e)
     }
 }

@@ -163,6 +163,36 @@ pub(crate) struct Settings {
     pub redact: Vec<String>,
     pub elevation_ttl_ms: u64,
     pub sample_low_risk: f64,
+    pub durable_results: bool,
+}
+
+/// Most attempts at a compare-and-swap task update before giving up.
+pub(crate) const CAS_ATTEMPTS: usize = 8;
+
+/// Why one attempt at a compare-and-swap task update did not finish.
+#[derive(Debug)]
+pub(crate) enum CommitError {
+    /// Another request changed the task first: load it and decide again.
+    Lost,
+    /// Anything else: the answer.
+    Api(ApiError),
+}
+
+impl From<ApiError> for CommitError {
+    fn from(e: ApiError) -> Self {
+        Self::Api(e)
+    }
+}
+
+impl From<StoreError> for CommitError {
+    /// A lost compare-and-swap is [`CommitError::Lost`]; any other ledger
+    /// error fails closed (503).
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(_) => Self::Lost,
+            e => Self::Api(ApiError::unavailable(e.to_string())),
+        }
+    }
 }
 
 /// Everything a request handler needs. Shared behind an `Arc`.
@@ -279,6 +309,7 @@ impl Gateway {
             redact: cfg.audit.redact.iter().map(|k| k.to_lowercase()).collect(),
             elevation_ttl_ms: cfg.elevation.ttl.as_millis(),
             sample_low_risk: cfg.audit.sample_low_risk,
+            durable_results: cfg.audit.durable_results,
         };
         let metrics = Metrics::default();
         // A configured witness that cannot be opened stops the start-up: it
@@ -474,6 +505,49 @@ impl Gateway {
             u64::try_from(done.revoked.len()).unwrap_or(u64::MAX),
         );
         Ok(done)
+    }
+
+    /// The one retry loop of every compare-and-swap task update: runs
+    /// `attempt` (load the task, decide, commit) again while its commit
+    /// loses the race to another request ([`CommitError::Lost`]), at most
+    /// [`CAS_ATTEMPTS`] times, then answers 503.
+    pub(crate) async fn retry_on_conflict<T, F>(
+        &self,
+        mut attempt: impl FnMut() -> F,
+    ) -> Result<T, ApiError>
+    where
+        F: std::future::Future<Output = Result<T, CommitError>>,
+    {
+        for _ in 0..CAS_ATTEMPTS {
+            match attempt().await {
+                Ok(done) => return Ok(done),
+                Err(CommitError::Lost) => {}
+                Err(CommitError::Api(e)) => return Err(e),
+            }
+        }
+        Err(ApiError::unavailable(
+            "task is changing too fast; try again",
+        ))
+    }
+
+    /// Records a forwarded call's outcome (`call.completed`). With
+    /// `audit.durable_results` it is durable on return. Otherwise it is in
+    /// the ledger's queue on return — behind the call's write-ahead record,
+    /// which is durable already — and becomes durable with the next group
+    /// commit: the answer does not wait for a second fsync. A commit that
+    /// fails after the answer left is logged; the write-ahead record
+    /// stands (docs/operations.md, "Crash windows").
+    pub(crate) async fn record_outcome(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        if self.settings.durable_results {
+            return self.commit(ops).await.map(|_| ());
+        }
+        let pending = self.store.enqueue(ops).await?;
+        tokio::spawn(async move {
+            if let Err(e) = pending.await {
+                tracing::error!(error = %e, "a call's completion record was not committed");
+            }
+        });
+        Ok(())
     }
 
     /// Mints an access token for `task`, scoped to `scope`, expiring at

@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use portcullis_config::Role;
 use portcullis_core::{Reason, TaskStatus};
-use portcullis_store::{EventKind, NewEvent, Op, StoreError, TaskRecord};
+use portcullis_store::{EventKind, NewEvent, Op, TaskRecord};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -20,7 +20,7 @@ use crate::layers::TaskCaller;
 use crate::metrics::TokenEvent;
 use crate::pipeline::bind;
 use crate::server::RequestId;
-use crate::state::{Gateway, deadline_of, internal};
+use crate::state::{CommitError, Gateway, deadline_of, internal};
 
 /// Runs a handler body and tags its error with the request id.
 pub(crate) fn respond(rid: &RequestId, result: Result<Response, ApiError>) -> Response {
@@ -384,8 +384,9 @@ pub(crate) async fn transition(
 ) -> Response {
     let result = async {
         let req: TransitionBody = crate::body::read_json(body, gw.settings.max_body_bytes).await?;
-        for _ in 0..8 {
-            let record = gw.load_task(&task_id).await?;
+        let (gw, task_id, req, claims) = (&gw, &task_id, &req, &claims);
+        gw.retry_on_conflict(|| async move {
+            let record = gw.load_task(task_id).await?;
             let now = gw.now();
             let t = match gw.engine.transition(&record.task, &req.to) {
                 Ok(t) => t,
@@ -400,7 +401,10 @@ pub(crate) async fn transition(
                     gw.commit(vec![Op::Append(event)])
                         .await
                         .map_err(|e| ApiError::unavailable(e.to_string()))?;
-                    return Err(ApiError::denied(denial.reason, denial.detail));
+                    return Err(CommitError::from(ApiError::denied(
+                        denial.reason,
+                        denial.detail,
+                    )));
                 }
             };
             let mut task = record.task.clone();
@@ -414,13 +418,13 @@ pub(crate) async fn transition(
                     }
                     None => {
                         let id = gw.request_approval(&record.task, &marker, now).await?;
-                        return Err(ApiError::denied(
+                        return Err(CommitError::from(ApiError::denied(
                             Reason::ApprovalRequired,
                             format!(
                                 "entering state {} needs approval; held as elevation request {id}",
                                 t.to
                             ),
-                        ));
+                        )));
                     }
                 }
             }
@@ -436,13 +440,7 @@ pub(crate) async fn transition(
                 Op::Append(gw.transition_event(&task, &t, now)),
             ];
             let rotated = if t.reverify {
-                Some(
-                    gw.rotate(&claims, &task, record.deadline, now, &mut ops)
-                        .map_err(|e| match e {
-                            crate::pipeline::CommitError::Api(e) => e,
-                            crate::pipeline::CommitError::Lost => internal("lost"),
-                        })?,
-                )
+                Some(gw.rotate(claims, &task, record.deadline, now, &mut ops)?)
             } else {
                 None
             };
@@ -454,15 +452,12 @@ pub(crate) async fn transition(
                         rotation.add_to(&mut body);
                         gw.metrics.tokens(TokenEvent::Issued, 1);
                     }
-                    return Ok((no_store(), Json(body)).into_response());
+                    Ok((no_store(), Json(body)).into_response())
                 }
-                Err(StoreError::Conflict(_)) => continue,
-                Err(e) => return Err(ApiError::unavailable(e.to_string())),
+                Err(e) => Err(e.into()),
             }
-        }
-        Err(ApiError::unavailable(
-            "task is changing too fast; try again",
-        ))
+        })
+        .await
     }
     .await;
     respond(&rid, result)
@@ -509,13 +504,13 @@ async fn end_task(
     status: TaskStatus,
     by: &str,
 ) -> Result<Value, ApiError> {
-    for _ in 0..8 {
+    gw.retry_on_conflict(|| async move {
         let record = gw.load_task(task_id).await?;
         if record.task.status != TaskStatus::Active {
-            return Err(ApiError::denied(
+            return Err(CommitError::from(ApiError::denied(
                 Reason::TaskNotActive,
                 format!("task is {}", record.task.status.as_str()),
-            ));
+            )));
         }
         let now = gw.now();
         let mut task = record.task.clone();
@@ -543,19 +538,16 @@ async fn end_task(
                         Alert::for_task(TASK_HALTED, &task, now).detail(format!("halted by {by}")),
                     );
                 }
-                return Ok(json!({
+                Ok(json!({
                     "task_id": task.id,
                     "status": task.status.as_str(),
                     "revoked_tokens": done.revoked.len(),
-                }));
+                }))
             }
-            Err(StoreError::Conflict(_)) => continue,
-            Err(e) => return Err(ApiError::unavailable(e.to_string())),
+            Err(e) => Err(e.into()),
         }
-    }
-    Err(ApiError::unavailable(
-        "task is changing too fast; try again",
-    ))
+    })
+    .await
 }
 
 /// `POST /v1/tasks/{id}/complete` — the task's token or an admin.
@@ -604,23 +596,24 @@ pub(crate) async fn resume(
 ) -> Response {
     let result = async {
         let admin = gw.require_admin(&headers, Role::Admin)?.name.clone();
-        for _ in 0..8 {
-            let record = gw.load_task(&task_id).await?;
+        let (gw, task_id, admin) = (&gw, &task_id, &admin);
+        gw.retry_on_conflict(|| async move {
+            let record = gw.load_task(task_id).await?;
             if record.task.status != TaskStatus::Halted {
-                return Err(ApiError::denied(
+                return Err(CommitError::from(ApiError::denied(
                     Reason::TaskNotActive,
                     format!(
                         "only a halted task can resume; this one is {}",
                         record.task.status.as_str()
                     ),
-                ));
+                )));
             }
             let now = gw.now();
             if now >= record.deadline {
-                return Err(ApiError::denied(
+                return Err(CommitError::from(ApiError::denied(
                     Reason::TaskNotActive,
                     "task passed its maximum lifetime",
-                ));
+                )));
             }
             let mut task = record.task.clone();
             task.status = TaskStatus::Active;
@@ -657,15 +650,12 @@ pub(crate) async fn resume(
                         "token_type": "Bearer",
                         "expires_in": expires_in,
                     });
-                    return Ok((no_store(), Json(body)).into_response());
+                    Ok((no_store(), Json(body)).into_response())
                 }
-                Err(StoreError::Conflict(_)) => continue,
-                Err(e) => return Err(ApiError::unavailable(e.to_string())),
+                Err(e) => Err(e.into()),
             }
-        }
-        Err(ApiError::unavailable(
-            "task is changing too fast; try again",
-        ))
+        })
+        .await
     }
     .await;
     respond(&rid, result)

@@ -141,6 +141,9 @@ pub struct TaskCounts {
     pub halted: u64,
 }
 
+/// The outcome of a batch queued with [`Store::enqueue`].
+pub type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Committed>> + Send>>;
+
 /// The ledger. Implementations are shared across tasks (`Arc<dyn Store>`).
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -155,6 +158,24 @@ pub trait Store: Send + Sync + 'static {
     /// tell). If the returned future is dropped before it completes, the
     /// batch may or may not be committed.
     async fn commit(&self, ops: Vec<Op>) -> Result<Committed>;
+
+    /// Queues `ops` for commit behind every batch queued before them and
+    /// returns once they are queued, with the outcome to wait for. A
+    /// backend without a writer queue commits them before returning: an
+    /// error is then returned at once, and the outcome is ready. The batch's guarantees are those of
+    /// [`Store::commit`]; dropping the outcome does not cancel the commit.
+    async fn enqueue(&self, ops: Vec<Op>) -> Result<Pending> {
+        // No queue: committed (or refused, which the caller hears now).
+        let committed = self.commit(ops).await?;
+        Ok(Box::pin(std::future::ready(Ok(committed))))
+    }
+
+    /// Waits until every batch queued with [`Store::enqueue`] before this
+    /// call has been applied (committed or failed), so a read after it sees
+    /// them. Immediate for a backend without a writer queue.
+    async fn settled(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// The task with this id.
     async fn task(&self, id: &str) -> Result<Option<TaskRecord>>;

@@ -55,6 +55,7 @@ pub async fn run_all(store: &dyn Store) {
     refresh_spends_once(store).await;
     revoke_task_tokens(store).await;
     audit_seqs_are_gap_free(store).await;
+    queued_batches_land_in_queue_order(store).await;
     audit_query_filters(store).await;
     audit_query_limits(store).await;
     concurrent_commits(store).await;
@@ -790,6 +791,54 @@ pub async fn audit_seqs_are_gap_free(store: &dyn Store) {
         events.into_iter().map(|e| e.event).collect::<Vec<_>>(),
         written
     );
+}
+
+/// Batches queued with `enqueue` commit in the order they were queued (their
+/// seqs rise with it), a read after `settled` sees every one of them, and a
+/// refused batch is reported (on the queue's outcome, or at once by a
+/// backend without a queue) without taking the others with it.
+pub async fn queued_batches_land_in_queue_order(store: &dyn Store) {
+    let task_id = unique("queued");
+    let mut pending = Vec::new();
+    for i in 0..20_u64 {
+        let mut event = sample_event(EventKind::CallCompleted, &task_id);
+        event.ts = T0.plus_millis(i);
+        event.latency_us = Some(i);
+        pending.push(store.enqueue(vec![Op::Append(event)]).await.expect("queue"));
+    }
+    // A batch that must fail (the task's version is not 999).
+    let refused = store
+        .enqueue(vec![Op::UpdateTask {
+            record: sample_task(&unique("absent")),
+            expected_version: 999,
+        }])
+        .await;
+    store.settled().await.expect("settled");
+    let events = store
+        .audit(&AuditQuery {
+            task_id: Some(task_id),
+            ..AuditQuery::default()
+        })
+        .await
+        .expect("read audit");
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| e.event.latency_us)
+            .collect::<Vec<_>>(),
+        (0..20).map(Some).collect::<Vec<_>>(),
+        "all queued batches, in queue order, visible after settled"
+    );
+    let mut last = 0;
+    for p in pending {
+        let committed = p.await.expect("committed");
+        let seq = committed.seqs.first().copied().unwrap_or(0);
+        assert!(seq > last, "seqs follow the queue order");
+        last = seq;
+    }
+    if let Ok(outcome) = refused {
+        assert!(outcome.await.is_err(), "the refused batch");
+    }
 }
 
 /// Filters by task, by kind, by both, and `since_seq` (exclusive).

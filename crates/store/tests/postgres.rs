@@ -170,6 +170,7 @@ suite!(
     refresh_spends_once,
     revoke_task_tokens,
     audit_seqs_are_gap_free,
+    queued_batches_land_in_queue_order,
     audit_query_filters,
     audit_query_limits,
     concurrent_commits,

@@ -351,6 +351,14 @@ impl Store for Outage {
         self.check()?;
         self.inner.commit(ops).await
     }
+    async fn enqueue(&self, ops: Vec<Op>) -> Result<portcullis_store::Pending, StoreError> {
+        self.check()?;
+        self.inner.enqueue(ops).await
+    }
+    async fn settled(&self) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.settled().await
+    }
     async fn task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
         self.check()?;
         self.inner.task(id).await

@@ -635,12 +635,20 @@ fn clamp_to_int<T: TryInto<i64>>(value: T) -> i64 {
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     async fn commit(&self, ops: Vec<Op>) -> Result<Committed> {
+        self.enqueue(ops).await?.await
+    }
+
+    /// In the writer's queue on return: the single writer commits in queue
+    /// order, so the batch lands after every batch queued before it.
+    async fn enqueue(&self, ops: Vec<Op>) -> Result<crate::Pending> {
         let (reply, answer) = oneshot::channel();
         let queued = self.queue.ticket();
         self.send(Request::Commit { ops, reply, queued }).await?;
-        answer
-            .await
-            .map_err(|_| StoreError::Unavailable("store writer stopped before answering".into()))?
+        Ok(Box::pin(async move {
+            answer.await.map_err(|_| {
+                StoreError::Unavailable("store writer stopped before answering".into())
+            })?
+        }))
     }
 
     async fn task(&self, id: &str) -> Result<Option<TaskRecord>> {
@@ -923,6 +931,16 @@ impl Store for SqliteStore {
 
     fn queue_depth(&self) -> u64 {
         self.queue.depth()
+    }
+
+    async fn settled(&self) -> Result<()> {
+        // The writer answers a ping after applying every batch queued
+        // before it (in the same group or an earlier one).
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Ping { reply }).await?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("store writer stopped before answering".into()))?
     }
 
     async fn ping(&self) -> Result<()> {
