@@ -233,6 +233,18 @@ pub fn client_config(tls: &ClientTls, alpn: &[&[u8]]) -> Result<Arc<ClientConfig
     Ok(Arc::new(config))
 }
 
+/// A client configuration that trusts no server: for a connector that
+/// must have one but only ever carries plain `http://` (any TLS handshake
+/// through it fails).
+pub fn trusting_nothing() -> Result<Arc<ClientConfig>, TlsError> {
+    Ok(Arc::new(
+        ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(RootCertStore::empty())
+            .with_no_client_auth(),
+    ))
+}
+
 /// A certificate chain and its key, checked: both readable, the key the
 /// certificate's, the end-entity certificate valid at `now`.
 pub fn certified_key(cert: &Path, key: &Path, now: SystemTime) -> Result<CertifiedKey, TlsError> {
@@ -312,6 +324,28 @@ pub fn check_certificates(path: &Path, now: SystemTime) -> Result<(), TlsError> 
 /// [`certified_key`].
 pub fn check_identity(cert: &Path, key: &Path, now: SystemTime) -> Result<(), TlsError> {
     certified_key(cert, key, now).map(|_| ())
+}
+
+/// An error and its causes, outermost first: hyper's own text ("client
+/// error (Connect)") hides the reason a TLS handshake failed (an unknown
+/// issuer, an expired certificate, a wrong host name) in its sources.
+pub fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    let mut depth = 0;
+    while let Some(cause) = next {
+        if depth == 8 {
+            break;
+        }
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        next = cause.source();
+        depth += 1;
+    }
+    text
 }
 
 #[cfg(test)]
