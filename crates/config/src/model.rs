@@ -67,6 +67,21 @@ pub struct Server {
     /// Largest accepted request body.
     #[serde(default = "Server::default_max_body_bytes")]
     pub max_body_bytes: u64,
+    /// TLS on the listener (default: plain HTTP).
+    #[serde(default)]
+    pub tls: Option<ServerTls>,
+}
+
+/// `[server] tls = { cert = "…", key = "…" }`: the listener's certificate
+/// and key, PEM files relative to the configuration's folder, reloaded on
+/// SIGHUP and when either file changes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    /// The certificate chain, end-entity certificate first.
+    pub cert: String,
+    /// Its private key.
+    pub key: String,
 }
 
 impl Server {
@@ -87,6 +102,7 @@ impl Default for Server {
             listen: Self::default_listen(),
             issuer: Self::default_issuer(),
             max_body_bytes: Self::default_max_body_bytes(),
+            tls: None,
         }
     }
 }

@@ -204,7 +204,8 @@ impl Alerts {
     ) -> Result<Self, SetupError> {
         let uri = parse_webhook(webhook)?;
         let tls = if uri.scheme_str() == Some("https") {
-            portcullis_tls::client_config(tls, &[b"http/1.1"])
+            // No ALPN here: the connector sets it (and refuses a preset one).
+            portcullis_tls::client_config(tls, &[])
         } else {
             portcullis_tls::trusting_nothing()
         }

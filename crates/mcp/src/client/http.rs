@@ -113,7 +113,8 @@ impl HttpConn {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         let tls = if https {
-            portcullis_tls::client_config(&options.tls, &[b"http/1.1"])
+            // No ALPN here: the connector sets it (and refuses a preset one).
+            portcullis_tls::client_config(&options.tls, &[])
         } else {
             portcullis_tls::trusting_nothing()
         }
