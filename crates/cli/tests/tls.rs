@@ -35,7 +35,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 mod common;
 
-use common::cluster::Upstream;
+use common::cluster::{PrivatePostgres, Upstream, psql};
 use common::{
     ADMIN, ADMIN_SHA256, BIN, BOOTSTRAP, BOOTSTRAP_SHA256, Server, free_port, portcullis,
 };
@@ -126,6 +126,24 @@ async fn tls_front(acceptor: TlsAcceptor, target: u16) -> (u16, Arc<AtomicUsize>
 /// The gateway's configuration: one upstream (`upstream` is the body of its
 /// table after `name`), one agent with `warehouse.echo`.
 fn write_config(dir: &Path, port: u16, server_tls: &str, upstream: &str, audit: &str) {
+    write_config_on(
+        dir,
+        port,
+        server_tls,
+        upstream,
+        audit,
+        "sqlite://portcullis.db",
+    );
+}
+
+fn write_config_on(
+    dir: &Path,
+    port: u16,
+    server_tls: &str,
+    upstream: &str,
+    audit: &str,
+    store: &str,
+) {
     let key = dir.join("keys/k.ed25519");
     if !key.exists() {
         let out = portcullis(dir, &["keygen", "--out", key.to_str().unwrap()]);
@@ -139,7 +157,7 @@ issuer = "http://127.0.0.1:{port}"
 {server_tls}
 
 [store]
-url = "sqlite://portcullis.db"
+url = "{store}"
 
 [tokens]
 signing_key = "keys/k.ed25519"
@@ -607,4 +625,153 @@ async fn the_tls_listener_speaks_http1_and_h2_and_new_connections_see_a_reloaded
         log_of(dir.path())
     );
     assert!(server.0.try_wait().unwrap().is_none(), "SIGHUP ended serve");
+}
+
+// ---------------------------------------------------------------------------
+// PostgreSQL
+
+fn plain_upstream(port: u16) -> String {
+    format!(
+        "transport = \"http\"\nurl = \"http://127.0.0.1:{port}/mcp\"\ncredential = {{ kind = \"jwt\" }}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_connects_over_tls_with_sslmode_verify_full() {
+    let Some(pg) = PrivatePostgres::start("the_ledger_connects_over_tls_with_sslmode_verify_full")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let server = pki.ca.issue(&["localhost", "127.0.0.1"], Validity::Current);
+    pg.enable_ssl(&server.cert, &server.key);
+    let upstream = Upstream::start(dir.path()).await;
+    let port = free_port();
+    let store = format!("{}?sslmode=verify-full&sslrootcert=ca.crt", pg.url);
+    write_config_on(
+        dir.path(),
+        port,
+        "",
+        &plain_upstream(upstream.port),
+        "",
+        &store,
+    );
+    let out = portcullis(dir.path(), &["check", "--config", "portcullis.toml"]);
+    assert!(out.status.success(), "check: {out:?}");
+    let mut serve = start_serve(dir.path());
+    let base = format!("http://127.0.0.1:{port}");
+    let client = client();
+    wait_ready(&mut serve, dir.path(), &base, &client).await;
+    let (status, body) = one_call(&client, &base).await;
+    assert_eq!(status, 200, "{body}");
+    // Every session of the gateway is encrypted.
+    let sessions = psql(
+        &pg.url,
+        "SELECT count(*), count(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a \
+         JOIN pg_stat_ssl s USING (pid) WHERE a.application_name LIKE 'portcullis%'",
+    );
+    let (all, encrypted) = sessions.split_once('|').unwrap();
+    assert!(all.parse::<u32>().unwrap() >= 1, "{sessions}");
+    assert_eq!(all, encrypted, "sessions without TLS: {sessions}");
+
+    // The same server named by a certificate for another host: refused.
+    drop(serve);
+    let wrong = pki.ca.issue(&["elsewhere.example"], Validity::Current);
+    pg.enable_ssl(&wrong.cert, &wrong.key);
+    let out = portcullis_within(
+        dir.path(),
+        &["serve", "--config", "portcullis.toml"],
+        Duration::from_secs(40),
+    );
+    assert!(
+        !out.0,
+        "serve started against a certificate for another host"
+    );
+    assert!(out.1.contains("not valid for name"), "{}", out.1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslmode_require_is_refused_by_a_server_without_tls() {
+    let Some(pg) = PrivatePostgres::start("sslmode_require_is_refused_by_a_server_without_tls")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start(dir.path()).await;
+    let store = format!("{}?sslmode=require", pg.url);
+    write_config_on(
+        dir.path(),
+        free_port(),
+        "",
+        &plain_upstream(upstream.port),
+        "",
+        &store,
+    );
+    let out = portcullis_within(
+        dir.path(),
+        &["serve", "--config", "portcullis.toml"],
+        Duration::from_secs(40),
+    );
+    assert!(!out.0, "serve started without TLS to PostgreSQL");
+    assert!(
+        out.1.to_lowercase().contains("tls") || out.1.contains("ssl"),
+        "{}",
+        out.1
+    );
+    // `prefer` (the default) falls back to plain text on that server.
+    let store = format!("{}?sslmode=prefer", pg.url);
+    let port = free_port();
+    write_config_on(
+        dir.path(),
+        port,
+        "",
+        &plain_upstream(upstream.port),
+        "",
+        &store,
+    );
+    let mut serve = start_serve(dir.path());
+    wait_ready(
+        &mut serve,
+        dir.path(),
+        &format!("http://127.0.0.1:{port}"),
+        &client(),
+    )
+    .await;
+}
+
+/// Runs the CLI until it exits or `limit` passes: (succeeded, output).
+fn portcullis_within(dir: &Path, args: &[&str], limit: Duration) -> (bool, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return (status.success(), text);
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            return (
+                true,
+                format!(
+                    "still running after {limit:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
