@@ -538,11 +538,35 @@ impl Conn {
             .header("host", "localhost")
             .body(Full::new(Bytes::new()))
             .unwrap();
-        let r = match self {
+        let r = self.send(req).await;
+        (r.status().as_u16(), r.version())
+    }
+
+    async fn send(
+        &mut self,
+        req: hyper::Request<Full<Bytes>>,
+    ) -> hyper::Response<hyper::body::Incoming> {
+        match self {
             Self::H1(s) => s.send_request(req).await.unwrap(),
             Self::H2(s) => s.send_request(req).await.unwrap(),
-        };
-        (r.status().as_u16(), r.version())
+        }
+    }
+
+    /// Starts a task of `bot`: its access token.
+    async fn start_task(&mut self) -> String {
+        let req = hyper::Request::post("https://localhost/v1/tasks")
+            .header("host", "localhost")
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {BOOTSTRAP}"))
+            .body(Full::new(Bytes::from(
+                json!({ "agent_id": "bot", "goal": "tls test" }).to_string(),
+            )))
+            .unwrap();
+        let r = self.send(req).await;
+        assert_eq!(r.status(), 201);
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let task: Value = serde_json::from_slice(&body).unwrap();
+        task["access_token"].as_str().unwrap().to_owned()
     }
 }
 
@@ -774,4 +798,94 @@ fn portcullis_within(dir: &Path, args: &[&str], limit: Duration) -> (bool, Strin
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The `mcp` Python SDK (2.x), or a SKIP notice.
+fn python_sdk() -> bool {
+    let ok = Command::new("python3")
+        .args([
+            "-c",
+            "import importlib.metadata as m, mcp.client.client, mcp.client.streamable_http; \
+             assert m.version('mcp').split('.')[0] == '2'",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIP: the mcp 2.x Python SDK is not importable by python3 (pip install mcp)");
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_mcp_sdk_calls_through_the_tls_listener_trusting_the_ca() {
+    if !python_sdk() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let upstream = Upstream::start(dir.path()).await;
+    let port = free_port();
+    write_config(
+        dir.path(),
+        port,
+        "tls = { cert = \"server.crt\", key = \"server.key\" }",
+        &plain_upstream(upstream.port),
+        "",
+    );
+    // The token audience is the issuer: the https origin the client uses.
+    let config = std::fs::read_to_string(dir.path().join("portcullis.toml"))
+        .unwrap()
+        .replace(
+            &format!("issuer = \"http://127.0.0.1:{port}\""),
+            &format!("issuer = \"https://localhost:{port}\""),
+        );
+    std::fs::write(dir.path().join("portcullis.toml"), config).unwrap();
+    let mut server = start_serve(dir.path());
+    let started = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            panic!("serve exited early ({status}):\n{}", log_of(dir.path()));
+        }
+        assert!(started.elapsed() < Duration::from_secs(40), "not listening");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut conn, _) = Conn::open(port, &pki.ca_file, false).await;
+    let token = conn.start_task().await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp_client.py");
+    let steps = json!([
+        { "op": "list" },
+        { "op": "call", "name": "warehouse.echo", "arguments": { "text": "through tls" } }
+    ]);
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(format!("https://localhost:{port}/mcp"))
+        .arg("2026-07-28")
+        .arg(steps.to_string())
+        .env("PORTCULLIS_MCP_TOKEN", &token)
+        .env("SSL_CERT_FILE", &pki.ca_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python client: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        log_of(dir.path())
+    );
+    let answers: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answers[0]["tools"], json!(["warehouse.echo"]), "{answers}");
+    assert!(answers[1].to_string().contains("through tls"), "{answers}");
+
+    // Without the CA the same client refuses the listener.
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(format!("https://localhost:{port}/mcp"))
+        .arg("2026-07-28")
+        .arg(json!([{ "op": "list" }]).to_string())
+        .env("PORTCULLIS_MCP_TOKEN", &token)
+        .env("SSL_CERT_FILE", &pki.other_ca_file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the client trusted an unknown CA");
 }

@@ -789,13 +789,13 @@ fn check_sections(loaded: &LoadedConfig, r: &mut Reporter<'_>) {
     if a.hot_days > a.retention_days {
         r.at(&audit.key("hot_days"), "longer than retention_days");
     }
-    if let Some(hook) = &a.alert_webhook {
-        if !(hook.starts_with("http://") || hook.starts_with("https://")) {
-            r.at(
-                &audit.key("alert_webhook"),
-                format!("{hook:?} is not an http(s) URL"),
-            );
-        }
+    if let Some(hook) = &a.alert_webhook
+        && !(hook.starts_with("http://") || hook.starts_with("https://"))
+    {
+        r.at(
+            &audit.key("alert_webhook"),
+            format!("{hook:?} is not an http(s) URL"),
+        );
     }
 
     check_duplicates(
