@@ -186,9 +186,10 @@
 //!   NUL finds nothing.
 //! * No message ever contains the URL or the password (`tokio_postgres`'
 //!   own `Config` debug output redacts it, and this module prints neither).
-//! * TLS is not built in (no TLS dependency): run PostgreSQL on a local or
-//!   otherwise protected network, or through a TLS-terminating proxy; a URL
-//!   with `sslmode=require` fails to connect.
+//! * TLS: the URL's `sslmode` and `sslrootcert` have libpq's meanings
+//!   ([`configure`], [`portcullis_tls::postgres`]); every connection of the
+//!   store (pool, writer, revocation listener) is made through the same
+//!   rustls connector.
 //!
 //! # Reads and the pool
 //!
