@@ -818,6 +818,77 @@ fn python_sdk() -> bool {
     ok
 }
 
+/// A gateway with a TLS listener whose issuer is its https origin, ready:
+/// (server, port).
+async fn tls_gateway(dir: &Path, upstream: &Upstream) -> (Server, u16) {
+    let port = free_port();
+    write_config(
+        dir,
+        port,
+        "tls = { cert = \"server.crt\", key = \"server.key\" }",
+        &plain_upstream(upstream.port),
+        "",
+    );
+    // The token audience is the issuer: the https origin the client uses.
+    let config = std::fs::read_to_string(dir.join("portcullis.toml"))
+        .unwrap()
+        .replace(
+            &format!("issuer = \"http://127.0.0.1:{port}\""),
+            &format!("issuer = \"https://localhost:{port}\""),
+        );
+    std::fs::write(dir.join("portcullis.toml"), config).unwrap();
+    let mut server = start_serve(dir);
+    let started = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            panic!("serve exited early ({status}):\n{}", log_of(dir));
+        }
+        assert!(started.elapsed() < Duration::from_secs(40), "not listening");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (server, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portcullis_connect_relays_to_a_tls_listener_trusting_ssl_cert_file() {
+    use std::io::{BufRead as _, Write as _};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let upstream = Upstream::start(dir.path()).await;
+    let (_server, port) = tls_gateway(dir.path(), &upstream).await;
+    let (mut conn, _) = Conn::open(port, &pki.ca_file, false).await;
+    let token = conn.start_task().await;
+    let mut bridge = Command::new(BIN)
+        .args(["connect", "--url", &format!("https://localhost:{port}/mcp")])
+        .env("PORTCULLIS_TOKEN", &token)
+        .env("SSL_CERT_FILE", &pki.ca_file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = bridge.stdin.take().unwrap();
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "desk", "version": "1"}}});
+    writeln!(stdin, "{init}").unwrap();
+    let stdout = bridge.stdout.take().unwrap();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        line
+    });
+    let line = tokio::time::timeout(Duration::from_secs(30), answer)
+        .await
+        .expect("no answer through the bridge")
+        .unwrap();
+    drop(stdin);
+    let _ = bridge.kill();
+    let _ = bridge.wait();
+    let answer: Value = serde_json::from_str(&line).unwrap();
+    assert!(answer["result"]["serverInfo"].is_object(), "{answer}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_mcp_sdk_calls_through_the_tls_listener_trusting_the_ca() {
     if !python_sdk() {
@@ -826,31 +897,7 @@ async fn the_python_mcp_sdk_calls_through_the_tls_listener_trusting_the_ca() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
     let upstream = Upstream::start(dir.path()).await;
-    let port = free_port();
-    write_config(
-        dir.path(),
-        port,
-        "tls = { cert = \"server.crt\", key = \"server.key\" }",
-        &plain_upstream(upstream.port),
-        "",
-    );
-    // The token audience is the issuer: the https origin the client uses.
-    let config = std::fs::read_to_string(dir.path().join("portcullis.toml"))
-        .unwrap()
-        .replace(
-            &format!("issuer = \"http://127.0.0.1:{port}\""),
-            &format!("issuer = \"https://localhost:{port}\""),
-        );
-    std::fs::write(dir.path().join("portcullis.toml"), config).unwrap();
-    let mut server = start_serve(dir.path());
-    let started = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        if let Some(status) = server.0.try_wait().unwrap() {
-            panic!("serve exited early ({status}):\n{}", log_of(dir.path()));
-        }
-        assert!(started.elapsed() < Duration::from_secs(40), "not listening");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (_server, port) = tls_gateway(dir.path(), &upstream).await;
     let (mut conn, _) = Conn::open(port, &pki.ca_file, false).await;
     let token = conn.start_task().await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp_client.py");
