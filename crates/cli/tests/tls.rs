@@ -323,7 +323,6 @@ async fn a_wrong_ca_an_expired_certificate_or_a_wrong_host_name_is_upstream_unav
             "certificate not valid for name",
         ),
     ];
-    let _ = &pki.other_ca_file;
     for (case, (cert, key), keys, cause) in cases {
         let (front, forwarded) = tls_front(acceptor(cert, key, None), upstream.port).await;
         let port = free_port();
@@ -661,9 +660,10 @@ fn plain_upstream(port: u16) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_ledger_connects_over_tls_with_sslmode_verify_full() {
-    let Some(pg) = PrivatePostgres::start("the_ledger_connects_over_tls_with_sslmode_verify_full")
-    else {
+async fn the_ledger_connects_over_tls_with_verify_full_and_verify_ca_checks_the_chain_only() {
+    let Some(pg) = PrivatePostgres::start(
+        "the_ledger_connects_over_tls_with_verify_full_and_verify_ca_checks_the_chain_only",
+    ) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -713,6 +713,44 @@ async fn the_ledger_connects_over_tls_with_sslmode_verify_full() {
         "serve started against a certificate for another host"
     );
     assert!(out.1.contains("not valid for name"), "{}", out.1);
+
+    // verify-ca checks the chain only: the same server is accepted.
+    let port = free_port();
+    let store = format!("{}?sslmode=verify-ca&sslrootcert=ca.crt", pg.url);
+    write_config_on(
+        dir.path(),
+        port,
+        "",
+        &plain_upstream(upstream.port),
+        "",
+        &store,
+    );
+    let mut serve = start_serve(dir.path());
+    wait_ready(
+        &mut serve,
+        dir.path(),
+        &format!("http://127.0.0.1:{port}"),
+        &client,
+    )
+    .await;
+    // And a root of another CA is refused even by verify-ca.
+    drop(serve);
+    let store = format!("{}?sslmode=verify-ca&sslrootcert=other-ca.crt", pg.url);
+    write_config_on(
+        dir.path(),
+        free_port(),
+        "",
+        &plain_upstream(upstream.port),
+        "",
+        &store,
+    );
+    let out = portcullis_within(
+        dir.path(),
+        &["serve", "--config", "portcullis.toml"],
+        Duration::from_secs(40),
+    );
+    assert!(!out.0, "serve started against a server of another CA");
+    assert!(out.1.contains("UnknownIssuer"), "{}", out.1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
