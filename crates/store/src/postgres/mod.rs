@@ -350,13 +350,18 @@ pub fn configure(url: &str) -> Result<(Config, TlsConnector)> {
         .parse()
         .map_err(|e: tokio_postgres::Error| invalid(describe(&e)))?;
     use portcullis_tls::postgres::SslMode as Mode;
-    config.ssl_mode(match tls.mode {
-        Mode::Disable => tokio_postgres::config::SslMode::Disable,
-        Mode::Prefer => tokio_postgres::config::SslMode::Prefer,
-        Mode::Require | Mode::VerifyCa | Mode::VerifyFull => {
-            tokio_postgres::config::SslMode::Require
-        }
-    });
+    // A `key=value` string keeps the `sslmode` tokio-postgres read from it
+    // (`PgTls` only takes it out of the URL form).
+    let url_form = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    if url_form {
+        config.ssl_mode(match tls.mode {
+            Mode::Disable => tokio_postgres::config::SslMode::Disable,
+            Mode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            Mode::Require | Mode::VerifyCa | Mode::VerifyFull => {
+                tokio_postgres::config::SslMode::Require
+            }
+        });
+    }
     let client = match tls.client_config() {
         Ok(Some(c)) => c,
         Ok(None) => portcullis_tls::trusting_nothing()
@@ -739,5 +744,35 @@ impl Store for PostgresStore {
 
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+}
+
+#[cfg(test)]
+mod tls_tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use tokio_postgres::config::SslMode;
+
+    use super::configure;
+
+    #[test]
+    fn sslmode_reaches_tokio_postgres_in_both_url_forms() {
+        let mode = |url: &str| configure(url).unwrap().0.get_ssl_mode();
+        assert_eq!(mode("postgres://u@db/x"), SslMode::Prefer);
+        assert_eq!(mode("postgres://u@db/x?sslmode=disable"), SslMode::Disable);
+        assert_eq!(
+            mode("postgres://u@db/x?sslmode=verify-full&sslrootcert=system"),
+            SslMode::Require
+        );
+        assert_eq!(mode("host=db user=u sslmode=require"), SslMode::Require);
+        assert_eq!(mode("host=db user=u sslmode=disable"), SslMode::Disable);
+    }
+
+    #[test]
+    fn a_bad_sslmode_is_refused_without_the_password() {
+        let e = configure("postgres://u:hunter2@db/x?sslmode=verify-full")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sslrootcert") && !e.contains("hunter2"), "{e}");
     }
 }
