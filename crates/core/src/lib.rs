@@ -64,6 +64,7 @@ mod build;
 mod clock;
 mod decision;
 mod engine;
+pub mod plan;
 mod policy;
 mod reason;
 mod task;

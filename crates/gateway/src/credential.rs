@@ -9,12 +9,13 @@
 //!
 //! | kind | provider | what the upstream gets |
 //! |---|---|---|
-//! | `jwt` | [`JwtProvider`] | a token with `aud` = the upstream, `scope` = the tool, ≤ 60 s, never past the task's deadline |
+//! | `jwt` | [`JwtProvider`] | a token with `aud` = the upstream, `scope` = the tool, ≤ 60 s, never past the task's deadline; reused for the calls made with the same access token until 80 % of its lifetime |
 //! | `static` | [`StaticProvider`] | a configured secret as a header; the agent never sees it |
 //! | `none` | [`NoCredential`] | nothing |
 //! | `postgres-role` | [`crate::pgrole::PostgresRoleProvider`] | a database role for the task: `LOGIN`, random password, `VALID UNTIL`, only the configured grants; dropped when the task ends |
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use portcullis_config::{CredentialKind, LoadedConfig, Upstream as UpstreamConfig};
@@ -39,6 +40,10 @@ pub struct HopRequest<'a> {
     pub deadline: Timestamp,
     /// Now.
     pub now: Timestamp,
+    /// The `jti` of the access token that made the call, when a credential
+    /// issued for an earlier call made with it may be reused (a forwarded
+    /// call); `None` for a fresh one.
+    pub presented: Option<&'a str>,
 }
 
 /// A credential and the ledger operations that record it.
@@ -50,6 +55,27 @@ pub struct Issued {
     pub ttl_secs: Option<u64>,
     /// Ledger operations to commit with the call.
     pub ops: Vec<Op>,
+    /// A newly minted credential that later calls may reuse once `ops`
+    /// are committed: the caller passes it to [`Reusable::keep`] then, and
+    /// drops it when the commit fails (nothing unrecorded is ever reused).
+    pub reuse: Option<Reusable>,
+}
+
+/// A per-hop token to keep for reuse once it is on record.
+#[derive(Debug)]
+pub struct Reusable {
+    cache: Arc<HopCache>,
+    presented: String,
+    tool: String,
+    kept: Kept,
+}
+
+impl Reusable {
+    /// Keeps the token for the later calls of the same access token.
+    pub fn keep(self) {
+        let now = self.kept.minted;
+        self.cache.put(&self.presented, &self.tool, self.kept, now);
+    }
 }
 
 /// Why no credential could be issued; either way the call is not made.
@@ -89,6 +115,60 @@ pub trait CredentialProvider: Send + Sync + std::fmt::Debug {
 pub struct JwtProvider {
     ring: KeyRing,
     issuer: String,
+    /// Tokens kept for reuse, when this provider serves forwarded calls.
+    reuse: Option<Arc<HopCache>>,
+}
+
+/// Most per-hop tokens one upstream keeps for reuse.
+pub const HOP_CACHE_MAX: usize = 4096;
+
+/// Per-hop tokens minted for forwarded calls, kept for reuse: one per
+/// (presented access token, tool), until 80 % of its lifetime. Minting one
+/// per call cost a signature and two ledger records (the token and its
+/// `token.issued` event) per call. Keyed on the presented token, so a
+/// refresh, a rotation (`reverify`) or a resume — each a new access token —
+/// gets a fresh per-hop token, on every replica; a token is never shared
+/// between tasks or tools.
+#[derive(Debug, Default)]
+struct HopCache {
+    by_key: Mutex<HashMap<(String, String), Kept>>,
+}
+
+#[derive(Debug, Clone)]
+struct Kept {
+    task_id: String,
+    token: String,
+    minted: Timestamp,
+    reuse_until: Timestamp,
+    expires: Timestamp,
+}
+
+impl HopCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Kept>> {
+        // Entries are replaced whole: a panic cannot leave one half-written.
+        self.by_key.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn get(&self, presented: &str, tool: &str, now: Timestamp) -> Option<Kept> {
+        let map = self.lock();
+        let kept = map.get(&(presented.to_owned(), tool.to_owned()))?;
+        (kept.minted <= now && now < kept.reuse_until).then(|| kept.clone())
+    }
+
+    fn put(&self, presented: &str, tool: &str, kept: Kept, now: Timestamp) {
+        let mut map = self.lock();
+        if map.len() >= HOP_CACHE_MAX {
+            map.retain(|_, k| now < k.reuse_until);
+            if map.len() >= HOP_CACHE_MAX {
+                map.clear();
+            }
+        }
+        map.insert((presented.to_owned(), tool.to_owned()), kept);
+    }
+
+    fn forget_task(&self, task_id: &str) {
+        self.lock().retain(|_, k| k.task_id != task_id);
+    }
 }
 
 /// The `aud` of a per-hop token from token exchange for `upstream`:
@@ -101,7 +181,20 @@ pub fn exchange_audience(upstream: &str) -> String {
 impl JwtProvider {
     /// A provider signing with `ring` as `issuer`.
     pub fn new(ring: KeyRing, issuer: String) -> Self {
-        Self { ring, issuer }
+        Self {
+            ring,
+            issuer,
+            reuse: None,
+        }
+    }
+
+    /// The same signer, with a cache of its own for reusing the tokens of
+    /// forwarded calls (one per upstream).
+    pub fn reusing(&self) -> Self {
+        Self {
+            reuse: Some(Arc::new(HopCache::default())),
+            ..self.clone()
+        }
     }
 
     /// Mints the token the gateway forwards with a call (synchronously; no
@@ -175,6 +268,7 @@ impl JwtProvider {
             credential: HopCredential::Jwt { token },
             ttl_secs: Some(expires.as_secs().saturating_sub(req.now.as_secs())),
             ops: vec![Op::InsertToken(record), Op::Append(event)],
+            reuse: None,
         })
     }
 }
@@ -186,7 +280,42 @@ impl CredentialProvider for JwtProvider {
     }
 
     async fn issue(&self, req: &HopRequest<'_>) -> Result<Issued, ProviderError> {
-        self.mint(req)
+        let (Some(cache), Some(presented), [tool]) = (&self.reuse, req.presented, req.tools) else {
+            return self.mint(req);
+        };
+        if let Some(kept) = cache.get(presented, tool, req.now) {
+            // Already on record (its `token.issued` event names the jti).
+            return Ok(Issued {
+                credential: HopCredential::Jwt { token: kept.token },
+                ttl_secs: Some(kept.expires.as_secs().saturating_sub(req.now.as_secs())),
+                ops: Vec::new(),
+                reuse: None,
+            });
+        }
+        let mut issued = self.mint(req)?;
+        if let (HopCredential::Jwt { token }, Some(ttl)) = (&issued.credential, issued.ttl_secs) {
+            let expires = req.now.plus_millis(ttl.saturating_mul(1000));
+            let life = expires.0.saturating_sub(req.now.0);
+            issued.reuse = Some(Reusable {
+                cache: cache.clone(),
+                presented: presented.to_owned(),
+                tool: tool.clone(),
+                kept: Kept {
+                    task_id: req.task.id.clone(),
+                    token: token.clone(),
+                    minted: req.now,
+                    reuse_until: Timestamp(req.now.0.saturating_add(life / 10 * 8)),
+                    expires,
+                },
+            });
+        }
+        Ok(issued)
+    }
+
+    async fn release(&self, task_id: &str) {
+        if let Some(cache) = &self.reuse {
+            cache.forget_task(task_id);
+        }
     }
 }
 
@@ -216,6 +345,7 @@ impl CredentialProvider for StaticProvider {
             },
             ttl_secs: None,
             ops: Vec::new(),
+            reuse: None,
         })
     }
 }
@@ -235,6 +365,7 @@ impl CredentialProvider for NoCredential {
             credential: HopCredential::None,
             ttl_secs: None,
             ops: Vec::new(),
+            reuse: None,
         })
     }
 }
@@ -266,7 +397,7 @@ pub(crate) fn from_config(
 ) -> Result<Arc<dyn CredentialProvider>, SetupError> {
     let c = &up.credential;
     Ok(match c.kind {
-        CredentialKind::Jwt => Arc::new(jwt.clone()),
+        CredentialKind::Jwt => Arc::new(jwt.reusing()),
         CredentialKind::None => Arc::new(NoCredential),
         CredentialKind::PostgresRole => {
             let url = c
@@ -339,6 +470,7 @@ mod tests {
             tools: &[],
             deadline: Timestamp(u64::MAX),
             now: Timestamp(0),
+            presented: None,
         }
     }
 
@@ -423,5 +555,95 @@ mod tests {
             provider.issue(&request(&t)).await,
             Err(ProviderError::Unavailable(_))
         ));
+    }
+
+    fn hop_request<'a>(
+        task: &'a Task,
+        now: u64,
+        presented: Option<&'a str>,
+        tools: &'a [String],
+    ) -> HopRequest<'a> {
+        HopRequest {
+            upstream: "u",
+            task,
+            tools,
+            deadline: Timestamp(u64::MAX),
+            now: Timestamp(now),
+            presented,
+        }
+    }
+
+    fn token_of(issued: &Issued) -> String {
+        match &issued.credential {
+            HopCredential::Jwt { token } => token.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A per-hop token is reused only for the same access token and tool,
+    /// only once it is on record, and only until 80 % of its lifetime; a
+    /// task's end forgets it.
+    #[tokio::test]
+    async fn a_per_hop_token_is_reused_only_for_its_access_token_and_tool_while_young() {
+        let provider = jwt().reusing();
+        let t = task();
+        let tools = &["u.read".to_owned()][..];
+        let other_tools = &["u.write".to_owned()][..];
+        let at = |now: u64, presented, tools| hop_request(&t, now, presented, tools);
+
+        let first = provider
+            .issue(&at(1_000, Some("at_1"), tools))
+            .await
+            .unwrap();
+        assert_eq!(first.ops.len(), 2, "a new token is recorded");
+        // Not on record yet: nothing to reuse.
+        let again = provider
+            .issue(&at(1_001, Some("at_1"), tools))
+            .await
+            .unwrap();
+        assert_ne!(token_of(&again), token_of(&first));
+        again.reuse.unwrap().keep();
+        let kept = provider
+            .issue(&at(2_000, Some("at_1"), tools))
+            .await
+            .unwrap();
+        assert!(kept.ops.is_empty() && kept.reuse.is_none());
+        let token = token_of(&kept);
+        // 80 % of 60 s after minting (at 1,001 ms), still reused; then not.
+        let late = provider
+            .issue(&at(1_001 + 47_999, Some("at_1"), tools))
+            .await
+            .unwrap();
+        assert_eq!(token_of(&late), token);
+        let fresh = provider
+            .issue(&at(1_001 + 48_000, Some("at_1"), tools))
+            .await
+            .unwrap();
+        assert_ne!(token_of(&fresh), token);
+        assert_eq!(fresh.ops.len(), 2);
+        // Another access token, another tool, or no presented token: fresh.
+        for (presented, tools) in [
+            (Some("at_2"), tools),
+            (Some("at_1"), other_tools),
+            (None, tools),
+        ] {
+            let other = provider.issue(&at(2_000, presented, tools)).await.unwrap();
+            assert_ne!(token_of(&other), token, "{presented:?} {tools:?}");
+            assert_eq!(other.ops.len(), 2);
+        }
+        // A clock behind the minting never reuses.
+        let behind = provider.issue(&at(500, Some("at_1"), tools)).await.unwrap();
+        assert_ne!(token_of(&behind), token);
+        // The task's end forgets it.
+        provider.release("t").await;
+        let after = provider
+            .issue(&at(2_000, Some("at_1"), tools))
+            .await
+            .unwrap();
+        assert_ne!(token_of(&after), token);
+        // A provider without reuse (token exchange) never keeps one.
+        let plain = jwt();
+        let issued = plain.issue(&at(1_000, Some("at_1"), tools)).await.unwrap();
+        assert!(issued.reuse.is_none());
     }
 }

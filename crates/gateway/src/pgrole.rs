@@ -330,6 +330,7 @@ impl CredentialProvider for PostgresRoleProvider {
             },
             ttl_secs: Some(minted.until.0.saturating_sub(req.now.0) / 1000),
             ops,
+            reuse: None,
         })
     }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use portcullis_config::AnomalyAction;
 use portcullis_core::anomaly::Fired;
-use portcullis_core::{Decision, Reason, Task, TaskStatus, Timestamp};
+use portcullis_core::{Decision, Reason, Task, TaskStatus, Timestamp, plan};
 use portcullis_store::{EventKind, HeldCall, NewEvent, Op, StoreError, TaskRecord};
 use portcullis_token::Claims;
 use serde_json::Value;
@@ -99,6 +99,14 @@ impl Use<'_> {
             Use::Exchange { upstream } => {
                 portcullis_token::sha256_hex(format!("token exchange\n{upstream}").as_bytes())
             }
+        }
+    }
+
+    /// The use as the planner sees it.
+    fn planned(&self) -> plan::Use<'_> {
+        match self {
+            Use::Call { args, .. } => plan::Use::Call(args),
+            Use::Exchange { upstream } => plan::Use::Exchange(upstream),
         }
     }
 
@@ -226,49 +234,32 @@ impl Gateway {
                 Err(e) => return Err(e),
             };
             let now = self.now();
+            // The one fact the planner needs from the ledger: whether the
+            // agent ever had this tool allowed (for the `new_tool` rule).
+            let first_use = self.engine.anomaly().watches_new_tools()
+                && self.engine.tool(tool).is_some()
+                && !self.agent_used_tool(&record.task.agent_id, tool).await?;
+            let redact = &self.settings.redact;
+            let digest = || use_.digest(redact);
+            let input = plan::Input {
+                task: &record.task,
+                tool,
+                use_: use_.planned(),
+                scope: Some(&claims.scope),
+                now,
+                first_use,
+                digest: &digest,
+            };
             let started = std::time::Instant::now();
-            let mut decision = self.decide(claims, &record.task, tool, use_);
+            let mut verdict = self.engine.plan_use(&input);
             self.metrics.decision_latency.observe(started.elapsed());
-            if decision.reason == Some(Reason::ToolDefinitionChanged)
+            if verdict.decision.reason == Some(Reason::ToolDefinitionChanged)
                 && self.recheck_pin(tool).await
             {
                 // An admin re-approved the definition the upstream has now.
-                decision = self.decide(claims, &record.task, tool, use_);
+                verdict = self.engine.plan_use(&input);
             }
-            // A call (or a move into a state) the configuration wants
-            // approved first waits as an elevation request, unless a
-            // one-use approval of this very use (same arguments) is in hand.
-            let mut fired = None;
-            if decision.is_allowed()
-                && let Some(why) = self.engine.approval_needed(&record.task, &decision)
-                && record
-                    .task
-                    .approval_for(tool, Some(&use_.digest(&self.settings.redact)), now)
-                    .is_none()
-            {
-                fired = Some(Fired {
-                    rule: APPROVAL_RULE,
-                    action: AnomalyAction::RequireApproval,
-                    detail: why.clone(),
-                });
-                decision = Decision::deny(tool, Reason::ApprovalRequired, why);
-            }
-            // Last step before forwarding: the anomaly rules.
-            if decision.is_allowed() {
-                let approved = |rule: &str| record.task.anomaly_approved(tool, rule, now);
-                let first_use = self.engine.anomaly().watches_new_tools()
-                    && !self.agent_used_tool(&record.task.agent_id, tool).await?;
-                fired = self.engine.anomaly().check_call(
-                    &record.task.watch,
-                    tool,
-                    now,
-                    first_use,
-                    approved,
-                );
-                if let Some(f) = &fired {
-                    decision = Decision::deny(tool, anomaly_reason(f.action), f.detail.clone());
-                }
-            }
+            let plan::Verdict { decision, fired } = verdict;
             if !decision.is_allowed() {
                 match self
                     .commit_denial(&record, &decision, use_, now, fired)
@@ -313,16 +304,12 @@ impl Gateway {
         now: Timestamp,
         call_rule: Option<Fired>,
     ) -> Result<ApiError, CommitError> {
-        let rules = self.engine.anomaly();
-        let mut task = record.task.clone();
+        let planned = self.engine.after_denied(&record.task, call_rule);
+        let changed = planned.task.is_some();
+        let task = planned.task.clone().unwrap_or_else(|| record.task.clone());
+        let fired = &planned.fired;
         // In audit order: the denial, the anomalies, then what they cause.
         let mut events = vec![self.use_event(&record.task, decision, use_, now)];
-        let mut fired: Vec<Fired> = call_rule.into_iter().collect();
-        let active = task.status == TaskStatus::Active;
-        let counted = active && rules.counts_denials();
-        if counted && let Some(f) = rules.record_denial(&mut task.watch) {
-            fired.push(f);
-        }
         for f in fired.iter().filter(|f| f.rule != APPROVAL_RULE) {
             let mut e = NewEvent::new(now, EventKind::Anomaly);
             e.task_id = Some(task.id.clone());
@@ -340,10 +327,7 @@ impl Gateway {
         // (a guard op: past the cap the batch fails and is retried without
         // it, so the denial is still on record).
         let mut request_ops = Vec::new();
-        if let Some(f) = fired
-            .iter()
-            .find(|f| f.action == AnomalyAction::RequireApproval)
-        {
+        if let Some(f) = planned.hold() {
             let reason = if f.rule == APPROVAL_RULE {
                 f.detail.clone()
             } else {
@@ -364,27 +348,16 @@ impl Gateway {
             request_ops.extend(request);
             elevation_id = Some(id);
         }
-        let halt = active && fired.iter().any(|f| f.action == AnomalyAction::Halt);
-        if halt {
-            let why = format!(
-                "halted by anomaly rule {}",
-                fired
-                    .iter()
-                    .filter(|f| f.action == AnomalyAction::Halt)
-                    .map(|f| f.rule)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            task.status = TaskStatus::Halted;
+        let halt = planned.halted.is_some();
+        if let Some(why) = &planned.halted {
             ops.extend(crate::tasks::ending_ops(
                 &task,
-                &why,
+                why,
                 Some(Reason::AnomalyHalt),
                 now,
             ));
         }
-        if counted || halt {
-            task.version = task.version.saturating_add(1);
+        if changed {
             ops.insert(
                 0,
                 Op::UpdateTask {
@@ -409,7 +382,7 @@ impl Gateway {
         };
         match committed {
             Ok(_) => {}
-            Err(StoreError::Conflict(_)) if counted || halt => return Err(CommitError::Lost),
+            Err(StoreError::Conflict(_)) if changed => return Err(CommitError::Lost),
             Err(e) => return Err(CommitError::Api(ApiError::unavailable(e.to_string()))),
         }
         if halt {
@@ -417,7 +390,7 @@ impl Gateway {
         }
         // After the commit: the halt and the request stand whatever becomes
         // of the alerts.
-        for f in &fired {
+        for f in fired {
             let kind = if halt && f.action == AnomalyAction::Halt {
                 crate::alerts::TASK_HALTED
             } else if f.rule == APPROVAL_RULE {
@@ -481,40 +454,6 @@ impl Gateway {
         event
     }
 
-    /// The engine's decision, after the token's own scope.
-    fn decide(&self, claims: &Claims, task: &Task, tool: &str, use_: Use<'_>) -> Decision {
-        let registered = self.engine.tool(tool).is_some();
-        let in_scope = claims.scope.split(' ').any(|t| t == tool);
-        let now = self.now();
-        let elevated = task.elevated(tool, now);
-        if registered && !in_scope && !elevated {
-            return Decision::deny(
-                tool,
-                Reason::ToolNotGranted,
-                "tool is outside the token's scope",
-            );
-        }
-        match use_ {
-            Use::Call { args, .. } => self.engine.decide(task, tool, args),
-            Use::Exchange { upstream } => {
-                // The token is for `upstream` alone: a tool it does not
-                // serve is no tool of this exchange.
-                if self
-                    .engine
-                    .tool(tool)
-                    .is_some_and(|d| d.upstream != upstream)
-                {
-                    return Decision::deny(
-                        tool,
-                        Reason::ToolUnknown,
-                        "the tool is not served by that resource",
-                    );
-                }
-                self.engine.decide_exchange(task, tool)
-            }
-        }
-    }
-
     async fn commit_allowed(
         &self,
         claims: &Claims,
@@ -524,24 +463,10 @@ impl Gateway {
         now: Timestamp,
     ) -> Result<Authorized, CommitError> {
         let before = record.task.version;
-        let mut task = record.task.clone();
-        // A one-use approval is spent by the use it approved.
-        if self
+        let redact = &self.settings.redact;
+        let task = self
             .engine
-            .approval_needed(&record.task, &decision)
-            .is_some()
-            && let Some(i) = task.approval_for(
-                &decision.tool,
-                Some(&use_.digest(&self.settings.redact)),
-                now,
-            )
-        {
-            task.grants.remove(i);
-        }
-        task.apply(&decision);
-        self.engine
-            .anomaly()
-            .record_call(&mut task.watch, &decision.tool, now);
+            .after_allowed(&record.task, &decision, &|| use_.digest(redact), now);
         let note_use = self.engine.anomaly().watches_new_tools()
             && !self.known_tool_use(&task.agent_id, &decision.tool);
         let mut ops = vec![
@@ -564,6 +489,7 @@ impl Gateway {
             _ => None,
         };
         let mut exchanged = None;
+        let mut reuse = None;
         let forward = if let Use::Exchange { upstream } = use_ {
             let tools = [decision.tool.clone()];
             let request = HopRequest {
@@ -572,6 +498,7 @@ impl Gateway {
                 tools: &tools,
                 deadline: record.deadline,
                 now,
+                presented: None,
             };
             let issued = self
                 .hop_jwt
@@ -581,6 +508,7 @@ impl Gateway {
                 credential,
                 ttl_secs,
                 ops: hop_ops,
+                reuse: _,
             } = issued;
             let crate::upstream::HopCredential::Jwt { token } = credential else {
                 return Err(CommitError::Api(internal(
@@ -610,6 +538,7 @@ impl Gateway {
                 tools: &tools,
                 deadline: record.deadline,
                 now,
+                presented: Some(&claims.jti),
             };
             let issued = entry.provider.issue(&request).await.map_err(|e| {
                 CommitError::Api(match e {
@@ -621,6 +550,7 @@ impl Gateway {
             })?;
             let (credential, hop_ops) = (issued.credential, issued.ops);
             ops.extend(hop_ops);
+            reuse = issued.reuse;
             Some((
                 def.upstream.clone(),
                 UpstreamCall {
@@ -644,6 +574,11 @@ impl Gateway {
             Ok(_) => {
                 if note_use {
                     self.remember_tool_use(&task.agent_id, &decision.tool);
+                }
+                // The per-hop token is on record now: later calls of the
+                // same access token may reuse it.
+                if let Some(r) = reuse {
+                    r.keep();
                 }
                 Ok(Authorized {
                     task,
@@ -789,9 +724,8 @@ impl Gateway {
     }
 }
 
-/// The pseudo-rule of a configured approval (not an anomaly: no `anomaly`
-/// record, but an elevation request like `require_approval`).
-pub(crate) const APPROVAL_RULE: &str = "approval";
+pub(crate) use portcullis_core::plan::APPROVAL_RULE;
+use portcullis_core::plan::anomaly_reason;
 
 /// The elevation "tool" of an explicit move into a state that needs
 /// approval: `state:<name>`.
@@ -831,18 +765,6 @@ impl Gateway {
             known.clear();
         }
         known.insert((agent.to_owned(), tool.to_owned()));
-    }
-}
-
-/// The reason code an anomaly rule's action answers with: `deny` is
-/// `rate_limited` (refused for its pattern, not its content; the audit
-/// names the rule), `require_approval` is `approval_required`, `halt` is
-/// `anomaly_halt`.
-fn anomaly_reason(action: AnomalyAction) -> Reason {
-    match action {
-        AnomalyAction::Deny => Reason::RateLimited,
-        AnomalyAction::RequireApproval => Reason::ApprovalRequired,
-        AnomalyAction::Halt => Reason::AnomalyHalt,
     }
 }
 

@@ -2214,6 +2214,58 @@ async fn a_ledger_outage_is_never_answered_as_a_flood() {
     assert_eq!(h.upstream_calls(), 1);
 }
 
+/// Regression (the call path's cost): every forwarded call minted, signed
+/// and recorded a per-hop token of its own (two ledger records per call).
+/// A per-hop token is now reused by the later calls of the same access
+/// token and tool until 80 % of its lifetime; a new access token (refresh)
+/// or an older token gets a fresh one, and each is on record once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_hop_tokens_are_reused_per_access_token_while_young() {
+    let h = Harness::start().await;
+    let s = h.start_task(None).await;
+    let hop_of = |n: usize| Harness::hop_token(&h.warehouse.calls()[n]);
+    for _ in 0..3 {
+        h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect_args())
+            .await;
+    }
+    let first = hop_of(0);
+    assert_eq!(hop_of(1), first);
+    assert_eq!(hop_of(2), first);
+    // 80 % of the 60 s lifetime later: a fresh one.
+    h.advance_secs(48);
+    h.call_ok(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    let second = hop_of(3);
+    assert_ne!(second, first);
+    // A refreshed access token: a fresh one too.
+    let r = h.refresh(&s.refresh).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let access = r.body["access_token"].as_str().unwrap();
+    h.call_ok(access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    let third = hop_of(4);
+    assert_ne!(third, second);
+    assert_ne!(third, first);
+    // Each distinct per-hop token is on record exactly once.
+    let issued: Vec<String> = h
+        .audit(&s.task_id)
+        .await
+        .into_iter()
+        .filter(|e| {
+            e["kind"] == "token.issued"
+                && e["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("per-hop for warehouse"))
+        })
+        .map(|e| e["jti"].as_str().unwrap().to_owned())
+        .collect();
+    let jtis: Vec<String> = [&first, &second, &third]
+        .iter()
+        .map(|t| h.verify(t, "warehouse").jti)
+        .collect();
+    assert_eq!(issued, jtis);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_hop_tokens_never_outlive_the_task() {
     let h = Harness::with(Options {

@@ -36,10 +36,17 @@
 //!
 //! Tasks are kept in memory here. The `portcullis serve` shape keeps them in
 //! a persistent ledger instead.
+//!
+//! Every call is decided by the planner the service uses
+//! ([`Engine::plan_use`]): the engine's checks, then the configured
+//! approvals and the `[anomaly]` rules, with the same verdict for the same
+//! input. The library has no approvers: a call that needs an approval, or
+//! that a `require_approval` rule holds, is denied `approval_required`.
+//! A `halt` rule halts the task (later calls are `task_not_active`).
 
 pub mod scenario;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -47,7 +54,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 pub use portcullis_config as config;
 pub use portcullis_config::{Finding, Findings, LoadedConfig};
 pub use portcullis_core::{
-    Clock, Decision, Denial, Engine, Outcome, Reason, Task, TaskStatus, Timestamp, Transition,
+    Clock, Decision, Denial, Engine, Outcome, Reason, Task, TaskStatus, Timestamp, Transition, plan,
 };
 use serde_json::Value;
 
@@ -76,8 +83,16 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Portcullis {
     engine: Engine,
-    tasks: Mutex<HashMap<String, Task>>,
+    tasks: Mutex<Tasks>,
     next_id: AtomicU64,
+}
+
+/// The tasks, and which tools each agent has had allowed (the `new_tool`
+/// rule's memory, across tasks).
+#[derive(Debug, Default)]
+struct Tasks {
+    by_id: HashMap<String, Task>,
+    used: HashSet<(String, String)>,
 }
 
 impl Portcullis {
@@ -98,7 +113,7 @@ impl Portcullis {
     pub fn new(engine: Engine) -> Self {
         Self {
             engine,
-            tasks: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Tasks::default()),
             next_id: AtomicU64::new(1),
         }
     }
@@ -108,7 +123,7 @@ impl Portcullis {
         &self.engine
     }
 
-    fn tasks(&self) -> MutexGuard<'_, HashMap<String, Task>> {
+    fn tasks(&self) -> MutexGuard<'_, Tasks> {
         // A panic while holding the lock cannot leave a task half-updated:
         // every update replaces whole fields after the decision is made.
         self.tasks.lock().unwrap_or_else(PoisonError::into_inner)
@@ -125,26 +140,27 @@ impl Portcullis {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let id = format!("task-{}-{n}", self.engine.now().as_millis());
         let task = self.engine.start_task(&id, agent_id, goal, tools)?;
-        self.tasks().insert(id, task.clone());
+        self.tasks().by_id.insert(id, task.clone());
         Ok(task)
     }
 
-    /// Decides a call and, when it is allowed, applies it to the task. An
-    /// unknown task id is `task_not_active`.
+    /// Decides a call with the service's planner and applies the verdict
+    /// to the task: an allowed call is counted (and moves the task along
+    /// its workflow); a denial is counted for the `denials` rule and may
+    /// halt the task. An unknown task id is `task_not_active`.
     pub fn decide(&self, task_id: &str, tool: &str, args: &Value) -> Decision {
-        let mut tasks = self.tasks();
-        let Some(task) = tasks.get_mut(task_id) else {
+        let mut guard = self.tasks();
+        let Tasks { by_id, used } = &mut *guard;
+        let Some(task) = by_id.get_mut(task_id) else {
             return Decision::deny(tool, Reason::TaskNotActive, "no such task");
         };
-        let decision = self.engine.decide(task, tool, args);
-        task.apply(&decision);
-        decision
+        decide_call(&self.engine, task, used, tool, args)
     }
 
     /// Moves a task to state `to`, if its workflow has that edge.
     pub fn transition(&self, task_id: &str, to: &str) -> Result<Transition, Denial> {
         let mut tasks = self.tasks();
-        let task = tasks.get_mut(task_id).ok_or_else(no_such_task)?;
+        let task = tasks.by_id.get_mut(task_id).ok_or_else(no_such_task)?;
         let transition = self.engine.transition(task, to)?;
         task.apply_transition(&transition);
         Ok(transition)
@@ -153,7 +169,7 @@ impl Portcullis {
     /// Ends a task; every later call is `task_not_active`.
     pub fn complete(&self, task_id: &str) -> Result<Task, Denial> {
         let mut tasks = self.tasks();
-        let task = tasks.get_mut(task_id).ok_or_else(no_such_task)?;
+        let task = tasks.by_id.get_mut(task_id).ok_or_else(no_such_task)?;
         if task.status != TaskStatus::Active {
             return Err(Denial {
                 reason: Reason::TaskNotActive,
@@ -167,8 +183,39 @@ impl Portcullis {
 
     /// A snapshot of a task.
     pub fn task(&self, task_id: &str) -> Option<Task> {
-        self.tasks().get(task_id).cloned()
+        self.tasks().by_id.get(task_id).cloned()
     }
+}
+
+/// Decides a call on `task` with the service's planner and applies the
+/// verdict; `used` is which tools each agent has had allowed. Shared by
+/// [`Portcullis::decide`] and the scenario runner.
+pub(crate) fn decide_call(
+    engine: &Engine,
+    task: &mut Task,
+    used: &mut HashSet<(String, String)>,
+    tool: &str,
+    args: &Value,
+) -> Decision {
+    let now = engine.now();
+    // No approver here, so no approval grant is ever bound to a digest.
+    let no_digest = String::new;
+    let verdict = engine.plan_use(&plan::Input {
+        task,
+        tool,
+        use_: plan::Use::Call(args),
+        scope: None,
+        now,
+        first_use: !used.contains(&(task.agent_id.clone(), tool.to_owned())),
+        digest: &no_digest,
+    });
+    if verdict.decision.is_allowed() {
+        *task = engine.after_allowed(task, &verdict.decision, &no_digest, now);
+        used.insert((task.agent_id.clone(), tool.to_owned()));
+    } else if let Some(after) = engine.after_denied(task, verdict.fired).task {
+        *task = after;
+    }
+    verdict.decision
 }
 
 fn no_such_task() -> Denial {

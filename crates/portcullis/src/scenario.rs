@@ -19,7 +19,13 @@
 //! `expect` is `allow` or a reason code. `state` is the task's state after
 //! the step; `reverify` whether the step's transition enters a `reverify`
 //! state; `advance` moves the scenario's clock before the step.
+//!
+//! Calls are decided by the planner the service uses
+//! ([`portcullis_core::Engine::plan_use`]), so a scenario shows what
+//! `portcullis serve` would answer: a call that needs an approval expects
+//! `approval_required`, and the `[anomaly]` rules count and fire.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -127,6 +133,9 @@ pub fn run_files(config: &Path, scenarios: &Path) -> Result<Vec<StepOutcome>, Er
 /// Runs `file` against `engine`, whose clock is `clock`.
 pub fn run(engine: &Engine, clock: &ManualClock, file: &ScenarioFile) -> Vec<StepOutcome> {
     let mut out = Vec::new();
+    // Which tools each agent has had allowed, across the file's tasks, as
+    // the service's ledger remembers them (the `new_tool` rule).
+    let mut used = HashSet::new();
     for (n, scenario) in file.scenario.iter().enumerate() {
         let task_id = format!("scenario-{}", n + 1);
         let task = engine.start_task(
@@ -159,8 +168,7 @@ pub fn run(engine: &Engine, clock: &ManualClock, file: &ScenarioFile) -> Vec<Ste
                         .args
                         .clone()
                         .unwrap_or_else(|| Value::Object(Default::default()));
-                    let d = engine.decide(&task, tool, &args);
-                    task.apply(&d);
+                    let d = crate::decide_call(engine, &mut task, &mut used, tool, &args);
                     (tool.clone(), d)
                 }
                 (None, Some(to)) => {
