@@ -319,7 +319,12 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn check(config: &Path) -> anyhow::Result<ExitCode> {
     let findings = match LoadedConfig::load(config) {
         Ok(loaded) => {
-            let findings = portcullis_core::check(&loaded);
+            let mut findings = portcullis_core::check(&loaded);
+            // The TLS files: read here, beside the pure checks.
+            findings.extend(portcullis_gateway::tls::findings(
+                &loaded,
+                std::time::SystemTime::now(),
+            ));
             if findings.is_empty() {
                 let c = &loaded.config;
                 outln!(

@@ -67,6 +67,21 @@ pub struct Server {
     /// Largest accepted request body.
     #[serde(default = "Server::default_max_body_bytes")]
     pub max_body_bytes: u64,
+    /// TLS on the listener (default: plain HTTP).
+    #[serde(default)]
+    pub tls: Option<ServerTls>,
+}
+
+/// `[server] tls = { cert = "…", key = "…" }`: the listener's certificate
+/// and key, PEM files relative to the configuration's folder, reloaded on
+/// SIGHUP and when either file changes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    /// The certificate chain, end-entity certificate first.
+    pub cert: String,
+    /// Its private key.
+    pub key: String,
 }
 
 impl Server {
@@ -87,6 +102,7 @@ impl Default for Server {
             listen: Self::default_listen(),
             issuer: Self::default_issuer(),
             max_body_bytes: Self::default_max_body_bytes(),
+            tls: None,
         }
     }
 }
@@ -217,6 +233,10 @@ pub struct Audit {
     /// Optional URL POSTed on halts and anomalies.
     #[serde(default)]
     pub alert_webhook: Option<String>,
+    /// An `https://` webhook: a PEM file of CA certificates trusted for it
+    /// instead of the system roots.
+    #[serde(default)]
+    pub alert_ca_file: Option<String>,
     /// A signed checkpoint is written after this many new records…
     #[serde(default = "Audit::default_checkpoint_every")]
     pub checkpoint_every: u64,
@@ -266,6 +286,7 @@ impl Default for Audit {
             retention_days: Self::default_retention_days(),
             sample_low_risk: Self::default_sample(),
             alert_webhook: None,
+            alert_ca_file: None,
             checkpoint_every: Self::default_checkpoint_every(),
             checkpoint_interval: Self::default_checkpoint_interval(),
             durable_results: false,
@@ -308,9 +329,20 @@ pub struct Upstream {
     /// `stdio`: the server's command line.
     #[serde(default)]
     pub command: Vec<String>,
-    /// `http`: the Streamable HTTP endpoint.
+    /// `http`: the Streamable HTTP endpoint, `http://` or `https://`.
     #[serde(default)]
     pub url: Option<String>,
+    /// `https`: a PEM file of CA certificates trusted for this upstream
+    /// instead of the system roots.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// `https`: a PEM client certificate (chain) presented to the upstream
+    /// (mutual TLS), with `client_key`.
+    #[serde(default)]
+    pub client_cert: Option<String>,
+    /// `https`: the PEM private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<String>,
     /// The per-hop credential the upstream receives.
     #[serde(default)]
     pub credential: Credential,

@@ -115,18 +115,47 @@ pub fn build(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Engine, Fin
                 if up.url.is_some() {
                     r.at(&at.key("url"), "a stdio upstream takes no url");
                 }
+                for (key, set) in [
+                    ("ca_file", up.ca_file.is_some()),
+                    ("client_cert", up.client_cert.is_some()),
+                    ("client_key", up.client_key.is_some()),
+                ] {
+                    if set {
+                        r.at(&at.key(key), "a stdio upstream takes no TLS settings");
+                    }
+                }
             }
             Transport::Http => {
-                match &up.url {
-                    Some(url) if url.starts_with("http://") => {}
-                    // Like the alert webhook: no TLS stack in this build;
-                    // front an https server with a local forwarder.
-                    Some(url) if url.starts_with("https://") => r.at(
-                        &at.key("url"),
-                        "https upstreams are not supported (no TLS client in this build); use an http:// endpoint",
-                    ),
-                    Some(url) => r.at(&at.key("url"), format!("{url:?} is not an http URL")),
-                    None => r.at(&at.key("transport"), "an http upstream needs a url"),
+                let https = match &up.url {
+                    Some(url) if url.starts_with("http://") => false,
+                    Some(url) if url.starts_with("https://") => true,
+                    Some(url) => {
+                        r.at(&at.key("url"), format!("{url:?} is not an http(s) URL"));
+                        true
+                    }
+                    None => {
+                        r.at(&at.key("transport"), "an http upstream needs a url");
+                        true
+                    }
+                };
+                // TLS settings on a plain-http upstream would be silently
+                // unused: the operator meant https.
+                for (key, set) in [
+                    ("ca_file", up.ca_file.is_some()),
+                    ("client_cert", up.client_cert.is_some()),
+                    ("client_key", up.client_key.is_some()),
+                ] {
+                    if set && !https {
+                        r.at(&at.key(key), "TLS settings need an https:// url");
+                    }
+                }
+                if up.client_cert.is_some() != up.client_key.is_some() {
+                    let key = if up.client_cert.is_some() {
+                        "client_cert"
+                    } else {
+                        "client_key"
+                    };
+                    r.at(&at.key(key), "client_cert and client_key go together");
                 }
                 if !up.command.is_empty() {
                     r.at(&at.key("command"), "an http upstream takes no command");
@@ -760,20 +789,13 @@ fn check_sections(loaded: &LoadedConfig, r: &mut Reporter<'_>) {
     if a.hot_days > a.retention_days {
         r.at(&audit.key("hot_days"), "longer than retention_days");
     }
-    if let Some(hook) = &a.alert_webhook {
-        if hook.starts_with("https://") {
-            // The gateway carries no TLS stack: deliver through a local
-            // forwarder (see docs/operations.md, Alerts).
-            r.at(
-                &audit.key("alert_webhook"),
-                "https webhooks are not supported (no TLS client in this build); use an http:// receiver",
-            );
-        } else if !hook.starts_with("http://") {
-            r.at(
-                &audit.key("alert_webhook"),
-                format!("{hook:?} is not an http URL"),
-            );
-        }
+    if let Some(hook) = &a.alert_webhook
+        && !(hook.starts_with("http://") || hook.starts_with("https://"))
+    {
+        r.at(
+            &audit.key("alert_webhook"),
+            format!("{hook:?} is not an http(s) URL"),
+        );
     }
 
     check_duplicates(

@@ -22,9 +22,11 @@
 //! gateway (the last sender) is dropped; alerts still queued at shutdown
 //! are lost.
 //!
-//! Only `http://` webhooks are supported: no TLS stack is compiled in, so an
-//! `https://` URL is a setup error at [`crate::Gateway::new`]. Point it at
-//! a relay on a trusted network (a local Vector or Alertmanager sidecar).
+//! `http://` and `https://` webhooks. An `https://` receiver is verified
+//! (chain, validity, host name) against the system roots, or the roots of
+//! `audit.alert_ca_file`; a CA file that cannot be read is a setup error at
+//! [`crate::Gateway::new`], a failed handshake a failed attempt (logged with
+//! its TLS cause, retried like any other).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -33,10 +35,12 @@ use std::time::Duration;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, Uri};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use portcullis_core::{Task, Timestamp};
+use portcullis_tls::ClientTls;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -145,6 +149,7 @@ struct Worker {
     rx: mpsc::Receiver<Alert>,
     uri: Uri,
     policy: RetryPolicy,
+    tls: Arc<portcullis_tls::rustls::ClientConfig>,
 }
 
 struct Inner {
@@ -177,20 +182,44 @@ impl Alerts {
         }
     }
 
-    /// Alerts to `webhook` (an `http://` URL) through a queue of
-    /// `capacity`.
+    /// Alerts to `webhook` (an `http://` or `https://` URL, verified
+    /// against the system roots) through a queue of `capacity`.
     pub fn new(
         webhook: &str,
         capacity: usize,
         policy: RetryPolicy,
         counters: Arc<AlertCounters>,
     ) -> Result<Self, SetupError> {
+        Self::with_tls(webhook, capacity, policy, counters, &ClientTls::default())
+    }
+
+    /// [`Alerts::new`], with `tls`'s roots (and client identity) for an
+    /// `https://` webhook.
+    pub fn with_tls(
+        webhook: &str,
+        capacity: usize,
+        policy: RetryPolicy,
+        counters: Arc<AlertCounters>,
+        tls: &ClientTls,
+    ) -> Result<Self, SetupError> {
         let uri = parse_webhook(webhook)?;
+        let tls = if uri.scheme_str() == Some("https") {
+            // No ALPN here: the connector sets it (and refuses a preset one).
+            portcullis_tls::client_config(tls, &[])
+        } else {
+            portcullis_tls::trusting_nothing()
+        }
+        .map_err(|e| SetupError(format!("audit.alert_webhook: {e}")))?;
         let (tx, rx) = mpsc::channel(capacity.max(1));
         Ok(Self {
             inner: Some(Inner {
                 tx,
-                worker: Mutex::new(Some(Worker { rx, uri, policy })),
+                worker: Mutex::new(Some(Worker {
+                    rx,
+                    uri,
+                    policy,
+                    tls,
+                })),
             }),
             counters,
         })
@@ -247,19 +276,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Checks the webhook URL: `http://host[:port]/path` only.
+/// Checks the webhook URL: `http(s)://host[:port]/path` only.
 fn parse_webhook(webhook: &str) -> Result<Uri, SetupError> {
     let err = |why: &str| SetupError(format!("audit.alert_webhook {webhook:?}: {why}"));
     let uri: Uri = webhook
         .parse()
         .map_err(|e| err(&format!("not a URL: {e}")))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(err("https is not supported: this build has no TLS stack; \
-                 use an http:// receiver or a local relay on a trusted network"));
-        }
-        _ => return Err(err("not an http:// URL")),
+        Some("http" | "https") => {}
+        _ => return Err(err("not an http:// or https:// URL")),
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err(err("no host"));
@@ -270,9 +295,19 @@ fn parse_webhook(webhook: &str) -> Result<Uri, SetupError> {
 /// The delivery task: one alert at a time, in order.
 async fn deliver_all(mut worker: Worker, counters: Arc<AlertCounters>) {
     let mut connector = HttpConnector::new();
-    connector.enforce_http(true);
+    connector.enforce_http(false);
     connector.set_connect_timeout(Some(worker.policy.timeout));
-    let client: Client<HttpConnector, Full<Bytes>> =
+    let builder = HttpsConnectorBuilder::new().with_tls_config((*worker.tls).clone());
+    // Only the configured scheme: an `https://` webhook never falls back
+    // to plain http.
+    let connector = if worker.uri.scheme_str() == Some("https") {
+        builder.https_only()
+    } else {
+        builder.https_or_http()
+    }
+    .enable_http1()
+    .wrap_connector(connector);
+    let client: Client<HttpsConnector<HttpConnector>, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build(connector);
     while let Some(alert) = worker.rx.recv().await {
         let body = match serde_json::to_vec(&alert) {
@@ -316,7 +351,7 @@ pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// One POST; `Ok` on a 2xx answer within `timeout`.
 async fn attempt(
-    client: &Client<HttpConnector, Full<Bytes>>,
+    client: &Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     uri: &Uri,
     body: Bytes,
     timeout: Duration,
@@ -329,7 +364,10 @@ async fn attempt(
         .body(Full::new(body))
         .map_err(|e| e.to_string())?;
     let exchange = async {
-        let response = client.request(request).await.map_err(|e| e.to_string())?;
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| portcullis_tls::causes(&e))?;
         let status = response.status();
         // Read the answer so the connection can be reused, but never more
         // than MAX_ANSWER_BYTES of it: the receiver is outside our trust,
@@ -365,12 +403,11 @@ mod tests {
     }
 
     #[test]
-    fn only_plain_http_webhooks_are_accepted() {
+    fn only_http_and_https_webhooks_are_accepted() {
         let counters = Arc::new(AlertCounters::default());
         let ok = |u: &str| Alerts::new(u, 4, RetryPolicy::default(), counters.clone());
         assert!(ok("http://127.0.0.1:9999/alerts").unwrap().enabled());
-        let e = ok("https://alerts.example/hook").unwrap_err().to_string();
-        assert!(e.contains("TLS"), "{e}");
+        assert!(ok("https://alerts.example/hook").unwrap().enabled());
         assert!(ok("ftp://x/").is_err());
         assert!(ok("not a url").is_err());
         assert!(!Alerts::disabled(counters).enabled());
@@ -488,8 +525,13 @@ mod tests {
                 counted.fetch_add(0x4000, Ordering::Relaxed);
             }
         });
-        let client: Client<HttpConnector, Full<Bytes>> =
-            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config((*portcullis_tls::trusting_nothing().unwrap()).clone())
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let client: Client<HttpsConnector<HttpConnector>, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(connector);
         let uri: Uri = format!("http://{addr}/alerts").parse().unwrap();
         let result = attempt(
             &client,

@@ -421,10 +421,21 @@ pub fn transport_of(up: &portcullis_config::Upstream, base: &std::path::Path) ->
                 env: Vec::new(),
             }
         }
-        portcullis_config::Transport::Http => Transport::Http {
-            url: up.url.clone().unwrap_or_default(),
-            options: Default::default(),
-        },
+        portcullis_config::Transport::Http => {
+            // Relative TLS files resolve from the configuration's folder.
+            let path = |p: &Option<String>| p.as_ref().map(|p| base.join(p));
+            Transport::Http {
+                url: up.url.clone().unwrap_or_default(),
+                options: portcullis_mcp::client::HttpOptions {
+                    tls: portcullis_mcp::client::ClientTls {
+                        ca_file: path(&up.ca_file),
+                        client_cert: path(&up.client_cert),
+                        client_key: path(&up.client_key),
+                    },
+                    ..Default::default()
+                },
+            }
+        }
     }
 }
 
@@ -906,6 +917,9 @@ mod tests {
             transport: portcullis_config::Transport::Stdio,
             command: vec!["node".to_owned(), "server.js".to_owned()],
             url: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
             credential: portcullis_config::Credential::default(),
             token_exchange: false,
             session: portcullis_config::SessionScope::Shared,

@@ -45,6 +45,7 @@ mod state;
 mod task_locks;
 mod tasks;
 pub mod tiering;
+pub mod tls;
 pub mod upstream;
 pub mod witness;
 

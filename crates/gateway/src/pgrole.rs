@@ -108,13 +108,12 @@ fn db_err(e: impl std::fmt::Display) -> ProviderError {
 }
 
 async fn connect(url: &str) -> Result<tokio_postgres::Client, ProviderError> {
-    let (client, conn) = tokio::time::timeout(
-        DB_TIMEOUT,
-        tokio_postgres::connect(url, tokio_postgres::NoTls),
-    )
-    .await
-    .map_err(|_| db_err("no connection within 10 s"))?
-    .map_err(db_err)?;
+    // The same sslmode/sslrootcert handling as the ledger's.
+    let (config, tls) = portcullis_store::postgres::configure(url).map_err(db_err)?;
+    let (client, conn) = tokio::time::timeout(DB_TIMEOUT, config.connect(tls.make()))
+        .await
+        .map_err(|_| db_err("no connection within 10 s"))?
+        .map_err(db_err)?;
     tokio::spawn(async move {
         let _ = conn.await;
     });

@@ -279,7 +279,28 @@ pub async fn serve_config(config: &Path) -> Result<(), RunError> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| RunError::Other(format!("cannot listen on {listen}: {e}")))?;
-    tracing::info!(%listen, store = gateway.store().backend(), "portcullis serving");
+    let tls = match &loaded.config.server.tls {
+        None => None,
+        Some(t) => {
+            let cert = std::sync::Arc::new(
+                portcullis_tls::ReloadingCert::load(
+                    &loaded.resolve(&t.cert),
+                    &loaded.resolve(&t.key),
+                )
+                .map_err(|e| RunError::Other(format!("server.tls: {e}")))?,
+            );
+            let config = portcullis_tls::server_config(cert.clone(), &crate::server::ALPN)
+                .map_err(|e| RunError::Other(format!("server.tls: {e}")))?;
+            tokio::spawn(reload_certificate(cert));
+            Some(tokio_rustls::TlsAcceptor::from(config))
+        }
+    };
+    tracing::info!(
+        %listen,
+        tls = tls.is_some(),
+        store = gateway.store().backend(),
+        "portcullis serving"
+    );
     // One shutdown signal, heard by both the server and the checkpointer,
     // which signs the chain's head one last time on the way out.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -299,11 +320,12 @@ pub async fn serve_config(config: &Path) -> Result<(), RunError> {
         gateway.clone(),
         wait_for(stop_rx.clone()),
     ));
-    let served = crate::server::serve(listener, crate::server::router(gateway), async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    })
-    .await;
+    let served =
+        crate::server::serve_with(listener, crate::server::router(gateway), tls, async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        })
+        .await;
     // The last checkpoint first, then flush the ledger (and bring SQLite's
     // JSON Lines mirror in sync), all within SHUTDOWN_BOUND: a store that
     // hangs (a frozen PostgreSQL, a stalled close) must not hold the
@@ -325,6 +347,44 @@ pub async fn serve_config(config: &Path) -> Result<(), RunError> {
         return Err(RunError::ShutdownStalled(SHUTDOWN_BOUND));
     }
     served.map_err(|e| RunError::Other(e.to_string()))
+}
+
+/// How often the listener's certificate files are looked at for a change.
+pub const CERT_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reloads the listener's certificate on SIGHUP and whenever its files
+/// change (checked every [`CERT_POLL`]). New connections get the new pair;
+/// established ones keep theirs. A pair that fails its checks is logged and
+/// the old one stays.
+async fn reload_certificate(cert: std::sync::Arc<portcullis_tls::ReloadingCert>) {
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut poll = tokio::time::interval(CERT_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        #[cfg(unix)]
+        let signalled = async {
+            match hangup.as_mut() {
+                Some(h) => h.recv().await.is_some(),
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let signalled = std::future::pending::<bool>();
+        let result = tokio::select! {
+            true = signalled => cert.reload().map(|()| true),
+            _ = poll.tick() => cert.reload_if_changed(),
+        };
+        match result {
+            Ok(true) => {
+                tracing::info!(cert = %cert.cert_path().display(), "listener certificate reloaded")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "listener certificate not reloaded; the previous one is still served")
+            }
+        }
+    }
 }
 
 /// How long `serve` waits, after SIGTERM or Ctrl-C, for its last checkpoint

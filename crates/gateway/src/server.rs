@@ -180,6 +180,18 @@ pub async fn serve(
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, router, None, shutdown).await
+}
+
+/// [`serve`], with TLS when `tls` is given: the handshake must finish
+/// within [`HEADER_TIMEOUT`]; the protocol is the one ALPN agreed on,
+/// HTTP/2 (`h2`) or HTTP/1.1 (also when the client offered none).
+pub async fn serve_with(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -211,24 +223,75 @@ pub async fn serve(
                     req
                 },
             ));
+        let tls = tls.clone();
         tokio::spawn(async move {
-            // HTTP/1 only: without it the auto builder first sniffs for the
-            // HTTP/2 preface with no timeout at all, so a client that
-            // connects and sends nothing held its connection (and one of
-            // the MAX_CONNECTIONS permits) forever; the header timeout
-            // only starts once HTTP/1 parsing does.
-            let mut builder =
-                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(64 * 1024);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            match tls {
+                None => serve_connection(stream, service, false, peer).await,
+                Some(acceptor) => {
+                    // A client that connects and never finishes the
+                    // handshake is cut off like one that never sends its
+                    // headers.
+                    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                            serve_connection(stream, service, h2, peer).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "tls handshake failed");
+                        }
+                        Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+                    }
+                }
             }
             drop(permit);
         });
+    }
+}
+
+/// The protocols the TLS listener offers, in order of preference.
+pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+async fn serve_connection<I, S>(io: I, service: S, h2: bool, peer: SocketAddr)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            axum::http::Request<hyper::body::Incoming>,
+            Response = Response,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if h2 {
+        // Chosen by ALPN, so there is no preface to sniff. Streams per
+        // connection and header size are bounded; pings find dead peers.
+        let mut builder = builder.http2_only();
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(256)
+            .max_header_list_size(64 * 1024)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(HEADER_TIMEOUT);
+        if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+        return;
+    }
+    // HTTP/1 only: without it the auto builder first sniffs for the
+    // HTTP/2 preface with no timeout at all, so a client that connects and
+    // sends nothing held its connection (and one of the MAX_CONNECTIONS
+    // permits) forever; the header timeout only starts once HTTP/1 parsing
+    // does.
+    builder = builder.http1_only();
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(64 * 1024);
+    if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }

@@ -315,13 +315,17 @@ impl Gateway {
         // A configured witness that cannot be opened stops the start-up: it
         // is never silently off.
         let witness = open_witness(loaded)?;
-        // An `https://` webhook is refused here: no TLS stack in this build.
+        // A webhook CA file that cannot be read stops the start-up.
         let alerts = match &cfg.audit.alert_webhook {
-            Some(hook) => Alerts::new(
+            Some(hook) => Alerts::with_tls(
                 hook,
                 QUEUE_CAPACITY,
                 RetryPolicy::default(),
                 metrics.alerts.clone(),
+                &portcullis_tls::ClientTls {
+                    ca_file: cfg.audit.alert_ca_file.as_ref().map(|f| loaded.resolve(f)),
+                    ..Default::default()
+                },
             )?,
             None => Alerts::disabled(metrics.alerts.clone()),
         };

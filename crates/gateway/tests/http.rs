@@ -2695,15 +2695,26 @@ async fn a_silent_alert_receiver_never_slows_a_halt() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_https_alert_webhook_is_a_setup_error() {
+async fn an_https_alert_webhook_with_an_unreadable_ca_file_is_a_setup_error() {
     let dir = tempfile::tempdir().unwrap();
     let opts = Options {
         alert_webhook: Some("https://alerts.example/hook".to_owned()),
         ..Options::default()
     };
     let config = write_config(dir.path(), "127.0.0.1:1", &opts);
-    let err = portcullis_gateway::run::build(&config).await.unwrap_err();
-    assert!(err.to_string().contains("TLS"), "{err}");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "alert_webhook = \"https://alerts.example/hook\"",
+        "alert_webhook = \"https://alerts.example/hook\"\nalert_ca_file = \"missing-ca.crt\"",
+    );
+    std::fs::write(&config, text).unwrap();
+    let err = portcullis_gateway::run::build(&config)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("missing-ca.crt") && err.contains("cannot read"),
+        "{err}"
+    );
 }
 
 /// `[elevation] auto_approve`: a permit that matches approves at once

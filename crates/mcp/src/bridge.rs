@@ -13,12 +13,16 @@
 //! enters a `reverify` state, the gateway returns a new token in the
 //! result's `_meta`; the bridge switches to it, since the old one is dead.
 //! Nothing is logged to stdout but protocol messages.
+//!
+//! An `https://` URL is verified against the system trust roots
+//! (`SSL_CERT_FILE`/`SSL_CERT_DIR` name others; see `portcullis-tls`).
 
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -61,7 +65,7 @@ fn is_rotation_of(current: &str, new: &str) -> bool {
 
 struct Bridge {
     uri: Uri,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     token: Mutex<String>,
     session: Mutex<Option<HeaderValue>>,
     version: Mutex<Option<HeaderValue>>,
@@ -84,16 +88,37 @@ pub async fn run(url: &str, token: &str) -> Result<(), BridgeError> {
     let uri: Uri = url
         .parse()
         .map_err(|e| BridgeError::Setup(format!("bad url {url:?}: {e}")))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(BridgeError::Setup(
-            "only http:// URLs are supported (no TLS client)".to_owned(),
-        ));
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => {
+            return Err(BridgeError::Setup(
+                "only http:// and https:// URLs are supported".to_owned(),
+            ));
+        }
+    };
+    // No ALPN here: the connector sets it.
+    let tls = if https {
+        portcullis_tls::client_config(&portcullis_tls::ClientTls::default(), &[])
+    } else {
+        portcullis_tls::trusting_nothing()
     }
+    .map_err(|e| BridgeError::Setup(format!("tls: {e}")))?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    let builder = HttpsConnectorBuilder::new().with_tls_config((*tls).clone());
+    let connector = if https {
+        builder.https_only()
+    } else {
+        builder.https_or_http()
+    }
+    .enable_http1()
+    .wrap_connector(http);
     HeaderValue::from_str(&format!("Bearer {token}"))
         .map_err(|_| BridgeError::Setup("the token is not a valid header value".to_owned()))?;
     let bridge = Arc::new(Bridge {
         uri,
-        client: Client::builder(TokioExecutor::new()).build_http(),
+        client: Client::builder(TokioExecutor::new()).build(connector),
         token: Mutex::new(token.to_owned()),
         session: Mutex::new(None),
         version: Mutex::new(None),

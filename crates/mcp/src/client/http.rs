@@ -13,7 +13,12 @@
 //!   and DELETE ends the session. A 404 on a session means the server
 //!   forgot it: the connection is closed, and the owner reconnects.
 //!
-//! Only `http://` is supported: the gateway has no TLS client.
+//! `http://` and `https://` endpoints. An `https://` endpoint is verified
+//! (chain, validity, host name) with [`portcullis_tls::client_config`]: the
+//! system roots, or the options' `ca_file`, and the options' client
+//! certificate for mutual TLS. The files are read at each (re)connect, so a
+//! rotated client certificate is used from the next connection on. A
+//! failed handshake is a transport error naming the TLS cause.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -25,9 +30,11 @@ use crate::sse;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+pub use portcullis_tls::ClientTls;
 
 /// HTTP connection settings.
 #[derive(Debug, Clone)]
@@ -39,6 +46,8 @@ pub struct HttpOptions {
     /// Headers sent with every request (name, value), e.g. a client's own
     /// `Authorization` when the gateway's `/mcp` is the server.
     pub headers: Vec<(String, String)>,
+    /// Trust roots and client identity for an `https://` endpoint.
+    pub tls: ClientTls,
 }
 
 impl Default for HttpOptions {
@@ -47,11 +56,12 @@ impl Default for HttpOptions {
             response_timeout: Duration::from_secs(30),
             max_idle: 64,
             headers: Vec::new(),
+            tls: ClientTls::default(),
         }
     }
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 #[derive(Debug)]
 pub(super) struct HttpConn {
@@ -86,15 +96,41 @@ impl HttpConn {
         let uri: Uri = url
             .parse()
             .map_err(|e| ClientError::Transport(format!("bad upstream url {url:?}: {e}")))?;
-        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => {
+                return Err(ClientError::Transport(format!(
+                    "upstream url {url:?}: only http:// and https:// URLs are supported"
+                )));
+            }
+        };
+        if uri.authority().is_none() {
             return Err(ClientError::Transport(format!(
-                "upstream url {url:?}: only http://host:port/path is supported (no TLS client)"
+                "upstream url {url:?} has no host"
             )));
         }
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let tls = if https {
+            // No ALPN here: the connector sets it (and refuses a preset one).
+            portcullis_tls::client_config(&options.tls, &[])
+        } else {
+            portcullis_tls::trusting_nothing()
+        }
+        .map_err(|e| ClientError::Transport(format!("upstream tls setup: {e}")))?;
+        let builder = HttpsConnectorBuilder::new().with_tls_config((*tls).clone());
+        let connector = if https {
+            builder.https_only()
+        } else {
+            builder.https_or_http()
+        }
+        .enable_http1()
+        .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(options.max_idle)
-            .build_http();
+            .build(connector);
         Ok(Self {
             uri,
             client,
@@ -177,7 +213,9 @@ impl HttpConn {
             tokio::time::timeout(self.options.response_timeout, self.client.request(req))
                 .await
                 .map_err(|_| ClientError::Timeout(self.options.response_timeout))?
-                .map_err(|e| ClientError::Transport(format!("upstream http: {e}")))?;
+                .map_err(|e| {
+                    ClientError::Transport(format!("upstream http: {}", portcullis_tls::causes(&e)))
+                })?;
         let status = response.status();
         if matches!(message, Message::Request { method, .. } if method == "initialize")
             && let Some(s) = response.headers().get(era::HEADER_SESSION)

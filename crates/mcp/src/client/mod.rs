@@ -26,7 +26,7 @@ use tokio::sync::{Notify, oneshot};
 use crate::era::{self, Era};
 use crate::jsonrpc::{ErrorObject, Id, Message};
 
-pub use http::HttpOptions;
+pub use http::{ClientTls, HttpOptions};
 pub(crate) use stdio::read_line_bounded as read_line;
 
 /// Largest message accepted from an upstream, in bytes.
@@ -53,7 +53,7 @@ pub enum Transport {
     },
     /// A Streamable HTTP endpoint.
     Http {
-        /// The endpoint URL (`http://` only).
+        /// The endpoint URL, `http://` or `https://`.
         url: String,
         /// Connection settings.
         options: HttpOptions,

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
+use tokio_postgres::{AsyncMessage, Client, Config};
 
 use super::unavailable;
 use crate::{Result, StoreError};
@@ -45,6 +45,8 @@ pub(super) struct Settings {
     /// The connection settings (the password inside is never printed:
     /// `Config`'s `Debug` redacts it).
     pub(super) config: Config,
+    /// The TLS side of the connection.
+    pub(super) tls: super::TlsConnector,
     /// The channel, a checked lowercase identifier.
     pub(super) channel: String,
     /// How often the connection is checked with a round trip, and how long
@@ -81,7 +83,7 @@ struct Subscription {
 async fn subscribe(settings: &Settings) -> Result<Subscription> {
     let (client, mut connection) = settings
         .config
-        .connect(NoTls)
+        .connect(settings.tls.make())
         .await
         .map_err(|e| unavailable("connect the revocation listener", &e))?;
     let (sender, payloads) = mpsc::channel(NOTIFICATION_QUEUE);

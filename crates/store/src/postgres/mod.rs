@@ -186,9 +186,10 @@
 //!   NUL finds nothing.
 //! * No message ever contains the URL or the password (`tokio_postgres`'
 //!   own `Config` debug output redacts it, and this module prints neither).
-//! * TLS is not built in (no TLS dependency): run PostgreSQL on a local or
-//!   otherwise protected network, or through a TLS-terminating proxy; a URL
-//!   with `sslmode=require` fails to connect.
+//! * TLS: the URL's `sslmode` and `sslrootcert` have libpq's meanings
+//!   ([`configure`], [`portcullis_tls::postgres`]); every connection of the
+//!   store (pool, writer, revocation listener) is made through the same
+//!   rustls connector.
 //!
 //! # Reads and the pool
 //!
@@ -215,6 +216,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::Config;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub use self::listen::{REVOCATION_QUEUE, Revocation};
 use self::pool::{Checks, Pool};
@@ -318,6 +320,60 @@ impl fmt::Debug for PostgresStore {
     }
 }
 
+/// The TLS side of every connection to one database: `sslmode` and
+/// `sslrootcert` of its URL, with libpq's meanings
+/// ([`portcullis_tls::postgres`]).
+#[derive(Clone)]
+pub struct TlsConnector(MakeRustlsConnect);
+
+impl fmt::Debug for TlsConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TlsConnector")
+    }
+}
+
+impl TlsConnector {
+    /// What `tokio_postgres::Config::connect` takes.
+    pub fn make(&self) -> MakeRustlsConnect {
+        self.0.clone()
+    }
+}
+
+/// Parses a PostgreSQL URL: tokio-postgres' `Config` (its `sslmode` set
+/// from the URL's, `verify-*` as `require`) and the TLS connector that
+/// verifies as the URL asks. Errors never contain the URL.
+pub fn configure(url: &str) -> Result<(Config, TlsConnector)> {
+    let invalid = |why: String| StoreError::Unavailable(format!("invalid PostgreSQL URL: {why}"));
+    let (url, tls) =
+        portcullis_tls::postgres::PgTls::from_url(url).map_err(|e| invalid(e.to_string()))?;
+    let mut config: Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| invalid(describe(&e)))?;
+    use portcullis_tls::postgres::SslMode as Mode;
+    // A `key=value` string keeps the `sslmode` tokio-postgres read from it
+    // (`PgTls` only takes it out of the URL form).
+    let url_form = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    if url_form {
+        config.ssl_mode(match tls.mode {
+            Mode::Disable => tokio_postgres::config::SslMode::Disable,
+            Mode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            Mode::Require | Mode::VerifyCa | Mode::VerifyFull => {
+                tokio_postgres::config::SslMode::Require
+            }
+        });
+    }
+    let client = match tls.client_config() {
+        Ok(Some(c)) => c,
+        Ok(None) => portcullis_tls::trusting_nothing()
+            .map_err(|e| StoreError::Unavailable(format!("PostgreSQL TLS: {e}")))?,
+        Err(e) => return Err(StoreError::Unavailable(format!("PostgreSQL TLS: {e}"))),
+    };
+    Ok((
+        config,
+        TlsConnector(MakeRustlsConnect::new((*client).clone())),
+    ))
+}
+
 impl PostgresStore {
     /// Connects to the database at `url`, brings its schema up to
     /// [`SCHEMA_VERSION`] (refusing a newer one) and returns the store.
@@ -328,9 +384,7 @@ impl PostgresStore {
     /// schema is newer than this build. The error never contains the
     /// password.
     pub async fn connect(url: &str, options: &PostgresOptions) -> Result<Self> {
-        let mut config: Config = url.parse().map_err(|e: tokio_postgres::Error| {
-            StoreError::Unavailable(format!("invalid PostgreSQL URL: {}", describe(&e)))
-        })?;
+        let (mut config, tls) = configure(url)?;
         check_options(options)?;
         config.connect_timeout(options.connect_timeout);
         config.keepalives(true);
@@ -356,6 +410,7 @@ impl PostgresStore {
         };
         let pool = Pool::new(
             config.clone(),
+            tls.clone(),
             checks.clone(),
             options.pool_size,
             options.acquire_timeout,
@@ -374,6 +429,7 @@ impl PostgresStore {
         let writer_task = tokio::spawn(writer::run(
             writer::Settings {
                 config,
+                tls: tls.clone(),
                 checks,
                 channel: options.notify_channel.clone(),
                 max_group: options.max_group,
@@ -387,6 +443,7 @@ impl PostgresStore {
             writer_task: Mutex::new(Some(writer_task)),
             listen: listen::Settings {
                 config: listen_config,
+                tls,
                 channel: options.notify_channel.clone(),
                 heartbeat: options.listen_heartbeat,
                 connect_timeout: options.connect_timeout,
@@ -687,5 +744,35 @@ impl Store for PostgresStore {
 
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+}
+
+#[cfg(test)]
+mod tls_tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use tokio_postgres::config::SslMode;
+
+    use super::configure;
+
+    #[test]
+    fn sslmode_reaches_tokio_postgres_in_both_url_forms() {
+        let mode = |url: &str| configure(url).unwrap().0.get_ssl_mode();
+        assert_eq!(mode("postgres://u@db/x"), SslMode::Prefer);
+        assert_eq!(mode("postgres://u@db/x?sslmode=disable"), SslMode::Disable);
+        assert_eq!(
+            mode("postgres://u@db/x?sslmode=verify-full&sslrootcert=system"),
+            SslMode::Require
+        );
+        assert_eq!(mode("host=db user=u sslmode=require"), SslMode::Require);
+        assert_eq!(mode("host=db user=u sslmode=disable"), SslMode::Disable);
+    }
+
+    #[test]
+    fn a_bad_sslmode_is_refused_without_the_password() {
+        let e = configure("postgres://u:hunter2@db/x?sslmode=verify-full")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sslrootcert") && !e.contains("hunter2"), "{e}");
     }
 }

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_postgres::{Client, Config, NoTls, Statement};
+use tokio_postgres::{Client, Config, Statement};
+
+use super::TlsConnector;
 
 use super::{describe, unavailable};
 use crate::{Result, StoreError};
@@ -56,6 +58,7 @@ pub(super) struct Checks {
 /// The pool.
 pub(super) struct Pool {
     config: Config,
+    tls: TlsConnector,
     checks: Checks,
     idle: Mutex<Vec<Conn>>,
     // INVARIANT: at most `size` permits, so at most `size` connections are
@@ -79,12 +82,14 @@ impl Pool {
     /// `config`. Connects lazily.
     pub(super) fn new(
         config: Config,
+        tls: TlsConnector,
         checks: Checks,
         size: usize,
         acquire_timeout: Duration,
     ) -> Self {
         Self {
             config,
+            tls,
             checks,
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(size.max(1))),
@@ -120,7 +125,7 @@ impl Pool {
         };
         let conn = match reused {
             Some(conn) => conn,
-            None => connect(&self.config, &self.checks).await?,
+            None => connect(&self.config, &self.tls, &self.checks).await?,
         };
         Ok(Pooled {
             pool: self,
@@ -182,9 +187,9 @@ impl Drop for Pooled<'_> {
 /// connection must satisfy: a UTF-8 database (text is stored as given, and
 /// `COLLATE "C"` then orders it by bytes like Rust does), the configured
 /// schema present, durable commits.
-pub(super) async fn connect(config: &Config, checks: &Checks) -> Result<Conn> {
+pub(super) async fn connect(config: &Config, tls: &TlsConnector, checks: &Checks) -> Result<Conn> {
     let (client, connection) = config
-        .connect(NoTls)
+        .connect(tls.make())
         .await
         .map_err(|e| unavailable("connect to PostgreSQL", &e))?;
     // The task ends when the connection closes (the client dropped, or an

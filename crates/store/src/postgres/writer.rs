@@ -131,6 +131,8 @@ pub(super) enum Request {
 pub(super) struct Settings {
     /// The connection settings (the password inside is never printed).
     pub(super) config: Config,
+    /// The TLS side of the connection.
+    pub(super) tls: super::TlsConnector,
     /// What a new connection must satisfy.
     pub(super) checks: Checks,
     /// The revocation channel, a checked identifier.
@@ -203,7 +205,7 @@ async fn commit_group(
 ) {
     let conn = match slot.take() {
         Some(conn) if !conn.client.is_closed() => slot.insert(conn),
-        _ => match connect(&settings.config, &settings.checks).await {
+        _ => match connect(&settings.config, &settings.tls, &settings.checks).await {
             Ok(conn) => slot.insert(conn),
             Err(error) => {
                 for (_, reply) in batches {
