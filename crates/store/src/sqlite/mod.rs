@@ -573,12 +573,38 @@ fn check_mirror_path(database: &Path, mirror: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Runs `op` again while SQLite answers `SQLITE_BUSY`/`SQLITE_LOCKED`, for
+/// at most `limit`. Switching to WAL can be refused busy without SQLite's
+/// busy handler being consulted (while another connection to the file
+/// closes and checkpoints the WAL, as the close-churn test does); the busy
+/// timeout alone does not cover it.
+fn busy_retry<T>(
+    limit: std::time::Duration,
+    mut op: impl FnMut() -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match op() {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn configure_writer(conn: &Connection, options: &SqliteOptions) -> Result<()> {
     conn.busy_timeout(options.busy_timeout)
         .map_err(|e| sql_error("set busy timeout", &e))?;
-    let mode: String = conn
-        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-        .map_err(|e| sql_error("set journal_mode", &e))?;
+    let mode: String = busy_retry(options.busy_timeout, || {
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+    })
+    .map_err(|e| sql_error("set journal_mode", &e))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::Unavailable(format!(
             "journal_mode is {mode:?}, WAL is required"
