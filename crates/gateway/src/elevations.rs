@@ -365,6 +365,16 @@ pub(crate) async fn decide_elevation(
     note: Option<String>,
 ) -> Result<serde_json::Value, ApiError> {
     let (by, note) = (&by, &note);
+    // An approval changes the task (a grant): under the task's lock, after
+    // the commits queued for its calls.
+    let task_id = gw
+        .store
+        .elevation(id)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?
+        .ok_or_else(|| ApiError::new(Kind::NotFound, "no such elevation"))?
+        .task_id;
+    let _task = gw.lock_task_for_change(&task_id).await?;
     gw.retry_on_conflict(|| async move {
         let elevation = gw
             .store

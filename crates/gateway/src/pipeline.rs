@@ -12,12 +12,15 @@
 //! a call is either recorded and counted, or neither. A lost race on the
 //! task's version re-runs the decision on the fresh task (bounded retries).
 
+use std::sync::PoisonError;
 use std::time::{Duration, Instant};
 
 use portcullis_config::AnomalyAction;
 use portcullis_core::anomaly::Fired;
 use portcullis_core::{Decision, Reason, Task, TaskStatus, Timestamp, plan};
-use portcullis_store::{EventKind, HeldCall, NewEvent, Op, StoreError, TaskRecord};
+use portcullis_store::{
+    EventKind, HeldCall, NewEvent, Op, Pending, StoreError, TaskRecord, Ticket,
+};
 use portcullis_token::Claims;
 use serde_json::Value;
 
@@ -138,6 +141,30 @@ pub(crate) struct Authorized {
     pub exchanged: Option<(String, u64)>,
 }
 
+/// A decided use whose records are queued for commit (or, for a denial
+/// that changed the task, committed already: no `pending`).
+struct Queued {
+    pending: Option<Pending>,
+    then: Then,
+}
+
+/// A task's cached state ([`crate::task_locks::Slot::planned`]) as the
+/// attempts of one call share it.
+type Planned = std::sync::Mutex<Option<(TaskRecord, Option<Ticket>)>>;
+
+/// What to answer once a use's records are durable.
+enum Then {
+    Allowed {
+        done: Box<Authorized>,
+        /// The per-hop token to keep for reuse once it is on record.
+        reuse: Option<crate::credential::Reusable>,
+    },
+    Denied {
+        answer: ApiError,
+        reason: Reason,
+    },
+}
+
 /// Step: the token's task must be the task named in the request.
 pub(crate) fn bind(claims: &Claims, task_id: &str) -> Result<(), ApiError> {
     if claims.task_id == task_id {
@@ -159,6 +186,11 @@ impl Gateway {
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?
             .ok_or_else(|| ApiError::denied(Reason::TaskNotActive, "no such task"))?;
+        self.live_task(record)
+    }
+
+    /// The task, unless it is active and past its lifetime.
+    fn live_task(&self, record: TaskRecord) -> Result<TaskRecord, ApiError> {
         if record.task.status == TaskStatus::Active && self.now() >= record.deadline {
             return Err(ApiError::denied(
                 Reason::TaskNotActive,
@@ -209,71 +241,262 @@ impl Gateway {
         use_: Use<'_>,
     ) -> Result<Authorized, ApiError> {
         // INVARIANT: the `bind_task` layer has bound `claims` to `task_id`.
-        let _serial = self.task_locks.lock(task_id).await;
-        self.retry_on_conflict(|| async move {
-            let record = match self.load_task(task_id).await {
-                Ok(r) => r,
-                Err(e) if e.reason() == Some(Reason::TaskNotActive) => {
-                    // A task that is gone or past its lifetime: still an
-                    // attempt, still recorded.
-                    let mut event = NewEvent::new(self.now(), EventKind::CallDenied);
-                    event.task_id = Some(task_id.to_owned());
-                    event.agent_id = Some(claims.sub.clone());
-                    event.tool = Some(portcullis_core::bounded_tool_name(tool));
-                    event.decision = Some("deny".to_owned());
-                    event.reason = Some(Reason::TaskNotActive.as_str().to_owned());
-                    event.detail = Some(e.detail().to_owned());
-                    self.commit(vec![Op::Append(event)])
-                        .await
-                        .map_err(|e| ApiError::unavailable(e.to_string()))?;
-                    self.metrics.decision(Some(Reason::TaskNotActive));
+        let mut guard = self.task_locks.lock(task_id).await;
+        self.drain_if_poisoned(&mut guard).await?;
+        // The attempts share the slot's cached state (never locked across
+        // an await).
+        let slot = std::sync::Mutex::new(guard.planned.take());
+        let queued = self
+            .retry_on_conflict(|| self.plan_and_queue(claims, task_id, tool, use_, &slot))
+            .await;
+        guard.planned = slot.into_inner().unwrap_or_else(PoisonError::into_inner);
+        let queued = match queued {
+            Ok(q) => q,
+            Err(e) => {
+                guard.planned = None;
+                return Err(e);
+            }
+        };
+        // The next call of the task is planned on what this one queued,
+        // while this one waits for its commit (the write-ahead record must
+        // be durable before anything is forwarded).
+        let pin = guard.unlock();
+        let outcome = match queued.pending {
+            Some(pending) => {
+                let started = Instant::now();
+                let done = pending.await;
+                self.settle(started, done).map(drop)
+            }
+            None => Ok(()),
+        };
+        match (outcome, queued.then) {
+            (Ok(()), Then::Allowed { done, reuse }) => {
+                // The per-hop token is on record now: later calls of the
+                // same access token may reuse it.
+                if let Some(r) = reuse {
+                    r.keep();
+                }
+                self.metrics.decision(None);
+                Ok(*done)
+            }
+            (Ok(()), Then::Denied { answer, reason }) => {
+                self.metrics.decision(Some(reason));
+                tracing::info!(task_id, tool, reason = reason.as_str(), "call denied");
+                Err(answer)
+            }
+            (Err(e), then) => {
+                // Whatever was planned on this commit is refused by the
+                // writer; the next call reads the task afresh.
+                pin.poison();
+                if let Then::Allowed { done, .. } = &then
+                    && self.engine.anomaly().watches_new_tools()
+                {
+                    self.forget_tool_use(&done.task.agent_id, &done.decision.tool);
+                }
+                Err(ApiError::unavailable(match e {
+                    StoreError::Conflict(_) => format!(
+                        "the call was decided on a change of the task that was not recorded ({e}); try again"
+                    ),
+                    e => e.to_string(),
+                }))
+            }
+        }
+    }
+
+    /// Under the task's lock: when a commit queued from it failed, waits
+    /// until the writer has applied everything queued before now, and
+    /// forgets the cached state, so that the task is read afresh.
+    pub(crate) async fn drain_if_poisoned(
+        &self,
+        guard: &mut crate::task_locks::TaskGuard<'_>,
+    ) -> Result<(), ApiError> {
+        if guard.take_poison() {
+            guard.planned = None;
+            within_deadline("draining the ledger's queue", ledger_deadline(), async {
+                self.store
+                    .settled()
+                    .await
+                    .map_err(|e| ApiError::unavailable(e.to_string()))
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Takes the lock of a task for a change that is not a call (a
+    /// transition, an end, a resume, an approval): waits until every
+    /// commit this process queued for the task is applied, and drops the
+    /// cached state, so that the change reads the task as the ledger has
+    /// it and the next call reads it afresh after the change.
+    pub(crate) async fn lock_task_for_change(
+        &self,
+        task_id: &str,
+    ) -> Result<crate::task_locks::TaskGuard<'_>, ApiError> {
+        let mut guard = self.task_locks.lock(task_id).await;
+        let poisoned = guard.take_poison();
+        if guard.planned.take().is_some() || poisoned {
+            self.store
+                .settled()
+                .await
+                .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        }
+        Ok(guard)
+    }
+
+    /// The task's state for the next call: the cached state the queued
+    /// commits will leave, or the ledger's; with the ticket of the commit
+    /// it was planned on, if that may still be queued.
+    async fn task_for_call(
+        &self,
+        task_id: &str,
+        slot: &Planned,
+    ) -> Result<(TaskRecord, Option<Ticket>), ApiError> {
+        let cached = slot.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        match cached {
+            Some((record, after)) => Ok((self.live_task(record)?, after)),
+            None => Ok((self.load_task(task_id).await?, None)),
+        }
+    }
+
+    /// Decides a use and queues its records: the part of a call that holds
+    /// the task's lock. Planned on the cached state when there is one
+    /// (chained to the commit that produces it); leaves in the slot the
+    /// state its own records produce.
+    async fn plan_and_queue(
+        &self,
+        claims: &Claims,
+        task_id: &str,
+        tool: &str,
+        use_: Use<'_>,
+        slot: &Planned,
+    ) -> Result<Queued, CommitError> {
+        let (record, after) = match self.task_for_call(task_id, slot).await {
+            Ok(r) => r,
+            Err(e) if e.reason() == Some(Reason::TaskNotActive) => {
+                // A task that is gone or past its lifetime: still an
+                // attempt, still recorded.
+                let mut event = NewEvent::new(self.now(), EventKind::CallDenied);
+                event.task_id = Some(task_id.to_owned());
+                event.agent_id = Some(claims.sub.clone());
+                event.tool = Some(portcullis_core::bounded_tool_name(tool));
+                event.decision = Some("deny".to_owned());
+                event.reason = Some(Reason::TaskNotActive.as_str().to_owned());
+                event.detail = Some(e.detail().to_owned());
+                let after = slot
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .as_ref()
+                    .and_then(|(_, t)| *t);
+                if let Err(e) = self.commit_after(vec![Op::Append(event)], after).await {
+                    *slot.lock().unwrap_or_else(PoisonError::into_inner) = None;
                     return Err(e.into());
                 }
-                Err(e) => return Err(e.into()),
-            };
-            let now = self.now();
-            // The one fact the planner needs from the ledger: whether the
-            // agent ever had this tool allowed (for the `new_tool` rule).
-            let first_use = self.engine.anomaly().watches_new_tools()
-                && self.engine.tool(tool).is_some()
-                && !self.agent_used_tool(&record.task.agent_id, tool).await?;
-            let redact = &self.settings.redact;
-            let digest = || use_.digest(redact);
-            let input = plan::Input {
-                task: &record.task,
-                tool,
-                use_: use_.planned(),
-                scope: Some(&claims.scope),
-                now,
-                first_use,
-                digest: &digest,
-            };
-            let started = std::time::Instant::now();
-            let mut verdict = self.engine.plan_use(&input);
-            self.metrics.decision_latency.observe(started.elapsed());
-            if verdict.decision.reason == Some(Reason::ToolDefinitionChanged)
-                && self.recheck_pin(tool).await
-            {
-                // An admin re-approved the definition the upstream has now.
-                verdict = self.engine.plan_use(&input);
+                return Ok(Queued {
+                    pending: None,
+                    then: Then::Denied {
+                        answer: e,
+                        reason: Reason::TaskNotActive,
+                    },
+                });
             }
-            let plan::Verdict { decision, fired } = verdict;
-            if !decision.is_allowed() {
-                let answer = self
-                    .commit_denial(&record, &decision, use_, now, fired)
-                    .await?;
-                self.metrics.decision(decision.reason);
-                let reason = decision.reason.unwrap_or(Reason::InternalError);
-                tracing::info!(task_id, tool, reason = reason.as_str(), "call denied");
-                return Err(answer.into());
+            Err(e) => return Err(e.into()),
+        };
+        let now = self.now();
+        // The one fact the planner needs from the ledger: whether the
+        // agent ever had this tool allowed (for the `new_tool` rule).
+        let first_use = self.engine.anomaly().watches_new_tools()
+            && self.engine.tool(tool).is_some()
+            && !self.agent_used_tool(&record.task.agent_id, tool).await?;
+        let redact = &self.settings.redact;
+        let digest = || use_.digest(redact);
+        let input = plan::Input {
+            task: &record.task,
+            tool,
+            use_: use_.planned(),
+            scope: Some(&claims.scope),
+            now,
+            first_use,
+            digest: &digest,
+        };
+        let started = std::time::Instant::now();
+        let mut verdict = self.engine.plan_use(&input);
+        self.metrics.decision_latency.observe(started.elapsed());
+        if verdict.decision.reason == Some(Reason::ToolDefinitionChanged)
+            && self.recheck_pin(tool).await
+        {
+            // An admin re-approved the definition the upstream has now.
+            verdict = self.engine.plan_use(&input);
+        }
+        let plan::Verdict { decision, fired } = verdict;
+        let queued = if decision.is_allowed() {
+            self.queue_allowed(claims, &record, after, decision, use_, now)
+                .await
+        } else {
+            self.queue_denial(&record, after, &decision, use_, now, fired)
+                .await
+        };
+        let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        match queued {
+            Ok((queued, next)) => {
+                *slot = self.store.writer_queue().then_some(next);
+                Ok(queued)
             }
-            let done = self
-                .commit_allowed(claims, record, decision, use_, now)
+            Err(e) => {
+                // The cached state may be what a commit that just failed
+                // was planned on.
+                *slot = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Queues a plain denial (it changes nothing), or records one that
+    /// changes the task, holds the call or fires a rule, before returning
+    /// ([`Gateway::commit_denial`]). Returns it with the task's state after
+    /// it.
+    async fn queue_denial(
+        &self,
+        record: &TaskRecord,
+        after: Option<Ticket>,
+        decision: &Decision,
+        use_: Use<'_>,
+        now: Timestamp,
+        fired: Option<Fired>,
+    ) -> Result<(Queued, (TaskRecord, Option<Ticket>)), CommitError> {
+        let reason = decision.reason.unwrap_or(Reason::InternalError);
+        let planned = self.engine.after_denied(&record.task, fired);
+        if planned.task.is_none() && planned.fired.is_empty() && planned.halted.is_none() {
+            let event = self.use_event(&record.task, decision, use_, now);
+            let queued = self
+                .store
+                .enqueue_after(vec![Op::Append(event)], after)
                 .await?;
-            self.metrics.decision(None);
-            Ok(done)
-        })
-        .await
+            let answer = ApiError::denied(reason, decision.detail.clone())
+                .with_policies(decision.policy_ids.clone());
+            return Ok((
+                Queued {
+                    pending: Some(queued.pending),
+                    then: Then::Denied { answer, reason },
+                },
+                (record.clone(), after),
+            ));
+        }
+        let (answer, task) = self
+            .commit_denial(record, after, decision, use_, now, planned)
+            .await?;
+        Ok((
+            Queued {
+                pending: None,
+                then: Then::Denied { answer, reason },
+            },
+            (
+                TaskRecord {
+                    task,
+                    deadline: record.deadline,
+                },
+                None,
+            ),
+        ))
     }
 
     /// Records a denial — and, when the anomaly rules say so, counts it,
@@ -283,12 +506,12 @@ impl Gateway {
     async fn commit_denial(
         &self,
         record: &TaskRecord,
+        after: Option<Ticket>,
         decision: &Decision,
         use_: Use<'_>,
         now: Timestamp,
-        call_rule: Option<Fired>,
-    ) -> Result<ApiError, CommitError> {
-        let planned = self.engine.after_denied(&record.task, call_rule);
+        planned: plan::AfterDenial,
+    ) -> Result<(ApiError, Task), CommitError> {
         let changed = planned.task.is_some();
         let task = planned.task.clone().unwrap_or_else(|| record.task.clone());
         let fired = &planned.fired;
@@ -356,11 +579,11 @@ impl Gateway {
         let mut not_filed = None;
         let mut with_request = ops.clone();
         with_request.extend(request_ops);
-        let committed = match self.commit(with_request).await {
+        let committed = match self.commit_after(with_request, after).await {
             Err(StoreError::TooManyPending { max, .. }) => {
                 elevation_id = None;
                 not_filed = Some(max);
-                self.commit(ops).await
+                self.commit_after(ops, after).await
             }
             other => other,
         };
@@ -412,7 +635,10 @@ impl Gateway {
         if halt && reason != Reason::AnomalyHalt {
             detail = format!("{detail}; the task is now halted (anomaly rule denials)");
         }
-        Ok(ApiError::denied(reason, detail).with_policies(decision.policy_ids.clone()))
+        Ok((
+            ApiError::denied(reason, detail).with_policies(decision.policy_ids.clone()),
+            task,
+        ))
     }
 
     /// The audit record of a decided use: a call's, and for an exchange
@@ -438,14 +664,18 @@ impl Gateway {
         event
     }
 
-    async fn commit_allowed(
+    /// Queues the records of an allowed use (the write-ahead record with
+    /// the task's update, compare-and-swap) planned on `after`. Returns
+    /// them with the task's state after them.
+    async fn queue_allowed(
         &self,
         claims: &Claims,
-        record: TaskRecord,
+        record: &TaskRecord,
+        after: Option<Ticket>,
         decision: Decision,
         use_: Use<'_>,
         now: Timestamp,
-    ) -> Result<Authorized, CommitError> {
+    ) -> Result<(Queued, (TaskRecord, Option<Ticket>)), CommitError> {
         let before = record.task.version;
         let redact = &self.settings.redact;
         let task = self
@@ -554,26 +784,35 @@ impl Gateway {
                 at: now,
             });
         }
-        match self.commit(ops).await {
-            Ok(_) => {
-                if note_use {
-                    self.remember_tool_use(&task.agent_id, &decision.tool);
-                }
-                // The per-hop token is on record now: later calls of the
-                // same access token may reuse it.
-                if let Some(r) = reuse {
-                    r.keep();
-                }
-                Ok(Authorized {
-                    task,
-                    decision,
-                    rotated,
-                    forward,
-                    exchanged,
-                })
-            }
-            Err(e) => Err(e.into()),
+        let queued = self.store.enqueue_after(ops, after).await?;
+        if note_use {
+            // Taken back if the commit fails: a call planned meanwhile is
+            // not a first use.
+            self.remember_tool_use(&task.agent_id, &decision.tool);
         }
+        let next = (
+            TaskRecord {
+                task: task.clone(),
+                deadline: record.deadline,
+            },
+            Some(queued.ticket),
+        );
+        Ok((
+            Queued {
+                pending: Some(queued.pending),
+                then: Then::Allowed {
+                    done: Box::new(Authorized {
+                        task,
+                        decision,
+                        rotated,
+                        forward,
+                        exchanged,
+                    }),
+                    reuse,
+                },
+            },
+            next,
+        ))
     }
 
     /// Revokes the presented token and mints one scoped to the new phase.
@@ -737,6 +976,13 @@ impl Gateway {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .contains(&(agent.to_owned(), tool.to_owned()))
+    }
+
+    fn forget_tool_use(&self, agent: &str, tool: &str) {
+        self.tool_uses
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&(agent.to_owned(), tool.to_owned()));
     }
 
     fn remember_tool_use(&self, agent: &str, tool: &str) {

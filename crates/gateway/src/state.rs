@@ -499,8 +499,34 @@ impl Gateway {
     /// Commits `ops` to the ledger; the tokens the batch revoked stop
     /// counting as live at once.
     pub(crate) async fn commit(&self, ops: Vec<Op>) -> Result<Committed, StoreError> {
+        self.commit_after(ops, None).await
+    }
+
+    /// [`Gateway::commit`] of a batch planned on the queued batch `after`
+    /// ([`Store::enqueue_after`]): refused if that one was not committed.
+    pub(crate) async fn commit_after(
+        &self,
+        ops: Vec<Op>,
+        after: Option<portcullis_store::Ticket>,
+    ) -> Result<Committed, StoreError> {
         let started = std::time::Instant::now();
-        let done = self.store.commit(ops).await;
+        let done = match after {
+            None => self.store.commit(ops).await,
+            Some(_) => match self.store.enqueue_after(ops, after).await {
+                Ok(queued) => queued.pending.await,
+                Err(e) => Err(e),
+            },
+        };
+        self.settle(started, done)
+    }
+
+    /// What follows a commit started at `started`: its latency counted,
+    /// and the tokens it revoked forgotten by the cache of live tokens.
+    pub(crate) fn settle(
+        &self,
+        started: std::time::Instant,
+        done: Result<Committed, StoreError>,
+    ) -> Result<Committed, StoreError> {
         self.metrics.commit_latency.observe(started.elapsed());
         let done = done?;
         self.live.forget(&done.revoked);

@@ -385,6 +385,7 @@ pub(crate) async fn transition(
     let result = async {
         let req: TransitionBody = crate::body::read_json(body, gw.settings.max_body_bytes).await?;
         let (gw, task_id, req, claims) = (&gw, &task_id, &req, &claims);
+        let _task = gw.lock_task_for_change(task_id).await?;
         gw.retry_on_conflict(|| async move {
             let record = gw.load_task(task_id).await?;
             let now = gw.now();
@@ -504,6 +505,7 @@ async fn end_task(
     status: TaskStatus,
     by: &str,
 ) -> Result<Value, ApiError> {
+    let _task = gw.lock_task_for_change(task_id).await?;
     gw.retry_on_conflict(|| async move {
         let record = gw.load_task(task_id).await?;
         if record.task.status != TaskStatus::Active {
@@ -597,6 +599,7 @@ pub(crate) async fn resume(
     let result = async {
         let admin = gw.require_admin(&headers, Role::Admin)?.name.clone();
         let (gw, task_id, admin) = (&gw, &task_id, &admin);
+        let _task = gw.lock_task_for_change(task_id).await?;
         gw.retry_on_conflict(|| async move {
             let record = gw.load_task(task_id).await?;
             if record.task.status != TaskStatus::Halted {

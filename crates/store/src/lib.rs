@@ -144,6 +144,31 @@ pub struct TaskCounts {
 /// The outcome of a batch queued with [`Store::enqueue`].
 pub type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Committed>> + Send>>;
 
+/// A queued batch's place in its writer's queue ([`Store::enqueue_after`]):
+/// a batch queued later can be made to depend on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ticket(pub u64);
+
+/// A batch in the writer's queue ([`Store::enqueue_after`]).
+pub struct Enqueued {
+    /// Its place in the queue, for a batch that depends on it.
+    pub ticket: Ticket,
+    /// Its outcome.
+    pub pending: Pending,
+}
+
+impl std::fmt::Debug for Enqueued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enqueued")
+            .field("ticket", &self.ticket)
+            .finish_non_exhaustive()
+    }
+}
+
+/// [`Store::enqueue_after`]: the batch was refused because a batch it
+/// depends on was not committed.
+pub const DEPENDENCY_FAILED: &str = "a batch it was planned on was not committed";
+
 /// The ledger. Implementations are shared across tasks (`Arc<dyn Store>`).
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -165,9 +190,36 @@ pub trait Store: Send + Sync + 'static {
     /// error is then returned at once, and the outcome is ready. The batch's guarantees are those of
     /// [`Store::commit`]; dropping the outcome does not cancel the commit.
     async fn enqueue(&self, ops: Vec<Op>) -> Result<Pending> {
+        Ok(self.enqueue_after(ops, None).await?.pending)
+    }
+
+    /// [`Store::enqueue`], for a batch planned on the outcome of an earlier
+    /// one, `after`: the writer refuses it ([`StoreError::Conflict`],
+    /// [`DEPENDENCY_FAILED`]) unless that batch was committed — and so,
+    /// transitively, every batch of a chain fails after the first that
+    /// fails. A caller planning a task's next change on the state its
+    /// previous queued change will produce chains them this way, so that
+    /// nothing planned on a change that never happened is ever committed.
+    ///
+    /// A backend without a writer queue ([`Store::writer_queue`] false)
+    /// commits before returning, so a caller knows each outcome before it
+    /// could plan on it, and `after` is not needed.
+    async fn enqueue_after(&self, ops: Vec<Op>, after: Option<Ticket>) -> Result<Enqueued> {
         // No queue: committed (or refused, which the caller hears now).
+        let _ = after;
         let committed = self.commit(ops).await?;
-        Ok(Box::pin(std::future::ready(Ok(committed))))
+        Ok(Enqueued {
+            ticket: Ticket(0),
+            pending: Box::pin(std::future::ready(Ok(committed))),
+        })
+    }
+
+    /// Whether [`Store::enqueue`] returns before the batch is committed
+    /// (a single writer applying a queue in order). Only then may a caller
+    /// plan on a queued batch's outcome, chaining with
+    /// [`Store::enqueue_after`].
+    fn writer_queue(&self) -> bool {
+        false
     }
 
     /// Waits until every batch queued with [`Store::enqueue`] before this

@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use portcullis_core::Timestamp;
+use portcullis_core::{TaskStatus, Timestamp};
 use portcullis_store::chain::{self, Report};
 use portcullis_store::sqlite::SCHEMA_VERSION;
 use portcullis_store::testsuite::{
@@ -170,6 +170,88 @@ async fn failing_batches_roll_back_alone_within_a_group() {
     );
     // Rolled-back batches inside shared transactions left the chain whole.
     testsuite::assert_log_is_valid(store.as_ref()).await;
+}
+
+/// Regression (planning on queued commits): a task's next change is
+/// planned on the state its previous, still queued, change will produce.
+/// If that change failed, the next one's compare-and-swap could still
+/// match a version some other writer produced meanwhile, and commit a
+/// state planned on a change that never happened (un-halting a halted
+/// task). A batch chained with `enqueue_after` is refused unless the
+/// batch it was planned on committed, and so is every batch after it in
+/// the chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_planned_on_a_failed_batch_is_never_committed() {
+    let (_dir, store) = fresh();
+    let record = sample_task("chained");
+    store
+        .commit(vec![Op::InsertTask(record.clone())])
+        .await
+        .unwrap();
+    assert!(store.writer_queue());
+    let update = |version: u64, status: TaskStatus, expected: u64| {
+        let mut next = record.clone();
+        next.task.version = version;
+        next.task.status = status;
+        Op::UpdateTask {
+            record: next,
+            expected_version: expected,
+        }
+    };
+    // Planned on a stale version: fails at the writer.
+    let a = store
+        .enqueue_after(vec![update(2, TaskStatus::Active, 9)], None)
+        .await
+        .unwrap();
+    // Another writer halts the task: version 1 → 2.
+    let halt = store
+        .enqueue_after(vec![update(2, TaskStatus::Halted, 1)], None)
+        .await
+        .unwrap();
+    // Planned on `a`'s outcome (version 2, active): its compare-and-swap
+    // would match the halt's version.
+    let b = store
+        .enqueue_after(vec![update(3, TaskStatus::Active, 2)], Some(a.ticket))
+        .await
+        .unwrap();
+    // And one planned on `b`, an audit record only.
+    let c = store
+        .enqueue_after(
+            vec![Op::Append(sample_event(EventKind::CallAllowed, "chained"))],
+            Some(b.ticket),
+        )
+        .await
+        .unwrap();
+    // A batch planned on the halt goes ahead.
+    let d = store
+        .enqueue_after(
+            vec![Op::Append(sample_event(EventKind::TaskHalted, "chained"))],
+            Some(halt.ticket),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(a.pending.await, Err(StoreError::Conflict(_))));
+    halt.pending.await.unwrap();
+    for refused in [b.pending.await, c.pending.await] {
+        match refused {
+            Err(StoreError::Conflict(why)) => {
+                assert_eq!(why, portcullis_store::DEPENDENCY_FAILED);
+            }
+            other => panic!("a batch planned on a failed one: {other:?}"),
+        }
+    }
+    d.pending.await.unwrap();
+    let now = store.task("chained").await.unwrap().unwrap();
+    assert_eq!(now.task.status, TaskStatus::Halted);
+    assert_eq!(now.task.version, 2);
+    let kinds: Vec<EventKind> = store
+        .audit(&AuditQuery::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event.kind)
+        .collect();
+    assert_eq!(kinds, vec![EventKind::TaskHalted]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

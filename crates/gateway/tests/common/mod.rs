@@ -351,9 +351,16 @@ impl Store for Outage {
         self.check()?;
         self.inner.commit(ops).await
     }
-    async fn enqueue(&self, ops: Vec<Op>) -> Result<portcullis_store::Pending, StoreError> {
+    async fn enqueue_after(
+        &self,
+        ops: Vec<Op>,
+        after: Option<portcullis_store::Ticket>,
+    ) -> Result<portcullis_store::Enqueued, StoreError> {
         self.check()?;
-        self.inner.enqueue(ops).await
+        self.inner.enqueue_after(ops, after).await
+    }
+    fn writer_queue(&self) -> bool {
+        self.inner.writer_queue()
     }
     async fn settled(&self) -> Result<(), StoreError> {
         self.check()?;

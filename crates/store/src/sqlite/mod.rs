@@ -323,6 +323,7 @@ mod schema;
 mod writer;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -399,6 +400,8 @@ pub struct SqliteStore {
     readers: Arc<ReadPool>,
     mirror: Option<Arc<MirrorStatus>>,
     queue: QueueGauge,
+    /// The next batch's [`crate::Ticket`].
+    tickets: AtomicU64,
     /// The locked `<database>.serve-lock` of
     /// [`SqliteOptions::exclusive_serving`]; the lock goes with the file
     /// handle: released by [`close`](Self::close) once the writer is done,
@@ -496,6 +499,7 @@ impl SqliteStore {
             readers,
             mirror: status,
             queue: QueueGauge::default(),
+            tickets: AtomicU64::new(1),
             serve_lock: Mutex::new(serve_lock),
         })
     }
@@ -666,15 +670,34 @@ impl Store for SqliteStore {
 
     /// In the writer's queue on return: the single writer commits in queue
     /// order, so the batch lands after every batch queued before it.
-    async fn enqueue(&self, ops: Vec<Op>) -> Result<crate::Pending> {
+    async fn enqueue_after(
+        &self,
+        ops: Vec<Op>,
+        after: Option<crate::Ticket>,
+    ) -> Result<crate::Enqueued> {
         let (reply, answer) = oneshot::channel();
         let queued = self.queue.ticket();
-        self.send(Request::Commit { ops, reply, queued }).await?;
-        Ok(Box::pin(async move {
-            answer.await.map_err(|_| {
-                StoreError::Unavailable("store writer stopped before answering".into())
-            })?
-        }))
+        let ticket = crate::Ticket(self.tickets.fetch_add(1, Ordering::Relaxed));
+        self.send(Request::Commit {
+            ops,
+            reply,
+            queued,
+            ticket,
+            after,
+        })
+        .await?;
+        Ok(crate::Enqueued {
+            ticket,
+            pending: Box::pin(async move {
+                answer.await.map_err(|_| {
+                    StoreError::Unavailable("store writer stopped before answering".into())
+                })?
+            }),
+        })
+    }
+
+    fn writer_queue(&self) -> bool {
+        true
     }
 
     async fn task(&self, id: &str) -> Result<Option<TaskRecord>> {

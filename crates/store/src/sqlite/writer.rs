@@ -14,8 +14,8 @@ use crate::model::{
 use crate::queue::Queued;
 use crate::{
     AuditEvent, CHECKPOINT_EXISTS, CHECKPOINT_HASH_MISMATCH, CHECKPOINT_NO_SUCH_RECORD, Checkpoint,
-    Committed, ELEVATION_ALREADY_DECIDED, ElevationStatus, HeldCall, NO_SUCH_ELEVATION, NewEvent,
-    Op, Result, StoreError, chain,
+    Committed, DEPENDENCY_FAILED, ELEVATION_ALREADY_DECIDED, ElevationStatus, HeldCall,
+    NO_SUCH_ELEVATION, NewEvent, Op, Result, StoreError, Ticket, chain,
 };
 
 /// Most batches drained into one SQLite transaction.
@@ -30,6 +30,11 @@ pub enum Request {
         reply: oneshot::Sender<Result<Committed>>,
         /// Counts the request as waiting until the writer takes it.
         queued: Queued,
+        /// Its place in the queue.
+        ticket: Ticket,
+        /// The batch it was planned on, if any: refused unless that one
+        /// was committed.
+        after: Option<Ticket>,
     },
     /// Run a query on the write connection and reply.
     Ping { reply: oneshot::Sender<Result<()>> },
@@ -50,6 +55,7 @@ pub fn run(
     mut mirror: Option<Mirror>,
 ) {
     let mut group = Vec::with_capacity(MAX_GROUP);
+    let mut failures = Failures::default();
     let mut closing = false;
     while !closing {
         let first = if let Some(mirror) = mirror.as_mut().filter(|m| m.wants_work()) {
@@ -76,7 +82,7 @@ pub fn run(
                 Err(_) => break,
             }
         }
-        closing = process(&mut conn, &mut group, mirror.as_mut());
+        closing = process(&mut conn, &mut group, &mut failures, mirror.as_mut());
         // Under steady load the queue never empties: catch up here too.
         if let Some(mirror) = mirror.as_mut() {
             mirror.step(&conn);
@@ -90,23 +96,77 @@ pub fn run(
     // database, checkpointing the WAL if this was the last connection.
 }
 
+/// Most failed batches remembered for [`Request::Commit::after`]: a batch
+/// that depends on one forgotten is refused too (fail closed). Failures are
+/// rare, and a dependent batch follows its predecessor closely.
+pub const MAX_FAILURES: usize = 4096;
+
+/// The batches that were not committed, for batches that depend on them.
+#[derive(Debug, Default)]
+struct Failures {
+    failed: std::collections::BTreeSet<Ticket>,
+    /// Every ticket below this one that is not in `failed` may have failed
+    /// too: it was forgotten.
+    forgotten_below: Ticket,
+}
+
+impl Failures {
+    fn fail(&mut self, ticket: Ticket) {
+        self.failed.insert(ticket);
+        while self.failed.len() > MAX_FAILURES {
+            if let Some(oldest) = self.failed.pop_first() {
+                self.forgotten_below = self.forgotten_below.max(Ticket(oldest.0 + 1));
+            }
+        }
+    }
+
+    /// Whether a batch planned on `after` may go ahead.
+    fn allows(&self, after: Option<Ticket>) -> bool {
+        after.is_none_or(|t| t >= self.forgotten_below && !self.failed.contains(&t))
+    }
+}
+
+/// A batch to apply, with where its outcome goes.
+struct Batch {
+    ops: Vec<Op>,
+    reply: Reply,
+    ticket: Ticket,
+    after: Option<Ticket>,
+}
+
 /// Applies one group. Returns true when a [`Request::Close`] was seen.
-fn process(conn: &mut Connection, group: &mut Vec<Request>, mirror: Option<&mut Mirror>) -> bool {
+fn process(
+    conn: &mut Connection,
+    group: &mut Vec<Request>,
+    failures: &mut Failures,
+    mirror: Option<&mut Mirror>,
+) -> bool {
     let mut batches = Vec::new();
     let mut pings = Vec::new();
     let mut closing = false;
     for request in group.drain(..) {
         match request {
-            Request::Commit { ops, reply, queued } => {
+            Request::Commit {
+                ops,
+                reply,
+                queued,
+                ticket,
+                after,
+            } => {
                 drop(queued);
-                batches.push((ops, reply));
+                batches.push(Batch {
+                    ops,
+                    reply,
+                    ticket,
+                    after,
+                });
             }
             Request::Ping { reply } => pings.push(reply),
             Request::Close => closing = true,
         }
     }
     if !batches.is_empty() {
-        commit_group(conn, batches, mirror);
+        commit_group(conn, batches, failures, mirror);
     }
     for reply in pings {
         let result = conn
@@ -134,30 +194,46 @@ struct Failed {
 
 fn commit_group(
     conn: &mut Connection,
-    batches: Vec<(Vec<Op>, Reply)>,
+    batches: Vec<Batch>,
+    failures: &mut Failures,
     mirror: Option<&mut Mirror>,
 ) {
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let error = sql_error("begin", &e);
-        for (_, reply) in batches {
-            let _ = reply.send(Err(StoreError::Unavailable(error.to_string())));
+        for batch in batches {
+            failures.fail(batch.ticket);
+            let _ = batch
+                .reply
+                .send(Err(StoreError::Unavailable(error.to_string())));
         }
         return;
     }
 
     // Replies wait here until COMMIT succeeded: nothing is acknowledged
     // before it is durable.
-    let mut applied: Vec<(Reply, Committed)> = Vec::with_capacity(batches.len());
+    let mut applied: Vec<(Reply, Committed, Ticket)> = Vec::with_capacity(batches.len());
     let mut lost: Option<String> = None;
     // The mirror's lines of the applied batches, in commit order.
     let mut lines: Option<Vec<Line>> = mirror.is_some().then(Vec::new);
-    for (ops, reply) in batches {
+    for batch in batches {
+        let Batch {
+            ops,
+            reply,
+            ticket,
+            after,
+        } = batch;
         if let Some(why) = &lost {
+            failures.fail(ticket);
             let _ = reply.send(Err(StoreError::Unavailable(why.clone())));
             continue;
         }
+        if !failures.allows(after) {
+            failures.fail(ticket);
+            let _ = reply.send(Err(StoreError::Conflict(DEPENDENCY_FAILED.to_owned())));
+            continue;
+        }
         match apply_batch(conn, ops, lines.as_mut()) {
-            Ok(committed) => applied.push((reply, committed)),
+            Ok(committed) => applied.push((reply, committed, ticket)),
             Err(Failed {
                 error,
                 group_intact,
@@ -166,6 +242,7 @@ fn commit_group(
                     lost = Some(format!("transaction aborted: {error}"));
                 }
                 // Rolled back either way: the outcome is final.
+                failures.fail(ticket);
                 let _ = reply.send(Err(error));
             }
         }
@@ -179,7 +256,7 @@ fn commit_group(
     };
     match outcome {
         Ok(()) => {
-            for (reply, committed) in applied {
+            for (reply, committed, _) in applied {
                 let _ = reply.send(Ok(committed));
             }
             // After the replies: the mirror never delays an acknowledgement,
@@ -194,7 +271,8 @@ fn commit_group(
                 // and report it.
                 let _ = conn.execute_batch("ROLLBACK");
             }
-            for (reply, _) in applied {
+            for (reply, _, ticket) in applied {
+                failures.fail(ticket);
                 let _ = reply.send(Err(StoreError::Unavailable(why.clone())));
             }
         }
