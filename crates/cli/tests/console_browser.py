@@ -193,13 +193,21 @@ def mcp_call(url, token, name, arguments, out):
     from mcp.client.client import Client
     from mcp.client.streamable_http import streamable_http_client
     from mcp.shared._httpx_utils import create_mcp_http_client
-    import httpx
+    import httpx2
+
+    out["progress"] = []
+
+    async def progress(value, total, message):
+        out["progress"].append({"progress": value, "total": total, "message": message})
 
     async def run():
-        timeout = httpx.Timeout(120.0)
+        timeout = httpx2.Timeout(120.0)
         async with create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}, timeout=timeout) as http:
             async with Client(streamable_http_client(url, http_client=http), mode="legacy", cache=None) as client:
-                result = await client.call_tool(name, arguments)
+                # The call waits for a person; with a progress callback the
+                # client hears of the wait while it lasts.
+                result = await client.call_tool(name, arguments, read_timeout_seconds=120,
+                                                progress_callback=progress)
                 return result.model_dump(mode="json", by_alias=True, exclude_none=True)
 
     try:
@@ -305,6 +313,9 @@ def main():
         assert "result" in out, out
         result = out["result"]
         assert not result.get("isError"), result
+        # While it waited, the client heard progress naming the request.
+        assert out["progress"], out
+        assert "elv_" in (out["progress"][0]["message"] or ""), out["progress"]
         assert "1" in json.dumps(result.get("structuredContent", result)), result
 
         # 3. Halt a task and watch the live stream show it.

@@ -260,8 +260,8 @@ async fn sign_in_sets_a_strict_session_cookie_and_sign_out_ends_it() {
         .parse()
         .unwrap();
     assert!(max_age > 0 && max_age <= 8 * 3600, "{header}");
-    // Plain http: not `Secure` (a browser would drop it); the TLS case is
-    // in crates/cli/tests/tls.rs.
+    // Plain http: not `Secure` (a browser would drop it); behind TLS it is
+    // (`console::tests::cookies_are_secure_behind_tls`).
     assert!(!attrs.contains(&"Secure"), "{header}");
     // The token itself is not the cookie.
     assert!(!cookie.contains(ADMIN));

@@ -185,7 +185,13 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 fn set_cookie(gw: &Gateway, name: &str, value: &str, max_age: u64) -> HeaderValue {
-    let secure = if gw.console.secure { "; Secure" } else { "" };
+    cookie_header(gw.console.secure, name, value, max_age)
+}
+
+/// A `Set-Cookie` value: the console's path only, never readable by
+/// scripts, never sent cross-site, `Secure` behind TLS.
+fn cookie_header(secure: bool, name: &str, value: &str, max_age: u64) -> HeaderValue {
+    let secure = if secure { "; Secure" } else { "" };
     let text = format!(
         "{name}={value}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
     );
@@ -1223,6 +1229,21 @@ mod tests {
         let d = line_diff("a\nb\nc", "a\nx\nc");
         let ops: Vec<&str> = d.iter().map(|v| v["op"].as_str().unwrap()).collect();
         assert_eq!(ops, ["same", "del", "add", "same"]);
+    }
+
+    #[test]
+    fn cookies_are_secure_behind_tls() {
+        let tls: portcullis_config::Config =
+            toml::from_str("[server]\nissuer = \"https://gw.example\"\n").unwrap();
+        assert!(Console::new(&tls).secure);
+        let plain: portcullis_config::Config =
+            toml::from_str("[server]\nissuer = \"http://127.0.0.1:8787\"\n").unwrap();
+        assert!(!Console::new(&plain).secure);
+        let v = cookie_header(true, COOKIE, "cs_x", 60);
+        assert_eq!(
+            v.to_str().unwrap(),
+            "portcullis_console=cs_x; Path=/console; HttpOnly; SameSite=Strict; Max-Age=60; Secure"
+        );
     }
 
     #[test]
