@@ -94,10 +94,12 @@ name = "ops"
 roles = ["admin", "approver", "auditor"]
 token_sha256 = "{admin}"
 
+# The demo warehouse over stdio; once the file `drift` exists, a restart
+# of the child advertises a changed definition of `query`.
 [[upstreams]]
 name = "warehouse"
-transport = "http"
-url = "http://127.0.0.1:{up}/mcp"
+transport = "stdio"
+command = ["/bin/sh", "-c", "if [ -e '{work}/drift' ]; then exec '{bin}' demo-server warehouse --drift; else exec '{bin}' demo-server warehouse; fi"]
 credential = {{ kind = "none" }}
 
 [[tools]]
@@ -114,9 +116,12 @@ access = "write"
 
 [[agent_types]]
 name = "loader"
-initial = "work"
+initial = "explore"
+auto_advance = true
 states = [
-  {{ name = "work", tools = ["warehouse.query", "warehouse.insert"], next = ["done"] }},
+  {{ name = "explore", tools = ["warehouse.query"], next = ["work"] }},
+  {{ name = "work", tools = ["warehouse.query", "warehouse.insert"], next = ["publish", "done"] }},
+  {{ name = "publish", tools = ["warehouse.insert"], next = ["done"], reverify = true, approval = true }},
   {{ name = "done", final = true }},
 ]
 
@@ -137,15 +142,14 @@ class Rig:
 
     def __init__(self, binary, work):
         self.binary, self.work = binary, work
-        self.port, self.up = free_port(), free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.procs = []
         os.makedirs(os.path.join(work, "keys"), exist_ok=True)
         with open(os.path.join(work, "portcullis.toml"), "w") as f:
-            f.write(CONFIG.format(port=self.port, up=self.up, admin=sha(ADMIN), bootstrap=sha(BOOTSTRAP)))
+            f.write(CONFIG.format(port=self.port, work=work, bin=binary, admin=sha(ADMIN), bootstrap=sha(BOOTSTRAP)))
         subprocess.run([binary, "keygen", "--out", os.path.join(work, "keys/k.ed25519")],
                        check=True, capture_output=True)
-        self.upstream = self.start_upstream(drift=False)
         self.gateway = self.spawn([binary, "serve", "--config", os.path.join(work, "portcullis.toml")], "gateway.log")
         wait_http(self.base + "/readyz")
 
@@ -155,19 +159,16 @@ class Rig:
         self.procs.append(p)
         return p
 
-    def start_upstream(self, drift):
-        argv = [self.binary, "demo-server", "warehouse", "--http", f"127.0.0.1:{self.up}"]
-        if drift:
-            argv.append("--drift")
-        p = self.spawn(argv, "upstream.log")
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.up), timeout=1).close()
-                return p
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError("the demo upstream did not start")
+    def drift_upstream(self):
+        """The upstream comes back with a changed tool definition: the flag
+        file, then the gateway's stdio child (found by its parent's pid) is
+        stopped; the gateway reconnects and lists the tools again."""
+        open(os.path.join(self.work, "drift"), "w").close()
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.gateway.pid)],
+                                  capture_output=True, text=True).stdout.split()
+        assert children, "the gateway has no upstream child"
+        for pid in children:
+            os.kill(int(pid), 15)
 
     def stop(self, p):
         p.terminate()
@@ -296,7 +297,7 @@ def main():
         client.start()
         item = person.wait(lambda d: d.find_element(By.CSS_SELECTOR, "li.approval"), seconds=30, refresh=True)
         page = person.text()
-        for expected in ["warehouse.insert", "loader-bot", GOAL, "Katherine Johnson", "approval required"]:
+        for expected in ["warehouse.insert", "loader-bot", GOAL, "Katherine Johnson", "needs approval"]:
             assert expected in page, (expected, page)
         assert person.driver.find_element(By.ID, "pending-count").text == "1"
         assert client.is_alive(), f"the client should still be waiting: {out}"
@@ -324,9 +325,13 @@ def main():
         person.go(f"/console/stream?task_id={victim['task_id']}")
         person.wait(lambda d: "Connected" in d.find_element(By.ID, "stream-status").text)
         person.driver.switch_to.new_window("tab")
-        person.go(f"/console/tasks/{victim['task_id']}")
-        assert "<svg" in person.driver.page_source
+        person.go(f"/console/tasks/{task['task_id']}")
+        svg = person.driver.find_element(By.CSS_SELECTOR, "svg.workflow")
+        # The task moved explore → work with the approved call: drawn.
+        assert svg.find_elements(By.CSS_SELECTOR, "g.state.current"), "current state marked"
+        assert svg.find_elements(By.CSS_SELECTOR, "path.edge.taken"), "path taken drawn"
         person.shot("04-task")
+        person.go(f"/console/tasks/{victim['task_id']}")
         person.driver.find_element(By.ID, "halt-reason").send_keys("stuck in a retry loop")
         person.driver.find_element(By.CSS_SELECTOR, "form[action$='/halt'] button").click()
         person.wait(lambda d: "is halted" in d.find_element(By.TAG_NAME, "body").text)
@@ -342,10 +347,9 @@ def main():
         person.shot("03-tasks")
 
         # 4. The upstream changes a tool's definition; approve it.
-        rig.stop(rig.upstream)
-        rig.upstream = rig.start_upstream(drift=True)
+        rig.drift_upstream()
         person.go("/console/pins")
-        person.wait(lambda d: "changed" in d.find_element(By.TAG_NAME, "body").text, seconds=90, refresh=True)
+        person.wait(lambda d: d.find_elements(By.CSS_SELECTOR, "section.drift"), seconds=90, refresh=True)
         diff = person.driver.find_element(By.CSS_SELECTOR, ".diff").text
         assert "description" in diff, diff
         status, body = api(rig.base, "POST", f"/v1/tasks/{task['task_id']}/calls", task["access_token"],

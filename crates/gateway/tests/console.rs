@@ -704,3 +704,54 @@ async fn the_console_stream_is_the_event_stream_for_a_session() {
     let got = read_events(&mut r, &mut String::new(), 1).await;
     assert_eq!(got[0].1["task_id"], task.task_id.as_str());
 }
+
+/// Waits (10 s at most) for an accepted alert whose body contains `needle`.
+async fn alert_with(rx: &Receiver, needle: &str) -> (String, String) {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(found) = rx.accepted().into_iter().find(|(_, b)| b.contains(needle)) {
+            return found;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no alert with {needle}: {:?}",
+            rx.accepted()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_approval_alert_links_to_its_console_page() {
+    let rx = Receiver::start(0, false).await;
+    let h = Harness::with(Options {
+        alert_webhook: Some(rx.url.clone()),
+        ..approval_options()
+    })
+    .await;
+    let (_, id) = pending_approval(&h).await;
+    let (content_type, body) = alert_with(&rx, &id).await;
+    assert_eq!(content_type, "application/json");
+    let alert: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(alert["kind"], "elevation.requested");
+    assert_eq!(alert["url"], format!("{}/console/approvals#{id}", h.base));
+
+    // Slack's shape: one `text`, with the link.
+    let rx = Receiver::start(0, false).await;
+    let h = Harness::with(Options {
+        alert_webhook: Some(rx.url.clone()),
+        alert_format: Some("slack"),
+        ..approval_options()
+    })
+    .await;
+    let (_, id) = pending_approval(&h).await;
+    let (_, body) = alert_with(&rx, &id).await;
+    let alert: Value = serde_json::from_str(&body).unwrap();
+    let text = alert["text"].as_str().unwrap();
+    assert_eq!(alert.as_object().unwrap().len(), 1, "{body}");
+    assert!(text.contains("elevation.requested"), "{text}");
+    assert!(
+        text.contains(&format!("<{}/console/approvals#{id}|Open in the console>", h.base)),
+        "{text}"
+    );
+}

@@ -88,7 +88,7 @@ pub(crate) fn render(
         r#"<svg xmlns="http://www.w3.org/2000/svg" class="workflow" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" aria-label="workflow of agent type {}">"#,
         escape(&workflow.name)
     );
-    svg.push_str(r#"<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" class="arrowhead"/></marker><marker id="arrow-taken" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" class="arrowhead taken"/></marker></defs>"#);
+    svg.push_str(r#"<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerUnits="userSpaceOnUse" markerWidth="10" markerHeight="10" orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" class="arrowhead"/></marker><marker id="arrow-taken" viewBox="0 0 10 10" refX="9" refY="5" markerUnits="userSpaceOnUse" markerWidth="10" markerHeight="10" orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" class="arrowhead taken"/></marker></defs>"#);
     // Edges first, under the boxes.
     for s in &states {
         let Some(&(x1, y1)) = at.get(s.name.as_str()) else {
@@ -104,7 +104,16 @@ pub(crate) fn render(
             } else {
                 ("edge", "arrow")
             };
-            let path = if x2 > x1 {
+            let path = if x2 == x1 {
+                // Same column: a straight line between the boxes, off
+                // centre so it clears the marks under the upper one.
+                let x = x1 + BOX_W * 3 / 4;
+                if y2 > y1 {
+                    format!("M {x} {} L {x} {}", y1 + BOX_H, y2)
+                } else {
+                    format!("M {x} {} L {x} {}", y1, y2 + BOX_H)
+                }
+            } else if x2 > x1 {
                 format!(
                     "M {} {} C {} {}, {} {}, {} {}",
                     x1 + BOX_W,
@@ -117,7 +126,7 @@ pub(crate) fn render(
                     y2 + BOX_H / 2
                 )
             } else {
-                // Back or sideways: a loop under the boxes.
+                // Back to an earlier column: a loop under the boxes.
                 let low = y1.max(y2) + BOX_H + 16;
                 format!(
                     "M {} {} C {} {}, {} {}, {} {}",
@@ -181,7 +190,7 @@ pub(crate) fn render(
             marks.push("↻ reverify");
         }
         if needs_approval {
-            marks.push("✋ approval");
+            marks.push("◆ approval");
         }
         if s.name == current {
             marks.push("● now");
@@ -242,7 +251,7 @@ states = [
         assert_eq!(svg.matches("state current").count(), 1);
         assert!(svg.contains("connect → validate (taken)"));
         assert_eq!(svg.matches(r#"class="edge taken""#).count(), 1);
-        assert!(svg.contains("↻ reverify") && svg.contains("✋ approval"));
+        assert!(svg.contains("↻ reverify") && svg.contains("◆ approval"));
         assert!(svg.contains("state final"));
         assert!(!svg.contains("<script") && !svg.contains("style="));
     }

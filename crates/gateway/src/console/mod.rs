@@ -67,6 +67,7 @@ const TIMELINE_MAX: usize = 1000;
 
 const STYLE: &str = include_str!("assets/console.css");
 const SCRIPT: &str = include_str!("assets/console.js");
+const ICON: &str = include_str!("assets/favicon.svg");
 
 /// The console's state in the gateway.
 #[derive(Debug)]
@@ -145,6 +146,7 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
         .route("/console/chain", get(chain).post(verify_chain))
         .route("/console/assets/console.css", get(style))
         .route("/console/assets/console.js", get(script))
+        .route("/console/assets/favicon.svg", get(icon))
         .layer(middleware::from_fn(security_headers))
 }
 
@@ -199,6 +201,10 @@ fn cookie_header(secure: bool, name: &str, value: &str, max_age: u64) -> HeaderV
 }
 
 /// The signed-in session, or the way to the sign-in page.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the page answered at once, one per request"
+)]
 fn signed_in(gw: &Gateway, headers: &HeaderMap) -> Result<Session, Response> {
     cookie(headers, COOKIE)
         .and_then(|id| gw.console.sessions.get(id))
@@ -206,6 +212,10 @@ fn signed_in(gw: &Gateway, headers: &HeaderMap) -> Result<Session, Response> {
 }
 
 /// A signed-in session with `role`.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the page answered at once, one per request"
+)]
 fn with_role(gw: &Gateway, headers: &HeaderMap, role: Role) -> Result<Session, Response> {
     let s = signed_in(gw, headers)?;
     if s.has(role) {
@@ -382,6 +392,17 @@ async fn style() -> Response {
             (header::CACHE_CONTROL, "no-cache"),
         ],
         STYLE,
+    )
+        .into_response()
+}
+
+async fn icon() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "image/svg+xml"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        ICON,
     )
         .into_response()
 }
@@ -917,8 +938,8 @@ async fn resume(
                     "detail": format!("Task {id} runs again. Its earlier tokens stay revoked; hand these new ones to its agent (they are shown once)."),
                     "task_id": id,
                     "tokens": {
-                        "access_token": body["access_token"],
-                        "refresh_token": body["refresh_token"],
+                        "access_token": body.get("access_token"),
+                        "refresh_token": body.get("refresh_token"),
                     },
                 }),
             )
