@@ -751,7 +751,10 @@ async fn a_pending_approval_alert_links_to_its_console_page() {
     assert_eq!(alert.as_object().unwrap().len(), 1, "{body}");
     assert!(text.contains("elevation.requested"), "{text}");
     assert!(
-        text.contains(&format!("<{}/console/approvals#{id}|Open in the console>", h.base)),
+        text.contains(&format!(
+            "<{}/console/approvals#{id}|Open in the console>",
+            h.base
+        )),
         "{text}"
     );
 }

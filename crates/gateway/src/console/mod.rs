@@ -487,6 +487,15 @@ async fn login(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -
     }
     let Some(admin) = found else {
         tracing::info!("console sign-in refused: not an admin token");
+        // Counted and recorded like every unauthenticated refusal; a
+        // source guessing tokens is throttled.
+        let refused = gw.count_refusal(
+            None,
+            &ApiError::denied(Reason::TokenInvalid, "console sign-in: not an admin token"),
+        );
+        if refused.reason() == Some(Reason::RateLimited) {
+            return error_page(&gw, None, &refused);
+        }
         let mut r = render(
             &gw,
             None,

@@ -139,6 +139,20 @@ when { !(context.args.table like "staging_*") };
 /// The configuration file text for `issuer` / `listen` and `opts`.
 pub fn config_toml(listen: &str, opts: &Options) -> String {
     let sha = |s: &str| portcullis_token::sha256_hex(s.as_bytes());
+    let audit_extra = [
+        opts.sample_low_risk
+            .map(|r| format!("sample_low_risk = {r:?}")),
+        opts.alert_format.map(|f| format!("alert_format = {f:?}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join("\n");
+    let approval = opts
+        .approval_table
+        .as_ref()
+        .map(|a| format!("[approval]\n{a}"))
+        .unwrap_or_default();
     format!(
         r#"
 [server]
@@ -270,11 +284,7 @@ cedar = ["policies/*.cedar"]
 "#,
         max_body = opts.max_body_bytes,
         store_url = opts.store_url.as_deref().unwrap_or("sqlite://ledger.db"),
-        approval = opts
-            .approval_table
-            .as_ref()
-            .map(|a| format!("[approval]\n{a}"))
-            .unwrap_or_default(),
+        approval = approval,
         access = opts.access_ttl,
         idle = opts.refresh_idle_ttl,
         max_life = opts.task_max_lifetime,
@@ -303,15 +313,7 @@ cedar = ["policies/*.cedar"]
         } else {
             ""
         },
-        audit_extra = format!(
-            "{}\n{}",
-            opts.sample_low_risk
-                .map(|r| format!("sample_low_risk = {r:?}"))
-                .unwrap_or_default(),
-            opts.alert_format
-                .map(|f| format!("alert_format = {f:?}"))
-                .unwrap_or_default()
-        ),
+        audit_extra = audit_extra,
         webhook = opts
             .alert_webhook
             .as_ref()
