@@ -758,3 +758,40 @@ async fn a_pending_approval_alert_links_to_its_console_page() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_are_capped() {
+    let h = Harness::start().await;
+    let mut open = Vec::new();
+    for _ in 0..portcullis_gateway::events::MAX_STREAMS {
+        let r = h
+            .client
+            .get(h.url("/v1/events"))
+            .bearer_auth(AUDITOR)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        open.push(r);
+    }
+    let a = h.get("/v1/events", Some(AUDITOR)).await;
+    assert_error(&a, 403, "rate_limited");
+    assert!(a.header("retry-after").is_some());
+    // A closed stream frees its place.
+    drop(open.pop());
+    let started = std::time::Instant::now();
+    loop {
+        let r = h
+            .client
+            .get(h.url("/v1/events"))
+            .bearer_auth(AUDITOR)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::OK {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "never freed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -423,6 +423,54 @@ async fn mcp_legacy_a_held_call_streams_progress_then_the_result() {
     assert_eq!(h.upstream_calls(), 4);
 }
 
+/// A client that goes away while its call is held ends the hold: the
+/// slot is freed, nothing is forwarded, and the request stays pending for
+/// a person to decide (an approval then serves the same call later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_legacy_a_client_that_goes_away_ends_its_hold() {
+    let h = Arc::new(Harness::with(held("60s", 4, 16)).await);
+    let s = to_transform(&h).await;
+    let sid = open_session(&h, &s.access).await;
+    let before = h.upstream_calls();
+    let mut r = h
+        .client
+        .post(h.url("/mcp"))
+        .bearer_auth(&s.access)
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", &sid)
+        .header("mcp-protocol-version", "2025-11-25")
+        .json(
+            &json!({"jsonrpc": "2.0", "id": 11, "method": "tools/call", "params": {
+            "name": "warehouse.insert", "arguments": insert_args(4),
+            "_meta": { "progressToken": 7 }}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), r.chunk())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        std::str::from_utf8(&first)
+            .unwrap()
+            .contains("notifications/progress")
+    );
+    assert_eq!(h.gateway.held_calls(), 1);
+    drop(r);
+    let started = Instant::now();
+    while h.gateway.held_calls() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the hold outlived its client"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(h.upstream_calls(), before);
+    assert_eq!(pending(&h, &s.task_id).await.len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mcp_legacy_a_held_call_denied_is_a_denial_result() {
     let h = Arc::new(Harness::with(held("20s", 4, 16)).await);
