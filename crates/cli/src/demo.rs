@@ -7,7 +7,9 @@
 //! journey over MCP — the modern (2026-07-28) era for its own task, the
 //! legacy (2025-11-25) era for the session another task opens — printing
 //! each decision. It ends by completing the task (every token revoked) and
-//! verifying the audit chain. No network, nothing outside the repository.
+//! verifying the audit chain, and prints the console's address and sign-in
+//! token (`--keep` leaves the gateway running for a look). No network,
+//! nothing outside the repository.
 
 // `Value[&str]` reads a missing key as `Null` and never panics; the one
 // write (`body["tools"]`) is into an object built just above it.
@@ -49,8 +51,10 @@ const ADMIN: &str = "demo-admin-token";
 
 const CUSTOMERS_CSV: &str = "id,name,email,region\n101,Ada Lovelace,ada@example.com,eu\n102,Alan Turing,alan@example.com,eu\n103,Grace Hopper,grace@example.com,us\n";
 
-/// Runs the demo; `Ok(false)` when a step did not go as scripted.
-pub async fn run() -> anyhow::Result<bool> {
+/// Runs the demo; `Ok(false)` when a step did not go as scripted. With
+/// `keep`, the gateway and its console stay up after the script until
+/// Ctrl-C.
+pub async fn run(keep: bool) -> anyhow::Result<bool> {
     let dir = tempfile::Builder::new()
         .prefix("portcullis-demo-")
         .tempdir()
@@ -98,6 +102,15 @@ pub async fn run() -> anyhow::Result<bool> {
         failures: 0,
     };
     let outcome = script.journey().await;
+    say!("\nconsole  http://{addr}/console");
+    say!("  sign in with the admin token: {ADMIN}");
+    if keep {
+        say!(
+            "  the gateway keeps running (--keep): look around, then stop it with Ctrl-C \
+             (agent bootstrap secret: {BOOTSTRAP})"
+        );
+        let _ = tokio::signal::ctrl_c().await;
+    }
 
     let _ = stop_tx.send(());
     let _ = server.await;

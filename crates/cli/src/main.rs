@@ -50,7 +50,12 @@ enum Command {
     },
     /// Start the gateway on a temporary embedded store with the built-in
     /// demo upstreams, and run a scripted agent over MCP through it.
-    Demo,
+    Demo {
+        /// Keep the gateway (and its console) running after the script,
+        /// until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Run the gateway service.
     Serve {
         /// The configuration file.
@@ -178,7 +183,7 @@ fn main() -> ExitCode {
             let scenarios = scenarios.unwrap_or_else(|| config.with_file_name("scenarios.toml"));
             run_scenarios(&config, &scenarios)
         }
-        Command::Demo => demo(),
+        Command::Demo { keep } => demo(keep),
         Command::Serve { config, log_format } => serve(&config, log_format == "json"),
         Command::Audit { command } => audit::run(command),
         Command::Keygen { out } => portcullis_gateway::run::keygen(&out)
@@ -402,8 +407,8 @@ fn print_outcomes(outcomes: &[StepOutcome]) -> ExitCode {
 }
 
 /// The ingestion example, compiled in so the demo runs from anywhere.
-fn demo() -> anyhow::Result<ExitCode> {
-    let ok = runtime()?.block_on(demo::run())?;
+fn demo(keep: bool) -> anyhow::Result<ExitCode> {
+    let ok = runtime()?.block_on(demo::run(keep))?;
     Ok(if ok {
         ExitCode::SUCCESS
     } else {

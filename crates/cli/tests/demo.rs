@@ -27,6 +27,8 @@ fn the_demo_tells_the_whole_story() {
         "task_mismatch",
         "token_revoked",
         "audit chain verified",
+        "/console",
+        "sign in with the admin token: demo-admin-token",
     ] {
         assert!(text.contains(expected), "missing {expected:?}:\n{text}");
     }

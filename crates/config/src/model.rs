@@ -52,6 +52,9 @@ pub struct Config {
     /// Elevation requests.
     #[serde(default)]
     pub elevation: Elevation,
+    /// Held approvals: how long a call that needs approval waits for it.
+    #[serde(default)]
+    pub approval: Approval,
 }
 
 /// `[server]`
@@ -243,6 +246,10 @@ pub struct Audit {
     /// …or when this much time has passed with new records, whichever first.
     #[serde(default = "Audit::default_checkpoint_interval")]
     pub checkpoint_interval: Duration,
+    /// The body of alert webhook POSTs: `json` (the default, DESIGN
+    /// section 9) or `slack` (a Slack-compatible `{"text": …}`).
+    #[serde(default)]
+    pub alert_format: AlertFormat,
     /// Whether a call's answer waits until its `call.completed` record is
     /// durable. `false` (the default): the record is queued behind the
     /// call's durable write-ahead record before the answer leaves and
@@ -287,6 +294,7 @@ impl Default for Audit {
             sample_low_risk: Self::default_sample(),
             alert_webhook: None,
             alert_ca_file: None,
+            alert_format: AlertFormat::Json,
             checkpoint_every: Self::default_checkpoint_every(),
             checkpoint_interval: Self::default_checkpoint_interval(),
             durable_results: false,
@@ -704,6 +712,56 @@ impl Default for Elevation {
         Self {
             ttl: Self::default_ttl(),
             auto_approve: None,
+        }
+    }
+}
+
+/// `[audit] alert_format`: the body of an alert webhook POST.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertFormat {
+    /// `{kind, task_id, agent_id, reason, detail, ts, url?}` (DESIGN section 9).
+    #[default]
+    Json,
+    /// `{"text": …}`, as Slack's and Mattermost's incoming webhooks take it.
+    Slack,
+}
+
+/// `[approval]`: held approvals (DESIGN section 14).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approval {
+    /// How long a call that needs approval waits for a person's decision
+    /// before it answers `approval_required`; `0s` (the default): at once.
+    #[serde(default)]
+    pub hold: Duration,
+    /// Most calls of one task held at once; one more answers at once.
+    #[serde(default = "Approval::default_max_held_per_task")]
+    pub max_held_per_task: u32,
+    /// Most calls held at once over all tasks.
+    #[serde(default = "Approval::default_max_held")]
+    pub max_held: u32,
+}
+
+impl Approval {
+    /// The longest `hold` accepted.
+    pub const MAX_HOLD: Duration = Duration::from_secs(600);
+    /// The largest cap accepted for `max_held_per_task` and `max_held`.
+    pub const MAX_HELD: u32 = 10_000;
+    const fn default_max_held_per_task() -> u32 {
+        4
+    }
+    const fn default_max_held() -> u32 {
+        256
+    }
+}
+
+impl Default for Approval {
+    fn default() -> Self {
+        Self {
+            hold: Duration::from_millis(0),
+            max_held_per_task: Self::default_max_held_per_task(),
+            max_held: Self::default_max_held(),
         }
     }
 }

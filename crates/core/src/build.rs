@@ -874,4 +874,37 @@ fn check_sections(loaded: &LoadedConfig, r: &mut Reporter<'_>) {
     if let (Some(file), Some(Err(why))) = (&cfg.elevation.auto_approve, &loaded.auto_approve) {
         r.at(&elevation.key("auto_approve"), format!("{file:?}: {why}"));
     }
+
+    let approval = root().key("approval");
+    let ap = &cfg.approval;
+    if ap.hold > portcullis_config::Approval::MAX_HOLD {
+        r.at(
+            &approval.key("hold"),
+            format!(
+                "{} is longer than {}",
+                ap.hold,
+                portcullis_config::Approval::MAX_HOLD
+            ),
+        );
+    }
+    for (key, cap) in [
+        ("max_held_per_task", ap.max_held_per_task),
+        ("max_held", ap.max_held),
+    ] {
+        if cap == 0 || cap > portcullis_config::Approval::MAX_HELD {
+            r.at(
+                &approval.key(key),
+                format!(
+                    "{cap} is outside 1..{}",
+                    portcullis_config::Approval::MAX_HELD
+                ),
+            );
+        }
+    }
+    if ap.max_held_per_task > ap.max_held {
+        r.at(
+            &approval.key("max_held_per_task"),
+            "is larger than max_held",
+        );
+    }
 }

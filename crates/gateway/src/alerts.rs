@@ -22,6 +22,12 @@
 //! gateway (the last sender) is dropped; alerts still queued at shutdown
 //! are lost.
 //!
+//! An alert about something a person can act on in the console (a pending
+//! approval) also carries `url`, the console page of that item. With
+//! `audit.alert_format = "slack"` the body is instead `{"text": …}`, as
+//! Slack's (and Mattermost's) incoming webhooks take it: one line with the
+//! kind, the identifiers, the reason and detail, and the link.
+//!
 //! `http://` and `https://` webhooks. An `https://` receiver is verified
 //! (chain, validity, host name) against the system roots, or the roots of
 //! `audit.alert_ca_file`; a CA file that cannot be read is a setup error at
@@ -144,16 +150,26 @@ pub struct AlertCounters {
     pub dropped: AtomicU64,
 }
 
+/// An alert on its way, with the console page it links to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+struct Delivery {
+    #[serde(flatten)]
+    alert: Alert,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<String>,
+}
+
 /// The delivery task before it starts.
 struct Worker {
-    rx: mpsc::Receiver<Alert>,
+    rx: mpsc::Receiver<Delivery>,
     uri: Uri,
     policy: RetryPolicy,
+    format: portcullis_config::AlertFormat,
     tls: Arc<portcullis_tls::rustls::ClientConfig>,
 }
 
 struct Inner {
-    tx: mpsc::Sender<Alert>,
+    tx: mpsc::Sender<Delivery>,
     /// `Some` until the delivery task is spawned.
     worker: Mutex<Option<Worker>>,
 }
@@ -218,6 +234,7 @@ impl Alerts {
                     rx,
                     uri,
                     policy,
+                    format: portcullis_config::AlertFormat::Json,
                     tls,
                 })),
             }),
@@ -239,18 +256,33 @@ impl Alerts {
         }
     }
 
+    /// Sets the body format; only before the first alert is sent.
+    pub fn set_format(&self, format: portcullis_config::AlertFormat) {
+        if let Some(inner) = &self.inner
+            && let Some(w) = lock(&inner.worker).as_mut()
+        {
+            w.format = format;
+        }
+    }
+
     /// Queues `alert` for delivery without ever waiting: when the queue is
     /// full (a slow or dead receiver), it is dropped and counted.
     pub fn send(&self, alert: Alert) {
+        self.send_linked(alert, None);
+    }
+
+    /// [`Alerts::send`], with `url`: the console page of the item the
+    /// alert is about.
+    pub fn send_linked(&self, alert: Alert, url: Option<String>) {
         let Some(inner) = &self.inner else {
             return;
         };
         self.start(inner);
-        match inner.tx.try_send(alert) {
+        match inner.tx.try_send(Delivery { alert, url }) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(a) | mpsc::error::TrySendError::Closed(a)) => {
+            Err(mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d)) => {
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(kind = a.kind, task_id = ?a.task_id, "alert dropped: queue full");
+                tracing::warn!(kind = d.alert.kind, task_id = ?d.alert.task_id, "alert dropped: queue full");
             }
         }
     }
@@ -309,8 +341,9 @@ async fn deliver_all(mut worker: Worker, counters: Arc<AlertCounters>) {
     .wrap_connector(connector);
     let client: Client<HttpsConnector<HttpConnector>, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build(connector);
-    while let Some(alert) = worker.rx.recv().await {
-        let body = match serde_json::to_vec(&alert) {
+    while let Some(delivery) = worker.rx.recv().await {
+        let alert = &delivery.alert;
+        let body = match render_body(&delivery, worker.format) {
             Ok(b) => Bytes::from(b),
             Err(e) => {
                 tracing::error!(error = %e, "alert not serializable");
@@ -343,6 +376,44 @@ async fn deliver_all(mut worker: Worker, counters: Arc<AlertCounters>) {
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The webhook body of `d` in `format`.
+fn render_body(
+    d: &Delivery,
+    format: portcullis_config::AlertFormat,
+) -> Result<Vec<u8>, serde_json::Error> {
+    match format {
+        portcullis_config::AlertFormat::Json => serde_json::to_vec(d),
+        portcullis_config::AlertFormat::Slack => {
+            let a = &d.alert;
+            let mut text = format!("*Portcullis: {}*", a.kind);
+            for (label, value) in [
+                ("task", &a.task_id),
+                ("agent", &a.agent_id),
+                ("reason", &a.reason),
+            ] {
+                if let Some(v) = value {
+                    text.push_str(&format!(" · {label} `{}`", slack_escape(v)));
+                }
+            }
+            if let Some(detail) = &a.detail {
+                text.push_str(&format!("\n{}", slack_escape(detail)));
+            }
+            if let Some(url) = &d.url {
+                text.push_str(&format!("\n<{}|Open in the console>", slack_escape(url)));
+            }
+            serde_json::to_vec(&serde_json::json!({ "text": text }))
+        }
+    }
+}
+
+/// Slack's three control characters in message text (`&`, `<`, `>`), so
+/// a detail cannot forge a link or a mention.
+fn slack_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// How much of a receiver's answer is read (it is not used; reading it
@@ -411,6 +482,35 @@ mod tests {
         assert!(ok("ftp://x/").is_err());
         assert!(ok("not a url").is_err());
         assert!(!Alerts::disabled(counters).enabled());
+    }
+
+    #[test]
+    fn bodies_carry_the_console_link_in_both_formats() {
+        let d = Delivery {
+            alert: Alert {
+                kind: "elevation.requested",
+                detail: Some("elv_1: approval required for <x> & y".to_owned()),
+                ..alert(3)
+            },
+            url: Some("http://gw/console/approvals#elv_1".to_owned()),
+        };
+        let json: serde_json::Value =
+            serde_json::from_slice(&render_body(&d, portcullis_config::AlertFormat::Json).unwrap())
+                .unwrap();
+        assert_eq!(json["url"], "http://gw/console/approvals#elv_1");
+        assert_eq!(json["kind"], "elevation.requested");
+        assert_eq!(json["task_id"], "task_3");
+        let slack: serde_json::Value = serde_json::from_slice(
+            &render_body(&d, portcullis_config::AlertFormat::Slack).unwrap(),
+        )
+        .unwrap();
+        let text = slack["text"].as_str().unwrap();
+        assert_eq!(slack.as_object().unwrap().len(), 1);
+        assert!(text.contains("<http://gw/console/approvals#elv_1|Open in the console>"));
+        assert!(text.contains("&lt;x&gt; &amp; y"), "{text}");
+        let plain = Delivery { url: None, ..d };
+        let json = serde_json::to_value(&plain).unwrap();
+        assert!(json.get("url").is_none());
     }
 
     #[test]

@@ -438,14 +438,18 @@ pub(crate) async fn decide_elevation(
         all.extend(ops);
         all.push(Op::Append(event));
         match gw.commit(all).await {
-            Ok(_) => Ok(json!({
+            Ok(_) => {
+                // Calls held on this request, in this process, read it now.
+                gw.holds.decided();
+                Ok(json!({
                 "elevation_id": id,
                 "status": status.as_str(),
                 "task_id": elevation.task_id,
                 "tool": elevation.tool,
                 "decided_by": by,
                 "expires_at": expires_at.map(|t| t.as_millis()),
-            })),
+                }))
+            }
             // A race lost on the task's version is tried again (`Lost`): a
             // decision another approver made first shows up as not pending.
             Err(e) => Err(e.into()),

@@ -129,6 +129,13 @@ impl ApiError {
         self
     }
 
+    /// The same error with another `detail` (written by the gateway).
+    #[must_use]
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+
     /// Tags the error with the request's id.
     #[must_use]
     pub fn with_request_id(mut self, id: &str) -> Self {

@@ -681,6 +681,93 @@ impl Gateway {
     }
 }
 
+/// What the gateway sees of one federated tool now, for the console's
+/// pins page.
+#[derive(Debug, Clone)]
+pub(crate) struct SeenDefinition {
+    /// Hash of the advertised definition (`None`: not advertised).
+    pub hash: Option<String>,
+    /// The advertised definition, as pinned views are kept.
+    pub view: Value,
+    /// Whether calls of the tool are blocked.
+    pub blocked: bool,
+}
+
+impl Gateway {
+    /// What the upstream advertises now for `tool`, as this process last
+    /// saw it; `None` before any listing.
+    pub(crate) fn seen_definition(&self, tool: &str) -> Option<SeenDefinition> {
+        let book = self
+            .pins
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        book.get(tool).map(|c| SeenDefinition {
+            hash: c.hash.clone(),
+            view: c.view.clone(),
+            blocked: c.blocked,
+        })
+    }
+
+    /// Re-approves the definition of `tool` the upstream advertises now —
+    /// what `portcullis drift --approve TOOL` does: the pin and its
+    /// `config.loaded` record in one commit, recording `by`. `expected` is
+    /// the hash the admin was shown: a definition that changed again since
+    /// is refused (`tool_definition_changed`), never approved unseen.
+    pub(crate) async fn approve_definition(
+        &self,
+        tool: &str,
+        expected: &str,
+        by: &str,
+    ) -> Result<(), crate::error::ApiError> {
+        use crate::error::ApiError;
+        let def = self.engine.tool(tool).ok_or_else(|| {
+            ApiError::denied(portcullis_core::Reason::ToolUnknown, "no such tool")
+        })?;
+        let upstream = def.upstream.clone();
+        let seen = self.seen_definition(tool).ok_or_else(|| {
+            ApiError::denied(
+                portcullis_core::Reason::UpstreamUnavailable,
+                "the upstream has not listed its tools yet",
+            )
+        })?;
+        let Some(hash) = seen.hash.clone() else {
+            return Err(ApiError::denied(
+                portcullis_core::Reason::ToolDefinitionChanged,
+                "the upstream no longer advertises this tool: there is nothing to approve",
+            ));
+        };
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(
+            hash.as_bytes(),
+            expected.as_bytes(),
+        )) {
+            return Err(ApiError::denied(
+                portcullis_core::Reason::ToolDefinitionChanged,
+                "the definition changed again since it was shown; look at it again",
+            ));
+        }
+        let now = self.now();
+        let record = ToolPin {
+            tool: tool.to_owned(),
+            upstream,
+            hash: hash.clone(),
+            definition: seen.view.clone(),
+            pinned_at: now,
+            approved_by: by.to_owned(),
+        };
+        let mut event = NewEvent::new(now, EventKind::ConfigLoaded);
+        event.tool = Some(tool.to_owned());
+        event.detail = Some(format!("re-approved {tool} by {by}, sha256 {hash}"));
+        self.commit(vec![Op::PinTool(record), Op::Append(event)])
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let status = self.pinned(tool, hash, &seen.view);
+        self.engine.set_pin(tool, status);
+        tracing::info!(tool, by, "tool definition re-approved");
+        Ok(())
+    }
+}
+
 /// Keeps one upstream connected for the life of the process.
 async fn supervise(gw: Arc<Gateway>, up: Arc<McpUpstream>) {
     let mut backoff = BACKOFF_MIN;

@@ -18,6 +18,12 @@
 //! | forward, record the outcome | `pipeline` (`forward`) |
 //! | MCP upstreams, pinned definitions | [`federation`] |
 //!
+//! People in the loop sit beside that path, never inside it: `hold` waits
+//! for a person's decision around `Gateway::authorize` (`[approval]
+//! hold`), [`events`] streams the audit log (`GET /v1/events`), and
+//! `console` serves the web console at `/console` on the same functions
+//! as the API.
+//!
 //! Request bodies are read strictly (`body`): bounded size, depth and time,
 //! no duplicate keys, no unknown fields. Errors have one shape (`error`).
 //! Halts (and, later, anomalies) are POSTed to the alert webhook by
@@ -28,10 +34,13 @@ pub mod alerts;
 pub mod audit;
 mod auth;
 pub mod body;
+mod console;
 pub mod credential;
 pub mod elevations;
 pub mod error;
+pub mod events;
 pub mod federation;
+mod hold;
 mod layers;
 mod mcp;
 mod metrics;
@@ -41,6 +50,7 @@ mod pipeline;
 pub mod refusals;
 pub mod run;
 pub mod server;
+mod sse;
 mod state;
 mod task_locks;
 mod tasks;

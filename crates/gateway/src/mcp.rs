@@ -186,6 +186,9 @@ enum Answer {
     /// JSON-RPC error for a request whose id could not be read (`id: null`).
     NullId(StatusCode, ErrorObject),
     Accepted,
+    /// An answer streamed as Server-Sent Events (a held call's progress,
+    /// then its result).
+    Stream(Response),
 }
 
 fn json_response(status: StatusCode, body: &Value, session: Option<&str>) -> Response {
@@ -212,6 +215,14 @@ fn render(answer: Answer, session: Option<&str>) -> Response {
             &json!({ "jsonrpc": "2.0", "id": null, "error": e.to_value() }),
             session,
         ),
+        Answer::Stream(mut r) => {
+            if let Some(s) = session
+                && let Ok(v) = HeaderValue::from_str(s)
+            {
+                r.headers_mut().insert(era::HEADER_SESSION, v);
+            }
+            r
+        }
         Answer::Accepted => {
             let mut r = StatusCode::ACCEPTED.into_response();
             if let Some(s) = session
@@ -442,7 +453,11 @@ async fn post(
             {
                 return bad_request("MCP-Protocol-Version differs from the session's");
             }
-            let answer = legacy(gw, claims, &sid, message).await;
+            let streams = headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|a| a.contains("text/event-stream"));
+            let answer = legacy(gw, claims, &sid, message, streams).await;
             render(answer, Some(&sid))
         }
     }
@@ -452,7 +467,13 @@ fn server_info() -> Value {
     json!({ "name": "portcullis", "version": env!("CARGO_PKG_VERSION") })
 }
 
-async fn legacy(gw: &Arc<Gateway>, claims: &Claims, sid: &str, message: Message) -> Answer {
+async fn legacy(
+    gw: &Arc<Gateway>,
+    claims: &Claims,
+    sid: &str,
+    message: Message,
+    streams: bool,
+) -> Answer {
     match message {
         Message::Notification { method, params } => {
             if method == "notifications/cancelled"
@@ -470,6 +491,19 @@ async fn legacy(gw: &Arc<Gateway>, claims: &Claims, sid: &str, message: Message)
             // A call in flight can be cancelled from another POST of the
             // same session (`notifications/cancelled` naming its id).
             let cancel = gw.mcp_sessions.track(sid, &id);
+            // A call that may be held, from a client that asked for
+            // progress and reads event streams: progress notifications
+            // while it waits (2025-11-25).
+            if streams
+                && method == "tools/call"
+                && !gw.holds.hold().is_zero()
+                && let Some(token) = progress_token(params.as_ref())
+            {
+                let answer =
+                    held_with_progress(gw, claims, id.clone(), params, token, cancel).await;
+                gw.mcp_sessions.untrack(sid, &id);
+                return answer;
+            }
             let served = serve(
                 gw,
                 claims,
@@ -477,6 +511,7 @@ async fn legacy(gw: &Arc<Gateway>, claims: &Claims, sid: &str, message: Message)
                 params.as_ref(),
                 Era::Legacy,
                 Some(cancel.clone()),
+                None,
             )
             .await;
             gw.mcp_sessions.untrack(sid, &id);
@@ -520,7 +555,17 @@ async fn stateless(
     }
     // Stateless: a client cancels by closing its request, which drops this
     // future and the upstream request with it.
-    match serve(gw, claims, &method, params.as_ref(), Era::Modern, None).await {
+    match serve(
+        gw,
+        claims,
+        &method,
+        params.as_ref(),
+        Era::Modern,
+        None,
+        None,
+    )
+    .await
+    {
         Ok(mut result) => {
             if let Value::Object(o) = &mut result {
                 o.insert("resultType".to_owned(), json!("complete"));
@@ -545,6 +590,7 @@ async fn serve(
     params: Option<&Value>,
     era: Era,
     cancel: Option<Arc<tokio::sync::Notify>>,
+    progress: Option<&crate::hold::Progress>,
 ) -> Result<Value, ErrorObject> {
     match method {
         // 2026-07-28 removed `ping` and `initialize` (with `logging/setLevel`
@@ -571,7 +617,7 @@ async fn serve(
             }
             Ok(result)
         }
-        "tools/call" => call(gw, claims, params, cancel).await,
+        "tools/call" => call(gw, claims, params, cancel, progress).await,
         _ => Err(ErrorObject::new(
             jsonrpc::METHOD_NOT_FOUND,
             format!(
@@ -606,6 +652,7 @@ async fn call(
     claims: &Claims,
     params: Option<&Value>,
     cancel: Option<Arc<tokio::sync::Notify>>,
+    progress: Option<&crate::hold::Progress>,
 ) -> Result<Value, ErrorObject> {
     let Some(name) = params.and_then(|p| p.get("name")).and_then(Value::as_str) else {
         return Err(ErrorObject::new(
@@ -625,7 +672,12 @@ async fn call(
             .allowlist(&claims.sub)
             .is_some_and(|acl| acl.contains(&name))
     };
-    let authorized = match gw.authorize(claims, &task_id, name, &arguments, true).await {
+    // A call that needs approval may wait here for a person
+    // (`[approval] hold`), holding no lock.
+    let authorized = match gw
+        .authorize_held(claims, &task_id, name, &arguments, true, progress)
+        .await
+    {
         Ok(a) => a,
         Err(e) => return denial(e, name, on_acl()),
     };
@@ -667,6 +719,132 @@ async fn call(
         }
     }
     Ok(result)
+}
+
+/// The `progressToken` of a request's `_meta` (a string or an integer).
+fn progress_token(params: Option<&Value>) -> Option<Value> {
+    let token = params?.get("_meta")?.get("progressToken")?;
+    match token {
+        Value::String(s) if s.len() <= 256 => Some(token.clone()),
+        Value::Number(_) => Some(token.clone()),
+        _ => None,
+    }
+}
+
+/// Serves a legacy `tools/call` that may be held, from a client that asked
+/// for progress: answered as plain JSON when it is decided without waiting;
+/// once it is held, as an event stream of `notifications/progress` (one
+/// per [`crate::hold::PROGRESS_EVERY`]) ending with the call's response.
+/// A client that closes the stream ends the hold.
+async fn held_with_progress(
+    gw: &Arc<Gateway>,
+    claims: &Claims,
+    id: Id,
+    params: Option<Value>,
+    token: Value,
+    cancel: Arc<tokio::sync::Notify>,
+) -> Answer {
+    let (progress_tx, mut progress) = tokio::sync::mpsc::channel::<crate::hold::Waiting>(4);
+    let (done_tx, mut done) = tokio::sync::oneshot::channel();
+    let (gw2, claims2) = (gw.clone(), claims.clone());
+    // Cancels a forward in flight when the client goes away (recorded as
+    // cancelled, like `notifications/cancelled`).
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        let served = serve(
+            &gw2,
+            &claims2,
+            "tools/call",
+            params.as_ref(),
+            Era::Legacy,
+            Some(cancel),
+            Some(&progress_tx),
+        )
+        .await;
+        drop(progress_tx);
+        let _ = done_tx.send(served);
+    });
+    // The client going away before the call is held drops this future:
+    // the worker's progress channel closes, which ends a hold it reaches.
+    let answer = |served: Result<Value, ErrorObject>, id: Id| match served {
+        Ok(result) => Message::result(id, result),
+        Err(e) => Message::error(id, e),
+    };
+    let first = tokio::select! {
+        served = &mut done => {
+            let served = served.unwrap_or_else(|_| {
+                Err(ErrorObject::new(jsonrpc::INTERNAL_ERROR, "the call failed inside the gateway"))
+            });
+            return Answer::Message(StatusCode::OK, answer(served, id));
+        }
+        first = progress.recv() => first,
+    };
+    let Some(first) = first else {
+        // The worker finished without holding: its answer follows at once.
+        let served = done.await.unwrap_or_else(|_| {
+            Err(ErrorObject::new(
+                jsonrpc::INTERNAL_ERROR,
+                "the call failed inside the gateway",
+            ))
+        });
+        return Answer::Message(StatusCode::OK, answer(served, id));
+    };
+    let (tx, response) = crate::sse::channel();
+    let issuer = gw.settings.issuer.clone();
+    tokio::spawn(async move {
+        let notify = |w: &crate::hold::Waiting| {
+            let message = json!({
+                "jsonrpc": "2.0",
+                "method": "notifications/progress",
+                "params": {
+                    "progressToken": token,
+                    "progress": w.waited.as_secs_f64(),
+                    "total": w.hold.as_secs_f64(),
+                    "message": format!(
+                        "waiting for a person to approve elevation request {} ({})",
+                        w.elevation_id,
+                        crate::hold::approval_url(&issuer, &w.elevation_id)
+                    ),
+                }
+            });
+            crate::sse::event(None, Some("message"), &message.to_string())
+        };
+        if tx.send(notify(&first)).await.is_err() {
+            stop.notify_one();
+            return;
+        }
+        let mut held = true;
+        loop {
+            tokio::select! {
+                served = &mut done => {
+                    let served = served.unwrap_or_else(|_| {
+                        Err(ErrorObject::new(jsonrpc::INTERNAL_ERROR, "the call failed inside the gateway"))
+                    });
+                    let message = answer(served, id);
+                    let _ = tx
+                        .send(crate::sse::event(None, Some("message"), &message.to_value().to_string()))
+                        .await;
+                    return;
+                }
+                w = progress.recv(), if held => match w {
+                    Some(w) => {
+                        if tx.send(notify(&w)).await.is_err() {
+                            // The client is gone: the hold ends with this
+                            // channel, a forward in flight is cancelled.
+                            stop.notify_one();
+                            return;
+                        }
+                    }
+                    None => held = false,
+                },
+                () = tx.closed() => {
+                    stop.notify_one();
+                    return;
+                }
+            }
+        }
+    });
+    Answer::Stream(response)
 }
 
 /// Removes the gateway's own `_meta` namespaces (`portcullis/…`,

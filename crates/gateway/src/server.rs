@@ -142,6 +142,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         ));
     Router::new()
         .merge(task_token_routes)
+        .merge(crate::console::routes())
         .route("/v1/tasks", post(tasks::start))
         .route("/v1/tasks/{task_id}", get(tasks::get))
         .route("/v1/tasks/{task_id}/complete", post(tasks::complete))
@@ -151,6 +152,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/elevations/{id}/approve", post(elevations::approve))
         .route("/v1/elevations/{id}/deny", post(elevations::deny))
         .route("/v1/audit", get(admin::audit))
+        .route("/v1/events", get(crate::events::events))
         .route("/oauth/token", post(oauth::token))
         .route("/oauth/revoke", post(oauth::revoke))
         .route("/oauth/introspect", post(oauth::introspect))

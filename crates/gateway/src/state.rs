@@ -227,6 +227,12 @@ pub struct Gateway {
     pub(crate) witness: Option<crate::witness::Witness>,
     /// Unauthenticated refusals, counted per source.
     pub(crate) refusals: Arc<crate::refusals::RefusalBook>,
+    /// Calls held for a person's approval (`[approval] hold`).
+    pub(crate) holds: crate::hold::Holds,
+    /// Open `GET /v1/events` streams (bounded).
+    pub(crate) event_streams: Arc<tokio::sync::Semaphore>,
+    /// The web console's sessions, templates and last chain check.
+    pub(crate) console: crate::console::Console,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -252,6 +258,12 @@ pub fn open_witness(loaded: &LoadedConfig) -> Result<Option<crate::witness::Witn
                 .map_err(|e| SetupError(format!("audit.witness_dir: {e}")))
         })
         .transpose()
+}
+
+/// The first elevation id (`elv_…`) named in `text`.
+fn elevation_named(text: &str) -> Option<&str> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+        .find(|w| w.starts_with("elv_") && w.len() > 4)
 }
 
 /// Why the gateway could not be assembled.
@@ -329,6 +341,7 @@ impl Gateway {
             )?,
             None => Alerts::disabled(metrics.alerts.clone()),
         };
+        alerts.set_format(cfg.audit.alert_format);
         Ok(Self {
             engine,
             clock,
@@ -362,6 +375,9 @@ impl Gateway {
             tool_uses: std::sync::Mutex::default(),
             witness,
             refusals: Arc::default(),
+            holds: crate::hold::Holds::new(&cfg.approval),
+            event_streams: Arc::new(tokio::sync::Semaphore::new(crate::events::MAX_STREAMS)),
+            console: crate::console::Console::new(cfg),
         })
     }
 
@@ -479,7 +495,12 @@ impl Gateway {
     /// Queues `alert` for the webhook; never waits, never fails (see
     /// [`crate::alerts`]). A no-op when no webhook is configured.
     pub fn alert(&self, alert: Alert) {
-        self.alerts.send(alert);
+        // A pending approval links to its place in the console.
+        let url = (alert.kind == crate::elevations::ELEVATION_REQUESTED)
+            .then(|| alert.detail.as_deref().and_then(elevation_named))
+            .flatten()
+            .map(|id| crate::hold::approval_url(&self.settings.issuer, id));
+        self.alerts.send_linked(alert, url);
     }
 
     /// The engine.

@@ -270,8 +270,10 @@ pub(crate) async fn call(
     let started = std::time::Instant::now();
     let result = async {
         let req: CallBody = crate::body::read_json(body, gw.settings.max_body_bytes).await?;
+        // A call that needs approval may wait here for a person
+        // (`[approval] hold`), holding no lock.
         let authorized = gw
-            .authorize(&claims, &task_id, &req.tool, &req.arguments, true)
+            .authorize_held(&claims, &task_id, &req.tool, &req.arguments, true, None)
             .await?;
         let (upstream, call) = authorized
             .forward
@@ -570,17 +572,61 @@ pub(crate) async fn complete(
     respond(&rid, result)
 }
 
-/// `POST /v1/tasks/{id}/halt` — admin.
+/// Longest accepted halt or resume reason, in bytes.
+pub(crate) const MAX_REASON_BYTES: usize = 2048;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReasonBody {
+    #[serde(default)]
+    reason: String,
+}
+
+/// An optional `{"reason": …}` body (an empty body: no reason).
+async fn reason_of(gw: &Gateway, body: Body) -> Result<String, ApiError> {
+    let bytes = crate::body::read_bytes(body, gw.settings.max_body_bytes).await?;
+    let req: ReasonBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+        ReasonBody::default()
+    } else {
+        crate::body::parse_json(&bytes)?
+    };
+    if req.reason.len() > MAX_REASON_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "reason longer than {MAX_REASON_BYTES} bytes"
+        )));
+    }
+    Ok(req.reason.trim().to_owned())
+}
+
+/// Halts a task for `by` (`admin NAME`), with an optional `reason`: what
+/// `POST /v1/tasks/{id}/halt` and the console's halt do.
+pub(crate) async fn halt_task(
+    gw: &Gateway,
+    task_id: &str,
+    by: &str,
+    reason: &str,
+) -> Result<Value, ApiError> {
+    let by = if reason.is_empty() {
+        by.to_owned()
+    } else {
+        format!("{by}: {reason}")
+    };
+    end_task(gw, task_id, TaskStatus::Halted, &by).await
+}
+
+/// `POST /v1/tasks/{id}/halt` — admin; optional body `{"reason": …}`.
 pub(crate) async fn halt(
     State(gw): State<Arc<Gateway>>,
     rid: RequestId,
     Path(task_id): Path<String>,
     headers: HeaderMap,
+    body: Body,
 ) -> Response {
     let result = async {
         let admin = gw.require_admin(&headers, Role::Admin)?.name.clone();
+        let reason = reason_of(&gw, body).await?;
         Ok(
-            Json(end_task(&gw, &task_id, TaskStatus::Halted, &format!("admin {admin}")).await?)
+            Json(halt_task(&gw, &task_id, &format!("admin {admin}"), &reason).await?)
                 .into_response(),
         )
     }
@@ -588,77 +634,95 @@ pub(crate) async fn halt(
     respond(&rid, result)
 }
 
+/// Resumes a halted task for admin `admin`, with an optional `reason`:
+/// fresh tokens (the old ones stay revoked), in the body the API answers.
+pub(crate) async fn resume_task(
+    gw: &Gateway,
+    task_id: &str,
+    admin: &str,
+    reason: &str,
+) -> Result<Value, ApiError> {
+    let (task_id, admin, reason) = (&task_id, &admin, &reason);
+    let _task = gw.lock_task_for_change(task_id).await?;
+    gw.retry_on_conflict(|| async move {
+        let record = gw.load_task(task_id).await?;
+        if record.task.status != TaskStatus::Halted {
+            return Err(CommitError::from(ApiError::denied(
+                Reason::TaskNotActive,
+                format!(
+                    "only a halted task can resume; this one is {}",
+                    record.task.status.as_str()
+                ),
+            )));
+        }
+        let now = gw.now();
+        if now >= record.deadline {
+            return Err(CommitError::from(ApiError::denied(
+                Reason::TaskNotActive,
+                "task passed its maximum lifetime",
+            )));
+        }
+        let mut task = record.task.clone();
+        task.status = TaskStatus::Active;
+        task.version = task.version.saturating_add(1);
+        let scope = gw.phase_scope(&task);
+        let (access, expires_in, mint) = gw.mint_access(&task, &scope, record.deadline, now)?;
+        let (refresh, refresh_ops) = gw.mint_refresh(&task, record.deadline, now)?;
+        let mut resumed = NewEvent::new(now, EventKind::TaskStarted);
+        resumed.task_id = Some(task.id.clone());
+        resumed.agent_id = Some(task.agent_id.clone());
+        resumed.state_to = Some(task.state.clone());
+        resumed.detail = Some(if reason.is_empty() {
+            format!("resumed by admin {admin}")
+        } else {
+            format!("resumed by admin {admin}: {reason}")
+        });
+        let mut ops = vec![
+            Op::UpdateTask {
+                record: TaskRecord {
+                    task: task.clone(),
+                    deadline: record.deadline,
+                },
+                expected_version: record.task.version,
+            },
+            Op::Append(resumed),
+        ];
+        ops.extend(mint);
+        ops.extend(refresh_ops);
+        match gw.commit(ops).await {
+            Ok(_) => {
+                gw.metrics.tokens(TokenEvent::Issued, 1);
+                let body = json!({
+                    "task_id": task.id,
+                    "status": task.status.as_str(),
+                    "state": task.state,
+                    "access_token": access,
+                    "refresh_token": refresh.as_str(),
+                    "token_type": "Bearer",
+                    "expires_in": expires_in,
+                });
+                Ok(body)
+            }
+            Err(e) => Err(e.into()),
+        }
+    })
+    .await
+}
+
 /// `POST /v1/tasks/{id}/resume` — admin: a halted task runs again, with
-/// fresh tokens (the old ones stay revoked).
+/// fresh tokens (the old ones stay revoked); optional body `{"reason": …}`.
 pub(crate) async fn resume(
     State(gw): State<Arc<Gateway>>,
     rid: RequestId,
     Path(task_id): Path<String>,
     headers: HeaderMap,
+    body: Body,
 ) -> Response {
     let result = async {
         let admin = gw.require_admin(&headers, Role::Admin)?.name.clone();
-        let (gw, task_id, admin) = (&gw, &task_id, &admin);
-        let _task = gw.lock_task_for_change(task_id).await?;
-        gw.retry_on_conflict(|| async move {
-            let record = gw.load_task(task_id).await?;
-            if record.task.status != TaskStatus::Halted {
-                return Err(CommitError::from(ApiError::denied(
-                    Reason::TaskNotActive,
-                    format!(
-                        "only a halted task can resume; this one is {}",
-                        record.task.status.as_str()
-                    ),
-                )));
-            }
-            let now = gw.now();
-            if now >= record.deadline {
-                return Err(CommitError::from(ApiError::denied(
-                    Reason::TaskNotActive,
-                    "task passed its maximum lifetime",
-                )));
-            }
-            let mut task = record.task.clone();
-            task.status = TaskStatus::Active;
-            task.version = task.version.saturating_add(1);
-            let scope = gw.phase_scope(&task);
-            let (access, expires_in, mint) = gw.mint_access(&task, &scope, record.deadline, now)?;
-            let (refresh, refresh_ops) = gw.mint_refresh(&task, record.deadline, now)?;
-            let mut resumed = NewEvent::new(now, EventKind::TaskStarted);
-            resumed.task_id = Some(task.id.clone());
-            resumed.agent_id = Some(task.agent_id.clone());
-            resumed.state_to = Some(task.state.clone());
-            resumed.detail = Some(format!("resumed by admin {admin}"));
-            let mut ops = vec![
-                Op::UpdateTask {
-                    record: TaskRecord {
-                        task: task.clone(),
-                        deadline: record.deadline,
-                    },
-                    expected_version: record.task.version,
-                },
-                Op::Append(resumed),
-            ];
-            ops.extend(mint);
-            ops.extend(refresh_ops);
-            match gw.commit(ops).await {
-                Ok(_) => {
-                    gw.metrics.tokens(TokenEvent::Issued, 1);
-                    let body = json!({
-                        "task_id": task.id,
-                        "status": task.status.as_str(),
-                        "state": task.state,
-                        "access_token": access,
-                        "refresh_token": refresh.as_str(),
-                        "token_type": "Bearer",
-                        "expires_in": expires_in,
-                    });
-                    Ok((no_store(), Json(body)).into_response())
-                }
-                Err(e) => Err(e.into()),
-            }
-        })
-        .await
+        let reason = reason_of(&gw, body).await?;
+        let body = resume_task(&gw, &task_id, &admin, &reason).await?;
+        Ok((no_store(), Json(body)).into_response())
     }
     .await;
     respond(&rid, result)

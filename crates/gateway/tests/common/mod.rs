@@ -82,6 +82,12 @@ pub struct Options {
     pub sample_low_risk: Option<f64>,
     /// The Cedar policies, instead of [`POLICIES`].
     pub policies: Option<&'static str>,
+    /// The body of an `[approval]` table (held approvals), when set.
+    pub approval_table: Option<String>,
+    /// `store.url`, instead of an SQLite file in the harness's folder.
+    pub store_url: Option<String>,
+    /// `audit.alert_format`, when set.
+    pub alert_format: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -99,6 +105,9 @@ impl Default for Options {
             approval: false,
             sample_low_risk: None,
             policies: None,
+            approval_table: None,
+            store_url: None,
+            alert_format: None,
         }
     }
 }
@@ -130,6 +139,20 @@ when { !(context.args.table like "staging_*") };
 /// The configuration file text for `issuer` / `listen` and `opts`.
 pub fn config_toml(listen: &str, opts: &Options) -> String {
     let sha = |s: &str| portcullis_token::sha256_hex(s.as_bytes());
+    let audit_extra = [
+        opts.sample_low_risk
+            .map(|r| format!("sample_low_risk = {r:?}")),
+        opts.alert_format.map(|f| format!("alert_format = {f:?}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join("\n");
+    let approval = opts
+        .approval_table
+        .as_ref()
+        .map(|a| format!("[approval]\n{a}"))
+        .unwrap_or_default();
     format!(
         r#"
 [server]
@@ -138,7 +161,7 @@ issuer = "http://{listen}"
 max_body_bytes = {max_body}
 
 [store]
-url = "sqlite://ledger.db"
+url = "{store_url}"
 
 [tokens]
 access_ttl = "{access}"
@@ -257,8 +280,11 @@ bootstrap_sha256 = "{other}"
 cedar = ["policies/*.cedar"]
 {elevation}
 {anomaly}
+{approval}
 "#,
         max_body = opts.max_body_bytes,
+        store_url = opts.store_url.as_deref().unwrap_or("sqlite://ledger.db"),
+        approval = approval,
         access = opts.access_ttl,
         idle = opts.refresh_idle_ttl,
         max_life = opts.task_max_lifetime,
@@ -287,10 +313,7 @@ cedar = ["policies/*.cedar"]
         } else {
             ""
         },
-        audit_extra = opts
-            .sample_low_risk
-            .map(|r| format!("sample_low_risk = {r:?}"))
-            .unwrap_or_default(),
+        audit_extra = audit_extra,
         webhook = opts
             .alert_webhook
             .as_ref()
