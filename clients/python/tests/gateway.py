@@ -98,6 +98,7 @@ name = "warehouse.query"
 upstream = "warehouse"
 risk = "low"
 access = "read"
+args_schema = {{ type = "object", properties = {{ sql = {{ type = "string", maxLength = 4096 }}, limit = {{ type = "integer", minimum = 1 }} }}, required = ["sql"], additionalProperties = false }}
 
 [[tools]]
 name = "warehouse.echo"

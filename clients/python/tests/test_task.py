@@ -44,7 +44,7 @@ def test_a_wrong_secret_is_a_typed_denial(gateway: Gateway) -> None:
 def test_a_denial_surfaces_as_denied_with_reason_and_request_id(gateway: Gateway) -> None:
     with start(gateway) as task:
         task.call("warehouse.connect", {"database": "analytics"})
-        assert task.state == "query"
+        assert task.state == "connect"
         with pytest.raises(Denied) as e:
             task.call("warehouse.query", {"sql": "select * from customers"})
         assert type(e.value) is Denied

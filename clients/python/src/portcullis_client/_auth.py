@@ -5,9 +5,11 @@ What the flow does for each request:
 
 1. If the access token is due (less than ``refresh_ahead`` of its lifetime
    left, and at least 5 s), it spends the refresh token at
-   ``POST /oauth/token`` first, through the same client, and adopts the new
-   pair. Refreshes are serialised: the refresh token is single use, and the
-   gateway revokes the whole task when one is presented twice.
+   ``POST /oauth/token`` first (through the task's own client; in an async
+   flow on a worker thread, so the event loop runs on) and adopts the new
+   pair. Refreshes are serialised across threads and event loops: the
+   refresh token is single use, and the gateway revokes the whole task when
+   one is presented twice.
 2. It attaches ``Authorization: Bearer <access token>`` (or ``DPoP <token>``
    with a fresh proof, when a DPoP signer is configured).
 3. If the gateway answers 401 ``token_expired`` (the token ran out in
@@ -132,8 +134,7 @@ class TaskAuth(*_BASES):  # type: ignore[misc]
         self._refresh_ahead = refresh_ahead
         self._dpop = dpop
         self._state = threading.Lock()  # guards _tokens; held only briefly
-        self._sync_refresh = threading.Lock()
-        self._async_refresh: Any = None  # an anyio.Lock, made on first use
+        self._sync_refresh = threading.Lock()  # held while a refresh is in flight
         self._tokens: _Tokens | None = None
         origin = urlsplit(task.gateway)
         self._origin = _origin(origin.scheme, origin.hostname, origin.port)
@@ -209,24 +210,30 @@ class TaskAuth(*_BASES):  # type: ignore[misc]
             url = str(request.url).split("?", 1)[0].split("#", 1)[0]
             request.headers["DPoP"] = self._dpop.sign(request.method, url, tokens.access)
 
-    def _refresh_request(self, request_type: type, refresh: str) -> Any:
-        url = f"{self._task.gateway}/oauth/token"
-        headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
-        if self._dpop is not None:
-            headers["DPoP"] = self._dpop.sign("POST", url, None)
-        body = httpx.QueryParams({"grant_type": "refresh_token", "refresh_token": refresh})
-        return request_type("POST", url, headers=headers, content=str(body).encode())
+    def _refresh(self, sent: _Tokens | None, expired: bool) -> None:
+        """Spends the refresh token of ``sent`` (blocking), unless another
+        request already replaced ``sent``, or (when ``expired`` is false) the
+        token is no longer due. Serialised across threads and event loops:
+        the refresh token is single use.
 
-    def _take_refresh(self, tokens: _Tokens, status: int, body: Any) -> None:
-        if status != 200 or not isinstance(body, dict):
-            raise from_body(status, body)
-        if not self.adopt(
-            body.get("access_token"),
-            body.get("refresh_token"),
-            body.get("expires_in"),
-            body.get("token_type", "Bearer"),
-        ):
-            raise GatewayError("the gateway's refresh answer is not a token pair of this task")
+        It goes through the task's own client, not the caller's: a gateway
+        that refused a request with a body before reading it closes that
+        connection, and the caller's pool may not have noticed yet."""
+        with self._sync_refresh:
+            if sent is None or sent.refresh is None or self._current() is not sent:
+                return
+            if not expired and not self._due():
+                return
+            url = f"{self._task.gateway}/oauth/token"
+            headers = {"Accept": "application/json"}
+            if self._dpop is not None:
+                headers["DPoP"] = self._dpop.sign("POST", url, None)
+            form = {"grant_type": "refresh_token", "refresh_token": sent.refresh}
+            try:
+                answer = self._task._http.post(url, data=form, headers=headers)
+            except httpx.HTTPError as e:
+                raise GatewayError(f"could not refresh the token: {type(e).__name__}") from None
+            self._take_refresh(sent, answer.status_code, self._json(answer.content))
 
     def _expired_answer(self, response: Any, body: Any) -> str | None:
         if response.status_code != 401 or not isinstance(body, dict):
@@ -253,15 +260,18 @@ class TaskAuth(*_BASES):  # type: ignore[misc]
         return path.rsplit("/", 1)[-1] in ("transition", "calls", "authorize")
 
     def _wants_body(self, request: Any, response: Any) -> bool:
-        if not self._is_gateway(request.url) or request.method != "POST":
+        """Whether to read this answer: a 401 (to see whether the token ran
+        out), or a 200 to a POST (rotated tokens); JSON of bounded size."""
+        if response.status_code == 200:
+            if request.method != "POST":
+                return False
+        elif response.status_code != 401:
             return False
         ctype = response.headers.get("content-type", "")
         if not ctype.startswith("application/json"):
             return False
         length = response.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_ROTATION_BODY):
-            return False
-        return response.status_code in (200, 401)
+        return length is None or (length.isdigit() and int(length) <= MAX_ROTATION_BODY)
 
     @staticmethod
     def _json(content: bytes) -> Any:
@@ -280,12 +290,7 @@ class TaskAuth(*_BASES):  # type: ignore[misc]
             yield request
             return
         if self._due():
-            with self._sync_refresh:
-                tokens = self._current()
-                if self._due() and tokens is not None and tokens.refresh is not None:
-                    answer = yield self._refresh_request(type(request), tokens.refresh)
-                    answer.read()
-                    self._take_refresh(tokens, answer.status_code, self._json(answer.content))
+            self._refresh(self._current(), False)
         request.read()
         sent = self._current()
         self._apply(request, sent)
@@ -295,15 +300,11 @@ class TaskAuth(*_BASES):  # type: ignore[misc]
         response.read()
         body = self._json(response.content)
         expired = self._expired_answer(response, body)
-        if expired is not None and sent is not None:
-            with self._sync_refresh:
-                now = self._current()
-                if now is sent and expired == "token_expired" and sent.refresh is not None:
-                    answer = yield self._refresh_request(type(request), sent.refresh)
-                    answer.read()
-                    self._take_refresh(sent, answer.status_code, self._json(answer.content))
-                elif now is sent:
-                    return
+        if expired is not None:
+            if expired == "token_expired":
+                self._refresh(sent, True)
+            if self._current() is sent:
+                return  # nothing newer to send it with: the 401 stands
             self._apply(request, self._current())
             response = yield request
             if not self._wants_body(request, response):
@@ -316,17 +317,10 @@ class TaskAuth(*_BASES):  # type: ignore[misc]
         if not self._is_gateway(request.url):
             yield request
             return
-        if self._async_refresh is None:
-            import anyio
+        import anyio.to_thread
 
-            self._async_refresh = anyio.Lock()
         if self._due():
-            async with self._async_refresh:
-                tokens = self._current()
-                if self._due() and tokens is not None and tokens.refresh is not None:
-                    answer = yield self._refresh_request(type(request), tokens.refresh)
-                    await answer.aread()
-                    self._take_refresh(tokens, answer.status_code, self._json(answer.content))
+            await anyio.to_thread.run_sync(self._refresh, self._current(), False)
         await request.aread()
         sent = self._current()
         self._apply(request, sent)
@@ -336,15 +330,11 @@ class TaskAuth(*_BASES):  # type: ignore[misc]
         await response.aread()
         body = self._json(response.content)
         expired = self._expired_answer(response, body)
-        if expired is not None and sent is not None:
-            async with self._async_refresh:
-                now = self._current()
-                if now is sent and expired == "token_expired" and sent.refresh is not None:
-                    answer = yield self._refresh_request(type(request), sent.refresh)
-                    await answer.aread()
-                    self._take_refresh(sent, answer.status_code, self._json(answer.content))
-                elif now is sent:
-                    return
+        if expired is not None:
+            if expired == "token_expired":
+                await anyio.to_thread.run_sync(self._refresh, sent, True)
+            if self._current() is sent:
+                return
             self._apply(request, self._current())
             response = yield request
             if not self._wants_body(request, response):
