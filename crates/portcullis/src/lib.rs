@@ -96,7 +96,7 @@ pub enum Error {
 pub enum CallError<E> {
     /// The call was denied (its decision says why); the tool did not run.
     #[error("denied: {}: {}", .0.reason.map_or("", |r| r.as_str()), .0.detail)]
-    Denied(Decision),
+    Denied(Box<Decision>),
     /// The tool ran and failed.
     #[error("the tool failed")]
     Tool(E),
@@ -262,7 +262,7 @@ impl Portcullis {
     ) -> Result<Value, CallError<E>> {
         let decision = self.decide(task_id, tool, args);
         if !decision.is_allowed() {
-            return Err(CallError::Denied(decision));
+            return Err(CallError::Denied(Box::new(decision)));
         }
         let started = Instant::now();
         let outcome = invoke(args);
@@ -278,11 +278,11 @@ impl Portcullis {
             (Err(e), _) => Err(CallError::Tool(e)),
             // The tool ran, but its outcome could not be chained: the
             // caller must not take the result as recorded.
-            (Ok(_), Err(e)) => Err(CallError::Denied(Decision::deny(
+            (Ok(_), Err(e)) => Err(CallError::Denied(Box::new(Decision::deny(
                 tool,
                 Reason::InternalError,
                 e.to_string(),
-            ))),
+            )))),
             (Ok(v), Ok(())) => Ok(v),
         }
     }

@@ -235,6 +235,17 @@ class TaskAuth(*_BASES):  # type: ignore[misc]
                 raise GatewayError(f"could not refresh the token: {type(e).__name__}") from None
             self._take_refresh(sent, answer.status_code, self._json(answer.content))
 
+    def _take_refresh(self, sent: _Tokens, status: int, body: Any) -> None:
+        if status != 200 or not isinstance(body, dict):
+            raise from_body(status, body)
+        if not self.adopt(
+            body.get("access_token"),
+            body.get("refresh_token"),
+            body.get("expires_in"),
+            body.get("token_type", "Bearer"),
+        ):
+            raise GatewayError("the gateway's refresh answer is not a token pair of this task")
+
     def _expired_answer(self, response: Any, body: Any) -> str | None:
         if response.status_code != 401 or not isinstance(body, dict):
             return None
