@@ -7,6 +7,8 @@ folder; give a tmpfs such as /dev/shm to take the disk's fsync out of the
 figure), then times, per call, with `time.perf_counter_ns`:
 
 - `direct`: the no-op function called from Python, nothing else;
+- `decide`: `task.authorize` on a gateway loaded without a ledger
+  (`Gateway.load`): the crossing into Rust and the decision alone;
 - `authorize`: the decision and its durable write-ahead record, no call;
 - `call`: `task.call(..., invoke=noop)`: decision, write-ahead record,
   the call, and the outcome record queued into the chain.
@@ -46,12 +48,24 @@ def main() -> None:
     def noop(args: dict[str, int]) -> None:
         return None
 
+    rows: dict[str, list[int]] = {}
     try:
+        memory = portcullis.Gateway.load(base / "portcullis.toml").start_task(
+            "report-bot", goal="benchmark"
+        )
+        for i in range(200):
+            memory.authorize("local.noop", {"n": i})
+        samples = []
+        for i in range(opts.calls):
+            args = {"n": i}
+            t0 = time.perf_counter_ns()
+            memory.authorize("local.noop", args)
+            samples.append(time.perf_counter_ns() - t0)
+        rows["decide"] = samples
         with portcullis.Gateway.open(base / "portcullis.toml") as gw:
             task = gw.start_task("report-bot", goal="benchmark")
             for i in range(200):  # warm up: caches, the ledger file, the allocator
                 task.call("local.noop", {"n": i}, invoke=noop)
-            rows = {}
             for name in ("direct", "authorize", "call"):
                 samples = []
                 for i in range(opts.calls):

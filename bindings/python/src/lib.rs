@@ -138,6 +138,22 @@ impl Gateway {
         }
     }
 
+    /// Loads and checks the configuration at `path`, without a ledger:
+    /// decisions in memory, nothing recorded (for tests and measurement;
+    /// `open` is the embedded shape).
+    #[staticmethod]
+    fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        match py.detach(|| Portcullis::load(&path)) {
+            Ok(gate) => Ok(Self {
+                gate: Arc::new(gate),
+            }),
+            Err(portcullis::Error::Config(findings)) => {
+                Err(error(py, "ConfigError", findings.to_string()))
+            }
+            Err(e @ portcullis::Error::Ledger(_)) => Err(error(py, "LedgerError", e.to_string())),
+        }
+    }
+
     /// Starts a task for `agent_id` (recorded in the ledger).
     #[pyo3(signature = (agent_id, *, goal, tools = None))]
     fn start_task(

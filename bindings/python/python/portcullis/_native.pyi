@@ -11,6 +11,10 @@ class Gateway:
         """Loads and checks the configuration at ``path`` and opens the
         embedded ledger of its ``store.url`` (``sqlite://`` only). Raises
         ``ConfigError`` or ``LedgerError``."""
+    @staticmethod
+    def load(path: str | PathLike[str]) -> Gateway:
+        """Loads and checks the configuration without a ledger: decisions
+        in memory, nothing recorded (for tests and measurement)."""
     def start_task(self, agent_id: str, *, goal: str, tools: list[str] | None = None) -> Task:
         """Starts a task (recorded); ``tools`` narrows it to part of the
         agent's allowlist. Raises ``Denied``."""
