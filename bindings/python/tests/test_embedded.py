@@ -284,3 +284,15 @@ def test_an_edited_record_fails_verification(tmp_path: Path) -> None:
     assert changed == 1
     db.close()
     assert verify(config).returncode != 0
+
+
+def test_load_decides_in_memory_and_records_nothing(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    gw = portcullis.Gateway.load(config)
+    task = gw.start_task("bot", goal="memory")
+    assert task.call("local.read", {"path": "a"}, invoke=lambda a: "ok") == "ok"
+    with pytest.raises(portcullis.Denied) as e:
+        task.call("local.read", {"path": "secrets/a"}, invoke=lambda a: "never")
+    assert e.value.reason == "policy_forbid"
+    gw.close()
+    assert not (tmp_path / "ledger").exists()
