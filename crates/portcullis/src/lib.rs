@@ -34,8 +34,13 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! Tasks are kept in memory here. The `portcullis serve` shape keeps them in
-//! a persistent ledger instead.
+//! Tasks are kept in memory here. [`Portcullis::load`] records nothing;
+//! [`Portcullis::open`] also opens the configuration's embedded SQLite
+//! ledger ([`ledger`]) and records every start, decision, outcome,
+//! transition and end in its hash chain, as `portcullis serve` does, so
+//! `portcullis audit verify` checks it. [`Portcullis::call`] is the whole
+//! call path in-process: decide, make the write-ahead record durable, run
+//! the tool only if allowed, record its outcome.
 //!
 //! Every call is decided by the planner the service uses
 //! ([`Engine::plan_use`]): the engine's checks, then the configured
@@ -44,12 +49,16 @@
 //! that a `require_approval` rule holds, is denied `approval_required`.
 //! A `halt` rule halts the task (later calls are `task_not_active`).
 
+pub mod ledger;
 pub mod scenario;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use ledger::{Ledger, LedgerError};
 
 pub use portcullis_config as config;
 pub use portcullis_config::{Finding, Findings, LoadedConfig};
@@ -77,6 +86,20 @@ pub enum Error {
     /// The configuration has problems, one finding per line.
     #[error("{0}")]
     Config(#[from] Findings),
+    /// The embedded ledger could not be opened.
+    #[error("{0}")]
+    Ledger(#[from] LedgerError),
+}
+
+/// Why [`Portcullis::call`] did not return the tool's result.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError<E> {
+    /// The call was denied (its decision says why); the tool did not run.
+    #[error("denied: {}: {}", .0.reason.map_or("", |r| r.as_str()), .0.detail)]
+    Denied(Box<Decision>),
+    /// The tool ran and failed.
+    #[error("the tool failed")]
+    Tool(E),
 }
 
 /// An engine and the tasks it is deciding for, in memory.
@@ -85,6 +108,7 @@ pub struct Portcullis {
     engine: Engine,
     tasks: Mutex<Tasks>,
     next_id: AtomicU64,
+    ledger: Option<Ledger>,
 }
 
 /// The tasks, and which tools each agent has had allowed (the `new_tool`
@@ -103,6 +127,21 @@ impl Portcullis {
         Self::from_loaded(&loaded, Arc::new(SystemClock))
     }
 
+    /// Loads the configuration at `path` like [`load`](Self::load), and
+    /// opens its embedded ledger (`store.url`, `sqlite://` only): every
+    /// start, decision, outcome, transition and end is recorded there.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
+        let loaded = LoadedConfig::load(path.as_ref())?;
+        let mut gate = Self::from_loaded(&loaded, Arc::new(SystemClock))?;
+        gate.ledger = Some(Ledger::open(&loaded)?);
+        Ok(gate)
+    }
+
+    /// The embedded ledger, when opened with [`open`](Self::open).
+    pub fn ledger(&self) -> Option<&Ledger> {
+        self.ledger.as_ref()
+    }
+
     /// Builds the engine for an already loaded configuration.
     pub fn from_loaded(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Self, Error> {
         let engine = portcullis_core::build(loaded, clock)?;
@@ -115,6 +154,7 @@ impl Portcullis {
             engine,
             tasks: Mutex::new(Tasks::default()),
             next_id: AtomicU64::new(1),
+            ledger: None,
         }
     }
 
@@ -140,6 +180,11 @@ impl Portcullis {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let id = format!("task-{}-{n}", self.engine.now().as_millis());
         let task = self.engine.start_task(&id, agent_id, goal, tools)?;
+        if let Some(ledger) = &self.ledger {
+            ledger
+                .commit(vec![Ledger::started_event(&task, self.engine.now())])
+                .map_err(ledger_denial)?;
+        }
         self.tasks().by_id.insert(id, task.clone());
         Ok(task)
     }
@@ -148,13 +193,106 @@ impl Portcullis {
     /// to the task: an allowed call is counted (and moves the task along
     /// its workflow); a denial is counted for the `denials` rule and may
     /// halt the task. An unknown task id is `task_not_active`.
+    ///
+    /// With a ledger, the decision's record is durable before it is
+    /// returned, and the verdict is applied only then; a ledger failure is
+    /// a denial (`internal_error`) that leaves the task as it was.
     pub fn decide(&self, task_id: &str, tool: &str, args: &Value) -> Decision {
         let mut guard = self.tasks();
         let Tasks { by_id, used } = &mut *guard;
         let Some(task) = by_id.get_mut(task_id) else {
             return Decision::deny(tool, Reason::TaskNotActive, "no such task");
         };
-        decide_call(&self.engine, task, used, tool, args)
+        let Some(ledger) = &self.ledger else {
+            return decide_call(&self.engine, task, used, tool, args);
+        };
+        let use_key = (task.agent_id.clone(), tool.to_owned());
+        let used_before = used.contains(&use_key);
+        let mut next = task.clone();
+        let decision = decide_call(&self.engine, &mut next, used, tool, args);
+        let now = self.engine.now();
+        let mut events = vec![ledger.call_event(&next, &decision, args, now)];
+        if next.status == TaskStatus::Halted && task.status != TaskStatus::Halted {
+            events.push(Ledger::ended_event(&next, &decision.detail, now));
+        }
+        match ledger.commit(events) {
+            Ok(()) => {
+                *task = next;
+                decision
+            }
+            Err(e) => {
+                if !used_before {
+                    used.remove(&use_key);
+                }
+                Decision::deny(tool, Reason::InternalError, e.to_string())
+            }
+        }
+    }
+
+    /// Records the outcome of an allowed call (`call.completed`): `Ok`
+    /// with the result's JSON text (its digest is kept), `Err` with a short
+    /// description of the failure (never the tool's own message, which may
+    /// carry secrets). Queued into the chain; durable with the next commit.
+    /// A no-op without a ledger.
+    pub fn record_outcome(
+        &self,
+        task_id: &str,
+        tool: &str,
+        outcome: Result<&str, &str>,
+        latency_us: u64,
+    ) -> Result<(), LedgerError> {
+        let Some(ledger) = &self.ledger else {
+            return Ok(());
+        };
+        let Some(task) = self.task(task_id) else {
+            return Ok(());
+        };
+        let event = Ledger::outcome_event(&task, tool, outcome, latency_us, self.engine.now());
+        ledger.enqueue(vec![event])
+    }
+
+    /// The whole call path: decides (the write-ahead record durable first,
+    /// with a ledger), runs `invoke` only if allowed, records its outcome.
+    pub fn call<E>(
+        &self,
+        task_id: &str,
+        tool: &str,
+        args: &Value,
+        invoke: impl FnOnce(&Value) -> Result<Value, E>,
+    ) -> Result<Value, CallError<E>> {
+        let decision = self.decide(task_id, tool, args);
+        if !decision.is_allowed() {
+            return Err(CallError::Denied(Box::new(decision)));
+        }
+        let started = Instant::now();
+        let outcome = invoke(args);
+        let latency = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let text = outcome.as_ref().map(Value::to_string);
+        let recorded = self.record_outcome(
+            task_id,
+            tool,
+            text.as_deref().map_err(|_| "the tool failed"),
+            latency,
+        );
+        match (outcome, recorded) {
+            (Err(e), _) => Err(CallError::Tool(e)),
+            // The tool ran, but its outcome could not be chained: the
+            // caller must not take the result as recorded.
+            (Ok(_), Err(e)) => Err(CallError::Denied(Box::new(Decision::deny(
+                tool,
+                Reason::InternalError,
+                e.to_string(),
+            )))),
+            (Ok(v), Ok(())) => Ok(v),
+        }
+    }
+
+    /// Commits what the ledger has queued and closes it; later calls are
+    /// denied `internal_error`. A no-op without a ledger.
+    pub fn close(&self) {
+        if let Some(ledger) = &self.ledger {
+            ledger.close();
+        }
     }
 
     /// Moves a task to state `to`, if its workflow has that edge.
@@ -162,6 +300,12 @@ impl Portcullis {
         let mut tasks = self.tasks();
         let task = tasks.by_id.get_mut(task_id).ok_or_else(no_such_task)?;
         let transition = self.engine.transition(task, to)?;
+        if let Some(ledger) = &self.ledger {
+            let mut next = task.clone();
+            next.apply_transition(&transition);
+            let event = Ledger::transition_event(&next, &transition, self.engine.now());
+            ledger.commit(vec![event]).map_err(ledger_denial)?;
+        }
         task.apply_transition(&transition);
         Ok(transition)
     }
@@ -176,8 +320,13 @@ impl Portcullis {
                 detail: format!("task is {}", task.status.as_str()),
             });
         }
+        // The task ends whatever the ledger says: ending fails closed.
         task.status = TaskStatus::Completed;
         task.version = task.version.saturating_add(1);
+        if let Some(ledger) = &self.ledger {
+            let event = Ledger::ended_event(task, "completed", self.engine.now());
+            ledger.commit(vec![event]).map_err(ledger_denial)?;
+        }
         Ok(task.clone())
     }
 
@@ -216,6 +365,13 @@ pub(crate) fn decide_call(
         *task = after;
     }
     verdict.decision
+}
+
+fn ledger_denial(e: LedgerError) -> Denial {
+    Denial {
+        reason: Reason::InternalError,
+        detail: e.to_string(),
+    }
 }
 
 fn no_such_task() -> Denial {
