@@ -18,3 +18,14 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[gw_mod.Gateway
         yield gw
     finally:
         gw.stop()
+
+
+@pytest.fixture(scope="session")
+def held_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[gw_mod.Gateway]:
+    """A gateway that holds calls needing approval for up to 20 s
+    (``[approval] hold``) instead of answering ``approval_required`` at once."""
+    gw = gw_mod.start(tmp_path_factory.mktemp("held"), '\n[approval]\nhold = "20s"\n')
+    try:
+        yield gw
+    finally:
+        gw.stop()

@@ -171,7 +171,9 @@ class Gateway:
                 self.process.wait(timeout=10)
 
 
-def start(dir: Path) -> Gateway:
+def start(dir: Path, extra: str = "") -> Gateway:
+    """Starts ``serve`` on the test configuration, with ``extra`` TOML
+    (whole tables) appended to it."""
     bin = find_binary()
     keygen = subprocess.run(
         [bin, "keygen", "--out", dir / "keys" / "k1.ed25519"], capture_output=True, check=False
@@ -189,6 +191,7 @@ def start(dir: Path) -> Gateway:
             admin_sha=sha256(ADMIN),
             secret_sha=sha256(SECRET),
         )
+        + extra
     )
     log = open(dir / "serve.log", "wb")  # noqa: SIM115 - handed to the child
     process = subprocess.Popen(
