@@ -3,15 +3,19 @@
 //! (`portcullis`), so both give the same verdict for the same input —
 //! approvals and anomaly rules included (DESIGN section 12).
 //!
-//! [`Engine::plan_use`] decides, in order: the token's scope, the engine
-//! ([`Engine::decide`], or [`Engine::decide_exchange`] for a token
-//! exchange), a configured approval (unless a one-use approval of this very
-//! use is in hand), and the anomaly rules. [`Engine::after_allowed`] and
-//! [`Engine::after_denied`] say what the verdict does to the task: the
-//! grant an approved use spends, the counters, the anomaly windows, the
-//! denial count and a halt. The caller does the I/O: it looks up the facts
-//! ([`Use`], `first_use`), stores the task the plan returns, records the
-//! audit events and forwards.
+//! [`Engine::plan`] is the whole of it: it decides ([`Engine::plan_use`]:
+//! the token's scope, the engine — [`Engine::decide`], or
+//! [`Engine::decide_exchange`] for a token exchange — a configured
+//! approval unless a one-use approval of this very use is in hand, and the
+//! anomaly rules), says what the verdict does to the task (the grant an
+//! approved use spends, the counters, the anomaly windows, the denial
+//! count, a halt: [`Engine::after_allowed`], [`Engine::after_denied`]),
+//! and lists what must be recorded and done, in audit order ([`Step`]),
+//! with the alerts to send ([`Alert`]). The caller does the I/O: it looks
+//! up the facts ([`Input::first_use`]), turns the steps into ledger
+//! operations (the records' shapes are `portcullis_store::records`),
+//! stores the task the plan returns (compare-and-swap on the version it
+//! was planned on), mints what the steps ask for, and forwards.
 //!
 //! Nothing here reads a clock, a store or the network.
 
@@ -19,7 +23,7 @@ use portcullis_config::AnomalyAction;
 use serde_json::Value;
 
 use crate::anomaly::Fired;
-use crate::{Decision, Engine, Reason, Task, TaskStatus, Timestamp};
+use crate::{Decision, Engine, Reason, Task, TaskStatus, Timestamp, Transition};
 
 /// The pseudo-rule of a configured approval (`approval`,
 /// `approve_high_risk`, a state entered with `approval`): not an anomaly,
@@ -44,6 +48,9 @@ pub struct Input<'a> {
     pub tool: &'a str,
     /// A call or an exchange.
     pub use_: Use<'a>,
+    /// Whether an allowed call is forwarded by the caller, so it needs a
+    /// per-hop credential ([`Step::Credential`]; an exchange always does).
+    pub forward: bool,
     /// The presenting token's scope (space-separated tools), or `None`
     /// when there is no token (the embedded library: the task's own tools
     /// and grants decide).
@@ -65,6 +72,7 @@ impl std::fmt::Debug for Input<'_> {
             .field("task", &self.task.id)
             .field("tool", &self.tool)
             .field("use_", &self.use_)
+            .field("forward", &self.forward)
             .field("scope", &self.scope)
             .field("now", &self.now)
             .field("first_use", &self.first_use)
@@ -104,7 +112,187 @@ impl AfterDenial {
     }
 }
 
+/// One thing the caller records or does for a planned use, in audit order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// The use's own record: `call.allowed` or `call.denied` (for an
+    /// exchange, the same kinds without arguments).
+    Use,
+    /// `state.transition`: the allowed call moved the task.
+    Transition(Transition),
+    /// The call entered a `reverify` state: every token of the task is
+    /// revoked (`token.revoked`) and new ones are minted for the new phase.
+    Rotate,
+    /// A per-hop credential for the tool's upstream (a forwarded call, or
+    /// the token of an exchange).
+    Credential,
+    /// The agent's first allowed use of the tool, remembered for the
+    /// `new_tool` rule.
+    FirstUse,
+    /// `anomaly`: a rule that fired.
+    Anomaly(Fired),
+    /// The task is halted by this denial (`task.halted`, every token
+    /// revoked); why.
+    Halt(String),
+    /// The use is held as a pending elevation request
+    /// (`elevation.requested`), within the task's cap on pending requests:
+    /// the rule that holds it, and what the approver is told.
+    Hold {
+        /// [`APPROVAL_RULE`] or the anomaly rule.
+        rule: &'static str,
+        /// Why approval is needed.
+        reason: String,
+    },
+}
+
+/// What an alert is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlertKind {
+    /// An anomaly rule fired.
+    Anomaly,
+    /// The task was halted.
+    TaskHalted,
+    /// A use waits for a person's approval.
+    ElevationRequested,
+}
+
+/// An alert to send once the plan's records are committed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alert {
+    /// What it is about.
+    pub kind: AlertKind,
+    /// The firing behind it.
+    pub fired: Fired,
+}
+
+/// Everything a use of a tool decides: the verdict, the task after it,
+/// and what to record and do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The decision.
+    pub decision: Decision,
+    /// The approval and anomaly firings, in audit order: the use's own,
+    /// then the `denials` rule.
+    pub fired: Vec<Fired>,
+    /// The task as it must be stored when the use changed it
+    /// (compare-and-swap on the version of [`Input::task`]); `None` when it
+    /// is unchanged.
+    pub task: Option<Task>,
+    /// What to record and do, in audit order.
+    pub steps: Vec<Step>,
+    /// The alerts to send after the records are committed.
+    pub alerts: Vec<Alert>,
+}
+
+impl Plan {
+    /// The halt among the steps: why the task is halted by this use.
+    pub fn halted(&self) -> Option<&str> {
+        self.steps.iter().find_map(|s| match s {
+            Step::Halt(why) => Some(why.as_str()),
+            _ => None,
+        })
+    }
+
+    /// The hold among the steps: the rule and the reason.
+    pub fn hold(&self) -> Option<(&'static str, &str)> {
+        self.steps.iter().find_map(|s| match s {
+            Step::Hold { rule, reason } => Some((*rule, reason.as_str())),
+            _ => None,
+        })
+    }
+
+    /// The task as it is after the use: the changed one, or `before`.
+    pub fn task_or<'a>(&'a self, before: &'a Task) -> &'a Task {
+        self.task.as_ref().unwrap_or(before)
+    }
+}
+
 impl Engine {
+    /// Plans one use: the verdict ([`Engine::plan_use`]), what it does to
+    /// the task, and the records, credentials and alerts it calls for.
+    /// Pure: the same input gives the same plan.
+    pub fn plan(&self, input: &Input<'_>) -> Plan {
+        let Verdict { decision, fired } = self.plan_use(input);
+        if decision.is_allowed() {
+            self.plan_allowed(input, decision)
+        } else {
+            self.plan_denied(input, decision, fired)
+        }
+    }
+
+    fn plan_allowed(&self, input: &Input<'_>, decision: Decision) -> Plan {
+        let task = self.after_allowed(input.task, &decision, input.digest, input.now);
+        let mut steps = vec![Step::Use];
+        if let Some(t) = &decision.transition {
+            steps.push(Step::Transition(t.clone()));
+            if t.reverify {
+                steps.push(Step::Rotate);
+            }
+        }
+        if input.forward || matches!(input.use_, Use::Exchange(_)) {
+            steps.push(Step::Credential);
+        }
+        if input.first_use && self.anomaly().watches_new_tools() {
+            steps.push(Step::FirstUse);
+        }
+        Plan {
+            decision,
+            fired: Vec::new(),
+            task: Some(task),
+            steps,
+            alerts: Vec::new(),
+        }
+    }
+
+    fn plan_denied(&self, input: &Input<'_>, decision: Decision, fired: Option<Fired>) -> Plan {
+        let after = self.after_denied(input.task, fired);
+        let mut steps = vec![Step::Use];
+        steps.extend(
+            after
+                .fired
+                .iter()
+                .filter(|f| f.rule != APPROVAL_RULE)
+                .cloned()
+                .map(Step::Anomaly),
+        );
+        if let Some(why) = &after.halted {
+            steps.push(Step::Halt(why.clone()));
+        }
+        if let Some(f) = after.hold() {
+            let reason = if f.rule == APPROVAL_RULE {
+                f.detail.clone()
+            } else {
+                format!("anomaly rule {}: {}", f.rule, f.detail)
+            };
+            steps.push(Step::Hold {
+                rule: f.rule,
+                reason,
+            });
+        }
+        let halted = after.halted.is_some();
+        let alerts = after
+            .fired
+            .iter()
+            .map(|f| Alert {
+                kind: if halted && f.action == AnomalyAction::Halt {
+                    AlertKind::TaskHalted
+                } else if f.rule == APPROVAL_RULE {
+                    AlertKind::ElevationRequested
+                } else {
+                    AlertKind::Anomaly
+                },
+                fired: f.clone(),
+            })
+            .collect();
+        Plan {
+            decision,
+            fired: after.fired,
+            task: after.task,
+            steps,
+            alerts,
+        }
+    }
+
     /// Decides one use: token scope, engine, configured approvals, anomaly
     /// rules, in that order. Pure: the same input gives the same verdict.
     pub fn plan_use(&self, input: &Input<'_>) -> Verdict {
@@ -112,6 +300,7 @@ impl Engine {
             task,
             tool,
             use_,
+            forward: _,
             scope,
             now,
             first_use,

@@ -263,11 +263,8 @@ async fn decide(
     Ok(Json(done).into_response())
 }
 
-/// A new pending elevation request of `task` for `tool` (a tool, or
-/// `state:<name>`): its id, and the ledger ops that record it (the request
-/// and its `elevation.requested` audit record). `held`: the use the
-/// gateway held, for a request it files itself; `None` for an agent's
-/// request for a tool beyond its allowlist.
+/// A pending request for `tool` with a fresh id, and its record
+/// ([`portcullis_store::records::pending_request`]).
 pub(crate) fn pending_request(
     task: &portcullis_core::Task,
     tool: &str,
@@ -276,26 +273,8 @@ pub(crate) fn pending_request(
     now: portcullis_core::Timestamp,
 ) -> Result<(String, [Op; 2]), ApiError> {
     let id = portcullis_token::random_id("elv_").map_err(internal)?;
-    let elevation = ElevationRecord {
-        id: id.clone(),
-        task_id: task.id.clone(),
-        agent_id: task.agent_id.clone(),
-        tool: tool.to_owned(),
-        reason: reason.to_owned(),
-        status: ElevationStatus::Pending,
-        requested_at: now,
-        decided_at: None,
-        decided_by: None,
-        note: None,
-        expires_at: None,
-        held,
-    };
-    let mut event = NewEvent::new(now, EventKind::ElevationRequested);
-    event.task_id = Some(task.id.clone());
-    event.agent_id = Some(task.agent_id.clone());
-    event.tool = Some(tool.to_owned());
-    event.detail = Some(format!("{id}: {reason}"));
-    Ok((id, [Op::InsertElevation(elevation), Op::Append(event)]))
+    let ops = portcullis_store::records::pending_request(&id, task, tool, reason, held, now);
+    Ok((id, ops))
 }
 
 impl Gateway {

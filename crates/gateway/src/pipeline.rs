@@ -16,10 +16,10 @@ use std::sync::PoisonError;
 use std::time::{Duration, Instant};
 
 use portcullis_config::AnomalyAction;
-use portcullis_core::anomaly::Fired;
+use portcullis_core::plan::{AlertKind, Plan, Step};
 use portcullis_core::{Decision, Reason, Task, TaskStatus, Timestamp, plan};
 use portcullis_store::{
-    EventKind, HeldCall, NewEvent, Op, Pending, StoreError, TaskRecord, Ticket,
+    EventKind, HeldCall, NewEvent, Op, Pending, StoreError, TaskRecord, Ticket, records,
 };
 use portcullis_token::Claims;
 use serde_json::Value;
@@ -413,27 +413,26 @@ impl Gateway {
             task: &record.task,
             tool,
             use_: use_.planned(),
+            forward: matches!(use_, Use::Call { forward: true, .. }),
             scope: Some(&claims.scope),
             now,
             first_use,
             digest: &digest,
         };
         let started = std::time::Instant::now();
-        let mut verdict = self.engine.plan_use(&input);
+        let mut planned = self.engine.plan(&input);
         self.metrics.decision_latency.observe(started.elapsed());
-        if verdict.decision.reason == Some(Reason::ToolDefinitionChanged)
+        if planned.decision.reason == Some(Reason::ToolDefinitionChanged)
             && self.recheck_pin(tool).await
         {
             // An admin re-approved the definition the upstream has now.
-            verdict = self.engine.plan_use(&input);
+            planned = self.engine.plan(&input);
         }
-        let plan::Verdict { decision, fired } = verdict;
-        let queued = if decision.is_allowed() {
-            self.queue_allowed(claims, &record, after, decision, use_, now)
+        let queued = if planned.decision.is_allowed() {
+            self.queue_allowed(claims, &record, after, planned, use_, now)
                 .await
         } else {
-            self.queue_denial(&record, after, &decision, use_, now, fired)
-                .await
+            self.queue_denial(&record, after, planned, use_, now).await
         };
         let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
         match queued {
@@ -458,21 +457,19 @@ impl Gateway {
         &self,
         record: &TaskRecord,
         after: Option<Ticket>,
-        decision: &Decision,
+        planned: Plan,
         use_: Use<'_>,
         now: Timestamp,
-        fired: Option<Fired>,
     ) -> Result<(Queued, (TaskRecord, Option<Ticket>)), CommitError> {
-        let reason = decision.reason.unwrap_or(Reason::InternalError);
-        let planned = self.engine.after_denied(&record.task, fired);
-        if planned.task.is_none() && planned.fired.is_empty() && planned.halted.is_none() {
-            let event = self.use_event(&record.task, decision, use_, now);
+        let reason = planned.decision.reason.unwrap_or(Reason::InternalError);
+        if planned.task.is_none() && planned.fired.is_empty() {
+            let event = self.use_event(&record.task, &planned.decision, use_, now);
             let queued = self
                 .store
                 .enqueue_after(vec![Op::Append(event)], after)
                 .await?;
-            let answer = ApiError::denied(reason, decision.detail.clone())
-                .with_policies(decision.policy_ids.clone());
+            let answer = ApiError::denied(reason, planned.decision.detail.clone())
+                .with_policies(planned.decision.policy_ids.clone());
             return Ok((
                 Queued {
                     pending: Some(queued.pending),
@@ -482,7 +479,7 @@ impl Gateway {
             ));
         }
         let (answer, task) = self
-            .commit_denial(record, after, decision, use_, now, planned)
+            .commit_denial(record, after, use_, now, planned)
             .await?;
         Ok((
             Queued {
@@ -499,70 +496,69 @@ impl Gateway {
         ))
     }
 
-    /// Records a denial — and, when the anomaly rules say so, counts it,
-    /// holds the call as an elevation request, or halts the task — in one
-    /// transaction (compare-and-swap on the task when it changes). Returns
-    /// the answer for the caller.
+    /// Records a denial and what its plan adds — the anomalies, a halt,
+    /// the held call's elevation request — in one transaction
+    /// (compare-and-swap on the task when it changes), then sends the
+    /// plan's alerts. Returns the answer for the caller and the task.
     async fn commit_denial(
         &self,
         record: &TaskRecord,
         after: Option<Ticket>,
-        decision: &Decision,
         use_: Use<'_>,
         now: Timestamp,
-        planned: plan::AfterDenial,
+        planned: Plan,
     ) -> Result<(ApiError, Task), CommitError> {
         let changed = planned.task.is_some();
-        let task = planned.task.clone().unwrap_or_else(|| record.task.clone());
-        let fired = &planned.fired;
-        // In audit order: the denial, the anomalies, then what they cause.
-        let mut events = vec![self.use_event(&record.task, decision, use_, now)];
-        for f in fired.iter().filter(|f| f.rule != APPROVAL_RULE) {
-            let mut e = NewEvent::new(now, EventKind::Anomaly);
-            e.task_id = Some(task.id.clone());
-            e.agent_id = Some(task.agent_id.clone());
-            e.tool = Some(decision.tool.clone());
-            e.decision = Some("deny".to_owned());
-            e.reason = Some(anomaly_reason(f.action).as_str().to_owned());
-            e.detail =
-                Some(format!("rule {}: {} ({:?})", f.rule, f.detail, f.action).to_lowercase());
-            events.push(e);
-        }
-        let mut ops: Vec<Op> = events.into_iter().map(Op::Append).collect();
-        let mut elevation_id = None;
+        let task = planned.task_or(&record.task).clone();
+        let decision = &planned.decision;
+        let mut ops: Vec<Op> = Vec::new();
         // The held call's request, under the task's cap on pending requests
         // (a guard op: past the cap the batch fails and is retried without
         // it, so the denial is still on record).
         let mut request_ops = Vec::new();
-        if let Some(f) = planned.hold() {
-            let reason = if f.rule == APPROVAL_RULE {
-                f.detail.clone()
-            } else {
-                format!("anomaly rule {}: {}", f.rule, f.detail)
-            };
-            let held = use_.held(f.rule, &self.settings.redact);
-            let (id, request) = crate::elevations::pending_request(
-                &task,
-                &decision.tool,
-                &reason,
-                Some(held),
-                now,
-            )?;
-            request_ops.push(Op::CapPendingElevations {
-                task_id: task.id.clone(),
-                max: crate::elevations::MAX_PENDING_PER_TASK,
-            });
-            request_ops.extend(request);
-            elevation_id = Some(id);
-        }
-        let halt = planned.halted.is_some();
-        if let Some(why) = &planned.halted {
-            ops.extend(crate::tasks::ending_ops(
-                &task,
-                why,
-                Some(Reason::AnomalyHalt),
-                now,
-            ));
+        let mut elevation_id = None;
+        for step in &planned.steps {
+            match step {
+                Step::Use => ops.push(Op::Append(self.use_event(
+                    &record.task,
+                    decision,
+                    use_,
+                    now,
+                ))),
+                Step::Anomaly(f) => ops.push(Op::Append(records::anomaly_event(
+                    &task,
+                    &decision.tool,
+                    f,
+                    now,
+                ))),
+                Step::Halt(why) => ops.extend(records::ending_ops(
+                    &task,
+                    why,
+                    Some(Reason::AnomalyHalt),
+                    now,
+                )),
+                Step::Hold { rule, reason } => {
+                    let held = use_.held(rule, &self.settings.redact);
+                    let (id, request) = crate::elevations::pending_request(
+                        &task,
+                        &decision.tool,
+                        reason,
+                        Some(held),
+                        now,
+                    )?;
+                    request_ops.push(Op::CapPendingElevations {
+                        task_id: task.id.clone(),
+                        max: crate::elevations::MAX_PENDING_PER_TASK,
+                    });
+                    request_ops.extend(request);
+                    elevation_id = Some(id);
+                }
+                Step::Transition(_) | Step::Rotate | Step::Credential | Step::FirstUse => {
+                    return Err(CommitError::Api(internal(
+                        "a denial was planned with the steps of an allowed call",
+                    )));
+                }
+            }
         }
         if changed {
             ops.insert(
@@ -592,21 +588,19 @@ impl Gateway {
             Err(StoreError::Conflict(_)) if changed => return Err(CommitError::Lost),
             Err(e) => return Err(CommitError::Api(ApiError::unavailable(e.to_string()))),
         }
-        if halt {
+        let halted = planned.halted().is_some();
+        if halted {
             self.release_task(&task.id);
         }
         // After the commit: the halt and the request stand whatever becomes
         // of the alerts.
-        for f in fired {
-            let kind = if halt && f.action == AnomalyAction::Halt {
-                crate::alerts::TASK_HALTED
-            } else if f.rule == APPROVAL_RULE {
-                crate::elevations::ELEVATION_REQUESTED
-            } else {
-                crate::alerts::ANOMALY
-            };
+        for plan::Alert { kind, fired: f } in &planned.alerts {
             self.alert(crate::alerts::Alert {
-                kind,
+                kind: match kind {
+                    AlertKind::TaskHalted => crate::alerts::TASK_HALTED,
+                    AlertKind::ElevationRequested => crate::elevations::ELEVATION_REQUESTED,
+                    AlertKind::Anomaly => crate::alerts::ANOMALY,
+                },
                 task_id: Some(task.id.clone()),
                 agent_id: Some(task.agent_id.clone()),
                 reason: Some(anomaly_reason(f.action).as_str().to_owned()),
@@ -632,7 +626,7 @@ impl Gateway {
                 "{detail}; not held: the task already has {max} pending elevation requests"
             );
         }
-        if halt && reason != Reason::AnomalyHalt {
+        if halted && reason != Reason::AnomalyHalt {
             detail = format!("{detail}; the task is now halted (anomaly rule denials)");
         }
         Ok((
@@ -665,118 +659,75 @@ impl Gateway {
     }
 
     /// Queues the records of an allowed use (the write-ahead record with
-    /// the task's update, compare-and-swap) planned on `after`. Returns
-    /// them with the task's state after them.
+    /// the task's update, compare-and-swap) planned on `after`, and mints
+    /// what its plan asks for: new tokens on entering a `reverify` state,
+    /// the per-hop credential. Returns them with the task's state after
+    /// them.
     async fn queue_allowed(
         &self,
         claims: &Claims,
         record: &TaskRecord,
         after: Option<Ticket>,
-        decision: Decision,
+        planned: Plan,
         use_: Use<'_>,
         now: Timestamp,
     ) -> Result<(Queued, (TaskRecord, Option<Ticket>)), CommitError> {
-        let before = record.task.version;
-        let redact = &self.settings.redact;
-        let task = self
-            .engine
-            .after_allowed(&record.task, &decision, &|| use_.digest(redact), now);
-        let note_use = self.engine.anomaly().watches_new_tools()
-            && !self.known_tool_use(&task.agent_id, &decision.tool);
-        let mut ops = vec![
-            Op::UpdateTask {
-                record: TaskRecord {
-                    task: task.clone(),
-                    deadline: record.deadline,
-                },
-                expected_version: before,
+        let Plan {
+            decision,
+            task,
+            steps,
+            ..
+        } = planned;
+        let task = task.ok_or_else(|| CommitError::Api(internal("an allowed use left no task")))?;
+        let mut ops = vec![Op::UpdateTask {
+            record: TaskRecord {
+                task: task.clone(),
+                deadline: record.deadline,
             },
-            Op::Append(self.use_event(&record.task, &decision, use_, now)),
-        ];
-        if let Some(t) = &decision.transition {
-            ops.push(Op::Append(self.transition_event(&task, t, now)));
-        }
-        let rotated = match &decision.transition {
-            Some(t) if t.reverify => {
-                Some(self.rotate(claims, &task, record.deadline, now, &mut ops)?)
-            }
-            _ => None,
-        };
+            expected_version: record.task.version,
+        }];
+        let mut rotated = None;
         let mut exchanged = None;
         let mut reuse = None;
-        let forward = if let Use::Exchange { upstream } = use_ {
-            let tools = [decision.tool.clone()];
-            let request = HopRequest {
-                upstream,
-                task: &task,
-                tools: &tools,
-                deadline: record.deadline,
-                now,
-                presented: None,
-            };
-            let issued = self
-                .hop_jwt
-                .mint_exchanged(&request)
-                .map_err(|e| CommitError::Api(internal(e)))?;
-            let crate::credential::Issued {
-                credential,
-                ttl_secs,
-                ops: hop_ops,
-                reuse: _,
-            } = issued;
-            let crate::upstream::HopCredential::Jwt { token } = credential else {
-                return Err(CommitError::Api(internal(
-                    "the JWT provider issued something else",
-                )));
-            };
-            ops.extend(hop_ops);
-            exchanged = Some((token, ttl_secs.unwrap_or(0)));
-            None
-        } else if let Use::Call {
-            args,
-            forward: true,
-        } = use_
-        {
-            let def = self
-                .engine
-                .tool(&decision.tool)
-                .ok_or_else(|| CommitError::Api(internal("allowed tool is not registered")))?;
-            let entry = self
-                .upstreams
-                .get(&def.upstream)
-                .ok_or_else(|| CommitError::Api(internal("tool's upstream is not configured")))?;
-            let tools = [decision.tool.clone()];
-            let request = HopRequest {
-                upstream: &def.upstream,
-                task: &task,
-                tools: &tools,
-                deadline: record.deadline,
-                now,
-                presented: Some(&claims.jti),
-            };
-            let issued = entry.provider.issue(&request).await.map_err(|e| {
-                CommitError::Api(match e {
-                    ProviderError::Unavailable(why) => {
-                        ApiError::denied(Reason::UpstreamUnavailable, why)
+        let mut forward = None;
+        let mut note_use = false;
+        for step in &steps {
+            match step {
+                Step::Use => ops.push(Op::Append(self.use_event(
+                    &record.task,
+                    &decision,
+                    use_,
+                    now,
+                ))),
+                Step::Transition(t) => {
+                    ops.push(Op::Append(records::transition_event(&task, t, now)));
+                }
+                Step::Rotate => {
+                    rotated = Some(self.rotate(claims, &task, record.deadline, now, &mut ops)?);
+                }
+                Step::Credential => match use_ {
+                    Use::Exchange { upstream } => {
+                        let (token, ttl) = self.exchange_credential(
+                            upstream, &task, &decision, record, now, &mut ops,
+                        )?;
+                        exchanged = Some((token, ttl));
                     }
-                    ProviderError::Internal(why) => internal(why),
-                })
-            })?;
-            let (credential, hop_ops) = (issued.credential, issued.ops);
-            ops.extend(hop_ops);
-            reuse = issued.reuse;
-            Some((
-                def.upstream.clone(),
-                UpstreamCall {
-                    tool: def.upstream_tool.clone(),
-                    arguments: args.clone(),
-                    task_id: task.id.clone(),
-                    credential,
+                    Use::Call { args, .. } => {
+                        let (to, call, kept) = self
+                            .hop_credential(claims, args, &task, &decision, record, now, &mut ops)
+                            .await?;
+                        reuse = kept;
+                        forward = Some((to, call));
+                    }
                 },
-            ))
-        } else {
-            None
-        };
+                Step::FirstUse => note_use = true,
+                Step::Anomaly(_) | Step::Halt(_) | Step::Hold { .. } => {
+                    return Err(CommitError::Api(internal(
+                        "an allowed call was planned with the steps of a denial",
+                    )));
+                }
+            }
+        }
         if note_use {
             ops.push(Op::RecordToolUse {
                 agent_id: task.agent_id.clone(),
@@ -812,6 +763,97 @@ impl Gateway {
                 },
             },
             next,
+        ))
+    }
+
+    /// The per-hop token of a token exchange for `upstream`, with its
+    /// lifetime in seconds; its records go to `ops`.
+    fn exchange_credential(
+        &self,
+        upstream: &str,
+        task: &Task,
+        decision: &Decision,
+        record: &TaskRecord,
+        now: Timestamp,
+        ops: &mut Vec<Op>,
+    ) -> Result<(String, u64), CommitError> {
+        let tools = [decision.tool.clone()];
+        let request = HopRequest {
+            upstream,
+            task,
+            tools: &tools,
+            deadline: record.deadline,
+            now,
+            presented: None,
+        };
+        let issued = self
+            .hop_jwt
+            .mint_exchanged(&request)
+            .map_err(|e| CommitError::Api(internal(e)))?;
+        let crate::credential::Issued {
+            credential,
+            ttl_secs,
+            ops: hop_ops,
+            reuse: _,
+        } = issued;
+        let crate::upstream::HopCredential::Jwt { token } = credential else {
+            return Err(CommitError::Api(internal(
+                "the JWT provider issued something else",
+            )));
+        };
+        ops.extend(hop_ops);
+        Ok((token, ttl_secs.unwrap_or(0)))
+    }
+
+    /// Where and with what to forward an allowed call: its upstream, the
+    /// call with its per-hop credential (records to `ops`), and the
+    /// credential to keep for reuse once the records are durable.
+    #[expect(clippy::too_many_arguments, reason = "one call's facts, all borrowed")]
+    async fn hop_credential(
+        &self,
+        claims: &Claims,
+        args: &Value,
+        task: &Task,
+        decision: &Decision,
+        record: &TaskRecord,
+        now: Timestamp,
+        ops: &mut Vec<Op>,
+    ) -> Result<(String, UpstreamCall, Option<crate::credential::Reusable>), CommitError> {
+        let def = self
+            .engine
+            .tool(&decision.tool)
+            .ok_or_else(|| CommitError::Api(internal("allowed tool is not registered")))?;
+        let entry = self
+            .upstreams
+            .get(&def.upstream)
+            .ok_or_else(|| CommitError::Api(internal("tool's upstream is not configured")))?;
+        let tools = [decision.tool.clone()];
+        let request = HopRequest {
+            upstream: &def.upstream,
+            task,
+            tools: &tools,
+            deadline: record.deadline,
+            now,
+            presented: Some(&claims.jti),
+        };
+        let issued = entry.provider.issue(&request).await.map_err(|e| {
+            CommitError::Api(match e {
+                ProviderError::Unavailable(why) => {
+                    ApiError::denied(Reason::UpstreamUnavailable, why)
+                }
+                ProviderError::Internal(why) => internal(why),
+            })
+        })?;
+        ops.extend(issued.ops);
+        Ok((
+            def.upstream.clone(),
+            UpstreamCall {
+                tool: def.upstream_tool.clone(),
+                arguments: args.clone(),
+                task_id: task.id.clone(),
+                credential: issued.credential,
+            },
+            issued.reuse,
         ))
     }
 
@@ -854,24 +896,6 @@ impl Gateway {
             expires_in,
             refresh,
         })
-    }
-
-    /// The audit event of a state change.
-    pub(crate) fn transition_event(
-        &self,
-        task: &Task,
-        t: &portcullis_core::Transition,
-        now: Timestamp,
-    ) -> NewEvent {
-        let mut event = NewEvent::new(now, EventKind::StateTransition);
-        event.task_id = Some(task.id.clone());
-        event.agent_id = Some(task.agent_id.clone());
-        event.state_from = Some(t.from.clone());
-        event.state_to = Some(t.to.clone());
-        if t.reverify {
-            event.detail = Some("reverify".to_owned());
-        }
-        event
     }
 
     /// Forwards an authorized call and records the outcome.

@@ -693,25 +693,6 @@ impl Gateway {
         args: &Value,
         now: Timestamp,
     ) -> NewEvent {
-        let kind = if decision.is_allowed() {
-            EventKind::CallAllowed
-        } else {
-            EventKind::CallDenied
-        };
-        let mut event = NewEvent::new(now, kind);
-        event.task_id = Some(task.id.clone());
-        event.agent_id = Some(task.agent_id.clone());
-        event.tool = Some(decision.tool.clone());
-        event.decision = Some(
-            if decision.is_allowed() {
-                "allow"
-            } else {
-                "deny"
-            }
-            .to_owned(),
-        );
-        event.reason = decision.reason.map(|r| r.as_str().to_owned());
-        event.policy_ids = decision.policy_ids.clone();
         // Allowed low-risk calls of tasks outside the sample keep the
         // compact form: every field but the arguments. Denials, high-risk
         // calls and transitions are always kept whole.
@@ -719,18 +700,13 @@ impl Gateway {
             .engine
             .tool(&decision.tool)
             .is_some_and(|t| t.risk == portcullis_config::Risk::Low);
-        if decision.is_allowed() && low_risk && !in_sample(&task.id, self.settings.sample_low_risk)
-        {
+        let sampled_out = decision.is_allowed()
+            && low_risk
+            && !in_sample(&task.id, self.settings.sample_low_risk);
+        let kept = (!sampled_out).then(|| bounded(redact(args, &self.settings.redact)));
+        let mut event = portcullis_store::records::use_event(task, decision, kept, now);
+        if sampled_out {
             event.detail = Some("arguments not kept (audit.sample_low_risk)".to_owned());
-        } else {
-            event.args = Some(bounded(redact(args, &self.settings.redact)));
-        }
-        if let Some(t) = &decision.transition {
-            event.state_from = Some(t.from.clone());
-            event.state_to = Some(t.to.clone());
-        }
-        if !decision.is_allowed() && !decision.detail.is_empty() {
-            event.detail = Some(decision.detail.clone());
         }
         event
     }

@@ -126,14 +126,7 @@ impl Gateway {
         let scope = self.phase_scope(&task);
         let (access, expires_in, mut ops) = self.mint_access(&task, &scope, deadline, now)?;
         let (refresh, refresh_ops) = self.mint_refresh(&task, deadline, now)?;
-        let mut started = NewEvent::new(now, EventKind::TaskStarted);
-        started.task_id = Some(task.id.clone());
-        started.agent_id = Some(task.agent_id.clone());
-        started.state_to = Some(task.state.clone());
-        started.detail = Some(format!(
-            "tools: {}",
-            task.tools.iter().cloned().collect::<Vec<_>>().join(" ")
-        ));
+        let started = portcullis_store::records::started_event(&task, now);
         let mut all = vec![
             Op::InsertTask(TaskRecord {
                 task: task.clone(),
@@ -440,7 +433,7 @@ pub(crate) async fn transition(
                     },
                     expected_version: record.task.version,
                 },
-                Op::Append(gw.transition_event(&task, &t, now)),
+                Op::Append(portcullis_store::records::transition_event(&task, &t, now)),
             ];
             let rotated = if t.reverify {
                 Some(gw.rotate(claims, &task, record.deadline, now, &mut ops)?)
@@ -466,38 +459,7 @@ pub(crate) async fn transition(
     respond(&rid, result)
 }
 
-/// The ops that end `task` (already set to its new status) besides its
-/// update: every token revoked, the `task.completed` / `task.halted` record
-/// (with `reason` when a rule halted it) and the `token.revoked` record.
-pub(crate) fn ending_ops(
-    task: &portcullis_core::Task,
-    why: &str,
-    reason: Option<Reason>,
-    now: portcullis_core::Timestamp,
-) -> [Op; 3] {
-    let kind = match task.status {
-        TaskStatus::Halted => EventKind::TaskHalted,
-        _ => EventKind::TaskCompleted,
-    };
-    let mut ended = NewEvent::new(now, kind);
-    ended.task_id = Some(task.id.clone());
-    ended.agent_id = Some(task.agent_id.clone());
-    ended.reason = reason.map(|r| r.as_str().to_owned());
-    ended.detail = Some(why.to_owned());
-    let mut revoked = NewEvent::new(now, EventKind::TokenRevoked);
-    revoked.task_id = Some(task.id.clone());
-    revoked.agent_id = Some(task.agent_id.clone());
-    revoked.detail = Some(format!("every token of the task: {why}"));
-    [
-        Op::RevokeTaskTokens {
-            task_id: task.id.clone(),
-            at: now,
-            reason: why.to_owned(),
-        },
-        Op::Append(ended),
-        Op::Append(revoked),
-    ]
-}
+pub(crate) use portcullis_store::records::ending_ops;
 
 /// Ends a task (completed or halted): status, every token revoked, audit —
 /// one transaction.

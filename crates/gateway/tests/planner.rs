@@ -4,7 +4,10 @@
 //! configuration file and run on the same clock, give the same verdict and
 //! end in the same task state for the same random sequence of calls —
 //! workflow moves, budgets, Cedar, configured approvals and the `rate`,
-//! `distinct_tools` and `denials` anomaly rules (halts included).
+//! `distinct_tools` and `denials` anomaly rules (halts included) — and
+//! leave the same kinds of audit records, in the same order, in their
+//! ledgers (what only the service has aside: tokens, and the outcomes of
+//! forwarded calls).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -90,22 +93,26 @@ async fn the_library_and_the_service_plan_every_call_alike() {
         ..Options::default()
     })
     .await;
-    let loaded = portcullis::LoadedConfig::load(&h.dir.path().join("portcullis.toml")).unwrap();
-    let lib = Portcullis::from_loaded(&loaded, h.clock.clone()).unwrap();
+    let mut loaded = portcullis::LoadedConfig::load(&h.dir.path().join("portcullis.toml")).unwrap();
+    // The library's own ledger, beside the service's.
+    let ledger = tempfile::tempdir().unwrap();
+    loaded.config.store.url = format!("sqlite://{}", ledger.path().join("lib.db").display());
+    let lib = Portcullis::open_loaded(&loaded, h.clock.clone()).unwrap();
 
     let mut seen = std::collections::BTreeMap::<String, usize>::new();
     let mut halts = 0;
+    let mut records = std::collections::BTreeMap::<String, usize>::new();
     for seed in 1..=SEQUENCES {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let s = h.start_task(None).await;
-        let task = lib.start_task("ingest-bot", "nightly load", None).unwrap();
+        let task = off_runtime(|| lib.start_task("ingest-bot", "nightly load", None)).unwrap();
         for step in 0..STEPS {
             if rng.below(4) == 0 {
                 h.advance_secs(rng.below(4));
             }
             let (tool, args) = pick(&mut rng);
             let a = h.call(&s.access, &s.task_id, tool, args.clone()).await;
-            let d = lib.decide(&task.id, tool, &args);
+            let d = off_runtime(|| lib.decide(&task.id, tool, &args));
             let service = if a.status == StatusCode::OK {
                 assert_eq!(a.body["decision"], "allow", "{}", a.text);
                 "allow".to_owned()
@@ -144,6 +151,27 @@ async fn the_library_and_the_service_plan_every_call_alike() {
             TaskStatus::Halted => "halted",
         };
         assert_eq!(theirs["status"], status, "{at}: {theirs}");
+        let service_kinds = kinds(
+            h.audit(&s.task_id)
+                .await
+                .iter()
+                .map(|r| r["kind"].as_str().unwrap().to_owned()),
+        );
+        let query = portcullis_store::AuditQuery {
+            task_id: Some(task.id.clone()),
+            limit: Some(1000),
+            ..Default::default()
+        };
+        let library_kinds = kinds(
+            off_runtime(|| lib.ledger().unwrap().audit(&query))
+                .unwrap()
+                .iter()
+                .map(|r| r.event.kind.as_str().to_owned()),
+        );
+        assert_eq!(service_kinds, library_kinds, "{at}");
+        for kind in &library_kinds {
+            *records.entry(kind.clone()).or_default() += 1;
+        }
     }
     // The sequences reached every kind of verdict this test is about; a
     // change that made them all allow (or all deny) would fail here.
@@ -161,4 +189,31 @@ async fn the_library_and_the_service_plan_every_call_alike() {
         assert!(seen.contains_key(reason), "no {reason} among {seen:?}");
     }
     assert!(halts > 0, "no sequence was halted by the denials rule");
+    // Its runtime must not be dropped inside this test's either.
+    off_runtime(move || drop(lib));
+    for kind in [
+        "task.started",
+        "call.allowed",
+        "call.denied",
+        "state.transition",
+        "anomaly",
+        "elevation.requested",
+        "task.halted",
+    ] {
+        assert!(records.contains_key(kind), "no {kind} among {records:?}");
+    }
+}
+
+/// The kinds of audit records both ledgers keep, in order: all but the
+/// tokens' (the library has none) and the outcomes of forwarded calls
+/// (the library decides without forwarding).
+fn kinds(all: impl Iterator<Item = String>) -> Vec<String> {
+    all.filter(|k| !k.starts_with("token.") && k != "call.completed")
+        .collect()
+}
+
+/// Runs `f` on a thread of its own: the embedded ledger drives its store
+/// on a runtime of its own, which must not run inside this test's.
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| s.spawn(f).join().unwrap())
 }

@@ -28,9 +28,13 @@
 use std::path::PathBuf;
 
 use portcullis_config::LoadedConfig;
-use portcullis_core::{Decision, Task, Timestamp, Transition};
+use portcullis_core::plan::{Plan, Step};
+use portcullis_core::{Reason, Task, Timestamp, Transition};
+use portcullis_store::records;
 use portcullis_store::redact::{bounded, redact};
-use portcullis_store::{EventKind, NewEvent, Op, SqliteOptions, SqliteStore, Store};
+use portcullis_store::{
+    AuditEvent, AuditQuery, EventKind, NewEvent, Op, SqliteOptions, SqliteStore, Store,
+};
 use serde_json::Value;
 
 /// Why the ledger could not be opened or written.
@@ -105,6 +109,12 @@ impl Ledger {
         Ok(())
     }
 
+    /// The records that `query` selects, oldest first (what `portcullis
+    /// audit tail|export` read).
+    pub fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>, LedgerError> {
+        Ok(self.runtime.block_on(self.store.audit(query))?)
+    }
+
     /// Commits what is queued and closes the file; later writes fail.
     pub fn close(&self) {
         self.runtime.block_on(self.store.close());
@@ -112,50 +122,52 @@ impl Ledger {
 
     /// The `task.started` record.
     pub fn started_event(task: &Task, now: Timestamp) -> NewEvent {
-        let mut e = NewEvent::new(now, EventKind::TaskStarted);
-        e.task_id = Some(task.id.clone());
-        e.agent_id = Some(task.agent_id.clone());
-        e.state_to = Some(task.state.clone());
-        e.detail = Some(format!(
-            "tools: {}",
-            task.tools.iter().cloned().collect::<Vec<_>>().join(" ")
-        ));
-        e
+        records::started_event(task, now)
     }
 
-    /// The `call.allowed` / `call.denied` record of a decided call, its
-    /// arguments redacted and bounded.
-    pub fn call_event(
+    /// The records of a planned call of `args` on `before` (the task as
+    /// it was), in audit order, with the service's shapes
+    /// ([`portcullis_store::records`]). What only the service has is not
+    /// here: tokens (a rotation, the revocations of a halt), per-hop
+    /// credentials, and the elevation request itself — the embedded library
+    /// has no approver, so a held call is recorded as `elevation.requested`
+    /// with nothing filed.
+    pub fn plan_events(
         &self,
-        task: &Task,
-        decision: &Decision,
+        before: &Task,
+        planned: &Plan,
         args: &Value,
         now: Timestamp,
-    ) -> NewEvent {
-        let allowed = decision.is_allowed();
-        let mut e = NewEvent::new(
-            now,
-            if allowed {
-                EventKind::CallAllowed
-            } else {
-                EventKind::CallDenied
-            },
-        );
-        e.task_id = Some(task.id.clone());
-        e.agent_id = Some(task.agent_id.clone());
-        e.tool = Some(decision.tool.clone());
-        e.decision = Some(if allowed { "allow" } else { "deny" }.to_owned());
-        e.reason = decision.reason.map(|r| r.as_str().to_owned());
-        e.policy_ids = decision.policy_ids.clone();
-        e.args = Some(bounded(redact(args, &self.redact)));
-        if let Some(t) = &decision.transition {
-            e.state_from = Some(t.from.clone());
-            e.state_to = Some(t.to.clone());
+    ) -> Vec<NewEvent> {
+        let after = planned.task_or(before);
+        let tool = &planned.decision.tool;
+        let mut events = Vec::new();
+        for step in &planned.steps {
+            match step {
+                Step::Use => events.push(records::use_event(
+                    before,
+                    &planned.decision,
+                    Some(bounded(redact(args, &self.redact))),
+                    now,
+                )),
+                Step::Transition(t) => events.push(records::transition_event(after, t, now)),
+                Step::Anomaly(f) => events.push(records::anomaly_event(after, tool, f, now)),
+                Step::Halt(why) => events.push(records::ended_event(
+                    after,
+                    why,
+                    Some(Reason::AnomalyHalt),
+                    now,
+                )),
+                Step::Hold { reason, .. } => events.push(records::requested_event(
+                    after,
+                    tool,
+                    format!("{reason} (no approver in the embedded library: not filed)"),
+                    now,
+                )),
+                Step::Rotate | Step::Credential | Step::FirstUse => {}
+            }
         }
-        if !allowed && !decision.detail.is_empty() {
-            e.detail = Some(decision.detail.clone());
-        }
-        e
+        events
     }
 
     /// The `call.completed` record: `Ok` with the digest of the result's
@@ -188,29 +200,12 @@ impl Ledger {
 
     /// The `state.transition` record.
     pub fn transition_event(task: &Task, t: &Transition, now: Timestamp) -> NewEvent {
-        let mut e = NewEvent::new(now, EventKind::StateTransition);
-        e.task_id = Some(task.id.clone());
-        e.agent_id = Some(task.agent_id.clone());
-        e.state_from = Some(t.from.clone());
-        e.state_to = Some(t.to.clone());
-        if t.reverify {
-            e.detail = Some("reverify".to_owned());
-        }
-        e
+        records::transition_event(task, t, now)
     }
 
     /// The `task.completed` / `task.halted` record.
     pub fn ended_event(task: &Task, why: &str, now: Timestamp) -> NewEvent {
-        let kind = if task.status == portcullis_core::TaskStatus::Halted {
-            EventKind::TaskHalted
-        } else {
-            EventKind::TaskCompleted
-        };
-        let mut e = NewEvent::new(now, kind);
-        e.task_id = Some(task.id.clone());
-        e.agent_id = Some(task.agent_id.clone());
-        e.detail = Some(why.to_owned());
-        e
+        records::ended_event(task, why, None, now)
     }
 }
 

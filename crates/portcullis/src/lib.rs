@@ -59,6 +59,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use ledger::{Ledger, LedgerError};
+use portcullis_core::plan::Plan;
 
 pub use portcullis_config as config;
 pub use portcullis_config::{Finding, Findings, LoadedConfig};
@@ -132,8 +133,14 @@ impl Portcullis {
     /// start, decision, outcome, transition and end is recorded there.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
         let loaded = LoadedConfig::load(path.as_ref())?;
-        let mut gate = Self::from_loaded(&loaded, Arc::new(SystemClock))?;
-        gate.ledger = Some(Ledger::open(&loaded)?);
+        Self::open_loaded(&loaded, Arc::new(SystemClock))
+    }
+
+    /// [`open`](Self::open) for an already loaded configuration, on
+    /// `clock`.
+    pub fn open_loaded(loaded: &LoadedConfig, clock: Arc<dyn Clock>) -> Result<Self, Error> {
+        let mut gate = Self::from_loaded(loaded, clock)?;
+        gate.ledger = Some(Ledger::open(loaded)?);
         Ok(gate)
     }
 
@@ -203,29 +210,16 @@ impl Portcullis {
         let Some(task) = by_id.get_mut(task_id) else {
             return Decision::deny(tool, Reason::TaskNotActive, "no such task");
         };
-        let Some(ledger) = &self.ledger else {
-            return decide_call(&self.engine, task, used, tool, args);
-        };
-        let use_key = (task.agent_id.clone(), tool.to_owned());
-        let used_before = used.contains(&use_key);
-        let mut next = task.clone();
-        let decision = decide_call(&self.engine, &mut next, used, tool, args);
         let now = self.engine.now();
-        let mut events = vec![ledger.call_event(&next, &decision, args, now)];
-        if next.status == TaskStatus::Halted && task.status != TaskStatus::Halted {
-            events.push(Ledger::ended_event(&next, &decision.detail, now));
-        }
-        match ledger.commit(events) {
-            Ok(()) => {
-                *task = next;
-                decision
-            }
-            Err(e) => {
-                if !used_before {
-                    used.remove(&use_key);
-                }
-                Decision::deny(tool, Reason::InternalError, e.to_string())
-            }
+        let planned = plan_call(&self.engine, task, used, tool, args, now);
+        let Some(ledger) = &self.ledger else {
+            return apply(task, used, planned);
+        };
+        match ledger.commit(ledger.plan_events(task, &planned, args, now)) {
+            Ok(()) => apply(task, used, planned),
+            // The task stays as it was: the call is neither recorded nor
+            // counted.
+            Err(e) => Decision::deny(tool, Reason::InternalError, e.to_string()),
         }
     }
 
@@ -336,9 +330,48 @@ impl Portcullis {
     }
 }
 
-/// Decides a call on `task` with the service's planner and applies the
-/// verdict; `used` is which tools each agent has had allowed. Shared by
-/// [`Portcullis::decide`] and the scenario runner.
+/// Plans a call on `task` with the service's planner; `used` is which
+/// tools each agent has had allowed. Shared by [`Portcullis::decide`] and
+/// the scenario runner.
+pub(crate) fn plan_call(
+    engine: &Engine,
+    task: &Task,
+    used: &HashSet<(String, String)>,
+    tool: &str,
+    args: &Value,
+    now: Timestamp,
+) -> Plan {
+    // No approver here, so no approval grant is ever bound to a digest.
+    let no_digest = String::new;
+    engine.plan(&plan::Input {
+        task,
+        tool,
+        use_: plan::Use::Call(args),
+        forward: false,
+        scope: None,
+        now,
+        first_use: !used.contains(&(task.agent_id.clone(), tool.to_owned())),
+        digest: &no_digest,
+    })
+}
+
+/// Applies a plan to its task (and the agent's first use of the tool);
+/// returns the decision.
+pub(crate) fn apply(
+    task: &mut Task,
+    used: &mut HashSet<(String, String)>,
+    planned: Plan,
+) -> Decision {
+    if planned.decision.is_allowed() {
+        used.insert((task.agent_id.clone(), planned.decision.tool.clone()));
+    }
+    if let Some(after) = planned.task {
+        *task = after;
+    }
+    planned.decision
+}
+
+/// [`plan_call`] and [`apply`], without a ledger.
 pub(crate) fn decide_call(
     engine: &Engine,
     task: &mut Task,
@@ -346,25 +379,8 @@ pub(crate) fn decide_call(
     tool: &str,
     args: &Value,
 ) -> Decision {
-    let now = engine.now();
-    // No approver here, so no approval grant is ever bound to a digest.
-    let no_digest = String::new;
-    let verdict = engine.plan_use(&plan::Input {
-        task,
-        tool,
-        use_: plan::Use::Call(args),
-        scope: None,
-        now,
-        first_use: !used.contains(&(task.agent_id.clone(), tool.to_owned())),
-        digest: &no_digest,
-    });
-    if verdict.decision.is_allowed() {
-        *task = engine.after_allowed(task, &verdict.decision, &no_digest, now);
-        used.insert((task.agent_id.clone(), tool.to_owned()));
-    } else if let Some(after) = engine.after_denied(task, verdict.fired).task {
-        *task = after;
-    }
-    verdict.decision
+    let planned = plan_call(engine, task, used, tool, args, engine.now());
+    apply(task, used, planned)
 }
 
 fn ledger_denial(e: LedgerError) -> Denial {

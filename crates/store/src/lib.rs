@@ -64,6 +64,7 @@ pub mod lines;
 mod model;
 pub mod postgres;
 mod queue;
+pub mod records;
 pub mod redact;
 pub mod sqlite;
 pub mod testsuite;
