@@ -54,6 +54,9 @@ pub struct ApiError {
     policy_ids: Vec<String>,
     /// Answer with `Retry-After` (seconds): when to try again.
     retry_after: Option<u32>,
+    /// The elevation request an `approval_required` denial filed for the
+    /// call (answered as `elevation_id`).
+    elevation_id: Option<String>,
 }
 
 impl ApiError {
@@ -73,6 +76,7 @@ impl ApiError {
             request_id: String::new(),
             policy_ids: Vec::new(),
             retry_after: None,
+            elevation_id: None,
         }
     }
 
@@ -119,6 +123,7 @@ impl ApiError {
             request_id: String::new(),
             policy_ids: Vec::new(),
             retry_after: None,
+            elevation_id: None,
         }
     }
 
@@ -127,6 +132,18 @@ impl ApiError {
     pub fn with_policies(mut self, ids: Vec<String>) -> Self {
         self.policy_ids = ids;
         self
+    }
+
+    /// The same denial, naming the elevation request it filed for the call.
+    #[must_use]
+    pub fn with_elevation(mut self, id: impl Into<String>) -> Self {
+        self.elevation_id = Some(id.into());
+        self
+    }
+
+    /// The elevation request this denial filed for the call, if any.
+    pub fn elevation_id(&self) -> Option<&str> {
+        self.elevation_id.as_deref()
     }
 
     /// The same error with another `detail` (written by the gateway).
@@ -230,6 +247,9 @@ impl IntoResponse for ApiError {
         });
         if !self.policy_ids.is_empty() {
             crate::tasks::put(&mut body, "policy_ids", json!(self.policy_ids));
+        }
+        if let Some(id) = &self.elevation_id {
+            crate::tasks::put(&mut body, "elevation_id", json!(id));
         }
         let mut response = (status, axum::Json(body)).into_response();
         if let Kind::Denied(reason) = self.kind

@@ -39,7 +39,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::error::ApiError;
-use crate::pipeline::{APPROVAL_RULE, Authorized};
+use crate::pipeline::Authorized;
 use crate::state::Gateway;
 
 /// How often a hold reads its elevation's row: the bound on how late an
@@ -54,10 +54,6 @@ pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// one approval (entering a state that needs one with a high-risk tool is
 /// filed once; a task changed meanwhile may need another), never many.
 const MAX_ROUNDS: usize = 3;
-
-/// The text `commit_denial` puts in the detail of a call it filed as an
-/// elevation request, before the request's id.
-const FILED_AS: &str = "held as elevation request ";
 
 /// The calls held now, per task and in total, and the signal that wakes
 /// them when this process decides an elevation.
@@ -160,21 +156,13 @@ pub(crate) struct Waiting {
 /// gone: the hold ends (and answers `approval_required` to nobody).
 pub(crate) type Progress = tokio::sync::mpsc::Sender<Waiting>;
 
-/// The id of the elevation request `e` says it filed for the call, if it
-/// is an `approval_required` denial that filed one.
+/// The id of the elevation request `e` filed for the call, if it is an
+/// `approval_required` denial that filed one.
 fn filed_elevation(e: &ApiError) -> Option<String> {
     if e.reason() != Some(Reason::ApprovalRequired) {
         return None;
     }
-    let detail = e.detail();
-    let at = detail.find(FILED_AS)?;
-    let id: String = detail
-        .get(at + FILED_AS.len()..)?
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
-        .take(64)
-        .collect();
-    id.starts_with("elv_").then_some(id)
+    e.elevation_id().map(str::to_owned)
 }
 
 /// The console page of elevation request `id`, for people (alerts,
@@ -249,7 +237,8 @@ impl Gateway {
                     return Err(ApiError::denied(
                         Reason::ApprovalRequired,
                         format!("elevation request {id} was denied: {why}"),
-                    ));
+                    )
+                    .with_elevation(id));
                 }
                 Ended::TimedOut => {
                     return Err(ApiError::denied(
@@ -259,7 +248,8 @@ impl Gateway {
                              pending: approved, the same call goes through)",
                             hold.as_secs()
                         ),
-                    ));
+                    )
+                    .with_elevation(id));
                 }
                 Ended::Gone => return Err(e),
             }
@@ -271,8 +261,9 @@ impl Gateway {
         answer
     }
 
-    /// Whether elevation `id` is a pending one-use approval request filed
-    /// for this call: its task, its tool, the digest of its arguments.
+    /// Whether elevation `id` is a request filed for this very call — its
+    /// task, its tool, the digest of its arguments — by a configured
+    /// approval or an anomaly rule's `require_approval`.
     async fn is_request_for(&self, id: &str, task_id: &str, tool: &str, args: &Value) -> bool {
         let Ok(Some(e)) = self.store.elevation(id).await else {
             return false;
@@ -283,7 +274,6 @@ impl Gateway {
         let digest = crate::state::args_digest(args, &self.settings.redact);
         e.task_id == task_id
             && e.tool == tool
-            && held.rule == APPROVAL_RULE
             && held.args_digest.as_deref() == Some(digest.as_str())
     }
 
@@ -370,21 +360,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_filed_elevation_is_read_from_an_approval_required_detail_only() {
-        let e = ApiError::denied(
+    fn the_filed_elevation_is_read_from_the_typed_field_never_from_the_text() {
+        let filed = ApiError::denied(Reason::ApprovalRequired, "approval required")
+            .with_elevation("elv_AbC-12_x");
+        assert_eq!(filed_elevation(&filed).as_deref(), Some("elv_AbC-12_x"));
+        // A detail that merely says so (text an agent may have chosen) is
+        // no filed request.
+        let text_only = ApiError::denied(
             Reason::ApprovalRequired,
-            "approval required for warehouse.insert; held as elevation request elv_AbC-12_x",
+            "approval required; held as elevation request elv_AbC-12_x",
         );
-        assert_eq!(filed_elevation(&e).as_deref(), Some("elv_AbC-12_x"));
-        let other = ApiError::denied(
-            Reason::PolicyForbid,
-            "held as elevation request elv_AbC-12_x",
-        );
+        assert_eq!(filed_elevation(&text_only), None);
+        let other = ApiError::denied(Reason::PolicyForbid, "no").with_elevation("elv_x");
         assert_eq!(filed_elevation(&other), None);
-        let none = ApiError::denied(Reason::ApprovalRequired, "approval required");
-        assert_eq!(filed_elevation(&none), None);
-        let not_ours = ApiError::denied(Reason::ApprovalRequired, "held as elevation request x; y");
-        assert_eq!(filed_elevation(&not_ours), None);
     }
 
     #[test]

@@ -629,10 +629,12 @@ impl Gateway {
         if halted && reason != Reason::AnomalyHalt {
             detail = format!("{detail}; the task is now halted (anomaly rule denials)");
         }
-        Ok((
-            ApiError::denied(reason, detail).with_policies(decision.policy_ids.clone()),
-            task,
-        ))
+        let mut answer =
+            ApiError::denied(reason, detail).with_policies(decision.policy_ids.clone());
+        if let Some(id) = elevation_id {
+            answer = answer.with_elevation(id);
+        }
+        Ok((answer, task))
     }
 
     /// The audit record of a decided use: a call's, and for an exchange

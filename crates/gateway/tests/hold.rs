@@ -163,6 +163,7 @@ async fn rest_a_held_call_denied_answers_approval_required_with_the_elevation_id
     decide(&h, &h.base, &id, "deny", "not tonight").await;
     let (a, waited) = call.await.unwrap();
     assert_error(&a, 403, "approval_required");
+    assert_eq!(a.body["elevation_id"], id.as_str(), "{}", a.text);
     let detail = a.body["detail"].as_str().unwrap();
     assert!(detail.contains(&id), "{detail}");
     assert!(
@@ -210,6 +211,45 @@ async fn without_a_hold_approval_required_answers_at_once() {
     let (a, _) = spawn_call(&h, &s, insert_args(1)).await.unwrap();
     assert_error(&a, 403, "approval_required");
     assert!(a.body["detail"].as_str().unwrap().contains("elv_"));
+    let id = a.body["elevation_id"].as_str().unwrap();
+    assert_eq!(pending(&h, &s.task_id).await[0]["id"], id);
+}
+
+/// Regression guard: a call held by an anomaly rule's `require_approval`
+/// (here `new_tool`) answered `approval_required` at once even with a
+/// hold; now it waits like a configured approval, and the person's
+/// approval completes it with the tool's result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_held_by_an_anomaly_rule_waits_and_completes_once_approved() {
+    let h = Arc::new(
+        Harness::with(Options {
+            anomaly: Some(r#"new_tool = "require_approval""#),
+            ..held("20s", 4, 16)
+        })
+        .await,
+    );
+    let s = h.start_task(None).await;
+    let before = h.upstream_calls();
+    let args = json!({ "database": "analytics" });
+    let call = {
+        let (h, s, args) = (h.clone(), s.clone(), args.clone());
+        tokio::spawn(async move {
+            h.call(&s.access, &s.task_id, "warehouse.connect", args)
+                .await
+        })
+    };
+    let list = wait_pending(&h, &s.task_id, 1).await;
+    assert_eq!(list[0]["held"]["rule"], "new_tool", "{list:?}");
+    assert_eq!(list[0]["held"]["args"], args);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.upstream_calls(), before, "nothing forwarded while held");
+    assert!(!call.is_finished(), "the call waits for the approval");
+    let id = list[0]["id"].as_str().unwrap().to_owned();
+    decide(&h, &h.base, &id, "approve", "first use, expected").await;
+    let a = call.await.unwrap();
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(a.body["result"]["echo"], args, "{}", a.text);
+    assert_eq!(h.upstream_calls(), before + 1);
 }
 
 /// Regression guard for the binding of an approval to the call's

@@ -111,11 +111,12 @@ def denial(
     request_id: str | None = None,
     status: int | None = None,
     policy_ids: list[str] | None = None,
+    elevation_id: str | None = None,
 ) -> Denied:
     """The typed exception for a reason code."""
     kw: dict[str, Any] = {"request_id": request_id, "status": status, "policy_ids": policy_ids}
     if reason == "approval_required":
-        return ApprovalPending(detail, **kw)
+        return ApprovalPending(detail, elevation_id=elevation_id, **kw)
     if reason == "anomaly_halt":
         return TaskHalted(detail, **kw)
     return Denied(reason, detail, **kw)
@@ -133,7 +134,12 @@ def from_body(status: int, body: Any) -> PortcullisError:
         code = body.get(key)
         if isinstance(code, str) and code in REASONS:
             return denial(
-                code, detail, request_id=request_id, status=status, policy_ids=policy_ids
+                code,
+                detail,
+                request_id=request_id,
+                status=status,
+                policy_ids=policy_ids,
+                elevation_id=_str(body.get("elevation_id")),
             )
     code = _str(body.get("error")) or "no error code"
     return GatewayError(
