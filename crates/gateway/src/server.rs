@@ -172,7 +172,65 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(middleware::from_fn(request_id))
+        .layer(middleware::from_fn(close_if_body_unread))
         .with_state(gw)
+}
+
+/// Answers given before the request's body was read to its end (a refused
+/// token, a body over the limit) say `Connection: close`. The server
+/// cannot tell where the next request on such a connection starts, so it
+/// closes it after the answer; without the header a keep-alive client
+/// would send its next request into a closed connection.
+async fn close_if_body_unread(req: Request, next: Next) -> Response {
+    use hyper::body::Body as _;
+    if req.body().is_end_stream() {
+        return next.run(req).await;
+    }
+    let read = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (parts, body) = req.into_parts();
+    let body = axum::body::Body::new(ReadToEnd {
+        inner: body,
+        read: read.clone(),
+    });
+    let mut response = next.run(Request::from_parts(parts, body)).await;
+    if !read.load(std::sync::atomic::Ordering::Acquire) {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            HeaderValue::from_static("close"),
+        );
+    }
+    response
+}
+
+/// A request body that notes when it has been read to its end.
+struct ReadToEnd {
+    inner: axum::body::Body,
+    read: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl hyper::body::Body for ReadToEnd {
+    type Data = hyper::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) || this.inner.is_end_stream() {
+            this.read.store(true, std::sync::atomic::Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves: HTTP/1.1 with a

@@ -3218,3 +3218,63 @@ async fn elevation_pages_never_hide_another_tasks_request() {
         .await;
     assert_error(&a, 400, "args_invalid");
 }
+
+/// Regression guard: a request refused before its body was read (here a
+/// bad token) left a keep-alive connection that the server then closed
+/// without saying so, so a client's next request on it failed. Now every
+/// answer either leaves the connection usable or says `Connection: close`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_refused_before_its_body_is_read_says_the_connection_closes() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let h = Harness::start().await;
+    for pad in [0, 200 * 1024] {
+        let body = format!(
+            r#"{{"tool":"warehouse.connect","args":{{"database":"a","pad":"{}"}}}}"#,
+            "x".repeat(pad)
+        );
+        let refused = format!(
+            "POST /v1/tasks/t1/calls HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer nope\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        // The body may not all be taken: the answer can come first.
+        let (mut rd, mut wr) = s.split();
+        let (_, first) = tokio::join!(wr.write_all(refused.as_bytes()), async {
+            let mut first = vec![0u8; 8192];
+            let n = tokio::time::timeout(Duration::from_secs(5), rd.read(&mut first))
+                .await
+                .unwrap()
+                .unwrap();
+            String::from_utf8_lossy(&first[..n]).to_lowercase()
+        });
+        assert!(first.starts_with("http/1.1 401"), "{first}");
+        let says_close = first.contains("\r\nconnection: close\r\n");
+        // The next request on the same connection.
+        let _ = s
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+            .await;
+        let mut second = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut second)).await;
+        let second = String::from_utf8_lossy(&second);
+        assert!(
+            says_close || second.starts_with("HTTP/1.1 200"),
+            "body of {pad} bytes: the connection was closed without `Connection: close`: \
+             first {first:?}, then {second:?}"
+        );
+    }
+
+    // A request whose body was read keeps its connection.
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut ok = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut ok))
+        .await
+        .unwrap()
+        .unwrap();
+    let ok = String::from_utf8_lossy(&ok[..n]).to_lowercase();
+    assert!(ok.starts_with("http/1.1 200"), "{ok}");
+    assert!(!ok.contains("connection: close"), "{ok}");
+}
