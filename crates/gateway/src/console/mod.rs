@@ -274,6 +274,31 @@ async fn form<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// A state-changing form: the session must hold `role`, and the form
+/// must carry the session's CSRF token ([`form`]).
+async fn form_as<T: serde::de::DeserializeOwned>(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    role: Role,
+    body: Body,
+) -> Result<(Session, T), Response> {
+    let session = with_role(gw, headers, role)?;
+    let f = form(gw, &session, body).await?;
+    Ok((session, f))
+}
+
+/// The refusal of a form's note or reason (`what`) past
+/// [`MAX_NOTE_BYTES`]; `None` when it is within.
+fn note_too_long(gw: &Gateway, session: &Session, what: &str, text: &str) -> Option<Response> {
+    (text.len() > MAX_NOTE_BYTES).then(|| {
+        error_page(
+            gw,
+            Some(session),
+            &ApiError::bad_request(format!("{what} longer than {MAX_NOTE_BYTES} bytes")),
+        )
+    })
+}
+
 fn csrf_refused() -> ApiError {
     ApiError::new(
         Kind::Denied(Reason::TokenInvalid),
@@ -620,12 +645,8 @@ async fn decide(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let session = match with_role(&gw, &headers, Role::Approver) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    let f: DecideForm = match form(&gw, &session, body).await {
-        Ok(f) => f,
+    let (session, f) = match form_as::<DecideForm>(&gw, &headers, Role::Approver, body).await {
+        Ok(sf) => sf,
         Err(r) => return r,
     };
     let status = match f.decision.as_str() {
@@ -639,12 +660,8 @@ async fn decide(
             );
         }
     };
-    if f.note.len() > MAX_NOTE_BYTES {
-        return error_page(
-            &gw,
-            Some(&session),
-            &ApiError::bad_request(format!("note longer than {MAX_NOTE_BYTES} bytes")),
-        );
+    if let Some(r) = note_too_long(&gw, &session, "note", &f.note) {
+        return r;
     }
     let note = Some(f.note.trim().to_owned()).filter(|n| !n.is_empty());
     match crate::elevations::decide_elevation(
@@ -889,20 +906,12 @@ async fn halt(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let session = match with_role(&gw, &headers, Role::Admin) {
-        Ok(s) => s,
+    let (session, f) = match form_as::<ReasonForm>(&gw, &headers, Role::Admin, body).await {
+        Ok(sf) => sf,
         Err(r) => return r,
     };
-    let f: ReasonForm = match form(&gw, &session, body).await {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
-    if f.reason.len() > MAX_NOTE_BYTES {
-        return error_page(
-            &gw,
-            Some(&session),
-            &ApiError::bad_request(format!("reason longer than {MAX_NOTE_BYTES} bytes")),
-        );
+    if let Some(r) = note_too_long(&gw, &session, "reason", &f.reason) {
+        return r;
     }
     let by = format!("admin {}", session.admin);
     match crate::tasks::halt_task(&gw, &id, &by, f.reason.trim()).await {
@@ -917,20 +926,12 @@ async fn resume(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let session = match with_role(&gw, &headers, Role::Admin) {
-        Ok(s) => s,
+    let (session, f) = match form_as::<ReasonForm>(&gw, &headers, Role::Admin, body).await {
+        Ok(sf) => sf,
         Err(r) => return r,
     };
-    let f: ReasonForm = match form(&gw, &session, body).await {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
-    if f.reason.len() > MAX_NOTE_BYTES {
-        return error_page(
-            &gw,
-            Some(&session),
-            &ApiError::bad_request(format!("reason longer than {MAX_NOTE_BYTES} bytes")),
-        );
+    if let Some(r) = note_too_long(&gw, &session, "reason", &f.reason) {
+        return r;
     }
     match crate::tasks::resume_task(&gw, &id, &session.admin, f.reason.trim()).await {
         // The task's new tokens, shown once (as the API answers them):
@@ -1073,12 +1074,8 @@ struct PinForm {
 /// `POST /console/pins/approve`: what `portcullis drift --approve TOOL`
 /// does, for the definition the admin was shown (its hash).
 async fn approve_pin(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
-    let session = match with_role(&gw, &headers, Role::Admin) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    let f: PinForm = match form(&gw, &session, body).await {
-        Ok(f) => f,
+    let (session, f) = match form_as::<PinForm>(&gw, &headers, Role::Admin, body).await {
+        Ok(sf) => sf,
         Err(r) => return r,
     };
     let by = format!("admin {} (console)", session.admin);
