@@ -78,6 +78,11 @@ write_conf() {
     servers
     echo "    keepalive 32;"
     echo "}"
+    echo "upstream portcullis_console {"
+    echo "    hash \$remote_addr consistent;"
+    servers
+    echo "    keepalive 32;"
+    echo "}"
   } >"$tmp" && mv -f "$tmp" "$nginx_dir/upstreams.conf"
 }
 

@@ -1158,3 +1158,86 @@ async fn sigterm_exits_in_bounded_time_when_the_ledger_hangs() {
     let log = replicas.log(0);
     assert!(log.contains("shutdown stalled"), "log says why:\n{log}");
 }
+
+/// The value of the HTML form field `name` in `html`.
+fn form_field(html: &str, name: &str) -> String {
+    let marker = format!("name=\"{name}\" value=\"");
+    let at = html
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no {name} field in {html}"));
+    let rest = &html[at + marker.len()..];
+    rest[..rest.find('"').unwrap()].to_owned()
+}
+
+/// The `name=value` of the `Set-Cookie` header for cookie `name`.
+fn cookie_of(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .find(|v| v.starts_with(&format!("{name}=")))
+        .map(|v| v.split(';').next().unwrap().to_owned())
+        .unwrap_or_else(|| panic!("no {name} cookie"))
+}
+
+/// Regression guard: the example's nginx sent `/console` round robin,
+/// while a console session lives in the memory of the replica that signed
+/// the person in, so most pages sent a signed-in person back to sign-in.
+/// Now `/console` sticks to one replica per client address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_session_behind_nginx_stays_signed_in() {
+    let test = "cluster a_console_session_behind_nginx_stays_signed_in";
+    let Some(base_url) = postgres_url(test) else {
+        return;
+    };
+    if !have_nginx(test) {
+        return;
+    }
+    let _heavy = HEAVY.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let schema = Schema::create(&base_url);
+    let upstream = Upstream::start(dir).await;
+    let replicas = Replicas::start(dir, 3, &schema.url, upstream.port).await;
+    let nginx = Nginx::start(dir, &replicas.bases).await;
+    let lb = nginx.base.clone();
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let page = browser
+        .get(format!("{lb}/console/login"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let login_cookie = cookie_of(&page, "portcullis_console_login");
+    let login_csrf = form_field(&page.text().await.unwrap(), "login_csrf");
+    let signed_in = browser
+        .post(format!("{lb}/console/login"))
+        .header("cookie", &login_cookie)
+        .form(&[
+            ("token", common::ADMIN),
+            ("login_csrf", login_csrf.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_in.status(), 303, "sign-in through nginx");
+    let session = cookie_of(&signed_in, "portcullis_console");
+    for i in 0..12 {
+        let r = browser
+            .get(format!("{lb}/console/tasks"))
+            .header("cookie", &session)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "page {i} through nginx sent a signed-in person to {:?}",
+            r.headers().get("location")
+        );
+    }
+    drop(nginx);
+}
