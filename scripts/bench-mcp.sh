@@ -36,6 +36,9 @@
 #   BENCH_KEEP=1         keep the temporary directory (config, ledger, logs)
 #   BENCH_NO_BUILD=1     use the binaries already built
 #   BENCH_BIN_DIR=DIR    use portcullis and portcullis-load from DIR (no build)
+#   BENCH_GATEWAY_WRAP   a command the gateway runs under, for profiling (e.g.
+#                        "valgrind --tool=callgrind --instr-atstart=no"); the
+#                        gateway then gets BENCH_READY_SECS (default 30) to start
 #
 # Exit status: the comparison run's (3 when some measured call failed; the
 # CPU passes still run), or non-zero if setting up failed.
@@ -117,10 +120,11 @@ pick_port() {
 }
 
 # wait_ready PID URL-or-port LOG: until PID accepts connections (a port) or
-# answers 200 (a URL); fails if PID exits first or after 30 s.
+# answers 200 (a URL); fails if PID exits first or after BENCH_READY_SECS.
+READY_SECS="${BENCH_READY_SECS:-30}"
 wait_ready() {
   local pid=$1 what=$2 log=$3
-  for _ in $(seq 1 300); do
+  for _ in $(seq 1 $((READY_SECS * 10))); do
     if ! kill -0 "$pid" 2>/dev/null; then
       return 1
     fi
@@ -131,7 +135,7 @@ wait_ready() {
     fi
     sleep 0.1
   done
-  echo "bench-mcp: not ready after 30 s; log:" >&2
+  echo "bench-mcp: not ready after $READY_SECS s; log:" >&2
   cat "$log" >&2
   return 1
 }
@@ -229,7 +233,9 @@ cedar = ["policies/*.cedar"]
 $ANOMALY
 EOF
   rm -f "$WORK"/ledger.db*
-  (cd "$WORK" && exec "$BIN" serve --config portcullis.toml) >"$WORK/gateway.log" 2>&1 &
+  # Word splitting of the wrapper is intended: a command and its options.
+  # shellcheck disable=SC2086
+  (cd "$WORK" && exec ${BENCH_GATEWAY_WRAP:-} "$BIN" serve --config portcullis.toml) >"$WORK/gateway.log" 2>&1 &
   GW_PID=$!
   PIDS+=("$GW_PID")
   if wait_ready "$GW_PID" "http://127.0.0.1:$GW_PORT/readyz" "$WORK/gateway.log"; then break; fi

@@ -165,6 +165,27 @@ enum Then {
     },
 }
 
+/// How an attempt at a use ended when it did not allow it.
+#[derive(Debug)]
+enum Attempt {
+    /// The answer to give: a denial, or 503.
+    Answer(ApiError),
+    /// Its commit lost a compare-and-swap: nothing of it was recorded or
+    /// forwarded, and the task's cached state is dropped.
+    Lost(StoreError),
+}
+
+impl Attempt {
+    fn into_answer(self) -> ApiError {
+        match self {
+            Attempt::Answer(e) => e,
+            Attempt::Lost(e) => ApiError::unavailable(format!(
+                "the call was decided on a change of the task that was not recorded ({e}); try again"
+            )),
+        }
+    }
+}
+
 /// Step: the token's task must be the task named in the request.
 pub(crate) fn bind(claims: &Claims, task_id: &str) -> Result<(), ApiError> {
     if claims.task_id == task_id {
@@ -233,6 +254,11 @@ impl Gateway {
         .await
     }
 
+    /// [`Gateway::attempt_use`], once more when its commit lost a
+    /// compare-and-swap: the state it was planned on was not the ledger's
+    /// (another writer changed the task, or a commit it was chained to
+    /// failed). Nothing of the lost attempt was recorded or forwarded; the
+    /// second attempt is planned on the task read afresh.
     async fn authorize_now(
         &self,
         claims: &Claims,
@@ -240,9 +266,29 @@ impl Gateway {
         tool: &str,
         use_: Use<'_>,
     ) -> Result<Authorized, ApiError> {
+        match self.attempt_use(claims, task_id, tool, use_).await {
+            Err(Attempt::Lost(_)) => {}
+            done => return done.map_err(Attempt::into_answer),
+        }
+        self.attempt_use(claims, task_id, tool, use_)
+            .await
+            .map_err(Attempt::into_answer)
+    }
+
+    /// Plans a use on the task's cached state (or the ledger's), queues
+    /// its records, and waits until they are durable.
+    async fn attempt_use(
+        &self,
+        claims: &Claims,
+        task_id: &str,
+        tool: &str,
+        use_: Use<'_>,
+    ) -> Result<Authorized, Attempt> {
         // INVARIANT: the `bind_task` layer has bound `claims` to `task_id`.
         let mut guard = self.task_locks.lock(task_id).await;
-        self.drain_if_poisoned(&mut guard).await?;
+        self.drain_if_poisoned(&mut guard)
+            .await
+            .map_err(Attempt::Answer)?;
         // The attempts share the slot's cached state (never locked across
         // an await).
         let slot = std::sync::Mutex::new(guard.planned.take());
@@ -254,7 +300,7 @@ impl Gateway {
             Ok(q) => q,
             Err(e) => {
                 guard.planned = None;
-                return Err(e);
+                return Err(Attempt::Answer(e));
             }
         };
         // The next call of the task is planned on what this one queued,
@@ -282,7 +328,7 @@ impl Gateway {
             (Ok(()), Then::Denied { answer, reason }) => {
                 self.metrics.decision(Some(reason));
                 tracing::info!(task_id, tool, reason = reason.as_str(), "call denied");
-                Err(answer)
+                Err(Attempt::Answer(answer))
             }
             (Err(e), then) => {
                 // Whatever was planned on this commit is refused by the
@@ -293,12 +339,10 @@ impl Gateway {
                 {
                     self.forget_tool_use(&done.task.agent_id, &done.decision.tool);
                 }
-                Err(ApiError::unavailable(match e {
-                    StoreError::Conflict(_) => format!(
-                        "the call was decided on a change of the task that was not recorded ({e}); try again"
-                    ),
-                    e => e.to_string(),
-                }))
+                Err(match e {
+                    StoreError::Conflict(_) => Attempt::Lost(e),
+                    e => Attempt::Answer(ApiError::unavailable(e.to_string())),
+                })
             }
         }
     }

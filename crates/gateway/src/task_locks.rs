@@ -19,23 +19,45 @@
 //! The lock must never be shared between tasks: with a fixed set of
 //! stripes, a task that floods itself would hold up every task hashed to
 //! its stripe, past their ledger deadline. Here each task has its own
-//! entry, made on first use and dropped with the last caller that holds or
-//! awaits its lock or waits for a commit it queued, so the table holds only
-//! tasks with calls in flight (bounded by the connection limit), and a
-//! task's cached state never outlives its last call in flight.
+//! entry, made on first use. When the last caller that holds or awaits its
+//! lock or waits for a commit it queued goes, the entry is dropped, unless
+//! it holds the cached state of an active task and was not poisoned: then
+//! it stays *idle*, so that the task's next call (one connection per task,
+//! one call at a time) is planned without reading the ledger. At most
+//! [`IDLE_CAP`] entries are idle; past that, idle entries are dropped until
+//! half remain. Keeping the state is sound because this process is the
+//! only one that changes a task on a ledger with a writer queue (`serve`
+//! holds the SQLite file's serving lock, docs/operations.md), and every
+//! change that is not a call takes the lock through
+//! [`crate::pipeline`]'s `lock_task_for_change`, which forgets the cached
+//! state. The kept state carries the ticket of the last commit it was
+//! planned on: should that commit still be queued and fail, the next call
+//! chained to it is refused by the writer, as with a call in flight.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use portcullis_core::TaskStatus;
 use portcullis_store::{TaskRecord, Ticket};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+
+/// Most idle entries (tasks with no call in flight whose state is kept).
+/// A kept state is a task record, a few kilobytes at most.
+pub(crate) const IDLE_CAP: usize = 4096;
 
 /// The per-task locks of one gateway.
 #[derive(Debug, Default)]
 pub(crate) struct TaskLocks {
-    /// Each task's entry, with how many callers use it.
-    locks: Mutex<HashMap<String, (Arc<Entry>, usize)>>,
+    locks: Mutex<Table>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    /// Each task's entry, with how many callers use it (0: idle).
+    entries: HashMap<String, (Arc<Entry>, usize)>,
+    /// Entries with no user.
+    idle: usize,
 }
 
 #[derive(Debug, Default)]
@@ -44,6 +66,8 @@ struct Entry {
     /// A commit queued from this slot failed: what is planned on it is
     /// refused by the writer, and the cached state must go.
     poisoned: AtomicBool,
+    /// Idle: kept in the table with no user, for its cached state.
+    kept: AtomicBool,
 }
 
 /// What the holder of a task's lock may use.
@@ -79,7 +103,12 @@ impl TaskLocks {
     pub(crate) async fn lock(&self, task_id: &str) -> TaskGuard<'_> {
         let entry = {
             let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
-            let (entry, users) = locks.entry(task_id.to_owned()).or_default();
+            let Table { entries, idle } = &mut *locks;
+            let (entry, users) = entries.entry(task_id.to_owned()).or_default();
+            if entry.kept.swap(false, Ordering::AcqRel) {
+                // It was idle: it has a user again.
+                *idle = idle.saturating_sub(1);
+            }
             *users += 1;
             Arc::clone(entry)
         };
@@ -94,13 +123,11 @@ impl TaskLocks {
         TaskGuard { held, pin }
     }
 
-    /// Tasks with an entry right now.
+    /// Tasks with an entry right now, and how many of them are idle.
     #[cfg(test)]
-    fn len(&self) -> usize {
-        self.locks
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+    fn len(&self) -> (usize, usize) {
+        let locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+        (locks.entries.len(), locks.idle)
     }
 }
 
@@ -147,15 +174,54 @@ impl Drop for TaskPin<'_> {
             .locks
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some((entry, users)) = locks.get_mut(&self.task_id)
-            && Arc::ptr_eq(entry, &self.entry)
-        {
-            *users = users.saturating_sub(1);
-            if *users == 0 {
-                locks.remove(&self.task_id);
+        let Table { entries, idle } = &mut *locks;
+        let Some((entry, users)) = entries.get_mut(&self.task_id) else {
+            return;
+        };
+        if !Arc::ptr_eq(entry, &self.entry) {
+            return;
+        }
+        *users = users.saturating_sub(1);
+        if *users > 0 {
+            return;
+        }
+        if self.entry.worth_keeping() {
+            self.entry.kept.store(true, Ordering::Release);
+            *idle += 1;
+            if *idle > IDLE_CAP {
+                forget_idle(entries, idle, IDLE_CAP / 2);
             }
+        } else {
+            entries.remove(&self.task_id);
         }
     }
+}
+
+impl Entry {
+    /// Whether this entry, its last user gone, holds state worth keeping:
+    /// an active task's, not planned on a failed commit. (Nobody holds the
+    /// slot's lock when its last user goes: lock holders are users.)
+    fn worth_keeping(&self) -> bool {
+        if self.poisoned.load(Ordering::Acquire) {
+            return false;
+        }
+        self.slot.try_lock().is_ok_and(|slot| {
+            slot.planned
+                .as_ref()
+                .is_some_and(|(record, _)| record.task.status == TaskStatus::Active)
+        })
+    }
+}
+
+/// Drops idle entries until at most `keep` remain.
+fn forget_idle(entries: &mut HashMap<String, (Arc<Entry>, usize)>, idle: &mut usize, keep: usize) {
+    entries.retain(|_, (_, users)| {
+        if *users > 0 || *idle <= keep {
+            return true;
+        }
+        *idle -= 1;
+        false
+    });
 }
 
 #[cfg(test)]
@@ -182,7 +248,7 @@ mod tests {
         let again = tokio::time::timeout(Duration::from_millis(50), locks.lock("task_busy")).await;
         assert!(again.is_err());
         drop(busy);
-        assert_eq!(locks.len(), 0, "every lock is forgotten once unused");
+        assert_eq!(locks.len(), (0, 0), "every lock is forgotten once unused");
     }
 
     #[tokio::test]
@@ -203,13 +269,13 @@ mod tests {
         for h in handles {
             h.await.unwrap();
         }
-        assert_eq!(locks.len(), 0);
+        assert_eq!(locks.len(), (0, 0), "nothing cached, nothing kept");
     }
 
     /// A call that queued a commit keeps its task's entry (and so the
     /// state the next call is planned on) while it waits with the lock
-    /// released; the entry goes with the last user, and a poisoned slot
-    /// says so once.
+    /// released; a poisoned slot says so once, and its state is not kept
+    /// once the last user goes.
     #[tokio::test]
     async fn a_pin_keeps_the_planned_state_until_the_last_user_goes() {
         let locks = TaskLocks::default();
@@ -226,10 +292,66 @@ mod tests {
         assert!(second.take_poison());
         assert!(!second.take_poison());
         drop(second);
-        assert_eq!(locks.len(), 1, "the pin still holds the entry");
+        assert_eq!(locks.len(), (1, 0), "the pin still holds the entry");
+        pin.poison();
         drop(pin);
-        assert_eq!(locks.len(), 0);
+        assert_eq!(locks.len(), (0, 0), "a poisoned state is not kept");
         let third = locks.lock("task_a").await;
-        assert!(third.planned.is_none(), "nothing cached outlives its calls");
+        assert!(third.planned.is_none(), "the next call reads the ledger");
+    }
+
+    /// Regression (shape (b) of the call-path benchmark: one connection per
+    /// task): a task's state went with its last call in flight, so every
+    /// call of a task used one call at a time read the task from the ledger
+    /// on the blocking pool. The state of an active task now stays, idle,
+    /// for its next call.
+    #[tokio::test]
+    async fn an_idle_task_keeps_its_state_for_its_next_call() {
+        let locks = TaskLocks::default();
+        let mut first = locks.lock("task_a").await;
+        first.planned = Some((portcullis_store::testsuite::sample_task("task_a"), None));
+        drop(first);
+        assert_eq!(locks.len(), (1, 1), "kept, idle");
+        let second = locks.lock("task_a").await;
+        assert!(second.planned.is_some(), "planned without the ledger");
+        assert_eq!(locks.len(), (1, 0), "in use again");
+        drop(second);
+        assert_eq!(locks.len(), (1, 1));
+    }
+
+    /// An ended task's state, or no state, is not kept: the next call reads
+    /// the ledger.
+    #[tokio::test]
+    async fn an_ended_task_is_not_kept() {
+        let locks = TaskLocks::default();
+        let mut guard = locks.lock("task_a").await;
+        let mut record = portcullis_store::testsuite::sample_task("task_a");
+        record.task.status = TaskStatus::Completed;
+        guard.planned = Some((record, None));
+        drop(guard);
+        assert_eq!(locks.len(), (0, 0));
+        let mut guard = locks.lock("task_b").await;
+        guard.planned = Some((portcullis_store::testsuite::sample_task("task_b"), None));
+        // A change that is not a call forgets the state under the lock.
+        guard.planned = None;
+        drop(guard);
+        assert_eq!(locks.len(), (0, 0));
+    }
+
+    /// The idle entries are bounded: past the cap, they are dropped until
+    /// half the cap remain; entries in use are never dropped.
+    #[tokio::test]
+    async fn idle_entries_are_bounded() {
+        let locks = TaskLocks::default();
+        let busy = locks.lock("task_busy").await;
+        for i in 0..=IDLE_CAP {
+            let id = format!("task_{i}");
+            let mut guard = locks.lock(&id).await;
+            guard.planned = Some((portcullis_store::testsuite::sample_task(&id), None));
+        }
+        let (entries, idle) = locks.len();
+        assert_eq!(idle, IDLE_CAP / 2, "dropped down to half the cap");
+        assert_eq!(entries, idle + 1, "the busy task stays");
+        drop(busy);
     }
 }

@@ -76,33 +76,7 @@ async fn a_halt_from_another_writer_is_never_undone_by_queued_calls() {
             }
             tokio::task::yield_now().await;
         }
-        let halted_at = loop {
-            let record = h.store.task(&s.task_id).await.unwrap().unwrap();
-            let mut next = record.clone();
-            next.task.status = TaskStatus::Halted;
-            next.task.version += 1;
-            let mut event = NewEvent::new(
-                portcullis_core::Timestamp(h.now_secs() * 1000),
-                EventKind::TaskHalted,
-            );
-            event.task_id = Some(s.task_id.clone());
-            event.detail = Some("halted by another writer".to_owned());
-            match h
-                .store
-                .commit(vec![
-                    Op::UpdateTask {
-                        record: next,
-                        expected_version: record.task.version,
-                    },
-                    Op::Append(event),
-                ])
-                .await
-            {
-                Ok(done) => break done.seqs[0],
-                Err(StoreError::Conflict(_)) => continue,
-                Err(e) => panic!("{e}"),
-            }
-        };
+        let halted_at = halt_from_outside(&h, &s.task_id).await;
         let answers = flooding.await.unwrap();
         let record = h.store.task(&s.task_id).await.unwrap().unwrap();
         assert_eq!(
@@ -159,6 +133,67 @@ async fn a_halt_from_another_writer_is_never_undone_by_queued_calls() {
         .await
         .unwrap();
     assert_eq!(h.upstream_calls(), audit.len());
+}
+
+/// Halts a task straight in the ledger, as another process would (no
+/// token revoked, no cache told); returns the seq of its record.
+async fn halt_from_outside(h: &Harness, task_id: &str) -> u64 {
+    loop {
+        let record = h.store.task(task_id).await.unwrap().unwrap();
+        let mut next = record.clone();
+        next.task.status = TaskStatus::Halted;
+        next.task.version += 1;
+        let mut event = NewEvent::new(
+            portcullis_core::Timestamp(h.now_secs() * 1000),
+            EventKind::TaskHalted,
+        );
+        event.task_id = Some(task_id.to_owned());
+        event.detail = Some("halted by another writer".to_owned());
+        match h
+            .store
+            .commit(vec![
+                Op::UpdateTask {
+                    record: next,
+                    expected_version: record.task.version,
+                },
+                Op::Append(event),
+            ])
+            .await
+        {
+            Ok(done) => return done.seqs[0],
+            Err(StoreError::Conflict(_)) => continue,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// Regression (a task's state kept between calls): the state of a task
+/// with no call in flight stays cached for its next call. When another
+/// writer changes the task in between, the call planned on the cached state
+/// loses its compare-and-swap; it must then be decided again on the
+/// ledger's state — refused as halted, not answered 503 — and nothing is
+/// forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_changed_by_another_writer_between_calls_is_decided_afresh() {
+    let h = Harness::with(Options::default()).await;
+    let s = h.start_task(None).await;
+    let a = h
+        .call(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+    let forwarded = h.upstream_calls();
+    halt_from_outside(&h, &s.task_id).await;
+    let a = h
+        .call(&s.access, &s.task_id, "warehouse.connect", connect_args())
+        .await;
+    assert_ne!(a.status, StatusCode::OK, "{a:?}");
+    assert_ne!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{a:?}");
+    assert_eq!(a.error(), "task_not_active", "{a:?}");
+    assert_eq!(h.upstream_calls(), forwarded, "the upstream saw nothing");
+    let audit = h.audit(&s.task_id).await;
+    let last = audit.last().unwrap();
+    assert_eq!(last["kind"], "call.denied", "{last}");
+    assert_eq!(last["reason"], "task_not_active", "{last}");
 }
 
 /// The task's own changes (here an admin's halt through the API) wait for
