@@ -468,7 +468,9 @@ impl SqliteStore {
         .map_err(|e| sql_error(&format!("open {}", path.display()), &e))?;
         configure_writer(&conn, options)?;
         schema::migrate(&mut conn)?;
-        conn.set_prepared_statement_cache_capacity(32);
+        // Every statement the writer runs, its transaction control included
+        // (about 30), stays prepared.
+        conn.set_prepared_statement_cache_capacity(64);
 
         let readers = Arc::new(ReadPool::open(
             path.to_path_buf(),

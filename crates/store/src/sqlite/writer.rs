@@ -198,7 +198,7 @@ fn commit_group(
     failures: &mut Failures,
     mirror: Option<&mut Mirror>,
 ) {
-    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+    if let Err(e) = control(conn, "BEGIN IMMEDIATE") {
         let error = sql_error("begin", &e);
         for batch in batches {
             failures.fail(batch.ticket);
@@ -250,9 +250,7 @@ fn commit_group(
 
     let outcome = match lost {
         Some(why) => Err(why),
-        None => conn
-            .execute_batch("COMMIT")
-            .map_err(|e| format!("commit: {e}")),
+        None => control(conn, "COMMIT").map_err(|e| format!("commit: {e}")),
     };
     match outcome {
         Ok(()) => {
@@ -269,7 +267,7 @@ fn commit_group(
             if !conn.is_autocommit() {
                 // Nothing to do if this fails too: the next BEGIN will fail
                 // and report it.
-                let _ = conn.execute_batch("ROLLBACK");
+                let _ = control(conn, "ROLLBACK");
             }
             for (reply, _, ticket) in applied {
                 failures.fail(ticket);
@@ -279,6 +277,14 @@ fn commit_group(
     }
 }
 
+/// Runs one transaction-control statement (`BEGIN IMMEDIATE`, `SAVEPOINT
+/// batch`, `COMMIT`, …) from the connection's statement cache: these run
+/// several times per call, and parsing them anew each time was a
+/// measurable share of the writer's work.
+fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
+}
+
 /// Applies one batch inside its own savepoint, so that its failure undoes
 /// only its own ops. Its mirror lines go to `lines` (none if it fails).
 fn apply_batch(
@@ -286,7 +292,7 @@ fn apply_batch(
     ops: Vec<Op>,
     mut lines: Option<&mut Vec<Line>>,
 ) -> std::result::Result<Committed, Failed> {
-    conn.execute_batch("SAVEPOINT batch").map_err(|e| Failed {
+    control(conn, "SAVEPOINT batch").map_err(|e| Failed {
         error: sql_error("savepoint", &e),
         group_intact: false,
     })?;
@@ -299,7 +305,8 @@ fn apply_batch(
             }
             // INVARIANT: a failed batch leaves no trace, including no
             // consumed audit seq (sqlite_sequence is rolled back with it).
-            let undone = conn.execute_batch("ROLLBACK TO batch; RELEASE batch");
+            let undone =
+                control(conn, "ROLLBACK TO batch").and_then(|()| control(conn, "RELEASE batch"));
             let group_intact = undone.is_ok() && !conn.is_autocommit();
             return Err(Failed {
                 error,
@@ -307,7 +314,7 @@ fn apply_batch(
             });
         }
     }
-    conn.execute_batch("RELEASE batch").map_err(|e| Failed {
+    control(conn, "RELEASE batch").map_err(|e| Failed {
         error: sql_error("release savepoint", &e),
         group_intact: false,
     })?;
