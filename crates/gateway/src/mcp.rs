@@ -192,7 +192,7 @@ enum Answer {
 }
 
 fn json_response(status: StatusCode, body: &Value, session: Option<&str>) -> Response {
-    let mut r = (status, body.to_string()).into_response();
+    let mut r = (status, jsonrpc::json_text(body)).into_response();
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -305,7 +305,9 @@ pub(crate) async fn endpoint(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     match method {
-        Method::POST => post(&gw, &rid, &claims, &headers, session_id, body).await,
+        // Boxed: the call's future is large, and every layer above moves
+        // the endpoint's future by value; a box keeps that a pointer.
+        Method::POST => Box::pin(post(&gw, &rid, &claims, &headers, session_id, body)).await,
         Method::DELETE => match session_id {
             None => bad_request("Missing Mcp-Session-Id"),
             Some(id) => match gw.mcp_sessions.touch(&id) {

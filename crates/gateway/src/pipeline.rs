@@ -993,8 +993,9 @@ impl Gateway {
         match &outcome {
             Ok(result) => {
                 event.decision = Some("allow".to_owned());
-                event.result_digest =
-                    Some(portcullis_token::sha256_hex(result.to_string().as_bytes()));
+                event.result_digest = Some(portcullis_token::sha256_hex(
+                    &serde_json::to_vec(result).unwrap_or_default(),
+                ));
             }
             Err((why, _)) => {
                 self.metrics.upstream_error();

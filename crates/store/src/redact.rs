@@ -21,7 +21,8 @@ pub const MAX_AUDIT_ARGS_BYTES: usize = 8 * 1024;
 /// first bytes of it, cut at a character boundary>}`. Applied after
 /// redaction: neither the digest nor the prefix sees a redacted secret.
 pub fn bounded(args: Value) -> Value {
-    let text = args.to_string();
+    // The text `args.to_string()` gives, without `fmt` (cannot fail).
+    let text = serde_json::to_string(&args).unwrap_or_default();
     if text.len() <= MAX_AUDIT_ARGS_BYTES {
         return args;
     }
