@@ -393,9 +393,8 @@ impl Gateway {
     async fn task_for_call(
         &self,
         task_id: &str,
-        slot: &Planned,
+        cached: Option<(TaskRecord, Option<Ticket>)>,
     ) -> Result<(TaskRecord, Option<Ticket>), ApiError> {
-        let cached = slot.lock().unwrap_or_else(PoisonError::into_inner).clone();
         match cached {
             Some((record, after)) => Ok((self.live_task(record)?, after)),
             None => Ok((self.load_task(task_id).await?, None)),
@@ -414,7 +413,11 @@ impl Gateway {
         use_: Use<'_>,
         slot: &Planned,
     ) -> Result<Queued, CommitError> {
-        let (record, after) = match self.task_for_call(task_id, slot).await {
+        // Taken, not copied: the slot gets the state this call leaves, or
+        // nothing when it fails.
+        let cached = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let cached_after = cached.as_ref().and_then(|(_, t)| *t);
+        let (record, after) = match self.task_for_call(task_id, cached).await {
             Ok(r) => r,
             Err(e) if e.reason() == Some(Reason::TaskNotActive) => {
                 // A task that is gone or past its lifetime: still an
@@ -426,15 +429,9 @@ impl Gateway {
                 event.decision = Some("deny".to_owned());
                 event.reason = Some(Reason::TaskNotActive.as_str().to_owned());
                 event.detail = Some(e.detail().to_owned());
-                let after = slot
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .as_ref()
-                    .and_then(|(_, t)| *t);
-                if let Err(e) = self.commit_after(vec![Op::Append(event)], after).await {
-                    *slot.lock().unwrap_or_else(PoisonError::into_inner) = None;
-                    return Err(e.into());
-                }
+                // The slot stays empty: the next call reads the ledger.
+                self.commit_after(vec![Op::Append(event)], cached_after)
+                    .await?;
                 return Ok(Queued {
                     pending: None,
                     then: Then::Denied {
