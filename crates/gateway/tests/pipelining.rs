@@ -160,7 +160,7 @@ async fn halt_from_outside(h: &Harness, task_id: &str) -> u64 {
             ])
             .await
         {
-            Ok(done) => return done.seqs[0],
+            Ok(done) => return *done.seqs.first().unwrap(),
             Err(StoreError::Conflict(_)) => continue,
             Err(e) => panic!("{e}"),
         }
